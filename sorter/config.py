@@ -1,0 +1,327 @@
+"""The line configuration: one strict schema, the single source of line geometry.
+
+Unknown keys are errors, and every error names the file, the key path and the
+line, because a technician editing YAML at a panel PC needs to find it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CLASSES: tuple[str, ...] = ("ndfeb", "ferrite", "smco", "steel", "other")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BeltConfig(Strict):
+    width_mm: float = Field(600.0, gt=0)
+    counts_per_mm: float = Field(20.0, gt=0, description="encoder counts per mm of belt travel")
+    nominal_speed_mm_s: float = Field(2500.0, gt=0)
+
+
+class CameraMapping(Strict):
+    """Pixel -> belt millimetres for one camera.
+
+    Belt coordinates: x across the belt from its left edge, y along the belt
+    relative to the cameras' centre line, positive downstream. Image columns
+    run across the belt, rows along it (downstream = increasing row).
+    """
+
+    centre_mm: tuple[float, float] = Field(description="belt (x, y) of the image centre")
+    mm_per_px: float = Field(0.25, gt=0)
+    rotation_deg: float = 0.0
+
+
+class SimCameraSource(Strict):
+    type: Literal["sim"] = "sim"
+    address: str = Field(description="host:port of the simulator's camera stream")
+
+
+class OpenCVSource(Strict):
+    type: Literal["opencv"] = "opencv"
+    uri: str | int = Field(description="device index, video file, or RTSP/HTTP URL")
+    realtime: bool = Field(True, description="pace video files at their frame rate")
+    fps: float | None = Field(None, gt=0, description="frame rate to request from a device")
+
+
+SourceConfig = Annotated[SimCameraSource | OpenCVSource, Field(discriminator="type")]
+
+
+class CameraConfig(Strict):
+    name: str
+    source: SourceConfig
+    width: int = Field(1280, gt=0)
+    height: int = Field(720, gt=0)
+    mapping: CameraMapping
+    stall_timeout_s: float = Field(2.0, gt=0, description="no frame for this long marks the camera offline")
+
+
+class VisionConfig(Strict):
+    threshold: int = Field(34, ge=1, le=254, description="grey level separating pieces from the dark belt")
+    downscale: int = Field(2, ge=1, le=8, description="segment on an image this many times smaller")
+    min_area_mm2: float = Field(10.0, gt=0)
+    split_touching: bool = True
+    edge_margin_px: int = Field(2, ge=0, description="blobs this close to the top/bottom edge are partial views")
+    crop_min_mm: float = Field(24.0, gt=0, description="crops never cover less than this, so size stays visible")
+    crop_margin_mm: float = Field(3.0, ge=0)
+
+
+class TrackingConfig(Strict):
+    gate_mm: float = Field(4.0, gt=0, description="max along-belt distance between views of one piece")
+    settle_mm: float = Field(60.0, ge=0, description="wait this far past a piece's exit before deciding, so neighbours are known")
+
+
+class ClassifierConfig(Strict):
+    model: Path
+    batch_size: int = Field(16, ge=1)
+    max_views: int = Field(4, ge=1, description="views classified per piece (the sharpest are kept)")
+    threads: int = Field(1, ge=1)
+
+
+class RoutingConfig(Strict):
+    classes: dict[str, str] = Field(description="class -> output fraction")
+    min_confidence: float = Field(0.9, ge=0, le=1, description="below this a piece goes to the default fraction")
+    default_fraction: str = "residue"
+
+    @model_validator(mode="after")
+    def _known_classes(self) -> RoutingConfig:
+        unknown = set(self.classes) - set(CLASSES)
+        if unknown:
+            raise ValueError(f"unknown classes {sorted(unknown)}; known: {list(CLASSES)}")
+        return self
+
+
+class BankConfig(Strict):
+    name: str
+    distance_mm: float = Field(gt=0, description="valve row distance downstream of the cameras' centre line")
+    fraction: str
+
+
+class EjectionConfig(Strict):
+    valves_per_bank: int = Field(32, ge=1, le=32)
+    valve_pitch_mm: float = Field(18.75, gt=0)
+    first_valve_x_mm: float = Field(0.0, description="belt x of the left edge of valve 0")
+    banks: list[BankConfig]
+    margin_lead_mm: float = Field(3.0, ge=0)
+    margin_trail_mm: float = Field(3.0, ge=0)
+    margin_side_mm: float = Field(2.0, ge=0)
+    valve_open_delay_ms: float = Field(4.0, ge=0, description="command -> air on at the valve row")
+    valve_close_delay_ms: float = Field(3.0, ge=0)
+    min_lead_ms: float = Field(30.0, ge=0, description="a command must reach the PLC this long before it fires")
+    min_valve_coverage: float = Field(0.5, gt=0, le=1, description="share of a piece's width its valves must cover")
+    protect_purity: bool = Field(True, description="skip an ejection that would also blow a piece of another fraction")
+
+
+class ModbusMap(Strict):
+    unit_id: int = Field(1, ge=0, le=247)
+    ir_encoder: int = 0
+    ir_speed: int = 2
+    ir_status: int = 3
+    ir_queue_free: int = 4
+    ir_last_seq: int = 5
+    ir_ejects_done: int = 6
+    ir_ejects_late: int = 7
+    hr_heartbeat: int = 0
+    hr_command: int = 1
+    hr_slots: int = 100
+    slot_stride: int = Field(8, ge=7)
+    slot_count: int = Field(16, ge=2)
+    coil_valves: int = 0
+
+
+class PlcConfig(Strict):
+    protocol: Literal["modbus"] = "modbus"
+    host: str = "127.0.0.1"
+    port: int = Field(5020, ge=1, le=65535)
+    timeout_s: float = Field(0.5, gt=0)
+    poll_interval_ms: float = Field(10.0, gt=0)
+    heartbeat_interval_ms: float = Field(50.0, gt=0, le=100)
+    reconnect_min_s: float = Field(0.2, gt=0)
+    reconnect_max_s: float = Field(5.0, gt=0)
+    registers: ModbusMap = ModbusMap()
+
+
+class QueueConfig(Strict):
+    frames_per_camera: int = Field(8, ge=1)
+    drop_policy: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
+
+
+class RecordsConfig(Strict):
+    path: Path = Path("runs/records.sqlite")
+
+
+# --- the simulated line (read by the simulator only; the service never looks here) ---
+
+
+class SimFeedConfig(Strict):
+    rate_per_s: float = Field(32.0, gt=0)
+    composition: dict[str, float] = {"ndfeb": 0.35, "ferrite": 0.25, "smco": 0.07, "steel": 0.18, "other": 0.15}
+    size_mm: tuple[float, float] = (5.0, 50.0)
+    touching_share: float = Field(0.04, ge=0, le=1)
+    margin_mm: float = Field(10.0, ge=0, description="keep pieces this far from the belt edges")
+
+
+class SimCameraTruth(Strict):
+    """Where the simulated camera really is (may differ from the config's mapping)."""
+
+    centre_mm: tuple[float, float] | None = None
+    mm_per_px: float | None = None
+    rotation_deg: float | None = None
+
+
+class SimConfig(Strict):
+    seed: int = 7
+    encoder_start: int = Field(2**32 - 250_000, ge=0, lt=2**32)
+    speed_drift: float = Field(0.05, ge=0, lt=0.5, description="belt speed wanders within +-this share")
+    fps: float = Field(60.0, gt=0)
+    delivery_delay_ms: tuple[float, float] = (10.0, 60.0)
+    exposure_us: float = Field(60.0, gt=0)
+    noise_sigma: float = Field(3.0, ge=0)
+    valve_open_delay_ms: float = 4.0
+    valve_close_delay_ms: float = 3.0
+    watchdog_ms: float = 500.0
+    eject_queue_size: int = Field(64, ge=1)
+    belt_end_mm: float = Field(1600.0, gt=0, description="pieces not ejected leave the belt into residue here")
+    feed: SimFeedConfig = SimFeedConfig()
+    cameras: dict[str, SimCameraTruth] = {}
+
+
+class LineConfig(Strict):
+    line: str = "line-1"
+    belt: BeltConfig = BeltConfig()
+    cameras: list[CameraConfig]
+    vision: VisionConfig = VisionConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    classifier: ClassifierConfig
+    routing: RoutingConfig
+    ejection: EjectionConfig
+    plc: PlcConfig = PlcConfig()
+    queues: QueueConfig = QueueConfig()
+    records: RecordsConfig = RecordsConfig()
+    simulator: SimConfig | None = None
+
+    @field_validator("cameras")
+    @classmethod
+    def _unique_cameras(cls, cameras: list[CameraConfig]) -> list[CameraConfig]:
+        names = [c.name for c in cameras]
+        if not cameras:
+            raise ValueError("at least one camera is needed")
+        if len(set(names)) != len(names):
+            raise ValueError(f"camera names must be unique, got {names}")
+        return cameras
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LineConfig:
+        fractions = {b.fraction for b in self.ejection.banks}
+        routed = set(self.routing.classes.values()) | {self.routing.default_fraction}
+        missing = routed - fractions - {self.routing.default_fraction}
+        if missing:
+            raise ValueError(f"fractions {sorted(missing)} are routed to but no ejection bank serves them")
+        if self.routing.default_fraction in fractions:
+            raise ValueError("the default fraction must be the one that is not ejected")
+        width = self.ejection.valves_per_bank * self.ejection.valve_pitch_mm
+        if self.ejection.first_valve_x_mm + width < self.belt.width_mm - 1e-6:
+            raise ValueError(f"valves cover {width} mm but the belt is {self.belt.width_mm} mm wide")
+        if self.simulator is not None:
+            unknown = set(self.simulator.cameras) - {c.name for c in self.cameras}
+            if unknown:
+                raise ValueError(f"simulator.cameras names unknown cameras {sorted(unknown)}")
+        return self
+
+    @property
+    def fractions(self) -> list[str]:
+        """Output fractions in bank order, then the default (not ejected) fraction."""
+        return [b.fraction for b in self.ejection.banks] + [self.routing.default_fraction]
+
+    def with_overrides(self, **sections: object) -> LineConfig:
+        return self.model_copy(update=sections)
+
+
+class ConfigError(Exception):
+    """An invalid configuration; str() names the file, key path, line and problem."""
+
+
+def _line_of(node: yaml.Node | None, path: tuple[int | str, ...]) -> int | None:
+    for key in path:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == key), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            break
+        if node is None:
+            return None
+    return node.start_mark.line + 1 if node is not None else None
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("sim", "opencv"):  # discriminated-union tags are not keys
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _resolve_paths(cfg: LineConfig, base: Path) -> LineConfig:
+    def rel(p: Path) -> Path:
+        return p if p.is_absolute() else (base / p).resolve()
+
+    return cfg.model_copy(
+        update={
+            "classifier": cfg.classifier.model_copy(update={"model": rel(cfg.classifier.model)}),
+            "records": cfg.records.model_copy(update={"path": rel(cfg.records.path)}),
+        }
+    )
+
+
+def load_config(path: str | Path) -> LineConfig:
+    """Load and validate a line config; relative paths are relative to the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of sections, got {type(data).__name__}")
+    try:
+        cfg = LineConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            line = _line_of(root, loc)
+            at = f" (line {line})" if line else ""
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{path}: {_key_path(loc)}{at}: {msg}")
+        raise ConfigError("\n".join(problems)) from exc
+    return _resolve_paths(cfg, path.resolve().parent)
+
+
+def valve_span(cfg: EjectionConfig, valve: int) -> tuple[float, float]:
+    left = cfg.first_valve_x_mm + valve * cfg.valve_pitch_mm
+    return left, left + cfg.valve_pitch_mm
+
+
+def valves_covering(cfg: EjectionConfig, x0: float, x1: float) -> list[int]:
+    """Valves whose span overlaps [x0, x1] (belt mm)."""
+    first = math.floor((x0 - cfg.first_valve_x_mm) / cfg.valve_pitch_mm)
+    last = math.ceil((x1 - cfg.first_valve_x_mm) / cfg.valve_pitch_mm) - 1
+    return [v for v in range(max(first, 0), min(last, cfg.valves_per_bank - 1) + 1)]

@@ -1,0 +1,80 @@
+"""The immutable messages that flow one way through the line service:
+frames -> detections -> pieces -> decisions -> eject commands -> records.
+
+Belt positions are unwrapped encoder counts (Python ints or floats); a piece's
+along-belt coordinate `u` is the count at which that point of the piece crosses
+the cameras' centre line, so it does not change while the piece rides the belt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    camera: str
+    seq: int
+    image: np.ndarray  # H x W x 3, BGR, uint8
+    t_capture: float  # PC monotonic seconds at exposure (grab time where the source knows no better)
+    count: int | None  # 32-bit encoder count latched at exposure; None where the source has none
+    t_received: float
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    """One piece seen in one frame, in belt coordinates."""
+
+    camera: str
+    frame_seq: int
+    t_capture: float
+    u: float  # belt-fixed along coordinate of the centre (counts)
+    u_lead: float  # downstream edge (smallest u: reaches the valves first)
+    u_trail: float
+    x: float  # across-belt centre (mm)
+    x0: float
+    x1: float
+    area_mm2: float
+    cut_along: bool  # touches the top/bottom edge: the along-belt extent is partial
+    cut_across: bool  # touches the left/right edge: the across extent is partial
+    crop: np.ndarray | None = None  # classifier input crop, BGR uint8
+    sharpness: float = 0.0
+
+
+@dataclass(slots=True)
+class Piece:
+    """One physical piece, fused over all its views (a finalised track)."""
+
+    id: int
+    u: float
+    u_lead: float
+    u_trail: float
+    x: float
+    x0: float
+    x1: float
+    area_mm2: float
+    cameras: tuple[str, ...]
+    n_views: int
+    crops: list[np.ndarray] = field(default_factory=list)
+    t_first_capture: float = 0.0
+    t_last_capture: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    piece: Piece
+    probs: dict[str, float]
+    cls: str
+    confidence: float
+    fraction: str
+
+
+@dataclass(frozen=True, slots=True)
+class EjectCommand:
+    piece_id: int
+    bank: int  # index into ejection.banks
+    valve_mask: int
+    open_at: int  # unwrapped count at which the valves are commanded open
+    open_for: int  # counts

@@ -1,0 +1,151 @@
+"""Segmentation of pieces against the dark belt.
+
+Works on a downscaled max-channel image (coloured pieces such as PCB green or
+copper stay bright there), splits touching pieces at narrow necks, and cuts a
+classifier crop for each blob from the full-resolution frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from sorter.config import VisionConfig
+
+BELT_FILL = (20, 20, 20)  # what crops show outside their piece's mask (BGR)
+
+
+@dataclass(frozen=True, slots=True)
+class Blob:
+    """One piece in image pixels (full-resolution coordinates)."""
+
+    cu: float  # centroid column
+    cv: float  # centroid row
+    u0: float
+    u1: float
+    v0: float
+    v1: float
+    area_px: float
+    touches_top_bottom: bool
+    touches_left_right: bool
+    crop: np.ndarray | None
+
+
+def _max_channel(img: np.ndarray) -> np.ndarray:
+    b, g, r = cv2.split(img)
+    return cv2.max(cv2.max(b, g), r)
+
+
+def _split_touching(comp: np.ndarray) -> list[np.ndarray]:
+    """Split one component mask at narrow necks; returns one mask per piece."""
+    filled = comp.copy()
+    contours, _ = cv2.findContours(comp, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(filled, contours, -1, 255, thickness=cv2.FILLED)  # rings stay one piece
+    area = cv2.countNonZero(filled)
+    hull_area = cv2.contourArea(cv2.convexHull(np.vstack(contours)))
+    if hull_area <= 0 or area / hull_area > 0.97:
+        return [comp]
+    dist = cv2.distanceTransform(filled, cv2.DIST_L2, 5)
+    peak = float(dist.max())
+    if peak < 3:
+        return [comp]
+    markers = (dist > 0.45 * peak).astype(np.uint8)
+    n, marker_labels = cv2.connectedComponents(markers, connectivity=8)
+    if n <= 2:
+        return [comp]
+    # each pixel goes to its nearest marker: a cheap watershed on the distance map
+    _, nearest = cv2.distanceTransformWithLabels(
+        (markers == 0).astype(np.uint8), cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_CCOMP
+    )
+    # DIST_LABEL_CCOMP numbers the zero-components itself; map them back via the marker labels
+    lut = np.zeros(int(nearest.max()) + 1, dtype=np.int32)
+    lut[nearest[markers > 0]] = marker_labels[markers > 0]
+    owner = lut[nearest]
+    parts = []
+    for k in range(1, n):
+        part = ((owner == k) & (comp > 0)).astype(np.uint8) * 255
+        if cv2.countNonZero(part):
+            parts.append(part)
+    return parts or [comp]
+
+
+def crop_piece(
+    image: np.ndarray,
+    mask_full: np.ndarray,
+    box: tuple[int, int, int, int],
+    mm_per_px: float,
+    cfg: VisionConfig,
+    size: int,
+) -> np.ndarray:
+    """A square classifier crop centred on the piece, other pieces blanked to belt colour.
+
+    `mask_full` is the piece's mask over `box` = (u0, v0, u1, v1) in full-res pixels
+    (exclusive ends). The crop covers at least `crop_min_mm`, so small pieces stay small.
+    """
+    u0, v0, u1, v1 = box
+    side_px = max(max(u1 - u0, v1 - v0) + 2 * cfg.crop_margin_mm / mm_per_px, cfg.crop_min_mm / mm_per_px)
+    half = int(np.ceil(side_px / 2))
+    cu, cv = (u0 + u1) // 2, (v0 + v1) // 2
+    out = np.empty((2 * half, 2 * half, 3), dtype=np.uint8)
+    out[:] = BELT_FILL
+    h, w = image.shape[:2]
+    a0, b0 = max(cu - half, 0), max(cv - half, 0)
+    a1, b1 = min(cu + half, w), min(cv + half, h)
+    keep = np.zeros((2 * half, 2 * half), dtype=np.uint8)
+    mu0, mv0 = u0 - (cu - half), v0 - (cv - half)
+    mh, mw = mask_full.shape
+    ky0, kx0 = max(mv0, 0), max(mu0, 0)
+    ky1, kx1 = min(mv0 + mh, 2 * half), min(mu0 + mw, 2 * half)
+    keep[ky0:ky1, kx0:kx1] = mask_full[ky0 - mv0 : ky1 - mv0, kx0 - mu0 : kx1 - mu0]
+    region = out[b0 - (cv - half) : b1 - (cv - half), a0 - (cu - half) : a1 - (cu - half)]
+    sel = keep[b0 - (cv - half) : b1 - (cv - half), a0 - (cu - half) : a1 - (cu - half)] > 0
+    region[sel] = image[b0:b1, a0:a1][sel]
+    return cv2.resize(out, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def segment(
+    image: np.ndarray, cfg: VisionConfig, mm_per_px: float, crop_size: int | None = 64
+) -> list[Blob]:
+    """Find the pieces in one BGR frame; crops are cut when `crop_size` is given."""
+    ds = cfg.downscale
+    h, w = image.shape[:2]
+    small = cv2.resize(image, (w // ds, h // ds), interpolation=cv2.INTER_AREA) if ds > 1 else image
+    mask = (_max_channel(small) > cfg.threshold).astype(np.uint8) * 255
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    px_area = (mm_per_px * ds) ** 2
+    min_px = cfg.min_area_mm2 / px_area
+    edge = cfg.edge_margin_px
+    sh, sw = mask.shape
+    blobs: list[Blob] = []
+    for i in range(1, n):
+        x, y, bw, bh, area = (int(v) for v in stats[i])
+        if area < min_px:
+            continue
+        comp = (labels[y : y + bh, x : x + bw] == i).astype(np.uint8) * 255
+        parts = _split_touching(comp) if cfg.split_touching else [comp]
+        for part in parts:
+            m = cv2.moments(part, binaryImage=True)
+            if m["m00"] < min_px:
+                continue
+            ys, xs = np.nonzero(part)
+            px0, px1, py0, py1 = x + xs.min(), x + xs.max() + 1, y + ys.min(), y + ys.max() + 1
+            crop = None
+            if crop_size:
+                full = cv2.resize(part[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1],
+                                  ((px1 - px0) * ds, (py1 - py0) * ds), interpolation=cv2.INTER_NEAREST)
+                full = cv2.dilate(full, np.ones((3, 3), np.uint8))
+                crop = crop_piece(image, full, (px0 * ds, py0 * ds, px1 * ds, py1 * ds), mm_per_px, cfg, crop_size)
+            # pixel centres: downscaled pixel k covers full-res [k*ds, (k+1)*ds)
+            blobs.append(Blob(
+                cu=(x + m["m10"] / m["m00"] + 0.5) * ds - 0.5,
+                cv=(y + m["m01"] / m["m00"] + 0.5) * ds - 0.5,
+                u0=px0 * ds - 0.5, u1=px1 * ds - 0.5, v0=py0 * ds - 0.5, v1=py1 * ds - 0.5,
+                area_px=m["m00"] * ds * ds,
+                touches_top_bottom=py0 <= edge or py1 >= sh - edge,
+                touches_left_right=px0 <= edge or px1 >= sw - edge,
+                crop=crop,
+            ))
+    return blobs
