@@ -1,0 +1,194 @@
+"""The whole simulated line: belt + encoder, feed, cameras, virtual PLC, ejection
+physics and bins, run in real time beside the line service.
+
+It serves the same protocols as the plant (Modbus TCP for the PLC, the camera
+stream) and keeps the ground truth the demo's report is computed from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from sim.belt import Belt
+from sim.camera import SimCameraServer
+from sim.feed import FeedGenerator
+from sim.physics import EjectionPhysics
+from sim.plc import ExecutedEject, VirtualPlc
+from sim.render import FrameRenderer, render_sprite
+from sim.truth import TruthStore
+from sorter.config import LineConfig, SimCameraSource, SimConfig
+from sorter.geometry import CameraGeometry
+
+FEED_DROP_MM = 400.0  # pieces land this far upstream of the cameras' centre line
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
+def true_geometry(cfg: LineConfig, sim: SimConfig, index: int) -> CameraGeometry:
+    cam = cfg.cameras[index]
+    truth = sim.cameras.get(cam.name)
+    m = cam.mapping
+    return CameraGeometry(
+        cam.width, cam.height,
+        tuple(truth.centre_mm) if truth and truth.centre_mm else tuple(m.centre_mm),  # type: ignore[arg-type]
+        truth.mm_per_px if truth and truth.mm_per_px else m.mm_per_px,
+        truth.rotation_deg if truth and truth.rotation_deg is not None else m.rotation_deg,
+    )
+
+
+class SimLine:
+    def __init__(self, cfg: LineConfig, truth_path: Path | None = None, record_dir: Path | None = None,
+                 seed: int | None = None) -> None:
+        if cfg.simulator is None:
+            raise ValueError("the config has no `simulator:` section")
+        self.cfg = cfg
+        self.sim = cfg.simulator if seed is None else cfg.simulator.model_copy(update={"seed": seed})
+        self.log = structlog.get_logger("sim")
+        sim = self.sim
+        self.belt = Belt(cfg.belt.counts_per_mm, cfg.belt.nominal_speed_mm_s, sim.encoder_start,
+                         sim.speed_drift, sim.seed)
+        self.geoms = [true_geometry(cfg, sim, i) for i in range(len(cfg.cameras))]
+        self._mm_per_px = self.geoms[0].mm_per_px
+        self.feed = FeedGenerator(sim.feed, cfg.belt.width_mm, cfg.belt.nominal_speed_mm_s, sim.seed)
+        self.physics = EjectionPhysics(cfg.ejection, sim, cfg.belt.counts_per_mm, sim.encoder_start)
+        self.truth = TruthStore(truth_path) if truth_path else None
+        self.plc = VirtualPlc(cfg.plc.registers, self.belt, sim, banks=len(cfg.ejection.banks), on_eject=self._fired)
+        self._rng = random.Random(sim.seed + 1)
+        self._on_belt: list[Any] = []  # SimPiece, in s order
+        self._visible: tuple[tuple[Any, Any], ...] = ()  # (SimPiece, Sprite) snapshot read by camera threads
+        self._sprites: dict[int, Any] = {}
+        self.feeding = False
+        self._feed_offset = 0.0
+        self._feed_pos = 0.0  # how far (in the generator's own coordinate) pieces were generated
+        self.fed = 0
+        self.binned: dict[str, int] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        trigger = round(cfg.belt.nominal_speed_mm_s / sim.fps * cfg.belt.counts_per_mm)
+        self.cameras = []
+        for i, cam in enumerate(cfg.cameras):
+            if not isinstance(cam.source, SimCameraSource):
+                raise ValueError(f"camera {cam.name}: the simulator serves only `type: sim` camera sources")
+            host, port = split_address(cam.source.address)
+            renderer = FrameRenderer(self.geoms[i], sim.noise_sigma, sim.seed + 100 + i)
+            self.cameras.append(SimCameraServer(
+                cam.name, cam.width, cam.height, trigger, self.belt, self._render_fn(renderer),
+                sim.delivery_delay_ms, sim.seed + 200 + i, host, port,
+                record=(record_dir / f"{cam.name}.avi") if record_dir else None,
+            ))
+        self._field = (min(g.field_mm()[2] for g in self.geoms) - 60, max(g.field_mm()[3] for g in self.geoms) + 60)
+
+    # --- camera side (runs on camera threads) ---
+    def _render_fn(self, renderer: FrameRenderer):  # noqa: ANN202
+        rng = np.random.default_rng(self.sim.seed)
+
+        def render(out: np.ndarray, belt_pos: float) -> None:
+            y0, y1 = self._field
+            items = [(p, sp) for p, sp in self._visible if y0 <= belt_pos - p.s_mm <= y1]
+            renderer.render(items, belt_pos, out, gain=float(rng.uniform(0.93, 1.07)))
+
+        return render
+
+    # --- PLC side ---
+    def _fired(self, ex: ExecutedEject) -> None:
+        w = self.physics.fire(ex.seq, ex.bank, ex.valve_mask, ex.open_at, ex.open_for, self.belt.speed_mm_s())
+        if self.truth:
+            self.truth.add_windows([(w.seq, w.bank, w.open_at, w.open_for, w.p_open, w.p_close, repr(w.spans))])
+
+    # --- feed and bins ---
+    def set_feed(self, on: bool) -> None:
+        if on and not self.feeding:
+            self._feed_offset = self.belt.position_mm() + FEED_DROP_MM - self._feed_pos
+        self.feeding = on
+        self.log.info("feed", on=on)
+
+    def _feed_step(self) -> None:
+        if not self.feeding or not self.belt.running:
+            return
+        target = self.belt.position_mm() + FEED_DROP_MM - self._feed_offset
+        new = self.feed.pieces_until(target)
+        self._feed_pos = target
+        if not new:
+            return
+        rows = []
+        for p in new:
+            p = dataclasses.replace(p, s_mm=p.s_mm + self._feed_offset)
+            self._on_belt.append(p)
+            self._sprites[p.id] = render_sprite(p, self._mm_per_px, self._rng)
+            rows.append((p.id, p.cls, p.variant, p.shape, p.mass_g, p.area_mm2, p.x_mm, p.s_mm,
+                         self.belt.count_at_position(p.s_mm), p.x_mm + p.dx0, p.x_mm + p.dx1, p.dy_lead - p.dy_trail))
+        self.fed += len(new)
+        if self.truth:
+            self.truth.add_pieces(rows)
+        self._visible = tuple((p, self._sprites[p.id]) for p in self._on_belt)
+
+    def _bins_step(self) -> None:
+        pos = self.belt.position_mm()
+        residue = self.cfg.routing.default_fraction
+        keep, done = [], []
+        for p in self._on_belt:
+            out = self.physics.settle(p, pos, self.sim.belt_end_mm, residue)
+            (done if out else keep).append((p, out))
+        if not done:
+            return
+        self._on_belt = [p for p, _ in keep]
+        for p, out in done:
+            self.binned[out.bin] = self.binned.get(out.bin, 0) + 1
+            self._sprites.pop(p.id, None)
+        if self.truth:
+            self.truth.set_outcomes([(o.bin, o.bank, o.seq, o.err_mm, o.piece_id) for _, o in done])
+            self.truth.commit()
+        self._visible = tuple((p, self._sprites[p.id]) for p in self._on_belt)
+        self.physics.forget_before(pos)
+
+    @property
+    def on_belt(self) -> int:
+        return len(self._on_belt)
+
+    async def _tick(self) -> None:
+        n = 0
+        while True:
+            self._feed_step()
+            self._bins_step()
+            n += 1
+            if n % 10 == 0:
+                self.belt.step_drift()
+            await asyncio.sleep(0.01)
+
+    async def start(self) -> None:
+        await self.plc.start(self.cfg.plc.host, self.cfg.plc.port)
+        for cam in self.cameras:
+            await cam.start()
+        self._tasks.append(asyncio.create_task(self._tick()))
+        self.log.info("sim started", plc=f"{self.cfg.plc.host}:{self.cfg.plc.port}",
+                      cameras=[c.source.address for c in self.cfg.cameras])  # type: ignore[union-attr]
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "belt_mm_s": round(self.belt.speed_mm_s(), 1), "count32": self.belt.count32(),
+            "feeding": self.feeding, "fed": self.fed, "on_belt": self.on_belt, "binned": dict(self.binned),
+            "plc": {"accepted": self.plc.accepted, "executed": self.plc.executed, "late": self.plc.late},
+            "cameras": {c.name: {"triggered": c.frames_triggered, "sent": c.frames_sent,
+                                 "skipped": c.frames_skipped} for c in self.cameras},
+        }
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for cam in self.cameras:
+            await cam.stop()
+        await self.plc.stop()
+        if self.truth:
+            self.truth.set_meta(status=self.status(), encoder_start=self.sim.encoder_start,
+                                counts_per_mm=self.cfg.belt.counts_per_mm, seed=self.sim.seed)
+            self.truth.close()

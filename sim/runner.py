@@ -1,0 +1,98 @@
+"""Run the simulated line as its own process (`sorter sim` / `python -m sim`).
+
+With `--control stdio` it takes JSON-line commands on stdin and answers with
+JSON-line events on stdout — how `sorter demo` drives the feeder and learns
+when the belt has emptied, without the service knowing anything about it:
+    {"cmd": "feed", "on": true}   {"cmd": "speed", "mm_s": 2600}
+    {"cmd": "status"}             {"cmd": "stop"}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from sim.line import SimLine
+from sorter.config import LineConfig
+
+
+def _emit(event: str, **data: Any) -> None:
+    sys.stdout.write(json.dumps({"event": event, **data}) + "\n")
+    sys.stdout.flush()
+
+
+async def _stdin_lines() -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    return reader
+
+
+async def run_sim(cfg: LineConfig, truth: Path | None, control: str, seed: int | None, feed: bool,
+                  record_dir: Path | None = None, duration: float | None = None) -> None:
+    log = structlog.get_logger("sim")
+    line = SimLine(cfg, truth_path=truth, record_dir=record_dir, seed=seed)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await line.start()
+    if feed:
+        line.set_feed(True)
+    tasks = []
+    if control == "stdio":
+        _emit("ready", plc=f"{cfg.plc.host}:{cfg.plc.port}")
+        reader = await _stdin_lines()
+
+        async def commands() -> None:
+            while not stop.is_set():
+                raw = await reader.readline()
+                if not raw:  # the demo went away: stop cleanly rather than run orphaned
+                    stop.set()
+                    return
+                try:
+                    msg = json.loads(raw)
+                    cmd = msg["cmd"]
+                except (ValueError, KeyError, TypeError):
+                    _emit("error", detail=f"bad command line: {raw[:200]!r}")
+                    continue
+                if cmd == "feed":
+                    line.set_feed(bool(msg.get("on", True)))
+                elif cmd == "speed":
+                    line.belt.set_speed(float(msg["mm_s"]))
+                elif cmd == "stop":
+                    stop.set()
+                    return
+                elif cmd != "status":
+                    _emit("error", detail=f"unknown command {cmd!r}")
+                    continue
+                _emit("status", **line.status())
+
+        tasks.append(asyncio.create_task(commands()))
+    else:
+        async def report() -> None:
+            while True:
+                await asyncio.sleep(5)
+                log.info("sim", **line.status())
+
+        tasks.append(asyncio.create_task(report()))
+    try:
+        if duration:
+            await asyncio.wait_for(stop.wait(), duration)
+        else:
+            await stop.wait()
+    except TimeoutError:
+        pass
+    finally:
+        for t in tasks:
+            t.cancel()
+        await line.stop()
+        if control == "stdio":
+            _emit("stopped", **line.status())
+        log.info("sim stopped", **line.status())

@@ -1,0 +1,199 @@
+"""The `sorter` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from sorter.config import ConfigError, LineConfig, load_config
+from sorter.logs import setup_logging
+
+DEFAULT_CONFIG = Path("config/sim.yaml")
+
+app = typer.Typer(help="Control software for magnet-scrap sorting lines.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+sim_app = typer.Typer(help="The simulated line: run it, render datasets, record videos.")
+model_app = typer.Typer(help="Train and inspect classifier models.", no_args_is_help=True)
+app.add_typer(sim_app, name="sim")
+app.add_typer(model_app, name="model")
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="line config (YAML)")]
+LogOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning, error")]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _load(path: Path) -> LineConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def run(
+    config: ConfigOpt,
+    start_belt: Annotated[bool, typer.Option(help="start the belt through the PLC when the service starts")] = True,
+    log_level: LogOpt = "info",
+) -> None:
+    """Run the line service: cameras -> classifier -> PLC, until Ctrl-C or SIGTERM."""
+    from sorter.classify import ModelError
+    from sorter.service import LineService
+
+    setup_logging(log_level)
+    cfg = _load(config)
+
+    async def main() -> None:
+        import signal
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        service = LineService(cfg, start_belt=start_belt)
+        await service.run(stop)
+
+    try:
+        asyncio.run(main())
+    except ModelError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def demo(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    duration: Annotated[float, typer.Option(help="seconds of feed")] = 60.0,
+    seed: Annotated[int, typer.Option(help="feed seed (deterministic scrap mix)")] = 7,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as one JSON object")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="run folder (default runs/demo-<time>)")] = None,
+    log_level: LogOpt = "warning",
+) -> None:
+    """Run the simulated line sorted by the real line service and print the report."""
+    from sorter.classify import ModelError
+    from sorter.demo import DemoError, run_demo
+
+    setup_logging(log_level)
+    cfg = _load(config)
+    if cfg.simulator is None:
+        raise _fail(f"{config}: the demo needs a `simulator:` section")
+    run_dir = out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    try:
+        report = asyncio.run(run_demo(cfg, duration, seed, run_dir, progress=not as_json and sys.stderr.isatty()))
+    except (ModelError, DemoError) as exc:
+        raise _fail(str(exc), 1) from None
+    if as_json:
+        typer.echo(json.dumps(report))
+    else:
+        _print_report(report)
+
+
+def _print_report(report: dict) -> None:  # type: ignore[type-arg]
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    t = Table(title=f"Demo report ({report['duration_s']} s of feed, seed {report['seed']})")
+    for col in ("fraction", "count", "purity", "recovery", "purity (mass)", "recovery (mass)"):
+        t.add_column(col, justify="right")
+    for name, f in report["fractions"].items():
+        t.add_row(name, str(f["count"]), *(f"{f[k]:.4f}" if f[k] is not None else "-"
+                                           for k in ("purity", "recovery", "purity_mass", "recovery_mass")))
+    con.print(t)
+    con.print(f"pieces fed {report['pieces_fed']}, accounted {report['pieces_accounted']}; "
+              f"frames captured {report['frames_captured']}, dropped {report['frames_dropped']}; "
+              f"ejects late {report['ejects_late']}")
+    con.print(f"decision latency ms {report['decision_latency_ms']}; eject error mm {report['eject_error_mm']}")
+    con.print(f"run folder: {report['run_dir']}")
+
+
+@sim_app.callback(invoke_without_command=True)
+def sim(
+    ctx: typer.Context,
+    config: ConfigOpt = DEFAULT_CONFIG,
+    truth: Annotated[Optional[Path], typer.Option(help="write ground truth to this SQLite file")] = None,
+    control: Annotated[str, typer.Option(help="'stdio' to take JSON-line commands on stdin")] = "none",
+    seed: Annotated[Optional[int], typer.Option(help="override simulator.seed")] = None,
+    feed: Annotated[bool, typer.Option(help="start feeding scrap at once")] = True,
+    record: Annotated[Optional[Path], typer.Option(help="record each camera to DIR/<camera>.avi")] = None,
+    duration: Annotated[Optional[float], typer.Option(help="stop after this many seconds")] = None,
+    log_level: LogOpt = "info",
+) -> None:
+    """Run the simulated line (PLC on Modbus TCP, camera streams) until Ctrl-C."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from sim.runner import run_sim
+
+    setup_logging(log_level, json_logs=True if control == "stdio" else None)
+    cfg = _load(config)
+    if cfg.simulator is None:
+        raise _fail(f"{config}: no `simulator:` section")
+    asyncio.run(run_sim(cfg, truth, control, seed, feed, record, duration))
+
+
+@sim_app.command("dataset")
+def sim_dataset(
+    out: Annotated[Path, typer.Option(help="dataset folder (ImageFolder layout)")],
+    per_class: Annotated[int, typer.Option(help="crops per class over all splits")] = 800,
+    seed: int = 0,
+    crop_size: int = 64,
+) -> None:
+    """Render a labelled crop dataset: OUT/{train,val,test}/<class>/*.png."""
+    from sim.dataset import write_dataset
+
+    setup_logging("info")
+    summary = write_dataset(out, per_class=per_class, seed=seed, crop_size=crop_size)
+    typer.echo(json.dumps(summary, default=str))
+
+
+@model_app.command("train")
+def model_train(
+    data: Annotated[Path, typer.Option(help="ImageFolder dataset with train/ and val/")],
+    out: Annotated[Path, typer.Option(help="ONNX file to write")],
+    epochs: int = 30,
+    seed: int = 0,
+    input_size: int = 64,
+) -> None:
+    """Train the piece classifier (needs the `train` extra: PyTorch CPU) and export ONNX."""
+    from sorter.train import train
+
+    setup_logging("info")
+    metrics = train(data, out, epochs=epochs, seed=seed, input_size=input_size)
+    typer.echo(json.dumps(metrics, default=str))
+
+
+@app.command()
+def bench(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    frames: Annotated[int, typer.Option(help="frames per camera to measure")] = 240,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Per-stage cost per frame, whole-pipeline cost, and the highest feed rate this machine keeps up with."""
+    from sorter.bench import run_bench
+
+    setup_logging("warning")
+    result = run_bench(_load(config), frames)
+    typer.echo(json.dumps(result, indent=None if as_json else 2))
+
+
+@app.command("check-config")
+def check_config(config: Annotated[Path, typer.Argument(help="line config (YAML)")]) -> None:
+    """Validate a line config; exit status 2 with file, key path and line on error."""
+    cfg = _load(config)
+    typer.echo(f"{config}: ok ({len(cfg.cameras)} cameras, fractions {cfg.fractions})")
+
+
+def main() -> None:
+    app()
+
+
+def sim_main() -> None:
+    typer.main.get_command(sim_app)(prog_name="python -m sim")

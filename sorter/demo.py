@@ -1,0 +1,205 @@
+"""`sorter demo`: the simulated line sorted by the real line service, with a report.
+
+The simulator runs as its own process (as the plant would be), on free
+loopback ports; the service runs here, unchanged, against its Modbus PLC and
+camera streams. The report joins the service's piece records with the
+simulator's ground truth. Ctrl-C stops the feed, drains the belt, and still
+writes the report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+import yaml
+
+from sim.truth import load_truth
+from sorter.config import LineConfig
+from sorter.records import load_pieces
+from sorter.report import build_report
+from sorter.service import LineService
+
+
+class DemoError(Exception):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def demo_config(cfg: LineConfig, run_dir: Path, seed: int) -> LineConfig:
+    """The config both sides use for this run: free ports, this run's records, this seed."""
+    cams = [c.model_copy(update={"source": c.source.model_copy(update={"address": f"127.0.0.1:{free_port()}"})})
+            if c.source.type == "sim" else c for c in cfg.cameras]
+    assert cfg.simulator is not None
+    return cfg.model_copy(update={
+        "cameras": cams,
+        "plc": cfg.plc.model_copy(update={"host": "127.0.0.1", "port": free_port()}),
+        "records": cfg.records.model_copy(update={"path": run_dir / "records.sqlite"}),
+        "simulator": cfg.simulator.model_copy(update={"seed": seed}),
+    })
+
+
+class SimProcess:
+    """The simulator subprocess, driven over its JSON-line stdio control channel."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.status: dict[str, Any] = {}
+        self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def start(cls, config_path: Path, truth: Path, log_path: Path) -> SimProcess:
+        log = log_path.open("wb")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sim", "--config", str(config_path), "--truth", str(truth), "--control", "stdio",
+            "--no-feed", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
+            start_new_session=True,  # Ctrl-C goes to the demo, which stops the simulator in order
+        )
+        return cls(proc)
+
+    async def _read(self) -> None:
+        assert self.proc.stdout
+        while line := await self.proc.stdout.readline():
+            with contextlib.suppress(ValueError):
+                ev = json.loads(line)
+                if ev.get("event") in ("status", "stopped"):
+                    self.status = ev
+                await self._events.put(ev)
+        await self._events.put({"event": "exited"})
+
+    async def wait_for(self, event: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            ev = await asyncio.wait_for(self._events.get(), max(0.01, deadline - time.monotonic()))
+            if ev["event"] == event:
+                return ev
+            if ev["event"] == "exited":
+                raise DemoError("the simulator exited unexpectedly (see sim.log in the run folder)")
+
+    async def send(self, **cmd: Any) -> dict[str, Any]:
+        assert self.proc.stdin
+        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
+        await self.proc.stdin.drain()
+        if cmd["cmd"] == "stop":
+            return await self.wait_for("stopped", 15)
+        return await self.wait_for("status", 5)
+
+    async def close(self) -> None:
+        if self.proc.returncode is None:
+            with contextlib.suppress(Exception):
+                await self.send(cmd="stop")
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        self._reader.cancel()
+
+
+async def _wait_until(cond, timeout: float, what: str, interval: float = 0.05) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not await cond():
+        if time.monotonic() > deadline:
+            raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def run_demo(cfg: LineConfig, duration: float, seed: int, run_dir: Path,
+                   progress: bool = False) -> dict[str, Any]:
+    log = structlog.get_logger("demo")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = demo_config(cfg, run_dir, seed)
+    cfg_path = run_dir / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    truth_path = run_dir / "truth.sqlite"
+
+    interrupted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    loop.add_signal_handler(signal.SIGTERM, interrupted.set)
+
+    sim = await SimProcess.start(cfg_path, truth_path, run_dir / "sim.log")
+    service: LineService | None = None
+    stop = asyncio.Event()
+    svc_task: asyncio.Task[None] | None = None
+    t_feed = t_end = None
+    try:
+        await sim.wait_for("ready", 30)
+        service = LineService(cfg)
+        svc_task = asyncio.create_task(service.run(stop))
+
+        async def line_ready() -> bool:
+            if svc_task.done():
+                svc_task.result()  # re-raise what stopped the service
+            st = await sim.send(cmd="status")
+            return bool(st["belt_mm_s"] > 0 and service.plc.status.online and service.clock.ready
+                        and all(c.online for c in service.captures.values()))
+
+        await _wait_until(line_ready, 30, "the line to start (PLC online, belt running, cameras streaming)")
+        log.info("line running, feeding", duration_s=duration)
+        await sim.send(cmd="feed", on=True)
+        t_feed = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(_progress(interrupted, duration, progress, service), duration)
+        await sim.send(cmd="feed", on=False)
+        t_end = time.monotonic()
+        log.info("feed stopped, draining the belt", interrupted=interrupted.is_set())
+
+        async def drained() -> bool:
+            st = await sim.send(cmd="status")
+            return bool(st["on_belt"] == 0 and service.tracker.open_tracks == 0 and not service._sends
+                        and service._pieces.empty())
+
+        await _wait_until(drained, 20, "the belt to empty", 0.1)
+    finally:
+        stop.set()
+        if svc_task is not None:
+            with contextlib.suppress(Exception):
+                await svc_task
+        await sim.close()
+        loop.remove_signal_handler(signal.SIGINT)
+        loop.remove_signal_handler(signal.SIGTERM)
+
+    truth, windows, meta = load_truth(truth_path)
+    records = load_pieces(cfg.records.path, service.run_id) if service else []
+    summary = service.summary() if service else {}
+    report = build_report(cfg, truth, windows, records, summary, sim.status or meta.get("status", {}))
+    report.update({
+        "duration_s": round((t_end or time.monotonic()) - (t_feed or time.monotonic()), 2),
+        "seed": seed, "interrupted": interrupted.is_set(), "run_dir": str(run_dir),
+        "model": str(cfg.classifier.model.name), "model_version": service.classifier.version if service else None,
+        "stage_ms": {k: round(v, 3) for k, v in service.times.mean_ms().items()} if service else {},
+        "late_views": service.tracker.late_views if service else 0,
+    })
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+async def _progress(interrupted: asyncio.Event, duration: float, show: bool, service: LineService) -> None:
+    if not show:
+        await interrupted.wait()
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("sorting", total=duration)
+        t0 = time.monotonic()
+        while not interrupted.is_set():
+            s = service.summary()
+            bar.update(task, completed=time.monotonic() - t0,
+                       description=f"sorting: {s['pieces']} pieces, {s['ejects_accepted']} ejects")
+            await asyncio.sleep(0.25)

@@ -1,0 +1,89 @@
+"""Ejection planning in encoder counts.
+
+For each decided piece the planner picks the valves that cover its width and
+the open/close counts at its bank from its leading and trailing edges plus
+margins, centred on its centroid, with the valves' response delays taken off
+at the current belt speed. The PLC fires at those counts, so PC jitter never
+moves the ejection point.
+
+It also protects product purity: if the air window would also hit a piece of
+another fraction that is still on the belt at that bank, the edge valves over
+that neighbour are dropped, and if the target is then no longer covered the
+ejection is skipped (the target goes to the default fraction instead).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from sorter.config import EjectionConfig, valve_span, valves_covering
+from sorter.messages import Decision, EjectCommand
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    decision: Decision
+    command: EjectCommand | None
+    outcome: str  # 'planned', 'no_eject', 'conflict', 'no_speed'
+
+
+def mask_of(valves: list[int]) -> int:
+    m = 0
+    for v in valves:
+        m |= 1 << v
+    return m
+
+
+class EjectPlanner:
+    def __init__(self, cfg: EjectionConfig, fractions_by_bank: list[str], counts_per_mm: float) -> None:
+        self._cfg = cfg
+        self._cpm = counts_per_mm
+        self._bank_of = {f: i for i, f in enumerate(fractions_by_bank)}
+        self._recent: deque[Decision] = deque(maxlen=256)
+
+    def _coverage(self, valves: list[int], x0: float, x1: float) -> float:
+        if x1 <= x0:
+            return 1.0
+        covered = sum(max(0.0, min(x1, b) - max(x0, a)) for a, b in (valve_span(self._cfg, v) for v in valves))
+        return covered / (x1 - x0)
+
+    def _stays_to(self, d: Decision, bank: int) -> bool:
+        """Is this neighbour still on the belt when it reaches `bank`?"""
+        own = self._bank_of.get(d.fraction)
+        return own is None or own >= bank
+
+    def plan(self, decisions: list[Decision], speed_mm_s: float) -> list[Plan]:
+        """Plan a batch of decisions (neighbours decided in the same batch are known)."""
+        self._recent.extend(decisions)
+        return [self._plan_one(d, speed_mm_s) for d in decisions]
+
+    def _plan_one(self, d: Decision, speed_mm_s: float) -> Plan:
+        cfg, cpm, p = self._cfg, self._cpm, d.piece
+        bank = self._bank_of.get(d.fraction)
+        if bank is None:
+            return Plan(d, None, "no_eject")
+        if speed_mm_s <= 0:
+            return Plan(d, None, "no_speed")
+        half = max(p.u - p.u_lead + cfg.margin_lead_mm * cpm, p.u_trail - p.u + cfg.margin_trail_mm * cpm)
+        open_u, close_u = p.u - half, p.u + half
+        valves = valves_covering(cfg, p.x0 - cfg.margin_side_mm, p.x1 + cfg.margin_side_mm)
+        for n in self._recent:
+            if n is d or n.fraction == d.fraction or not self._stays_to(n, bank):
+                continue
+            q = n.piece
+            if q.u_trail < open_u or q.u_lead > close_u:
+                continue  # not under the air window along the belt
+            hit = set(valves_covering(cfg, q.x0, q.x1))
+            valves = [v for v in valves if v not in hit]
+        if not valves or self._coverage(valves, p.x0, p.x1) < cfg.min_valve_coverage:
+            if cfg.protect_purity:
+                return Plan(d, None, "conflict")
+            valves = valves_covering(cfg, p.x0 - cfg.margin_side_mm, p.x1 + cfg.margin_side_mm)
+        counts_per_ms = speed_mm_s * cpm / 1000.0
+        row = cfg.banks[bank].distance_mm * cpm
+        open_at = round(open_u + row - cfg.valve_open_delay_ms * counts_per_ms)
+        close_at = round(close_u + row - cfg.valve_close_delay_ms * counts_per_ms)
+        cmd = EjectCommand(piece_id=p.id, bank=bank, valve_mask=mask_of(valves), open_at=open_at,
+                           open_for=max(1, close_at - open_at))
+        return Plan(d, cmd, "planned")

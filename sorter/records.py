@@ -1,0 +1,105 @@
+"""Piece records in an embedded SQLite database (WAL).
+
+One row per piece, written when the piece is decided and updated when its
+eject command's fate is known, so a piece that was seen is never silently lost:
+if the service stops before a command is answered, the row says so.
+Writes are batched into one transaction per flush to keep the hot path cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS pieces (
+    id INTEGER PRIMARY KEY,          -- piece id, unique within a run
+    run_id TEXT NOT NULL,
+    t_wall REAL NOT NULL,            -- unix time of the decision
+    t_capture REAL NOT NULL,         -- monotonic time of the piece's last view
+    count INTEGER NOT NULL,          -- unwrapped encoder count at which its centroid crossed the camera line
+    count32 INTEGER NOT NULL,
+    x_mm REAL, x0_mm REAL, x1_mm REAL, length_mm REAL, area_mm2 REAL,
+    cameras TEXT, n_views INTEGER,
+    probs TEXT,                      -- JSON {class: probability}, fused over views
+    cls TEXT, confidence REAL,
+    fraction TEXT NOT NULL,          -- where the service sends it
+    bank TEXT, seq INTEGER, valve_mask INTEGER, open_at INTEGER, open_for INTEGER,
+    outcome TEXT NOT NULL,           -- pending, accepted, expired, offline, timeout, conflict, no_eject, cancelled
+    t_accepted REAL,
+    latency_ms REAL                  -- last view's capture -> command accepted by the PLC
+);
+CREATE INDEX IF NOT EXISTS pieces_run ON pieces(run_id, t_wall);
+CREATE TABLE IF NOT EXISTS events (
+    t_wall REAL NOT NULL, run_id TEXT NOT NULL, kind TEXT NOT NULL, detail TEXT
+);
+"""
+
+
+class RecordStore:
+    def __init__(self, path: Path, run_id: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.run_id = run_id
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._inserts: list[tuple[Any, ...]] = []
+        self._updates: list[tuple[Any, ...]] = []
+        self._events: list[tuple[Any, ...]] = []
+        self.written = 0
+
+    def add_piece(self, row: dict[str, Any]) -> None:
+        cols = ("id", "t_wall", "t_capture", "count", "count32", "x_mm", "x0_mm", "x1_mm", "length_mm", "area_mm2",
+                "cameras", "n_views", "probs", "cls", "confidence", "fraction", "bank", "seq", "valve_mask",
+                "open_at", "open_for", "outcome", "t_accepted", "latency_ms")
+        values = [row.get(c) for c in cols]
+        values[cols.index("probs")] = json.dumps(row.get("probs", {}))
+        self._inserts.append((self.run_id, *values))
+
+    def update_outcome(self, piece_id: int, outcome: str, seq: int | None, t_accepted: float | None,
+                       latency_ms: float | None) -> None:
+        self._updates.append((outcome, seq, t_accepted, latency_ms, self.run_id, piece_id))
+
+    def event(self, kind: str, **detail: Any) -> None:
+        self._events.append((time.time(), self.run_id, kind, json.dumps(detail, default=str)))
+
+    @property
+    def pending_writes(self) -> int:
+        return len(self._inserts) + len(self._updates) + len(self._events)
+
+    def flush(self) -> None:
+        if not self.pending_writes:
+            return
+        ins, upd, ev = self._inserts, self._updates, self._events
+        self._inserts, self._updates, self._events = [], [], []
+        with self._db:  # one transaction
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT INTO pieces (run_id, id, t_wall, t_capture, count, count32, x_mm, x0_mm, x1_mm, length_mm,"
+                " area_mm2, cameras, n_views, probs, cls, confidence, fraction, bank, seq, valve_mask, open_at,"
+                " open_for, outcome, t_accepted, latency_ms) VALUES (" + ",".join("?" * 25) + ")", ins)
+            self._db.executemany(
+                "UPDATE pieces SET outcome=?, seq=COALESCE(?, seq), t_accepted=?, latency_ms=?"
+                " WHERE run_id=? AND id=?", upd)
+            self._db.executemany("INSERT INTO events VALUES (?,?,?,?)", ev)
+        self.written += len(ins)
+
+    def close(self) -> None:
+        self.flush()
+        self._db.close()
+
+
+def load_pieces(path: Path, run_id: str | None = None) -> list[dict[str, Any]]:
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    q = "SELECT * FROM pieces" + (" WHERE run_id=?" if run_id else "") + " ORDER BY count"
+    rows = [dict(r) for r in db.execute(q, (run_id,) if run_id else ())]
+    db.close()
+    for r in rows:
+        r["probs"] = json.loads(r["probs"] or "{}")
+    return rows

@@ -1,0 +1,168 @@
+"""Tracking by belt displacement: every physical piece becomes exactly one Piece.
+
+A piece rides the belt, so its belt-fixed coordinate u (the encoder count at
+which it crosses the cameras' centre line) stays the same in every view, from
+either camera. Views are grouped by u and across-belt overlap; a track is
+finalised once every active camera has seen the belt move past the piece's
+trailing edge by `settle_mm`, so all its views (and its neighbours) are in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sorter.config import TrackingConfig
+from sorter.geometry import CameraGeometry
+from sorter.messages import Detection, Piece
+from sorter.vision.segment import Blob
+
+
+def to_detections(
+    blobs: Iterable[Blob], geom: CameraGeometry, camera: str, count: int, counts_per_mm: float,
+    frame_seq: int, t_capture: float,
+) -> list[Detection]:
+    """Image blobs of one frame -> detections in belt coordinates."""
+    out = []
+    for b in blobs:
+        xs, ys = geom.px_to_mm(np.array([b.cu, b.u0, b.u1, b.u0, b.u1]), np.array([b.cv, b.v0, b.v0, b.v1, b.v1]))
+        y_c, y_min, y_max = float(ys[0]), float(ys[1:].min()), float(ys[1:].max())
+        out.append(Detection(
+            camera=camera, frame_seq=frame_seq, t_capture=t_capture,
+            u=count - y_c * counts_per_mm,
+            u_lead=count - y_max * counts_per_mm,
+            u_trail=count - y_min * counts_per_mm,
+            x=float(xs[0]), x0=float(xs[1:].min()), x1=float(xs[1:].max()),
+            area_mm2=b.area_px * geom.mm_per_px**2,
+            cut_along=b.touches_top_bottom, cut_across=b.touches_left_right,
+            crop=b.crop,
+        ))
+    return out
+
+
+def _same_piece(
+    d: Detection, u: float, u_lead: float, u_trail: float, x0: float, x1: float, gate: float, margin_mm: float
+) -> bool:
+    """Across extents overlap, and the along centres agree or the along extents mostly overlap.
+
+    The extent test catches views cut by a frame or camera edge, whose centres shift.
+    """
+    if d.x0 > x1 + margin_mm or d.x1 < x0 - margin_mm:
+        return False
+    if abs(d.u - u) <= gate:
+        return True
+    overlap = min(d.u_trail, u_trail) - max(d.u_lead, u_lead)
+    return overlap > 0.5 * min(d.u_trail - d.u_lead, u_trail - u_lead)
+
+
+@dataclass
+class _Track:
+    id: int
+    views: list[Detection] = field(default_factory=list)
+
+    def _full(self) -> list[Detection]:
+        full = [d for d in self.views if not d.cut_along]
+        return full or self.views
+
+    @property
+    def u(self) -> float:
+        return float(np.median([d.u for d in self._full()]))
+
+    @property
+    def u_trail(self) -> float:
+        return max(d.u_trail for d in self.views)
+
+    @property
+    def x0(self) -> float:
+        return min(d.x0 for d in self.views)
+
+    @property
+    def x1(self) -> float:
+        return max(d.x1 for d in self.views)
+
+    @property
+    def u_lead(self) -> float:
+        return min(d.u_lead for d in self.views)
+
+    def matches(self, d: Detection, gate: float, margin_mm: float) -> bool:
+        return _same_piece(d, self.u, self.u_lead, self.u_trail, self.x0, self.x1, gate, margin_mm)
+
+    def to_piece(self, max_views: int) -> Piece:
+        full = self._full()
+        whole = [d for d in full if not d.cut_across] or full
+        u = float(np.median([d.u for d in full]))
+        # the extent across comes from all views together: a piece in the overlap
+        # may be cut by both cameras' edges and only their union is whole
+        crops_from = sorted(whole, key=lambda d: -d.area_mm2)[:max_views]
+        return Piece(
+            id=self.id, u=u,
+            u_lead=float(np.median([d.u_lead for d in full])),
+            u_trail=float(np.median([d.u_trail for d in full])),
+            x=float(np.median([d.x for d in whole])) if any(not d.cut_across for d in full) else (self.x0 + self.x1) / 2,
+            x0=self.x0, x1=self.x1,
+            area_mm2=float(np.median([d.area_mm2 for d in whole])),
+            cameras=tuple(sorted({d.camera for d in self.views})),
+            n_views=len(self.views),
+            crops=[d.crop for d in crops_from if d.crop is not None],
+            t_first_capture=min(d.t_capture for d in self.views),
+            t_last_capture=max(d.t_capture for d in self.views),
+        )
+
+
+class Tracker:
+    def __init__(self, fields_y_max_mm: dict[str, float], cfg: TrackingConfig, counts_per_mm: float, max_views: int) -> None:
+        """`fields_y_max_mm`: per camera, the most downstream belt y (mm) it sees."""
+        self._field_end = fields_y_max_mm
+        self._cpm = counts_per_mm
+        self._gate = cfg.gate_mm * counts_per_mm
+        self._settle = cfg.settle_mm * counts_per_mm
+        self._max_views = max_views
+        self._tracks: list[_Track] = []
+        self._done: list[tuple[float, float, float, float, float]] = []  # (u, u_lead, u_trail, x0, x1) of decided pieces
+        self._next_id = 1
+        self.watermark: dict[str, int] = {}
+        self.late_views = 0  # views that arrived after their piece was decided
+
+    @property
+    def open_tracks(self) -> int:
+        return len(self._tracks)
+
+    def add(self, camera: str, count: int, detections: Iterable[Detection]) -> None:
+        self.watermark[camera] = max(count, self.watermark.get(camera, count))
+        for d in detections:
+            if any(_same_piece(d, *done, self._gate, 0.0) for done in self._done):
+                self.late_views += 1
+                continue
+            best = min(
+                (t for t in self._tracks if t.matches(d, self._gate, 2.0)),
+                key=lambda t: abs(t.u - d.u), default=None,
+            )
+            if best is None:
+                best = _Track(self._next_id)
+                self._next_id += 1
+                self._tracks.append(best)
+            best.views.append(d)
+
+    def finalise(self, active_cameras: Iterable[str]) -> list[Piece]:
+        """Pieces that no active camera can see again, in belt order (leading first)."""
+        limits = [self.watermark[c] - self._field_end[c] * self._cpm for c in active_cameras if c in self.watermark]
+        if not limits:
+            return []
+        passed = min(limits)  # belt-fixed u that every active camera has seen leave its field
+        ready = [t for t in self._tracks if t.u_trail + self._settle < passed]
+        if not ready:
+            return []
+        self._tracks = [t for t in self._tracks if t.u_trail + self._settle >= passed]
+        pieces = sorted((t.to_piece(self._max_views) for t in ready), key=lambda p: p.u)
+        self._done.extend((p.u, p.u_lead, p.u_trail, p.x0, p.x1) for p in pieces)
+        horizon = passed - 4 * self._settle - 400 * self._cpm
+        self._done = [r for r in self._done if r[2] > horizon]
+        return pieces
+
+    def flush(self) -> list[Piece]:
+        """Finalise everything (at shutdown): a piece that was seen is never silently lost."""
+        pieces = sorted((t.to_piece(self._max_views) for t in self._tracks), key=lambda p: p.u)
+        self._tracks = []
+        return pieces
