@@ -147,9 +147,10 @@ class Tracker:
 
     def finalise(self, active_cameras: Iterable[str]) -> list[Piece]:
         """Pieces that no active camera can see again, in belt order (leading first)."""
-        limits = [self.watermark[c] - self._field_end[c] * self._cpm for c in active_cameras if c in self.watermark]
-        if not limits:
-            return []
+        active = list(active_cameras)
+        if not active or any(c not in self.watermark for c in active):
+            return []  # an active camera has not reported yet: it may still see these pieces
+        limits = [self.watermark[c] - self._field_end[c] * self._cpm for c in active]
         passed = min(limits)  # belt-fixed u that every active camera has seen leave its field
         ready = [t for t in self._tracks if t.u_trail + self._settle < passed]
         if not ready:

@@ -1,0 +1,59 @@
+"""Config: the shipped configs load; errors name file, key path and line; the CLI exits 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sorter.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_config_loads():
+    cfg = load_config(ROOT / "config/sim.yaml")
+    assert cfg.fractions == ["ndfeb", "ferrite_smco", "residue"]
+    assert cfg.classifier.model.is_absolute()
+    assert cfg.simulator is not None and cfg.simulator.encoder_start > 2**32 - 10**6
+
+
+def _bad(tmp_path: Path, old: str, new: str) -> Path:
+    text = (ROOT / "config/sim.yaml").read_text()
+    assert old in text
+    p = tmp_path / "bad.yaml"
+    p.write_text(text.replace(old, new, 1))
+    return p
+
+
+@pytest.mark.parametrize(("old", "new", "where"), [
+    ("distance_mm: 1000", "distance_mm: -5", "ejection.banks[0].distance_mm"),
+    ("counts_per_mm: 20", "counts_per_mm: 20\n  colour: red", "belt.colour"),
+    ("mm_per_px: 0.25, rotation_deg: 0.0}\n  - name: cam1", "mm_per_px: zero, rotation_deg: 0.0}\n  - name: cam1",
+     "cameras[0].mapping.mm_per_px"),
+])
+def test_errors_name_file_key_and_line(tmp_path, old, new, where):
+    bad = _bad(tmp_path, old, new)
+    marker = new.split("\n")[-1] if "colour" in new else new.split("\n")[0]
+    line = next(i for i, text in enumerate(bad.read_text().splitlines(), 1) if marker.strip() in text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(bad)
+    assert "bad.yaml" in str(exc.value) and f"{where} (line {line})" in str(exc.value)
+
+
+def test_cli_exits_2_on_invalid_config(tmp_path):
+    bad = _bad(tmp_path, "min_confidence: 0.9", "min_confidence: 1.5")
+    r = subprocess.run([sys.executable, "-m", "sorter", "check-config", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "routing.min_confidence" in r.stderr and "bad.yaml" in r.stderr and "line" in r.stderr
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.yaml")
+    p = tmp_path / "broken.yaml"
+    p.write_text("belt: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)

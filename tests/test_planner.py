@@ -1,0 +1,93 @@
+"""Ejection planning: valve masks, open/close counts, delays, purity protection."""
+
+from __future__ import annotations
+
+from sorter.config import BankConfig, EjectionConfig, RoutingConfig, valve_span
+from sorter.decide import decide
+from sorter.messages import Decision, Piece
+from sorter.planner import EjectPlanner
+
+CPM = 20.0
+EJ = EjectionConfig(banks=[BankConfig(name="A", distance_mm=1000, fraction="ndfeb"),
+                           BankConfig(name="B", distance_mm=1250, fraction="ferrite_smco")],
+                    margin_lead_mm=3, margin_trail_mm=3, margin_side_mm=2,
+                    valve_open_delay_ms=4, valve_close_delay_ms=3)
+ROUTING = RoutingConfig(classes={"ndfeb": "ndfeb", "ferrite": "ferrite_smco", "smco": "ferrite_smco",
+                                 "steel": "residue", "other": "residue"}, min_confidence=0.9)
+
+
+def piece(pid: int, u: float, x0: float, x1: float, lead_mm: float = 10, trail_mm: float = 10) -> Piece:
+    return Piece(id=pid, u=u, u_lead=u - lead_mm * CPM, u_trail=u + trail_mm * CPM, x=(x0 + x1) / 2, x0=x0, x1=x1,
+                 area_mm2=100, cameras=("cam0",), n_views=3)
+
+
+def decision(p: Piece, fraction: str) -> Decision:
+    return Decision(p, {}, fraction, 0.99, fraction)
+
+
+def planner() -> EjectPlanner:
+    return EjectPlanner(EJ, ["ndfeb", "ferrite_smco"], CPM)
+
+
+def test_window_centred_on_the_centroid_with_delays_compensated():
+    p = piece(1, 100_000, 100, 130, lead_mm=8, trail_mm=14)  # asymmetric piece
+    [plan] = planner().plan([decision(p, "ndfeb")], speed_mm_s=2500)
+    cmd = plan.command
+    assert plan.outcome == "planned" and cmd is not None and cmd.bank == 0
+    counts_per_ms = 2500 * CPM / 1000
+    # the air comes on (open_at + open delay) and goes off (close + close delay) symmetric about the centroid
+    on = cmd.open_at + 4 * counts_per_ms
+    off = cmd.open_at + cmd.open_for + 3 * counts_per_ms
+    assert abs((on + off) / 2 - (p.u + 1000 * CPM)) <= 1
+    assert off - on >= (14 + 3) * 2 * CPM - 2  # covers the longer side plus margin, both ways
+    valves = [v for v in range(32) if cmd.valve_mask >> v & 1]
+    lo, hi = valve_span(EJ, valves[0])[0], valve_span(EJ, valves[-1])[1]
+    assert lo <= 100 - 2 and hi >= 130 + 2 and lo > 100 - 2 - 18.75 and hi < 130 + 2 + 18.75
+
+
+def test_bank_b_and_no_eject():
+    pl = planner()
+    a, b, c = piece(1, 1e5, 10, 30), piece(2, 2e5, 10, 30), piece(3, 3e5, 10, 30)
+    plans = pl.plan([decision(a, "ferrite_smco"), decision(b, "residue"), decision(c, "ndfeb")], 2500)
+    assert plans[0].command.bank == 1 and plans[1].command is None and plans[1].outcome == "no_eject"
+    assert plans[2].command.bank == 0
+
+
+def test_neighbour_of_other_fraction_is_spared():
+    pl = planner()
+    target = piece(1, 100_000, 100, 140)
+    beside = piece(2, 100_000, 141, 160)  # touching on the right, residue
+    plans = pl.plan([decision(target, "ndfeb"), decision(beside, "residue")], 2500)
+    cmd = plans[0].command
+    assert cmd is not None
+    valves = [v for v in range(32) if cmd.valve_mask >> v & 1]
+    assert all(valve_span(EJ, v)[0] >= 160 or valve_span(EJ, v)[1] <= 141 for v in valves)
+
+
+def test_unavoidable_conflict_skips_the_ejection():
+    pl = planner()
+    target = piece(1, 100_000, 100, 110)
+    over = piece(2, 100_000 + 12 * CPM, 95, 115)  # right behind, same valves, steel
+    plans = pl.plan([decision(target, "ndfeb"), decision(over, "residue")], 2500)
+    assert plans[0].command is None and plans[0].outcome == "conflict"
+
+
+def test_neighbour_ejected_upstream_is_no_conflict_for_bank_b():
+    pl = planner()
+    target = piece(1, 100_000, 100, 110)
+    magnet = piece(2, 100_000 + 12 * CPM, 95, 115)  # goes out at bank A before the target reaches B
+    plans = pl.plan([decision(target, "ferrite_smco"), decision(magnet, "ndfeb")], 2500)
+    assert plans[0].outcome == "planned"
+
+
+def test_low_confidence_goes_to_residue():
+    import numpy as np
+
+    p = piece(1, 1e5, 10, 30)
+    labels = ["ndfeb", "ferrite", "smco", "steel", "other"]
+    sure = decide(p, np.array([[0.99, 0.0025, 0.0025, 0.0025, 0.0025]] * 3), labels, ROUTING)
+    unsure = decide(p, np.array([[0.6, 0.4, 0, 0, 0], [0.5, 0.5, 0, 0, 0]]), labels, ROUTING)
+    none = decide(p, None, labels, ROUTING)
+    assert sure.fraction == "ndfeb" and sure.confidence > 0.98
+    assert unsure.fraction == "residue" and unsure.cls == "ndfeb"
+    assert none.fraction == "residue"
