@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from sorter.capture import CameraCapture
+from sorter.capture import CameraCapture, CaptureClosed
 from sorter.classify import Classifier
 from sorter.clock import ClockModel
 from sorter.config import LineConfig
@@ -98,7 +98,10 @@ class LineService:
     async def _camera_loop(self, name: str) -> None:
         cap, loop = self.captures[name], asyncio.get_running_loop()
         while True:
-            frame = await cap.get()
+            try:
+                frame = await cap.get()
+            except CaptureClosed:
+                return
             count = self._frame_count(frame)
             if count is None:
                 self.counts["frames_unplaced"] += 1  # no latched count and no clock model yet
