@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import random
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +62,7 @@ class SimLine:
         self.physics = EjectionPhysics(cfg.ejection, sim, cfg.belt.counts_per_mm, sim.encoder_start)
         self.truth = TruthStore(truth_path) if truth_path else None
         self.plc = VirtualPlc(cfg.plc.registers, self.belt, sim, banks=len(cfg.ejection.banks), on_eject=self._fired)
-        self._rng = random.Random(sim.seed + 1)
+        self._rng = np.random.default_rng(sim.seed + 1)
         self._on_belt: list[Any] = []  # SimPiece, in s order
         self._visible: tuple[tuple[Any, Any], ...] = ()  # (SimPiece, Sprite) snapshot read by camera threads
         self._sprites: dict[int, Any] = {}
@@ -157,8 +156,12 @@ class SimLine:
     async def _tick(self) -> None:
         n = 0
         while True:
-            self._feed_step()
-            self._bins_step()
+            try:
+                self._feed_step()
+                self._bins_step()
+            except Exception:  # a broken simulator step must be loud, not a silently dead task
+                self.log.exception("sim step failed")
+                raise
             n += 1
             if n % 10 == 0:
                 self.belt.step_drift()

@@ -35,7 +35,8 @@ async def _stdin_lines() -> asyncio.StreamReader:
 
 
 async def run_sim(cfg: LineConfig, truth: Path | None, control: str, seed: int | None, feed: bool,
-                  record_dir: Path | None = None, duration: float | None = None) -> None:
+                  record_dir: Path | None = None, duration: float | None = None,
+                  start_belt: bool = False) -> None:
     log = structlog.get_logger("sim")
     line = SimLine(cfg, truth_path=truth, record_dir=record_dir, seed=seed)
     stop = asyncio.Event()
@@ -43,6 +44,8 @@ async def run_sim(cfg: LineConfig, truth: Path | None, control: str, seed: int |
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await line.start()
+    if start_belt:  # normally the line service starts it through the PLC
+        line.belt.start()
     if feed:
         line.set_feed(True)
     tasks = []

@@ -11,7 +11,6 @@ noisy shared machine even when the raw numbers drift.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from typing import Any
 
@@ -41,7 +40,7 @@ def render_frames(cfg: LineConfig, n_per_camera: int, rate_per_s: float, seed: i
     geoms = [true_geometry(cfg, sim, i) for i in range(len(cfg.cameras))]
     renderers = [FrameRenderer(g, sim.noise_sigma, seed + i) for i, g in enumerate(geoms)]
     step_mm = cfg.belt.nominal_speed_mm_s / sim.fps
-    rng = random.Random(seed)
+    rng = np.random.default_rng(seed)
     total_mm = n_per_camera * step_mm + 400
     pieces = [(p, render_sprite(p, geoms[0].mm_per_px, rng)) for p in feed.pieces_until(total_mm)]
     frames = []

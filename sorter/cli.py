@@ -125,6 +125,7 @@ def sim(
     feed: Annotated[bool, typer.Option(help="start feeding scrap at once")] = True,
     record: Annotated[Optional[Path], typer.Option(help="record each camera to DIR/<camera>.avi")] = None,
     duration: Annotated[Optional[float], typer.Option(help="stop after this many seconds")] = None,
+    start_belt: Annotated[bool, typer.Option(help="run the belt at once instead of waiting for the PLC command")] = False,
     log_level: LogOpt = "info",
 ) -> None:
     """Run the simulated line (PLC on Modbus TCP, camera streams) until Ctrl-C."""
@@ -136,7 +137,7 @@ def sim(
     cfg = _load(config)
     if cfg.simulator is None:
         raise _fail(f"{config}: no `simulator:` section")
-    asyncio.run(run_sim(cfg, truth, control, seed, feed, record, duration))
+    asyncio.run(run_sim(cfg, truth, control, seed, feed, record, duration, start_belt))
 
 
 @sim_app.command("dataset")

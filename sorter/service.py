@@ -207,7 +207,8 @@ class LineService:
         return {
             "pieces": self.counts["pieces"], "open_tracks": self.tracker.open_tracks,
             "frames_captured": sum(s["captured"] for s in caps.values()),
-            "frames_dropped": sum(s["dropped"] for s in caps.values()),
+            # every frame lost anywhere: queue overflow, torn shm slot, or dropped at the source hand-off
+            "frames_dropped": sum(s["dropped"] + s["torn"] + s["source_dropped"] for s in caps.values()),
             "plc_online": st.online, "belt_mm_s": st.speed_mm_s, "plc_alarms": list(st.alarms),
             "ejects_accepted": self.counts["eject_accepted"],
         }
