@@ -213,7 +213,8 @@ class SimCameraServer:
                     self._stop.wait(_MAX_WAIT_S if t is None else min(max(t - now, 0.0), _MAX_WAIT_S))
                     continue
                 behind = (belt.count(now) - next_count) // trig
-                if behind >= self.slots:
+                if behind >= self.slots and self._video is None:
+                    # (a recording keeps every frame instead: its timeline must stay continuous)
                     # starved for longer than the ring holds: such frames could never be delivered
                     # intact, so count them and catch up instead of rendering a burst of stale frames
                     with self._counter_lock:
