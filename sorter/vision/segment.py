@@ -38,34 +38,90 @@ def _max_channel(img: np.ndarray) -> np.ndarray:
     return cv2.max(cv2.max(b, g), r)
 
 
+NECK = 0.7  # two peaks are separate pieces if every path between them narrows below this share of the smaller
+
+
+def _peaks(dist: np.ndarray) -> list[tuple[int, int, float]]:
+    """Local peaks of the distance map, found as the components that appear while lowering a threshold."""
+    peak = float(dist.max())
+    seeds: list[tuple[int, int, float]] = []
+    covered = np.zeros(dist.shape, dtype=bool)
+    level = peak
+    while level >= 2.0:
+        above = dist >= level
+        n, lab = cv2.connectedComponents(above.astype(np.uint8), connectivity=8)
+        for k in range(1, n):
+            comp = lab == k
+            if not (comp & covered).any():
+                flat = np.where(comp, dist, -1.0)
+                y, x = np.unravel_index(int(flat.argmax()), dist.shape)
+                seeds.append((int(y), int(x), float(dist[y, x])))
+        covered = above
+        level *= 0.8
+    return seeds
+
+
+def _flood(dist: np.ndarray, labels: np.ndarray, n: int, steps: int = 24) -> np.ndarray:
+    """Watershed by flooding: lower the level step by step; each region grows only into pixels above
+    the level that touch it, so the regions meet at the necks (where the distance map is low)."""
+    kernel = np.ones((3, 3), np.uint8)
+    for level in np.linspace(float(dist.max()), 0.0, steps)[1:]:
+        free = (dist >= level - 1e-6) & (dist > 0)
+        while True:
+            grew = False
+            for k in range(1, n + 1):
+                reach = cv2.dilate((labels == k).astype(np.uint8), kernel).astype(bool) & free & (labels == 0)
+                if reach.any():
+                    labels[reach] = k
+                    grew = True
+            if not grew:
+                break
+    return labels
+
+
 def _split_touching(comp: np.ndarray) -> list[np.ndarray]:
-    """Split one component mask at narrow necks; returns one mask per piece."""
+    """Split one component mask where pieces touch, at necks of its distance map; one mask per piece."""
     filled = comp.copy()
     contours, _ = cv2.findContours(comp, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(filled, contours, -1, 255, thickness=cv2.FILLED)  # rings stay one piece
-    area = cv2.countNonZero(filled)
     hull_area = cv2.contourArea(cv2.convexHull(np.vstack(contours)))
-    if hull_area <= 0 or area / hull_area > 0.97:
-        return [comp]
+    if hull_area <= 0 or cv2.countNonZero(filled) / hull_area > 0.97:
+        return [comp]  # convex: one piece
     dist = cv2.distanceTransform(filled, cv2.DIST_L2, 5)
-    peak = float(dist.max())
-    if peak < 3:
+    seeds = sorted(_peaks(dist), key=lambda s: -s[2])
+    if len(seeds) < 2:
         return [comp]
-    markers = (dist > 0.45 * peak).astype(np.uint8)
-    n, marker_labels = cv2.connectedComponents(markers, connectivity=8)
-    if n <= 2:
+    # union peaks that stay connected above NECK x the smaller peak (no narrow neck between them)
+    group = list(range(len(seeds)))
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            group[i] = group[group[i]]
+            i = group[i]
+        return i
+
+    cache: dict[float, np.ndarray] = {}
+    for j in range(1, len(seeds)):
+        yj, xj, pj = seeds[j]
+        level = round(NECK * pj, 2)
+        if level not in cache:
+            cache[level] = cv2.connectedComponents((dist >= level).astype(np.uint8), connectivity=8)[1]
+        lab = cache[level]
+        for i in range(j):
+            yi, xi, _ = seeds[i]
+            if lab[yi, xi] == lab[yj, xj]:
+                group[root(j)] = root(i)
+    roots = sorted({root(i) for i in range(len(seeds))})
+    if len(roots) < 2:
         return [comp]
-    # each pixel goes to its nearest marker: a cheap watershed on the distance map
-    _, nearest = cv2.distanceTransformWithLabels(
-        (markers == 0).astype(np.uint8), cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_CCOMP
-    )
-    # DIST_LABEL_CCOMP numbers the zero-components itself; map them back via the marker labels
-    lut = np.zeros(int(nearest.max()) + 1, dtype=np.int32)
-    lut[nearest[markers > 0]] = marker_labels[markers > 0]
-    owner = lut[nearest]
+    # flood from one marker per piece over the inverted distance map: borders settle on the necks
+    markers = np.zeros(dist.shape, dtype=np.int32)
+    for i, (y, x, p) in enumerate(seeds):
+        cv2.circle(markers, (x, y), max(1, int(0.5 * p)), roots.index(root(i)) + 1, -1)
+    markers = _flood(dist, markers, len(roots))
     parts = []
-    for k in range(1, n):
-        part = ((owner == k) & (comp > 0)).astype(np.uint8) * 255
+    for k in range(1, len(roots) + 1):
+        part = ((markers == k) & (comp > 0)).astype(np.uint8) * 255
         if cv2.countNonZero(part):
             parts.append(part)
     return parts or [comp]
