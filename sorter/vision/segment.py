@@ -38,7 +38,13 @@ def _max_channel(img: np.ndarray) -> np.ndarray:
     return cv2.max(cv2.max(b, g), r)
 
 
-NECK = 0.7  # two peaks are separate pieces if every path between them narrows below this share of the smaller
+# Two distance-map peaks are separate pieces when every path between them narrows below a share of the
+# smaller peak: below NECK_SURE always; below NECK_COLOUR only if the two sides also differ in colour
+# (a screw's head and shank have a moderate neck but one colour; a magnet touching a steel plate along
+# an edge has a moderate neck and two colours).
+NECK_SURE = 0.45
+NECK_COLOUR = 0.8
+COLOUR_STEP = 28.0  # mean BGR distance that says "another material"
 
 
 def _peaks(dist: np.ndarray) -> list[tuple[int, int, float]]:
@@ -79,8 +85,43 @@ def _flood(dist: np.ndarray, labels: np.ndarray, n: int, steps: int = 24) -> np.
     return labels
 
 
-def _split_touching(comp: np.ndarray) -> list[np.ndarray]:
-    """Split one component mask where pieces touch, at necks of its distance map; one mask per piece."""
+class _Groups:
+    """Union-find over peak indices."""
+
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def root(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, i: int, j: int) -> None:
+        self.parent[self.root(j)] = self.root(i)
+
+
+def _connect_peaks(dist: np.ndarray, seeds: list[tuple[int, int, float]], neck: float) -> _Groups:
+    """Group peaks that stay connected above `neck` x the smaller peak (seeds sorted by peak, descending)."""
+    groups = _Groups(len(seeds))
+    cache: dict[float, np.ndarray] = {}
+    for j in range(1, len(seeds)):
+        yj, xj, pj = seeds[j]
+        level = round(neck * pj, 2)
+        if level not in cache:
+            cache[level] = cv2.connectedComponents((dist >= level).astype(np.uint8), connectivity=8)[1]
+        lab = cache[level]
+        for i in range(j):
+            if lab[seeds[i][0], seeds[i][1]] == lab[yj, xj]:
+                groups.union(i, j)
+    return groups
+
+
+def _split_touching(comp: np.ndarray, colour: np.ndarray) -> list[np.ndarray]:
+    """Split one component mask where pieces touch; one mask per piece.
+
+    `colour` is the BGR image under `comp` (same shape), used to tell materials apart at moderate necks.
+    """
     filled = comp.copy()
     contours, _ = cv2.findContours(comp, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(filled, contours, -1, 255, thickness=cv2.FILLED)  # rings stay one piece
@@ -91,37 +132,29 @@ def _split_touching(comp: np.ndarray) -> list[np.ndarray]:
     seeds = sorted(_peaks(dist), key=lambda s: -s[2])
     if len(seeds) < 2:
         return [comp]
-    # union peaks that stay connected above NECK x the smaller peak (no narrow neck between them)
-    group = list(range(len(seeds)))
-
-    def root(i: int) -> int:
-        while group[i] != i:
-            group[i] = group[group[i]]
-            i = group[i]
-        return i
-
-    cache: dict[float, np.ndarray] = {}
-    for j in range(1, len(seeds)):
-        yj, xj, pj = seeds[j]
-        level = round(NECK * pj, 2)
-        if level not in cache:
-            cache[level] = cv2.connectedComponents((dist >= level).astype(np.uint8), connectivity=8)[1]
-        lab = cache[level]
-        for i in range(j):
-            yi, xi, _ = seeds[i]
-            if lab[yi, xi] == lab[yj, xj]:
-                group[root(j)] = root(i)
-    roots = sorted({root(i) for i in range(len(seeds))})
+    fine = _connect_peaks(dist, seeds, NECK_COLOUR)
+    roots = sorted({fine.root(i) for i in range(len(seeds))})
     if len(roots) < 2:
         return [comp]
-    # flood from one marker per piece over the inverted distance map: borders settle on the necks
+    # flood from one marker per candidate piece over the distance map: borders settle on the necks
     markers = np.zeros(dist.shape, dtype=np.int32)
     for i, (y, x, p) in enumerate(seeds):
-        cv2.circle(markers, (x, y), max(1, int(0.5 * p)), roots.index(root(i)) + 1, -1)
-    markers = _flood(dist, markers, len(roots))
+        cv2.circle(markers, (x, y), max(1, int(0.5 * p)), roots.index(fine.root(i)) + 1, -1)
+    markers[filled == 0] = -1
+    labels = _flood(dist, markers, len(roots))
+    # candidates joined by a moderate neck stay one piece unless their colours differ
+    sure = _connect_peaks(dist, seeds, NECK_SURE)
+    inside = comp > 0
+    means = [colour[(labels == k + 1) & inside].reshape(-1, 3).mean(axis=0) for k in range(len(roots))]
+    final = _Groups(len(roots))
+    for a in range(len(roots)):
+        for b in range(a):
+            if sure.root(roots[a]) == sure.root(roots[b]) and np.linalg.norm(means[a] - means[b]) < COLOUR_STEP:
+                final.union(b, a)
     parts = []
-    for k in range(1, len(roots) + 1):
-        part = ((markers == k) & (comp > 0)).astype(np.uint8) * 255
+    for r in sorted({final.root(k) for k in range(len(roots))}):
+        members = [k + 1 for k in range(len(roots)) if final.root(k) == r]
+        part = (np.isin(labels, members) & inside).astype(np.uint8) * 255
         if cv2.countNonZero(part):
             parts.append(part)
     return parts or [comp]
@@ -181,7 +214,7 @@ def segment(
         if area < min_px:
             continue
         comp = (labels[y : y + bh, x : x + bw] == i).astype(np.uint8) * 255
-        parts = _split_touching(comp) if cfg.split_touching else [comp]
+        parts = _split_touching(comp, small[y : y + bh, x : x + bw]) if cfg.split_touching else [comp]
         for part in parts:
             m = cv2.moments(part, binaryImage=True)
             if m["m00"] < min_px:
