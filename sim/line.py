@@ -38,7 +38,8 @@ def true_geometry(cfg: LineConfig, sim: SimConfig, index: int) -> CameraGeometry
     truth = sim.cameras.get(cam.name)
     m = cam.mapping
     return CameraGeometry(
-        cam.width, cam.height,
+        cam.width,
+        cam.height,
         tuple(truth.centre_mm) if truth and truth.centre_mm else tuple(m.centre_mm),  # type: ignore[arg-type]
         truth.mm_per_px if truth and truth.mm_per_px else m.mm_per_px,
         truth.rotation_deg if truth and truth.rotation_deg is not None else m.rotation_deg,
@@ -46,16 +47,18 @@ def true_geometry(cfg: LineConfig, sim: SimConfig, index: int) -> CameraGeometry
 
 
 class SimLine:
-    def __init__(self, cfg: LineConfig, truth_path: Path | None = None, record_dir: Path | None = None,
-                 seed: int | None = None) -> None:
+    def __init__(
+        self, cfg: LineConfig, truth_path: Path | None = None, record_dir: Path | None = None, seed: int | None = None
+    ) -> None:
         if cfg.simulator is None:
             raise ValueError("the config has no `simulator:` section")
         self.cfg = cfg
         self.sim = cfg.simulator if seed is None else cfg.simulator.model_copy(update={"seed": seed})
         self.log = structlog.get_logger("sim")
         sim = self.sim
-        self.belt = Belt(cfg.belt.counts_per_mm, cfg.belt.nominal_speed_mm_s, sim.encoder_start,
-                         sim.speed_drift, sim.seed)
+        self.belt = Belt(
+            cfg.belt.counts_per_mm, cfg.belt.nominal_speed_mm_s, sim.encoder_start, sim.speed_drift, sim.seed
+        )
         self.geoms = [true_geometry(cfg, sim, i) for i in range(len(cfg.cameras))]
         self._mm_per_px = self.geoms[0].mm_per_px
         self.feed = FeedGenerator(sim.feed, cfg.belt.width_mm, cfg.belt.nominal_speed_mm_s, sim.seed)
@@ -79,15 +82,25 @@ class SimLine:
                 raise ValueError(f"camera {cam.name}: the simulator serves only `type: sim` camera sources")
             host, port = split_address(cam.source.address)
             renderer = FrameRenderer(self.geoms[i], sim.noise_sigma, sim.seed + 100 + i)
-            self.cameras.append(SimCameraServer(
-                cam.name, cam.width, cam.height, trigger, self.belt, self._render_fn(renderer),
-                sim.delivery_delay_ms, sim.seed + 200 + i, host, port,
-                record=(record_dir / f"{cam.name}.avi") if record_dir else None,
-            ))
+            self.cameras.append(
+                SimCameraServer(
+                    cam.name,
+                    cam.width,
+                    cam.height,
+                    trigger,
+                    self.belt,
+                    self._render_fn(renderer),
+                    sim.delivery_delay_ms,
+                    sim.seed + 200 + i,
+                    host,
+                    port,
+                    record=(record_dir / f"{cam.name}.avi") if record_dir else None,
+                )
+            )
         self._field = (min(g.field_mm()[2] for g in self.geoms) - 60, max(g.field_mm()[3] for g in self.geoms) + 60)
 
     # --- camera side (runs on camera threads) ---
-    def _render_fn(self, renderer: FrameRenderer):  # noqa: ANN202
+    def _render_fn(self, renderer: FrameRenderer):
         rng = np.random.default_rng(self.sim.seed)
 
         def render(out: np.ndarray, belt_pos: float) -> None:
@@ -123,8 +136,22 @@ class SimLine:
             p = dataclasses.replace(p, s_mm=p.s_mm + self._feed_offset)
             self._on_belt.append(p)
             self._sprites[p.id] = render_sprite(p, self._mm_per_px, self._rng)
-            rows.append((p.id, p.cls, p.variant, p.shape, p.mass_g, p.area_mm2, p.x_mm, p.s_mm,
-                         self.belt.count_at_position(p.s_mm), p.x_mm + p.dx0, p.x_mm + p.dx1, p.dy_lead - p.dy_trail))
+            rows.append(
+                (
+                    p.id,
+                    p.cls,
+                    p.variant,
+                    p.shape,
+                    p.mass_g,
+                    p.area_mm2,
+                    p.x_mm,
+                    p.s_mm,
+                    self.belt.count_at_position(p.s_mm),
+                    p.x_mm + p.dx0,
+                    p.x_mm + p.dx1,
+                    p.dy_lead - p.dy_trail,
+                )
+            )
         self.fed += len(new)
         if self.truth:
             self.truth.add_pieces(rows)
@@ -133,7 +160,8 @@ class SimLine:
     def _bins_step(self) -> None:
         pos = self.belt.position_mm()
         residue = self.cfg.routing.default_fraction
-        keep, done = [], []
+        keep: list[tuple[Any, Any]] = []
+        done: list[tuple[Any, Any]] = []
         for p in self._on_belt:
             out = self.physics.settle(p, pos, self.sim.belt_end_mm, residue)
             (done if out else keep).append((p, out))
@@ -172,16 +200,25 @@ class SimLine:
         for cam in self.cameras:
             await cam.start()
         self._tasks.append(asyncio.create_task(self._tick()))
-        self.log.info("sim started", plc=f"{self.cfg.plc.host}:{self.cfg.plc.port}",
-                      cameras=[c.source.address for c in self.cfg.cameras])  # type: ignore[union-attr]
+        self.log.info(
+            "sim started",
+            plc=f"{self.cfg.plc.host}:{self.cfg.plc.port}",
+            cameras=[c.address for c in self.cameras],
+        )
 
     def status(self) -> dict[str, Any]:
         return {
-            "belt_mm_s": round(self.belt.speed_mm_s(), 1), "count32": self.belt.count32(),
-            "feeding": self.feeding, "fed": self.fed, "on_belt": self.on_belt, "binned": dict(self.binned),
+            "belt_mm_s": round(self.belt.speed_mm_s(), 1),
+            "count32": self.belt.count32(),
+            "feeding": self.feeding,
+            "fed": self.fed,
+            "on_belt": self.on_belt,
+            "binned": dict(self.binned),
             "plc": {"accepted": self.plc.accepted, "executed": self.plc.executed, "late": self.plc.late},
-            "cameras": {c.name: {"triggered": c.frames_triggered, "sent": c.frames_sent,
-                                 "skipped": c.frames_skipped} for c in self.cameras},
+            "cameras": {
+                c.name: {"triggered": c.frames_triggered, "sent": c.frames_sent, "skipped": c.frames_skipped}
+                for c in self.cameras
+            },
         }
 
     async def stop(self) -> None:
@@ -192,6 +229,10 @@ class SimLine:
             await cam.stop()
         await self.plc.stop()
         if self.truth:
-            self.truth.set_meta(status=self.status(), encoder_start=self.sim.encoder_start,
-                                counts_per_mm=self.cfg.belt.counts_per_mm, seed=self.sim.seed)
+            self.truth.set_meta(
+                status=self.status(),
+                encoder_start=self.sim.encoder_start,
+                counts_per_mm=self.cfg.belt.counts_per_mm,
+                seed=self.sim.seed,
+            )
             self.truth.close()

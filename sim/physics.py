@@ -69,10 +69,13 @@ class EjectionPhysics:
     def fire(self, seq: int, bank: int, mask: int, open_at: int, open_for: int, speed_mm_s: float) -> Window:
         """The PLC fired a command (exact counts, unwrapped like the belt's)."""
         w = Window(
-            seq, bank,
+            seq,
+            bank,
             self.position_of(open_at) + speed_mm_s * self._sim.valve_open_delay_ms / 1000,
             self.position_of(open_at + open_for) + speed_mm_s * self._sim.valve_close_delay_ms / 1000,
-            valve_spans(self._cfg, mask), open_at, open_for,
+            valve_spans(self._cfg, mask),
+            open_at,
+            open_for,
         )
         self._windows[bank].append(w)
         self.windows_log.append(w)
@@ -85,7 +88,7 @@ class EjectionPhysics:
         across = sum(max(0.0, min(x1, hi) - max(x0, lo)) for lo, hi in w.spans) / max(x1 - x0, 1e-9)
         return along * across
 
-    def settle(self, piece, belt_pos: float, belt_end_mm: float, residue: str) -> Outcome | None:  # noqa: ANN001
+    def settle(self, piece, belt_pos: float, belt_end_mm: float, residue: str) -> Outcome | None:
         """Where the piece went, once the belt has carried it past every row; else None.
 
         `piece` is a sim.feed.SimPiece (x_mm, s_mm, dx0, dx1, dy_lead, dy_trail).
@@ -103,8 +106,9 @@ class EjectionPhysics:
                 if h > share:
                     best, share = w, h
             if best is not None and share >= DEFLECT_SHARE:
-                return Outcome(piece.id, self._fractions[bank], bank, best.seq,
-                               best.centre - (piece.s_mm + row), belt_pos)
+                return Outcome(
+                    piece.id, self._fractions[bank], bank, best.seq, best.centre - (piece.s_mm + row), belt_pos
+                )
         if belt_pos < piece.s_mm + belt_end_mm - piece.dy_trail:
             return None
         return Outcome(piece.id, residue, None, None, None, belt_pos)

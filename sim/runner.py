@@ -34,9 +34,16 @@ async def _stdin_lines() -> asyncio.StreamReader:
     return reader
 
 
-async def run_sim(cfg: LineConfig, truth: Path | None, control: str, seed: int | None, feed: bool,
-                  record_dir: Path | None = None, duration: float | None = None,
-                  start_belt: bool = False) -> None:
+async def run_sim(
+    cfg: LineConfig,
+    truth: Path | None,
+    control: str,
+    seed: int | None,
+    feed: bool,
+    record_dir: Path | None = None,
+    duration: float | None = None,
+    start_belt: bool = False,
+) -> None:
     log = structlog.get_logger("sim")
     line = SimLine(cfg, truth_path=truth, record_dir=record_dir, seed=seed)
     stop = asyncio.Event()
@@ -79,6 +86,7 @@ async def run_sim(cfg: LineConfig, truth: Path | None, control: str, seed: int |
 
         tasks.append(asyncio.create_task(commands()))
     else:
+
         async def report() -> None:
             while True:
                 await asyncio.sleep(5)

@@ -34,7 +34,9 @@ class TruthStore:
     def add_pieces(self, rows: list[tuple[Any, ...]]) -> None:
         self._db.executemany(
             "INSERT INTO pieces (id, cls, variant, shape, mass_g, area_mm2, x_mm, s_mm, count, x0_mm, x1_mm,"
-            " length_mm) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            " length_mm) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            rows,
+        )
 
     def set_outcomes(self, rows: list[tuple[Any, ...]]) -> None:
         self._db.executemany("UPDATE pieces SET bin=?, bank=?, seq=?, err_mm=? WHERE id=?", rows)
@@ -43,8 +45,9 @@ class TruthStore:
         self._db.executemany("INSERT INTO windows VALUES (?,?,?,?,?,?,?)", rows)
 
     def set_meta(self, **items: Any) -> None:
-        self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                             [(k, json.dumps(v)) for k, v in items.items()])
+        self._db.executemany(
+            "INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in items.items()]
+        )
 
     def commit(self) -> None:
         self._db.commit()

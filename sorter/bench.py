@@ -11,6 +11,7 @@ noisy shared machine even when the raw numbers drift.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from typing import Any
 
@@ -27,7 +28,9 @@ from sorter.vision.segment import segment
 FRAMES_PER_S = 120  # two cameras at 60 fps
 
 
-def render_frames(cfg: LineConfig, n_per_camera: int, rate_per_s: float, seed: int = 1) -> list[tuple[str, int, np.ndarray]]:
+def render_frames(
+    cfg: LineConfig, n_per_camera: int, rate_per_s: float, seed: int = 1
+) -> list[tuple[str, int, np.ndarray]]:
     """(camera, unwrapped count, image) in trigger order, as the simulated cameras would deliver them."""
     from sim.feed import FeedGenerator
     from sim.line import true_geometry
@@ -60,8 +63,12 @@ class _Pipeline:
     def __init__(self, cfg: LineConfig, clf: Classifier) -> None:
         self.cfg, self.clf = cfg, clf
         self.geoms = {c.name: CameraGeometry.from_mapping(c.mapping, c.width, c.height) for c in cfg.cameras}
-        self.tracker = Tracker({n: g.field_mm()[3] for n, g in self.geoms.items()}, cfg.tracking,
-                               cfg.belt.counts_per_mm, cfg.classifier.max_views)
+        self.tracker = Tracker(
+            {n: g.field_mm()[3] for n, g in self.geoms.items()},
+            cfg.tracking,
+            cfg.belt.counts_per_mm,
+            cfg.classifier.max_views,
+        )
         self.planner = EjectPlanner(cfg.ejection, [b.fraction for b in cfg.ejection.banks], cfg.belt.counts_per_mm)
         self.t: dict[str, float] = {"segment": 0.0, "track": 0.0, "infer": 0.0, "plan": 0.0}
         self.pieces = 0
@@ -82,8 +89,9 @@ class _Pipeline:
             t3 = time.perf_counter()
             decisions, i = [], 0
             for p in pieces:
-                decisions.append(decide(p, probs[i : i + len(p.crops)] if p.crops else None, self.clf.labels,
-                                        self.cfg.routing))
+                decisions.append(
+                    decide(p, probs[i : i + len(p.crops)] if p.crops else None, self.clf.labels, self.cfg.routing)
+                )
                 i += len(p.crops)
             self.planner.plan(decisions, self.cfg.belt.nominal_speed_mm_s)
             self.t["infer"] += t3 - t2
@@ -99,9 +107,14 @@ def _measure(cfg: LineConfig, clf: Classifier, frames: list[tuple[str, int, np.n
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     n = len(frames)
     stages = {k: round(1000 * v / n, 3) for k, v in pipe.t.items()}
-    return {"frames": n, "pieces": pipe.pieces, "stage_ms_per_frame": stages,
-            "sum_of_stages_ms": round(sum(stages.values()), 3),
-            "whole_ms_per_frame": round(1000 * wall / n, 3), "whole_cpu_ms_per_frame": round(1000 * cpu / n, 3)}
+    return {
+        "frames": n,
+        "pieces": pipe.pieces,
+        "stage_ms_per_frame": stages,
+        "sum_of_stages_ms": round(sum(stages.values()), 3),
+        "whole_ms_per_frame": round(1000 * wall / n, 3),
+        "whole_cpu_ms_per_frame": round(1000 * cpu / n, 3),
+    }
 
 
 async def _plc_write_ms(cfg: LineConfig, n: int = 200) -> dict[str, float]:
@@ -140,7 +153,9 @@ async def _plc_write_ms(cfg: LineConfig, n: int = 200) -> dict[str, float]:
         await plc.stop()
 
 
-def run_bench(cfg: LineConfig, frames_per_camera: int = 240, rates: tuple[float, ...] = (32, 64, 128, 256)) -> dict[str, Any]:
+def run_bench(
+    cfg: LineConfig, frames_per_camera: int = 240, rates: tuple[float, ...] = (32, 64, 128, 256)
+) -> dict[str, Any]:
     clf = Classifier(cfg.classifier.model, threads=cfg.classifier.threads)
     by_rate = {}
     for rate in rates:
@@ -153,17 +168,25 @@ def run_bench(cfg: LineConfig, frames_per_camera: int = 240, rates: tuple[float,
     keeps_up = [r for r, u in util.items() if u < 0.8]
     max_rate = max(keeps_up) if keeps_up else None
     rs = sorted(util)
-    for lo, hi in zip(rs, rs[1:], strict=False):  # interpolate where utilisation crosses 0.8
+    for lo, hi in itertools.pairwise(rs):  # interpolate where utilisation crosses 0.8
         if util[lo] < 0.8 <= util[hi]:
             max_rate = round(lo + (hi - lo) * (0.8 - util[lo]) / (util[hi] - util[lo]), 1)
     nominal = by_rate[rates[0]]
     return {
         "machine_note": "2 cameras x 60 fps = 120 frames/s must fit one vision thread",
-        "at_nominal_feed": {"rate_per_s": rates[0], **nominal,
-                            "plc_write_ms": plc,
-                            "whole_vs_sum_of_stages": round(nominal["whole_ms_per_frame"] / nominal["sum_of_stages_ms"], 3)},
-        "by_feed_rate": {str(r): {"whole_cpu_ms_per_frame": m["whole_cpu_ms_per_frame"],
-                                  "vision_thread_utilisation": round(util[r], 3), "pieces": m["pieces"]}
-                         for r, m in by_rate.items()},
+        "at_nominal_feed": {
+            "rate_per_s": rates[0],
+            **nominal,
+            "plc_write_ms": plc,
+            "whole_vs_sum_of_stages": round(nominal["whole_ms_per_frame"] / nominal["sum_of_stages_ms"], 3),
+        },
+        "by_feed_rate": {
+            str(r): {
+                "whole_cpu_ms_per_frame": m["whole_cpu_ms_per_frame"],
+                "vision_thread_utilisation": round(util[r], 3),
+                "pieces": m["pieces"],
+            }
+            for r, m in by_rate.items()
+        },
         "max_feed_rate_per_s": max_rate,
     }

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -16,8 +16,12 @@ from sorter.logs import setup_logging
 
 DEFAULT_CONFIG = Path("config/sim.yaml")
 
-app = typer.Typer(help="Control software for magnet-scrap sorting lines.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    help="Control software for magnet-scrap sorting lines.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 sim_app = typer.Typer(help="The simulated line: run it, render datasets, record videos.")
 model_app = typer.Typer(help="Train and inspect classifier models.", no_args_is_help=True)
 app.add_typer(sim_app, name="sim")
@@ -74,7 +78,7 @@ def demo(
     duration: Annotated[float, typer.Option(help="seconds of feed")] = 60.0,
     seed: Annotated[int, typer.Option(help="feed seed (deterministic scrap mix)")] = 7,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as one JSON object")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="run folder (default runs/demo-<time>)")] = None,
+    out: Annotated[Path | None, typer.Option(help="run folder (default runs/demo-<time>)")] = None,
     log_level: LogOpt = "warning",
 ) -> None:
     """Run the simulated line sorted by the real line service and print the report."""
@@ -105,12 +109,20 @@ def _print_report(report: dict) -> None:  # type: ignore[type-arg]
     for col in ("fraction", "count", "purity", "recovery", "purity (mass)", "recovery (mass)"):
         t.add_column(col, justify="right")
     for name, f in report["fractions"].items():
-        t.add_row(name, str(f["count"]), *(f"{f[k]:.4f}" if f[k] is not None else "-"
-                                           for k in ("purity", "recovery", "purity_mass", "recovery_mass")))
+        t.add_row(
+            name,
+            str(f["count"]),
+            *(
+                f"{f[k]:.4f}" if f[k] is not None else "-"
+                for k in ("purity", "recovery", "purity_mass", "recovery_mass")
+            ),
+        )
     con.print(t)
-    con.print(f"pieces fed {report['pieces_fed']}, accounted {report['pieces_accounted']}; "
-              f"frames captured {report['frames_captured']}, dropped {report['frames_dropped']}; "
-              f"ejects late {report['ejects_late']}")
+    con.print(
+        f"pieces fed {report['pieces_fed']}, accounted {report['pieces_accounted']}; "
+        f"frames captured {report['frames_captured']}, dropped {report['frames_dropped']}; "
+        f"ejects late {report['ejects_late']}"
+    )
     con.print(f"decision latency ms {report['decision_latency_ms']}; eject error mm {report['eject_error_mm']}")
     con.print(f"run folder: {report['run_dir']}")
 
@@ -119,13 +131,15 @@ def _print_report(report: dict) -> None:  # type: ignore[type-arg]
 def sim(
     ctx: typer.Context,
     config: ConfigOpt = DEFAULT_CONFIG,
-    truth: Annotated[Optional[Path], typer.Option(help="write ground truth to this SQLite file")] = None,
+    truth: Annotated[Path | None, typer.Option(help="write ground truth to this SQLite file")] = None,
     control: Annotated[str, typer.Option(help="'stdio' to take JSON-line commands on stdin")] = "none",
-    seed: Annotated[Optional[int], typer.Option(help="override simulator.seed")] = None,
+    seed: Annotated[int | None, typer.Option(help="override simulator.seed")] = None,
     feed: Annotated[bool, typer.Option(help="start feeding scrap at once")] = True,
-    record: Annotated[Optional[Path], typer.Option(help="record each camera to DIR/<camera>.avi")] = None,
-    duration: Annotated[Optional[float], typer.Option(help="stop after this many seconds")] = None,
-    start_belt: Annotated[bool, typer.Option(help="run the belt at once instead of waiting for the PLC command")] = False,
+    record: Annotated[Path | None, typer.Option(help="record each camera to DIR/<camera>.avi")] = None,
+    duration: Annotated[float | None, typer.Option(help="stop after this many seconds")] = None,
+    start_belt: Annotated[
+        bool, typer.Option(help="run the belt at once instead of waiting for the PLC command")
+    ] = False,
     log_level: LogOpt = "info",
 ) -> None:
     """Run the simulated line (PLC on Modbus TCP, camera streams) until Ctrl-C."""

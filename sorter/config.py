@@ -75,7 +75,9 @@ class VisionConfig(Strict):
 
 class TrackingConfig(Strict):
     gate_mm: float = Field(4.0, gt=0, description="max along-belt distance between views of one piece")
-    settle_mm: float = Field(60.0, ge=0, description="wait this far past a piece's exit before deciding, so neighbours are known")
+    settle_mm: float = Field(
+        60.0, ge=0, description="wait this far past a piece's exit before deciding, so neighbours are known"
+    )
 
 
 class ClassifierConfig(Strict):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from sorter.config import RoutingConfig
@@ -19,12 +21,16 @@ def fuse_views(probs: np.ndarray) -> np.ndarray:
     return p / p.sum()
 
 
-def decide(piece: Piece, probs: np.ndarray | None, labels: list[str], routing: RoutingConfig) -> Decision:
+def decide(piece: Piece, probs: np.ndarray | None, labels: Sequence[str], routing: RoutingConfig) -> Decision:
     """Route one piece; a piece with no usable view or low confidence goes to the default fraction."""
     if probs is None or len(probs) == 0:
         return Decision(piece, {}, "unknown", 0.0, routing.default_fraction)
     fused = fuse_views(probs)
     k = int(fused.argmax())
     cls, conf = labels[k], float(fused[k])
-    fraction = routing.classes.get(cls, routing.default_fraction) if conf >= routing.min_confidence else routing.default_fraction
+    fraction = (
+        routing.classes.get(cls, routing.default_fraction)
+        if conf >= routing.min_confidence
+        else routing.default_fraction
+    )
     return Decision(piece, {lab: float(p) for lab, p in zip(labels, fused, strict=True)}, cls, conf, fraction)

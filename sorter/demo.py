@@ -41,15 +41,21 @@ def free_port() -> int:
 
 def demo_config(cfg: LineConfig, run_dir: Path, seed: int) -> LineConfig:
     """The config both sides use for this run: free ports, this run's records, this seed."""
-    cams = [c.model_copy(update={"source": c.source.model_copy(update={"address": f"127.0.0.1:{free_port()}"})})
-            if c.source.type == "sim" else c for c in cfg.cameras]
+    cams = [
+        c.model_copy(update={"source": c.source.model_copy(update={"address": f"127.0.0.1:{free_port()}"})})
+        if c.source.type == "sim"
+        else c
+        for c in cfg.cameras
+    ]
     assert cfg.simulator is not None
-    return cfg.model_copy(update={
-        "cameras": cams,
-        "plc": cfg.plc.model_copy(update={"host": "127.0.0.1", "port": free_port()}),
-        "records": cfg.records.model_copy(update={"path": run_dir / "records.sqlite"}),
-        "simulator": cfg.simulator.model_copy(update={"seed": seed}),
-    })
+    return cfg.model_copy(
+        update={
+            "cameras": cams,
+            "plc": cfg.plc.model_copy(update={"host": "127.0.0.1", "port": free_port()}),
+            "records": cfg.records.model_copy(update={"path": run_dir / "records.sqlite"}),
+            "simulator": cfg.simulator.model_copy(update={"seed": seed}),
+        }
+    )
 
 
 class SimProcess:
@@ -65,8 +71,19 @@ class SimProcess:
     async def start(cls, config_path: Path, truth: Path, log_path: Path) -> SimProcess:
         log = log_path.open("wb")
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sim", "--config", str(config_path), "--truth", str(truth), "--control", "stdio",
-            "--no-feed", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
+            sys.executable,
+            "-m",
+            "sim",
+            "--config",
+            str(config_path),
+            "--truth",
+            str(truth),
+            "--control",
+            "stdio",
+            "--no-feed",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log,
             start_new_session=True,  # Ctrl-C goes to the demo, which stops the simulator in order
         )
         return cls(proc)
@@ -110,7 +127,7 @@ class SimProcess:
         self._reader.cancel()
 
 
-async def _wait_until(cond, timeout: float, what: str, interval: float = 0.05) -> None:  # noqa: ANN001
+async def _wait_until(cond, timeout: float, what: str, interval: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while not await cond():
         if time.monotonic() > deadline:
@@ -118,8 +135,9 @@ async def _wait_until(cond, timeout: float, what: str, interval: float = 0.05) -
         await asyncio.sleep(interval)
 
 
-async def run_demo(cfg: LineConfig, duration: float, seed: int, run_dir: Path,
-                   progress: bool = False) -> dict[str, Any]:
+async def run_demo(
+    cfg: LineConfig, duration: float, seed: int, run_dir: Path, progress: bool = False
+) -> dict[str, Any]:
     log = structlog.get_logger("demo")
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(cfg, run_dir, seed)
@@ -146,8 +164,12 @@ async def run_demo(cfg: LineConfig, duration: float, seed: int, run_dir: Path,
             if svc_task.done():
                 svc_task.result()  # re-raise what stopped the service
             st = await sim.send(cmd="status")
-            return bool(st["belt_mm_s"] > 0 and service.plc.status.online and service.clock.ready
-                        and all(c.online for c in service.captures.values()))
+            return bool(
+                st["belt_mm_s"] > 0
+                and service.plc.status.online
+                and service.clock.ready
+                and all(c.online for c in service.captures.values())
+            )
 
         await _wait_until(line_ready, 30, "the line to start (PLC online, belt running, cameras streaming)")
         log.info("line running, feeding", duration_s=duration)
@@ -161,8 +183,12 @@ async def run_demo(cfg: LineConfig, duration: float, seed: int, run_dir: Path,
 
         async def drained() -> bool:
             st = await sim.send(cmd="status")
-            return bool(st["on_belt"] == 0 and service.tracker.open_tracks == 0 and not service._sends
-                        and service._pieces.empty())
+            return bool(
+                st["on_belt"] == 0
+                and service.tracker.open_tracks == 0
+                and not service._sends
+                and service._pieces.empty()
+            )
 
         await _wait_until(drained, 20, "the belt to empty", 0.1)
     finally:
@@ -178,13 +204,18 @@ async def run_demo(cfg: LineConfig, duration: float, seed: int, run_dir: Path,
     records = load_pieces(cfg.records.path, service.run_id) if service else []
     summary = service.summary() if service else {}
     report = build_report(cfg, truth, windows, records, summary, sim.status or meta.get("status", {}))
-    report.update({
-        "duration_s": round((t_end or time.monotonic()) - (t_feed or time.monotonic()), 2),
-        "seed": seed, "interrupted": interrupted.is_set(), "run_dir": str(run_dir),
-        "model": str(cfg.classifier.model.name), "model_version": service.classifier.version if service else None,
-        "stage_ms": {k: round(v, 3) for k, v in service.times.mean_ms().items()} if service else {},
-        "late_views": service.tracker.late_views if service else 0,
-    })
+    report.update(
+        {
+            "duration_s": round((t_end or time.monotonic()) - (t_feed or time.monotonic()), 2),
+            "seed": seed,
+            "interrupted": interrupted.is_set(),
+            "run_dir": str(run_dir),
+            "model": str(cfg.classifier.model.name),
+            "model_version": service.classifier.version if service else None,
+            "stage_ms": {k: round(v, 3) for k, v in service.times.mean_ms().items()} if service else {},
+            "late_views": service.tracker.late_views if service else 0,
+        }
+    )
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -200,6 +231,9 @@ async def _progress(interrupted: asyncio.Event, duration: float, show: bool, ser
         t0 = time.monotonic()
         while not interrupted.is_set():
             s = service.summary()
-            bar.update(task, completed=time.monotonic() - t0,
-                       description=f"sorting: {s['pieces']} pieces, {s['ejects_accepted']} ejects")
+            bar.update(
+                task,
+                completed=time.monotonic() - t0,
+                description=f"sorting: {s['pieces']} pieces, {s['ejects_accepted']} ejects",
+            )
             await asyncio.sleep(0.25)

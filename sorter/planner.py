@@ -84,6 +84,7 @@ class EjectPlanner:
         row = cfg.banks[bank].distance_mm * cpm
         open_at = round(open_u + row - cfg.valve_open_delay_ms * counts_per_ms)
         close_at = round(close_u + row - cfg.valve_close_delay_ms * counts_per_ms)
-        cmd = EjectCommand(piece_id=p.id, bank=bank, valve_mask=mask_of(valves), open_at=open_at,
-                           open_for=max(1, close_at - open_at))
+        cmd = EjectCommand(
+            piece_id=p.id, bank=bank, valve_mask=mask_of(valves), open_at=open_at, open_for=max(1, close_at - open_at)
+        )
         return Plan(d, cmd, "planned")

@@ -54,15 +54,39 @@ class RecordStore:
         self.written = 0
 
     def add_piece(self, row: dict[str, Any]) -> None:
-        cols = ("id", "t_wall", "t_capture", "count", "count32", "x_mm", "x0_mm", "x1_mm", "length_mm", "area_mm2",
-                "cameras", "n_views", "probs", "cls", "confidence", "fraction", "bank", "seq", "valve_mask",
-                "open_at", "open_for", "outcome", "t_accepted", "latency_ms")
+        cols = (
+            "id",
+            "t_wall",
+            "t_capture",
+            "count",
+            "count32",
+            "x_mm",
+            "x0_mm",
+            "x1_mm",
+            "length_mm",
+            "area_mm2",
+            "cameras",
+            "n_views",
+            "probs",
+            "cls",
+            "confidence",
+            "fraction",
+            "bank",
+            "seq",
+            "valve_mask",
+            "open_at",
+            "open_for",
+            "outcome",
+            "t_accepted",
+            "latency_ms",
+        )
         values = [row.get(c) for c in cols]
         values[cols.index("probs")] = json.dumps(row.get("probs", {}))
         self._inserts.append((self.run_id, *values))
 
-    def update_outcome(self, piece_id: int, outcome: str, seq: int | None, t_accepted: float | None,
-                       latency_ms: float | None) -> None:
+    def update_outcome(
+        self, piece_id: int, outcome: str, seq: int | None, t_accepted: float | None, latency_ms: float | None
+    ) -> None:
         self._updates.append((outcome, seq, t_accepted, latency_ms, self.run_id, piece_id))
 
     def event(self, kind: str, **detail: Any) -> None:
@@ -82,10 +106,13 @@ class RecordStore:
             self._db.executemany(
                 "INSERT INTO pieces (run_id, id, t_wall, t_capture, count, count32, x_mm, x0_mm, x1_mm, length_mm,"
                 " area_mm2, cameras, n_views, probs, cls, confidence, fraction, bank, seq, valve_mask, open_at,"
-                " open_for, outcome, t_accepted, latency_ms) VALUES (" + ",".join("?" * 25) + ")", ins)
+                " open_for, outcome, t_accepted, latency_ms) VALUES (" + ",".join("?" * 25) + ")",
+                ins,
+            )
             self._db.executemany(
-                "UPDATE pieces SET outcome=?, seq=COALESCE(?, seq), t_accepted=?, latency_ms=?"
-                " WHERE run_id=? AND id=?", upd)
+                "UPDATE pieces SET outcome=?, seq=COALESCE(?, seq), t_accepted=?, latency_ms=? WHERE run_id=? AND id=?",
+                upd,
+            )
             self._db.executemany("INSERT INTO events VALUES (?,?,?,?)", ev)
         self.written += len(ins)
 

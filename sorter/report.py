@@ -22,12 +22,19 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"p50": None, "p99": None, "max": None, "n": 0}
     a = np.asarray(values, dtype=float)
-    return {"p50": round(float(np.percentile(a, 50)), 3), "p99": round(float(np.percentile(a, 99)), 3),
-            "max": round(float(a.max()), 3), "n": len(values)}
+    return {
+        "p50": round(float(np.percentile(a, 50)), 3),
+        "p99": round(float(np.percentile(a, 99)), 3),
+        "max": round(float(a.max()), 3),
+        "n": len(values),
+    }
 
 
-def match_records(truth: list[dict[str, Any]], records: list[dict[str, Any]], counts_per_mm: float,
-                  ) -> dict[int, dict[str, Any]]:
+def match_records(
+    truth: list[dict[str, Any]],
+    records: list[dict[str, Any]],
+    counts_per_mm: float,
+) -> dict[int, dict[str, Any]]:
     """True piece id -> its record (one-to-one, nearest first)."""
     if not truth:
         return {}
@@ -55,8 +62,14 @@ def match_records(truth: list[dict[str, Any]], records: list[dict[str, Any]], co
     return matched
 
 
-def build_report(cfg: LineConfig, truth: list[dict[str, Any]], windows: list[dict[str, Any]],
-                 records: list[dict[str, Any]], service: dict[str, Any], sim: dict[str, Any]) -> dict[str, Any]:
+def build_report(
+    cfg: LineConfig,
+    truth: list[dict[str, Any]],
+    windows: list[dict[str, Any]],
+    records: list[dict[str, Any]],
+    service: dict[str, Any],
+    sim: dict[str, Any],
+) -> dict[str, Any]:
     routing = cfg.routing.classes
     residue = cfg.routing.default_fraction
     cpm = cfg.belt.counts_per_mm
@@ -78,10 +91,9 @@ def build_report(cfg: LineConfig, truth: list[dict[str, Any]], windows: list[dic
             "by_class": {c: sum(1 for t in inside if t["cls"] == c) for c in sorted({t["cls"] for t in inside})},
         }
     # eject error: each targeted piece against the window its own command opened
-    by_seq = {}
+    by_seq: dict[int, dict[str, Any]] = {}
     for w in windows:
         by_seq.setdefault(w["seq"], w)
-    rows_by_id = {r["id"]: r for r in records}
     errors, missing = [], 0
     bank_rows = [b.distance_mm for b in cfg.ejection.banks]
     bank_index = {b.name: i for i, b in enumerate(cfg.ejection.banks)}
@@ -89,12 +101,12 @@ def build_report(cfg: LineConfig, truth: list[dict[str, Any]], windows: list[dic
         r = matched.get(t["id"])
         if not r or r["outcome"] != "accepted" or r["seq"] is None:
             continue
-        w = by_seq.get(r["seq"])
-        if w is None:
+        window = by_seq.get(r["seq"])
+        if window is None:
             missing += 1
             continue
         row = bank_rows[bank_index[r["bank"]]]
-        errors.append(abs((w["p_open"] + w["p_close"]) / 2 - (t["s_mm"] + row)))
+        errors.append(abs((window["p_open"] + window["p_close"]) / 2 - (t["s_mm"] + row)))
     latencies = [r["latency_ms"] for r in records if r["latency_ms"] is not None]
     outcomes: dict[str, int] = {}
     for r in records:

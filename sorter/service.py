@@ -64,8 +64,12 @@ class LineService:
         self.plc = PlcLink(cfg.plc, self.clock, log=self.log.bind(part="plc"))
         self.geoms = {c.name: CameraGeometry.from_mapping(c.mapping, c.width, c.height) for c in cfg.cameras}
         self.captures = {c.name: CameraCapture(c, cfg.queues, self.log.bind(camera=c.name)) for c in cfg.cameras}
-        self.tracker = Tracker({n: g.field_mm()[3] for n, g in self.geoms.items()}, cfg.tracking,
-                               cfg.belt.counts_per_mm, cfg.classifier.max_views)
+        self.tracker = Tracker(
+            {n: g.field_mm()[3] for n, g in self.geoms.items()},
+            cfg.tracking,
+            cfg.belt.counts_per_mm,
+            cfg.classifier.max_views,
+        )
         self.planner = EjectPlanner(cfg.ejection, [b.fraction for b in cfg.ejection.banks], cfg.belt.counts_per_mm)
         self._vision = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision")
         self._pieces: asyncio.Queue[list[Piece]] = asyncio.Queue()
@@ -90,8 +94,7 @@ class LineService:
 
     def _segment(self, frame: Frame) -> list[Any]:
         t0 = time.perf_counter()
-        blobs = segment(frame.image, self.cfg.vision, self.geoms[frame.camera].mm_per_px,
-                        self.classifier.input_size)
+        blobs = segment(frame.image, self.cfg.vision, self.geoms[frame.camera].mm_per_px, self.classifier.input_size)
         self.times.add("segment", time.perf_counter() - t0)
         return blobs
 
@@ -109,8 +112,9 @@ class LineService:
             self._ref_count = count
             blobs = await loop.run_in_executor(self._vision, self._segment, frame)
             t0 = time.perf_counter()
-            dets = to_detections(blobs, self.geoms[name], name, count, self.cfg.belt.counts_per_mm,
-                                 frame.seq, frame.t_capture)
+            dets = to_detections(
+                blobs, self.geoms[name], name, count, self.cfg.belt.counts_per_mm, frame.seq, frame.t_capture
+            )
             self.tracker.add(name, count, dets)
             active = [n for n, c in self.captures.items() if c.online]
             pieces = self.tracker.finalise(active)
@@ -163,16 +167,31 @@ class LineService:
         outcome = "pending" if cmd else plan.outcome
         if not cmd:
             self.counts[f"eject_{plan.outcome}"] += 1
-        self.records.add_piece({
-            "id": p.id, "t_wall": time.time(), "t_capture": p.t_last_capture, "count": round(p.u),
-            "count32": wrap32(round(p.u)), "x_mm": p.x, "x0_mm": p.x0, "x1_mm": p.x1,
-            "length_mm": (p.u_trail - p.u_lead) / cpm, "area_mm2": p.area_mm2, "cameras": ",".join(p.cameras),
-            "n_views": p.n_views, "probs": d.probs, "cls": d.cls, "confidence": d.confidence,
-            "fraction": d.fraction,
-            "bank": self.cfg.ejection.banks[cmd.bank].name if cmd else None,
-            "valve_mask": cmd.valve_mask if cmd else None, "open_at": cmd.open_at if cmd else None,
-            "open_for": cmd.open_for if cmd else None, "outcome": outcome,
-        })
+        self.records.add_piece(
+            {
+                "id": p.id,
+                "t_wall": time.time(),
+                "t_capture": p.t_last_capture,
+                "count": round(p.u),
+                "count32": wrap32(round(p.u)),
+                "x_mm": p.x,
+                "x0_mm": p.x0,
+                "x1_mm": p.x1,
+                "length_mm": (p.u_trail - p.u_lead) / cpm,
+                "area_mm2": p.area_mm2,
+                "cameras": ",".join(p.cameras),
+                "n_views": p.n_views,
+                "probs": d.probs,
+                "cls": d.cls,
+                "confidence": d.confidence,
+                "fraction": d.fraction,
+                "bank": self.cfg.ejection.banks[cmd.bank].name if cmd else None,
+                "valve_mask": cmd.valve_mask if cmd else None,
+                "open_at": cmd.open_at if cmd else None,
+                "open_for": cmd.open_for if cmd else None,
+                "outcome": outcome,
+            }
+        )
 
     async def _send(self, plan: Plan) -> None:
         cmd = plan.command
@@ -205,11 +224,14 @@ class LineService:
         caps = {n: c.stats() for n, c in self.captures.items()}
         st = self.plc.status
         return {
-            "pieces": self.counts["pieces"], "open_tracks": self.tracker.open_tracks,
+            "pieces": self.counts["pieces"],
+            "open_tracks": self.tracker.open_tracks,
             "frames_captured": sum(s["captured"] for s in caps.values()),
             # every frame lost anywhere: queue overflow, torn shm slot, or dropped at the source hand-off
             "frames_dropped": sum(s["dropped"] + s["torn"] + s["source_dropped"] for s in caps.values()),
-            "plc_online": st.online, "belt_mm_s": st.speed_mm_s, "plc_alarms": list(st.alarms),
+            "plc_online": st.online,
+            "belt_mm_s": st.speed_mm_s,
+            "plc_alarms": list(st.alarms),
             "ejects_accepted": self.counts["eject_accepted"],
         }
 
@@ -223,16 +245,23 @@ class LineService:
             self.log.error("belt start failed", error=str(exc))
 
     async def run(self, stop: asyncio.Event) -> None:
-        self.log.info("service starting", run_id=self.run_id, model=str(self.cfg.classifier.model),
-                      model_version=self.classifier.version, provider=self.classifier.provider,
-                      records=str(self.records.path))
+        self.log.info(
+            "service starting",
+            run_id=self.run_id,
+            model=str(self.cfg.classifier.model),
+            model_version=self.classifier.version,
+            provider=self.classifier.provider,
+            records=str(self.records.path),
+        )
         self.records.event("start", model=self.classifier.version)
         tasks = [asyncio.create_task(self.plc.run(), name="plc")]
         for cap in self.captures.values():
             tasks.append(asyncio.create_task(cap.run(), name=f"capture-{cap.name}"))
         workers = [asyncio.create_task(self._camera_loop(n), name=f"vision-{n}") for n in self.captures]
-        workers += [asyncio.create_task(self._decide_loop(), name="decide"),
-                    asyncio.create_task(self._flush_loop(), name="flush")]
+        workers += [
+            asyncio.create_task(self._decide_loop(), name="decide"),
+            asyncio.create_task(self._flush_loop(), name="flush"),
+        ]
         if self.start_belt:
             workers.append(asyncio.create_task(self._start_belt(), name="start-belt"))
         self.running.set()

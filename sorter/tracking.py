@@ -21,24 +21,36 @@ from sorter.vision.segment import Blob
 
 
 def to_detections(
-    blobs: Iterable[Blob], geom: CameraGeometry, camera: str, count: int, counts_per_mm: float,
-    frame_seq: int, t_capture: float,
+    blobs: Iterable[Blob],
+    geom: CameraGeometry,
+    camera: str,
+    count: int,
+    counts_per_mm: float,
+    frame_seq: int,
+    t_capture: float,
 ) -> list[Detection]:
     """Image blobs of one frame -> detections in belt coordinates."""
     out = []
     for b in blobs:
         xs, ys = geom.px_to_mm(np.array([b.cu, b.u0, b.u1, b.u0, b.u1]), np.array([b.cv, b.v0, b.v0, b.v1, b.v1]))
         y_c, y_min, y_max = float(ys[0]), float(ys[1:].min()), float(ys[1:].max())
-        out.append(Detection(
-            camera=camera, frame_seq=frame_seq, t_capture=t_capture,
-            u=count - y_c * counts_per_mm,
-            u_lead=count - y_max * counts_per_mm,
-            u_trail=count - y_min * counts_per_mm,
-            x=float(xs[0]), x0=float(xs[1:].min()), x1=float(xs[1:].max()),
-            area_mm2=b.area_px * geom.mm_per_px**2,
-            cut_along=b.touches_top_bottom, cut_across=b.touches_left_right,
-            crop=b.crop,
-        ))
+        out.append(
+            Detection(
+                camera=camera,
+                frame_seq=frame_seq,
+                t_capture=t_capture,
+                u=count - y_c * counts_per_mm,
+                u_lead=count - y_max * counts_per_mm,
+                u_trail=count - y_min * counts_per_mm,
+                x=float(xs[0]),
+                x0=float(xs[1:].min()),
+                x1=float(xs[1:].max()),
+                area_mm2=b.area_px * geom.mm_per_px**2,
+                cut_along=b.touches_top_bottom,
+                cut_across=b.touches_left_right,
+                crop=b.crop,
+            )
+        )
     return out
 
 
@@ -97,11 +109,15 @@ class _Track:
         # may be cut by both cameras' edges and only their union is whole
         crops_from = sorted(whole, key=lambda d: -d.area_mm2)[:max_views]
         return Piece(
-            id=self.id, u=u,
+            id=self.id,
+            u=u,
             u_lead=float(np.median([d.u_lead for d in full])),
             u_trail=float(np.median([d.u_trail for d in full])),
-            x=float(np.median([d.x for d in whole])) if any(not d.cut_across for d in full) else (self.x0 + self.x1) / 2,
-            x0=self.x0, x1=self.x1,
+            x=float(np.median([d.x for d in whole]))
+            if any(not d.cut_across for d in full)
+            else (self.x0 + self.x1) / 2,
+            x0=self.x0,
+            x1=self.x1,
             area_mm2=float(np.median([d.area_mm2 for d in whole])),
             cameras=tuple(sorted({d.camera for d in self.views})),
             n_views=len(self.views),
@@ -112,7 +128,9 @@ class _Track:
 
 
 class Tracker:
-    def __init__(self, fields_y_max_mm: dict[str, float], cfg: TrackingConfig, counts_per_mm: float, max_views: int) -> None:
+    def __init__(
+        self, fields_y_max_mm: dict[str, float], cfg: TrackingConfig, counts_per_mm: float, max_views: int
+    ) -> None:
         """`fields_y_max_mm`: per camera, the most downstream belt y (mm) it sees."""
         self._field_end = fields_y_max_mm
         self._cpm = counts_per_mm
@@ -120,7 +138,9 @@ class Tracker:
         self._settle = cfg.settle_mm * counts_per_mm
         self._max_views = max_views
         self._tracks: list[_Track] = []
-        self._done: list[tuple[float, float, float, float, float]] = []  # (u, u_lead, u_trail, x0, x1) of decided pieces
+        self._done: list[
+            tuple[float, float, float, float, float]
+        ] = []  # (u, u_lead, u_trail, x0, x1) of decided pieces
         self._next_id = 1
         self.watermark: dict[str, int] = {}
         self.late_views = 0  # views that arrived after their piece was decided
@@ -137,7 +157,8 @@ class Tracker:
                 continue
             best = min(
                 (t for t in self._tracks if t.matches(d, self._gate, 2.0)),
-                key=lambda t: abs(t.u - d.u), default=None,
+                key=lambda t: abs(t.u - d.u),
+                default=None,
             )
             if best is None:
                 best = _Track(self._next_id)

@@ -28,12 +28,18 @@ def _bad(tmp_path: Path, old: str, new: str) -> Path:
     return p
 
 
-@pytest.mark.parametrize(("old", "new", "where"), [
-    ("distance_mm: 1000", "distance_mm: -5", "ejection.banks[0].distance_mm"),
-    ("counts_per_mm: 20", "counts_per_mm: 20\n  colour: red", "belt.colour"),
-    ("mm_per_px: 0.25, rotation_deg: 0.0}\n  - name: cam1", "mm_per_px: zero, rotation_deg: 0.0}\n  - name: cam1",
-     "cameras[0].mapping.mm_per_px"),
-])
+@pytest.mark.parametrize(
+    ("old", "new", "where"),
+    [
+        ("distance_mm: 1000", "distance_mm: -5", "ejection.banks[0].distance_mm"),
+        ("counts_per_mm: 20", "counts_per_mm: 20\n  colour: red", "belt.colour"),
+        (
+            "mm_per_px: 0.25, rotation_deg: 0.0}\n  - name: cam1",
+            "mm_per_px: zero, rotation_deg: 0.0}\n  - name: cam1",
+            "cameras[0].mapping.mm_per_px",
+        ),
+    ],
+)
 def test_errors_name_file_key_and_line(tmp_path, old, new, where):
     bad = _bad(tmp_path, old, new)
     marker = new.split("\n")[-1] if "colour" in new else new.split("\n")[0]

@@ -38,7 +38,10 @@ async def test_demo_sorts_and_accounts_for_every_piece(tmp_path):
 def test_demo_report_survives_ctrl_c(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "sorter", "demo", "--duration", "60", "--json", "--out", str(tmp_path)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     db = tmp_path / "records.sqlite"
     deadline = time.monotonic() + 60
@@ -58,7 +61,13 @@ def test_missing_model_is_reported_at_start(tmp_path):
     text = (ROOT / "config/sim.yaml").read_text().replace("../models/sorter-cnn.onnx", str(tmp_path / "nope.onnx"))
     cfg = tmp_path / "line.yaml"
     cfg.write_text(text)
-    r = subprocess.run([sys.executable, "-m", "sorter", "run", "--config", str(cfg)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    r = subprocess.run(
+        [sys.executable, "-m", "sorter", "run", "--config", str(cfg)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     assert r.returncode == 2
     assert "nope.onnx" in r.stderr

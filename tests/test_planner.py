@@ -8,17 +8,42 @@ from sorter.messages import Decision, Piece
 from sorter.planner import EjectPlanner
 
 CPM = 20.0
-EJ = EjectionConfig(banks=[BankConfig(name="A", distance_mm=1000, fraction="ndfeb"),
-                           BankConfig(name="B", distance_mm=1250, fraction="ferrite_smco")],
-                    margin_lead_mm=3, margin_trail_mm=3, margin_side_mm=2,
-                    valve_open_delay_ms=4, valve_close_delay_ms=3)
-ROUTING = RoutingConfig(classes={"ndfeb": "ndfeb", "ferrite": "ferrite_smco", "smco": "ferrite_smco",
-                                 "steel": "residue", "other": "residue"}, min_confidence=0.9)
+EJ = EjectionConfig(
+    banks=[
+        BankConfig(name="A", distance_mm=1000, fraction="ndfeb"),
+        BankConfig(name="B", distance_mm=1250, fraction="ferrite_smco"),
+    ],
+    margin_lead_mm=3,
+    margin_trail_mm=3,
+    margin_side_mm=2,
+    valve_open_delay_ms=4,
+    valve_close_delay_ms=3,
+)
+ROUTING = RoutingConfig(
+    classes={
+        "ndfeb": "ndfeb",
+        "ferrite": "ferrite_smco",
+        "smco": "ferrite_smco",
+        "steel": "residue",
+        "other": "residue",
+    },
+    min_confidence=0.9,
+)
 
 
 def piece(pid: int, u: float, x0: float, x1: float, lead_mm: float = 10, trail_mm: float = 10) -> Piece:
-    return Piece(id=pid, u=u, u_lead=u - lead_mm * CPM, u_trail=u + trail_mm * CPM, x=(x0 + x1) / 2, x0=x0, x1=x1,
-                 area_mm2=100, cameras=("cam0",), n_views=3)
+    return Piece(
+        id=pid,
+        u=u,
+        u_lead=u - lead_mm * CPM,
+        u_trail=u + trail_mm * CPM,
+        x=(x0 + x1) / 2,
+        x0=x0,
+        x1=x1,
+        area_mm2=100,
+        cameras=("cam0",),
+        n_views=3,
+    )
 
 
 def decision(p: Piece, fraction: str) -> Decision:

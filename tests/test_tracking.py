@@ -24,15 +24,27 @@ def blobs_in_view(geom: CameraGeometry, pieces: list[tuple[float, float, float, 
     out = []
     for u, x, length, width in pieces:
         y = (count - u) / CPM
-        (u0, u1), (v0, v1) = geom.mm_to_px(np.array([x - width / 2, x + width / 2]),
-                                           np.array([y - length / 2, y + length / 2]))
+        (u0, u1), (v0, v1) = geom.mm_to_px(
+            np.array([x - width / 2, x + width / 2]), np.array([y - length / 2, y + length / 2])
+        )
         cu0, cu1 = max(u0, 0.0), min(u1, geom.width - 1.0)
         cv0, cv1 = max(v0, 0.0), min(v1, geom.height - 1.0)
         if cu1 - cu0 < 4 or cv1 - cv0 < 4:
             continue
-        out.append(Blob(cu=(cu0 + cu1) / 2, cv=(cv0 + cv1) / 2, u0=cu0, u1=cu1, v0=cv0, v1=cv1,
-                        area_px=(cu1 - cu0) * (cv1 - cv0), touches_top_bottom=cv0 <= 1 or cv1 >= geom.height - 2,
-                        touches_left_right=cu0 <= 1 or cu1 >= geom.width - 2, crop=None))
+        out.append(
+            Blob(
+                cu=(cu0 + cu1) / 2,
+                cv=(cv0 + cv1) / 2,
+                u0=cu0,
+                u1=cu1,
+                v0=cv0,
+                v1=cv1,
+                area_px=(cu1 - cu0) * (cv1 - cv0),
+                touches_top_bottom=cv0 <= 1 or cv1 >= geom.height - 2,
+                touches_left_right=cu0 <= 1 or cu1 >= geom.width - 2,
+                crop=None,
+            )
+        )
     return out
 
 
@@ -53,8 +65,12 @@ def run_tracker(pieces, order_seed: int = 0, n_frames: int = 60):
 
 def test_each_piece_once_across_frames_and_cameras():
     # centre of cam0, the overlap region (x 280..320), centre of cam1, and a piece cut by both camera edges
-    pieces = [(5000.0, 100.0, 30.0, 20.0), (9000.0, 300.0, 20.0, 20.0), (14000.0, 450.0, 45.0, 12.0),
-              (20000.0, 300.0, 12.0, 50.0)]
+    pieces = [
+        (5000.0, 100.0, 30.0, 20.0),
+        (9000.0, 300.0, 20.0, 20.0),
+        (14000.0, 450.0, 45.0, 12.0),
+        (20000.0, 300.0, 12.0, 50.0),
+    ]
     decided, tracker = run_tracker(pieces)
     assert len(decided) == len(pieces)
     for (u, x, length, width), p in zip(pieces, sorted(decided, key=lambda p: p.u), strict=True):
@@ -84,8 +100,10 @@ def test_finalised_only_after_every_active_camera_saw_it_leave():
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.tuples(st.floats(30, 570), st.floats(5, 50), st.floats(5, 50)), min_size=1, max_size=8),
-       st.integers(0, 10_000))
+@given(
+    st.lists(st.tuples(st.floats(30, 570), st.floats(5, 50), st.floats(5, 50)), min_size=1, max_size=8),
+    st.integers(0, 10_000),
+)
 def test_one_decision_per_piece_whatever_the_interleaving(specs, seed):
     # pieces spaced along the belt so they never touch; random sizes and across positions
     pieces, u = [], 4000.0

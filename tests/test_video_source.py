@@ -25,8 +25,9 @@ async def test_opencv_file_source_through_clock_model_finds_every_piece(tmp_path
     cfg = load_config(ROOT / "config/sim.yaml")
     cfg = demo_config(cfg, tmp_path, seed=3)
     assert cfg.simulator is not None
-    cfg = cfg.model_copy(update={"cameras": cfg.cameras[:1],
-                                 "simulator": cfg.simulator.model_copy(update={"speed_drift": 0.0})})
+    cfg = cfg.model_copy(
+        update={"cameras": cfg.cameras[:1], "simulator": cfg.simulator.model_copy(update={"speed_drift": 0.0})}
+    )
     line = SimLine(cfg, truth_path=tmp_path / "truth.sqlite", record_dir=tmp_path)
     await line.start()
     line.belt.start()
@@ -69,8 +70,14 @@ async def test_opencv_file_source_through_clock_model_finds_every_piece(tmp_path
     first_pos = line.belt.position_at_count(sidecar[0][1])
     last_pos = line.belt.position_at_count(sidecar[-1][1])
     # pieces whose every point crossed this camera's whole field while it was recording
-    seen = [t for t in truth if x_lo + 1 < t["x0_mm"] and t["x1_mm"] < x_hi - 1
-            and first_pos + 60 < t["s_mm"] + y_lo and t["s_mm"] + y_hi + 60 < last_pos]
+    seen = [
+        t
+        for t in truth
+        if x_lo + 1 < t["x0_mm"]
+        and t["x1_mm"] < x_hi - 1
+        and first_pos + 60 < t["s_mm"] + y_lo
+        and t["s_mm"] + y_hi + 60 < last_pos
+    ]
     assert len(seen) > 20
     mm = np.array([(p.u - cfg.simulator.encoder_start) / cfg.belt.counts_per_mm for p in pieces])
     for t in seen:

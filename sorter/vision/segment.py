@@ -194,14 +194,12 @@ def crop_piece(
     return cv2.resize(out, (size, size), interpolation=cv2.INTER_AREA)
 
 
-def segment(
-    image: np.ndarray, cfg: VisionConfig, mm_per_px: float, crop_size: int | None = 64
-) -> list[Blob]:
+def segment(image: np.ndarray, cfg: VisionConfig, mm_per_px: float, crop_size: int | None = 64) -> list[Blob]:
     """Find the pieces in one BGR frame; crops are cut when `crop_size` is given."""
     ds = cfg.downscale
     h, w = image.shape[:2]
     small = cv2.resize(image, (w // ds, h // ds), interpolation=cv2.INTER_AREA) if ds > 1 else image
-    mask = (_max_channel(small) > cfg.threshold).astype(np.uint8) * 255
+    _, mask = cv2.threshold(_max_channel(small), cfg.threshold, 255, cv2.THRESH_BINARY)
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
     # outer contours are an order of magnitude cheaper than labelling the whole image
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -227,18 +225,26 @@ def segment(
             top_bottom = py0 <= edge or py1 >= sh - edge
             crop = None
             if crop_size and not top_bottom:  # partial views along the belt are never classified
-                full = cv2.resize(part[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1],
-                                  ((px1 - px0) * ds, (py1 - py0) * ds), interpolation=cv2.INTER_NEAREST)
+                full = cv2.resize(
+                    part[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1],
+                    ((px1 - px0) * ds, (py1 - py0) * ds),
+                    interpolation=cv2.INTER_NEAREST,
+                )
                 full = cv2.dilate(full, np.ones((3, 3), np.uint8))
                 crop = crop_piece(image, full, (px0 * ds, py0 * ds, px1 * ds, py1 * ds), mm_per_px, cfg, crop_size)
             # pixel centres: downscaled pixel k covers full-res [k*ds, (k+1)*ds)
-            blobs.append(Blob(
-                cu=(x + m["m10"] / m["m00"] + 0.5) * ds - 0.5,
-                cv=(y + m["m01"] / m["m00"] + 0.5) * ds - 0.5,
-                u0=px0 * ds - 0.5, u1=px1 * ds - 0.5, v0=py0 * ds - 0.5, v1=py1 * ds - 0.5,
-                area_px=m["m00"] * ds * ds,
-                touches_top_bottom=top_bottom,
-                touches_left_right=px0 <= edge or px1 >= sw - edge,
-                crop=crop,
-            ))
+            blobs.append(
+                Blob(
+                    cu=(x + m["m10"] / m["m00"] + 0.5) * ds - 0.5,
+                    cv=(y + m["m01"] / m["m00"] + 0.5) * ds - 0.5,
+                    u0=px0 * ds - 0.5,
+                    u1=px1 * ds - 0.5,
+                    v0=py0 * ds - 0.5,
+                    v1=py1 * ds - 0.5,
+                    area_px=m["m00"] * ds * ds,
+                    touches_top_bottom=top_bottom,
+                    touches_left_right=px0 <= edge or px1 >= sw - edge,
+                    crop=crop,
+                )
+            )
     return blobs
