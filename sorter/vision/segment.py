@@ -214,7 +214,7 @@ def segment(image: np.ndarray, cfg: VisionConfig, mm_per_px: float, crop_size: i
             continue
         comp = np.zeros((bh, bw), np.uint8)
         cv2.drawContours(comp, [contour], -1, 255, thickness=cv2.FILLED, offset=(-x, -y))
-        comp &= mask[y : y + bh, x : x + bw]  # keep holes (rings, washers) as holes
+        comp = cv2.bitwise_and(comp, mask[y : y + bh, x : x + bw])  # keep holes (rings, washers) as holes
         parts = _split_touching(comp, small[y : y + bh, x : x + bw]) if cfg.split_touching else [comp]
         for part in parts:
             m = cv2.moments(part, binaryImage=True)
