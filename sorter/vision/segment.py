@@ -212,7 +212,7 @@ def segment(image: np.ndarray, cfg: VisionConfig, mm_per_px: float, crop_size: i
         x, y, bw, bh = cv2.boundingRect(contour)
         if bw * bh < min_px:
             continue
-        comp = np.zeros((bh, bw), np.uint8)
+        comp: np.ndarray = np.zeros((bh, bw), np.uint8)
         cv2.drawContours(comp, [contour], -1, 255, thickness=cv2.FILLED, offset=(-x, -y))
         comp = cv2.bitwise_and(comp, mask[y : y + bh, x : x + bw])  # keep holes (rings, washers) as holes
         parts = _split_touching(comp, small[y : y + bh, x : x + bw]) if cfg.split_touching else [comp]
