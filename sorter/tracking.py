@@ -69,10 +69,24 @@ def _same_piece(
     return overlap > 0.5 * min(d.u_trail - d.u_lead, u_trail - u_lead)
 
 
+def _whole(d: Detection) -> bool:
+    return not d.cut_along and not d.cut_across
+
+
 @dataclass
 class _Track:
     id: int
     views: list[Detection] = field(default_factory=list)
+
+    def centre(self) -> tuple[float, float] | None:
+        """(u, x) from the views that show the whole piece, None before there is one."""
+        whole = [d for d in self.views if _whole(d)]
+        if not whole:
+            return None
+        return float(np.median([d.u for d in whole])), float(np.median([d.x for d in whole]))
+
+    def contains(self, u: float, x: float) -> bool:
+        return self.u_lead < u < self.u_trail and self.x0 < x < self.x1
 
     def _full(self) -> list[Detection]:
         full = [d for d in self.views if not d.cut_along]
@@ -98,7 +112,13 @@ class _Track:
     def u_lead(self) -> float:
         return min(d.u_lead for d in self.views)
 
-    def matches(self, d: Detection, gate: float, margin_mm: float) -> bool:
+    def matches(self, d: Detection, gate: float, gate_mm: float, margin_mm: float) -> bool:
+        """Whole views match by centre (so a view of two touching pieces that segmentation failed to
+        split starts a track of its own instead of gluing two pieces together); partial views, whose
+        centres shift, match by overlapping extents."""
+        c = self.centre()
+        if c is not None and _whole(d):
+            return abs(d.u - c[0]) <= gate and abs(d.x - c[1]) <= gate_mm
         return _same_piece(d, self.u, self.u_lead, self.u_trail, self.x0, self.x1, gate, margin_mm)
 
     def to_piece(self, max_views: int) -> Piece:
@@ -135,6 +155,7 @@ class Tracker:
         self._field_end = fields_y_max_mm
         self._cpm = counts_per_mm
         self._gate = cfg.gate_mm * counts_per_mm
+        self._gate_mm = cfg.gate_mm
         self._settle = cfg.settle_mm * counts_per_mm
         self._max_views = max_views
         self._tracks: list[_Track] = []
@@ -144,6 +165,7 @@ class Tracker:
         self._next_id = 1
         self.watermark: dict[str, int] = {}
         self.late_views = 0  # views that arrived after their piece was decided
+        self.merged_views = 0  # views of touching pieces seen as one blob, dropped in favour of the split views
 
     @property
     def open_tracks(self) -> int:
@@ -156,7 +178,7 @@ class Tracker:
                 self.late_views += 1
                 continue
             best = min(
-                (t for t in self._tracks if t.matches(d, self._gate, 2.0)),
+                (t for t in self._tracks if t.matches(d, self._gate, self._gate_mm, 2.0)),
                 key=lambda t: abs(t.u - d.u),
                 default=None,
             )
@@ -177,11 +199,28 @@ class Tracker:
         if not ready:
             return []
         self._tracks = [t for t in self._tracks if t.u_trail + self._settle >= passed]
+        ready = self._drop_merged(ready)
         pieces = sorted((t.to_piece(self._max_views) for t in ready), key=lambda p: p.u)
         self._done.extend((p.u, p.u_lead, p.u_trail, p.x0, p.x1) for p in pieces)
         horizon = passed - 4 * self._settle - 400 * self._cpm
         self._done = [r for r in self._done if r[2] > horizon]
         return pieces
+
+    def _drop_merged(self, ready: list[_Track]) -> list[_Track]:
+        """A track whose extent holds the centres of two or more other tracks is a view of touching
+        pieces that other frames did split: the split tracks stand for those pieces."""
+        centres: list[tuple[object, tuple[float, float]]] = [
+            (t, c) for t in ready + self._tracks if (c := t.centre()) is not None
+        ]
+        centres += [(None, (u, (x0 + x1) / 2)) for u, _, _, x0, x1 in self._done]
+        keep = []
+        for t in ready:
+            inside = sum(1 for o, (u, x) in centres if o is not t and t.contains(u, x))
+            if inside >= 2:
+                self.merged_views += len(t.views)
+            else:
+                keep.append(t)
+        return keep
 
     def flush(self) -> list[Piece]:
         """Finalise everything (at shutdown): a piece that was seen is never silently lost."""

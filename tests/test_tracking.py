@@ -114,3 +114,20 @@ def test_one_decision_per_piece_whatever_the_interleaving(specs, seed):
     decided, tracker = run_tracker(pieces, seed, n_frames=int(u / STEP) + 12)
     assert len(decided) == len(pieces)
     assert tracker.late_views == 0
+
+
+def test_touching_pieces_seen_merged_in_some_frames_stay_two_pieces():
+    """Segmentation splits the pair in some frames and not in others; the merged views are dropped."""
+    a, b = (10000.0, 200.0, 16.0, 16.0), (10000.0 + 10 * CPM, 214.0, 16.0, 16.0)
+    merged = (10000.0 + 5 * CPM, 207.0, 26.0, 30.0)  # one blob covering both
+    tracker = Tracker({n: g.field_mm()[3] for n, g in CAMS.items()}, TrackingConfig(), CPM, max_views=4)
+    decided = []
+    for k in range(40):
+        c = STEP * k
+        shown = [merged] if k % 2 else [a, b]
+        tracker.add("cam0", c, to_detections(blobs_in_view(CAMS["cam0"], shown, c), CAMS["cam0"], "cam0", c, CPM, k, 0))
+        tracker.add("cam1", c, [])
+        decided += tracker.finalise(["cam0", "cam1"])
+    decided += tracker.flush()
+    assert sorted(round(p.u / CPM) for p in decided) == [500, 510]
+    assert tracker.merged_views > 0
