@@ -119,6 +119,9 @@ class EjectionConfig(Strict):
     min_lead_ms: float = Field(30.0, ge=0, description="a command must reach the PLC this long before it fires")
     min_valve_coverage: float = Field(0.5, gt=0, le=1, description="share of a piece's width its valves must cover")
     protect_purity: bool = Field(True, description="skip an ejection that would also blow a piece of another fraction")
+    neighbour_hit_share: float = Field(
+        0.1, ge=0, le=1, description="air on more than this share of a neighbour's footprint counts as hitting it"
+    )
 
 
 class ModbusMap(Strict):

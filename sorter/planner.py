@@ -72,8 +72,10 @@ class EjectPlanner:
             if n is d or n.fraction == d.fraction or not self._stays_to(n, bank):
                 continue
             q = n.piece
-            if q.u_trail < open_u or q.u_lead > close_u:
-                continue  # not under the air window along the belt
+            length = max(q.u_trail - q.u_lead, 1.0)
+            along = max(0.0, min(q.u_trail, close_u) - max(q.u_lead, open_u)) / length
+            if along * self._coverage(valves, q.x0, q.x1) <= cfg.neighbour_hit_share:
+                continue  # the air barely touches it: it stays on the belt
             hit = set(valves_covering(cfg, q.x0, q.x1))
             valves = [v for v in valves if v not in hit]
         if not valves or self._coverage(valves, p.x0, p.x1) < cfg.min_valve_coverage:

@@ -84,9 +84,9 @@ def _build_model(torch: Any, n_classes: int) -> Any:
             super().__init__()
             # cheap at full resolution (2 CPU cores), wider where the image is small
             self.features = nn.Sequential(
-                *block(3, 24), nn.MaxPool2d(2),
-                *block(24, 48), nn.MaxPool2d(2),
-                *block(48, 64), *block(64, 64), nn.MaxPool2d(2),
+                *block(3, 16), nn.MaxPool2d(2),
+                *block(16, 32), nn.MaxPool2d(2),
+                *block(32, 64), *block(64, 64), nn.MaxPool2d(2),
                 *block(64, 128),
                 nn.AdaptiveAvgPool2d(1), nn.Flatten(),
             )
@@ -233,7 +233,7 @@ def train(
     progress: bool = True,
     batch_size: int = 64,
     lr: float = 2e-3,
-    patience: int = 6,
+    patience: int = 8,
     threads: int = 2,
 ) -> dict[str, Any]:
     """Train the piece classifier on an ImageFolder tree and export it to ONNX with its metadata.

@@ -116,3 +116,11 @@ def test_low_confidence_goes_to_residue():
     assert sure.fraction == "ndfeb" and sure.confidence > 0.98
     assert unsure.fraction == "residue" and unsure.cls == "ndfeb"
     assert none.fraction == "residue"
+
+
+def test_neighbour_grazed_by_the_margin_is_no_conflict():
+    pl = planner()
+    target = piece(1, 100_000, 100, 120)  # 20 mm long, window reaches 3 mm past each edge
+    behind = piece(2, 100_000 + 21 * CPM, 100, 120, lead_mm=10, trail_mm=10)  # starts 1 mm behind the target
+    plans = pl.plan([decision(target, "ndfeb"), decision(behind, "residue")], 2500)
+    assert plans[0].outcome == "planned"  # 2 mm of its 20 mm under the air: 10 % is not a hit
