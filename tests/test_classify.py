@@ -1,0 +1,127 @@
+"""The runtime classifier, the shipped model, and a training smoke test."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sim.dataset import CropRenderer, write_dataset
+from sim.feed import VARIANTS, make_piece
+from sorter.classify import Classifier, ModelError
+from sorter.config import CLASSES
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "sorter-cnn.onnx"
+needs_model = pytest.mark.skipif(not SHIPPED.is_file(), reason="models/sorter-cnn.onnx not built")
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                                 reason="torch not installed (the 'train' extra)")
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Classifier:
+    return Classifier(SHIPPED)
+
+
+def _fresh_crops(per_variant: int, seed: int) -> tuple[list[np.ndarray], list[str]]:
+    """Crops of new pieces (a seed the shipped dataset did not use), every variant of every class."""
+    cropper = CropRenderer(seed=seed)
+    rng = np.random.default_rng(seed)
+    crops, labels = [], []
+    for cls in CLASSES:
+        for variant in VARIANTS[cls]:
+            for _ in range(per_variant):
+                crop = cropper.crop(make_piece(rng, cls, variant))
+                assert crop is not None
+                crops.append(crop)
+                labels.append(cls)
+    return crops, labels
+
+
+@needs_model
+def test_shipped_model_contract(shipped: Classifier) -> None:
+    assert shipped.labels == CLASSES
+    assert shipped.input_size == 64
+    assert shipped.provider == "CPUExecutionProvider"
+    assert shipped.version.startswith("sorter-cnn-")
+    meta = shipped.metadata
+    assert meta["layout"] == "NCHW" and meta["color"] == "RGB"
+    assert float(meta["val_accuracy"]) >= 0.98
+    assert len(json.loads(meta["mean"])) == 3 and len(json.loads(meta["std"])) == 3
+    assert SHIPPED.stat().st_size < 2_000_000
+
+
+@needs_model
+def test_shipped_model_classifies_fresh_renders(shipped: Classifier) -> None:
+    crops, labels = _fresh_crops(per_variant=3, seed=987_654)
+    probs = shipped.predict(crops)
+    assert probs.shape == (len(crops), len(CLASSES))
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    pred = [shipped.labels[i] for i in probs.argmax(axis=1)]
+    accuracy = np.mean([p == t for p, t in zip(pred, labels, strict=True)])
+    assert accuracy >= 0.95
+    ndfeb = [i for i, p in enumerate(pred) if p == "ndfeb" and probs[i].max() >= 0.9]
+    assert all(labels[i] == "ndfeb" for i in ndfeb)  # what the line would route to the NdFeB bin
+
+
+@needs_model
+def test_predict_takes_any_batch_and_crop_size(shipped: Classifier) -> None:
+    crops, _ = _fresh_crops(per_variant=1, seed=5)
+    assert shipped.predict([]).shape == (0, 5)
+    one = shipped.predict(crops[:1])
+    many = shipped.predict(crops)
+    assert one.shape == (1, 5) and many.shape == (len(crops), 5)
+    assert np.allclose(one[0], many[0], atol=1e-5)  # batching must not change a result
+    import cv2
+
+    big = cv2.resize(crops[0], (96, 96), interpolation=cv2.INTER_CUBIC)
+    assert shipped.predict([big]).shape == (1, 5)
+    with pytest.raises(ValueError):
+        shipped.predict([np.zeros((64, 64), np.uint8)])
+
+
+def test_missing_model_file(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="not found"):
+        Classifier(tmp_path / "nope.onnx")
+
+
+def test_garbage_model_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ModelError, match="not a valid ONNX model"):
+        Classifier(bad)
+
+
+def test_model_without_metadata(tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 64, 64])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3, 64, 64])
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["logits"])], "g", [x], [y])
+    path = tmp_path / "plain.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    with pytest.raises(ModelError, match="metadata lacks"):
+        Classifier(path)
+
+
+@needs_torch
+def test_train_smoke(tmp_path: Path) -> None:
+    from sorter.train import data_hash, train
+
+    data = tmp_path / "ds"
+    write_dataset(data, per_class=10, seed=3)
+    out = tmp_path / "m.onnx"
+    metrics = train(data, out, epochs=1, seed=0, progress=False, batch_size=16)
+    clf = Classifier(out)
+    assert clf.labels == CLASSES
+    assert clf.input_size == 64
+    meta = clf.metadata
+    assert meta["train_data_hash"] == data_hash(data) == metrics["train_data_hash"]
+    assert float(meta["val_accuracy"]) == pytest.approx(metrics["val"]["accuracy"], abs=1e-6)
+    assert float(meta["temperature"]) > 0
+    assert meta["layout"] == "NCHW" and meta["color"] == "RGB"
+    probs = clf.predict([np.full((64, 64, 3), 20, np.uint8)] * 3)
+    assert probs.shape == (3, 5)
