@@ -41,6 +41,7 @@ class EjectPlanner:
         self._cpm = counts_per_mm
         self._bank_of = {f: i for i, f in enumerate(fractions_by_bank)}
         self._recent: deque[Decision] = deque(maxlen=256)
+        self._leaves_at: dict[int, int | None] = {}  # piece id -> bank its command goes to (None: stays on)
 
     def _coverage(self, valves: list[int], x0: float, x1: float) -> float:
         if x1 <= x0:
@@ -49,14 +50,29 @@ class EjectPlanner:
         return covered / (x1 - x0)
 
     def _stays_to(self, d: Decision, bank: int) -> bool:
-        """Is this neighbour still on the belt when it reaches `bank`?"""
-        own = self._bank_of.get(d.fraction)
+        """Is this neighbour still on the belt when it reaches `bank`?
+
+        Judged by its own plan where it has one: a magnet whose ejection was skipped rides on past its
+        bank, and must not be blown into a later fraction with its neighbour.
+        """
+        own = self._leaves_at[d.piece.id] if d.piece.id in self._leaves_at else self._bank_of.get(d.fraction)
         return own is None or own >= bank
 
     def plan(self, decisions: list[Decision], speed_mm_s: float) -> list[Plan]:
         """Plan a batch of decisions (neighbours decided in the same batch are known)."""
         self._recent.extend(decisions)
-        return [self._plan_one(d, speed_mm_s) for d in decisions]
+        # upstream banks first: whether a piece really leaves at bank A decides conflicts at bank B
+        order = sorted(range(len(decisions)), key=lambda i: self._bank_of.get(decisions[i].fraction, 99))
+        by_index: dict[int, Plan] = {}
+        for i in order:
+            d = decisions[i]
+            by_index[i] = plan = self._plan_one(d, speed_mm_s)
+            self._leaves_at[d.piece.id] = plan.command.bank if plan.command else None
+        plans = [by_index[i] for i in range(len(decisions))]
+        if len(self._leaves_at) > 1024:
+            recent = {n.piece.id for n in self._recent}
+            self._leaves_at = {k: v for k, v in self._leaves_at.items() if k in recent}
+        return plans
 
     def _plan_one(self, d: Decision, speed_mm_s: float) -> Plan:
         cfg, cpm, p = self._cfg, self._cpm, d.piece

@@ -99,10 +99,14 @@ def test_unavoidable_conflict_skips_the_ejection():
 
 def test_neighbour_ejected_upstream_is_no_conflict_for_bank_b():
     pl = planner()
-    target = piece(1, 100_000, 100, 110)
-    magnet = piece(2, 100_000 + 12 * CPM, 95, 115)  # goes out at bank A before the target reaches B
-    plans = pl.plan([decision(target, "ferrite_smco"), decision(magnet, "ndfeb")], 2500)
-    assert plans[0].outcome == "planned"
+    magnet = piece(1, 100_000, 100, 130)
+    ferrite = piece(2, 100_000, 133, 145)  # beside it: the magnet's valve 7 is dropped, it still goes at A
+    plans = pl.plan([decision(ferrite, "ferrite_smco"), decision(magnet, "ndfeb")], 2500)
+    assert plans[1].command is not None and plans[1].command.bank == 0
+    assert not plans[1].command.valve_mask >> 7 & 1
+    # at bank B the magnet is gone, so the ferrite's valves may cover where it was
+    assert plans[0].command is not None and plans[0].command.bank == 1
+    assert plans[0].command.valve_mask >> 6 & 1
 
 
 def test_low_confidence_goes_to_residue():
@@ -124,3 +128,13 @@ def test_neighbour_grazed_by_the_margin_is_no_conflict():
     behind = piece(2, 100_000 + 21 * CPM, 100, 120, lead_mm=10, trail_mm=10)  # starts 1 mm behind the target
     plans = pl.plan([decision(target, "ndfeb"), decision(behind, "residue")], 2500)
     assert plans[0].outcome == "planned"  # 2 mm of its 20 mm under the air: 10 % is not a hit
+
+
+def test_magnet_left_on_the_belt_is_not_blown_into_a_later_fraction():
+    pl = planner()
+    magnet = piece(1, 100_000, 100, 110)
+    steel = piece(2, 100_000 + 12 * CPM, 95, 115)  # makes the magnet's bank-A ejection impossible
+    ferrite = piece(3, 100_000 - 12 * CPM, 95, 115)  # ejected at bank B, right next to the magnet
+    plans = pl.plan([decision(ferrite, "ferrite_smco"), decision(magnet, "ndfeb"), decision(steel, "residue")], 2500)
+    assert plans[1].outcome == "conflict"
+    assert plans[0].outcome == "conflict"  # the magnet is still on the belt at bank B
