@@ -19,7 +19,7 @@ from sim.feed import VARIANTS, SimPiece, class_size_range, make_piece
 from sim.render import FrameRenderer, render_sprite
 from sorter.config import CLASSES, SimFeedConfig, VisionConfig
 from sorter.geometry import CameraGeometry
-from sorter.vision.segment import segment
+from sorter.vision.segment import materialise, segment
 
 SPLITS = ("train", "val", "test")
 PATCH_MM = 100.0  # holds the largest piece (50 mm, any rotation) with room for its crop margin
@@ -50,7 +50,8 @@ class CropRenderer:
         blobs = segment(self.frame, self.vision, self.mm_per_px, self.crop_size)
         if len(blobs) != 1 or blobs[0].touches_top_bottom or blobs[0].touches_left_right:
             return None
-        return blobs[0].crop
+        crop = blobs[0].crop
+        return None if crop is None else materialise(crop)
 
 
 def split_counts(per_class: int, splits: tuple[float, ...] | tuple[int, ...]) -> dict[str, int]:

@@ -23,7 +23,7 @@ from sorter.decide import decide
 from sorter.geometry import CameraGeometry
 from sorter.planner import EjectPlanner
 from sorter.tracking import Tracker, to_detections
-from sorter.vision.segment import segment
+from sorter.vision.segment import materialise, segment
 
 FRAMES_PER_S = 120  # two cameras at 60 fps
 
@@ -75,7 +75,7 @@ class _Pipeline:
 
     def frame(self, cam: str, count: int, img: np.ndarray, seq: int) -> None:
         t0 = time.perf_counter()
-        blobs = segment(img, self.cfg.vision, self.geoms[cam].mm_per_px, self.clf.input_size)
+        blobs = segment(img, self.cfg.vision, self.geoms[cam].mm_per_px, self.clf.input_size, lazy=True)
         t1 = time.perf_counter()
         dets = to_detections(blobs, self.geoms[cam], cam, count, self.cfg.belt.counts_per_mm, seq, 0.0)
         self.tracker.add(cam, count, dets)
@@ -84,7 +84,7 @@ class _Pipeline:
         self.t["segment"] += t1 - t0
         self.t["track"] += t2 - t1
         if pieces:
-            crops = [c for p in pieces for c in p.crops]
+            crops = [materialise(c) for p in pieces for c in p.crops]
             probs = self.clf.predict(crops) if crops else np.zeros((0, len(self.clf.labels)))
             t3 = time.perf_counter()
             decisions, i = [], 0

@@ -8,6 +8,7 @@ the cameras' centre line, so it does not change while the piece rides the belt.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,7 +40,7 @@ class Detection:
     area_mm2: float
     cut_along: bool  # touches the top/bottom edge: the along-belt extent is partial
     cut_across: bool  # touches the left/right edge: the across extent is partial
-    crop: np.ndarray | None = None  # classifier input crop, BGR uint8
+    crop: np.ndarray | Callable[[], np.ndarray] | None = None  # classifier input crop (BGR uint8), or its cutter
     sharpness: float = 0.0
 
 
@@ -57,7 +58,7 @@ class Piece:
     area_mm2: float
     cameras: tuple[str, ...]
     n_views: int
-    crops: list[np.ndarray] = field(default_factory=list)
+    crops: list[np.ndarray | Callable[[], np.ndarray]] = field(default_factory=list)
     t_first_capture: float = 0.0
     t_last_capture: float = 0.0
 

@@ -32,7 +32,7 @@ from sorter.planner import EjectPlanner, Plan
 from sorter.plc.link import PlcLink
 from sorter.records import RecordStore
 from sorter.tracking import Tracker, to_detections
-from sorter.vision.segment import segment
+from sorter.vision.segment import materialise, segment
 
 PLC_START_BELT, PLC_STOP_BELT, PLC_RESET = 1, 2, 3
 
@@ -71,7 +71,10 @@ class LineService:
             cfg.classifier.max_views,
         )
         self.planner = EjectPlanner(cfg.ejection, [b.fraction for b in cfg.ejection.banks], cfg.belt.counts_per_mm)
+        # pixels and inference on their own threads (both release the GIL): a burst of crops to
+        # classify must not hold up the next frames, nor either of them the PLC polling on the loop
         self._vision = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision")
+        self._infer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
         self._pieces: asyncio.Queue[list[Piece]] = asyncio.Queue()
         self._sends: set[asyncio.Task[None]] = set()
         self._ref_count: int | None = None
@@ -94,7 +97,9 @@ class LineService:
 
     def _segment(self, frame: Frame) -> list[Any]:
         t0 = time.perf_counter()
-        blobs = segment(frame.image, self.cfg.vision, self.geoms[frame.camera].mm_per_px, self.classifier.input_size)
+        blobs = segment(
+            frame.image, self.cfg.vision, self.geoms[frame.camera].mm_per_px, self.classifier.input_size, lazy=True
+        )
         self.times.add("segment", time.perf_counter() - t0)
         return blobs
 
@@ -126,7 +131,7 @@ class LineService:
     # --- pieces -> decisions -> commands ---
     def _classify(self, pieces: list[Piece]) -> list[np.ndarray | None]:
         t0 = time.perf_counter()
-        crops = [c for p in pieces for c in p.crops]
+        crops = [materialise(c) for p in pieces for c in p.crops]
         probs = self.classifier.predict(crops) if crops else np.zeros((0, len(self.classifier.labels)))
         out: list[np.ndarray | None] = []
         i = 0
@@ -145,7 +150,7 @@ class LineService:
             await self._decide(pieces, loop)
 
     async def _decide(self, pieces: list[Piece], loop: asyncio.AbstractEventLoop) -> None:
-        probs = await loop.run_in_executor(self._vision, self._classify, pieces)
+        probs = await loop.run_in_executor(self._infer, self._classify, pieces)
         labels = self.classifier.labels
         decisions = [decide(p, pr, labels, self.cfg.routing) for p, pr in zip(pieces, probs, strict=True)]
         t0 = time.perf_counter()
@@ -233,6 +238,10 @@ class LineService:
             "belt_mm_s": st.speed_mm_s,
             "plc_alarms": list(st.alarms),
             "ejects_accepted": self.counts["eject_accepted"],
+            "cameras": {
+                n: {k: s[k] for k in ("captured", "dropped", "torn", "source_dropped", "stalls", "reconnects")}
+                for n, s in caps.items()
+            },
         }
 
     async def _start_belt(self) -> None:
@@ -299,4 +308,5 @@ class LineService:
         self.records.event("stop", **{k: v for k, v in self.counts.items()})
         self.records.close()
         self._vision.shutdown(wait=True)
+        self._infer.shutdown(wait=True)
         self.log.info("service stopped", **self.summary())

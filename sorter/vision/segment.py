@@ -7,6 +7,8 @@ classifier crop for each blob from the full-resolution frame.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -14,7 +16,10 @@ import numpy as np
 
 from sorter.config import VisionConfig
 
-BELT_FILL = (20, 20, 20)  # what crops show outside their piece's mask (BGR)
+BELT_FILL = (20, 20, 20)
+Crop = (
+    np.ndarray | Callable[[], np.ndarray]
+)  # a crop, or a function that cuts it on demand  # what crops show outside their piece's mask (BGR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +35,7 @@ class Blob:
     area_px: float
     touches_top_bottom: bool
     touches_left_right: bool
-    crop: np.ndarray | None
+    crop: Crop | None
 
 
 def _max_channel(img: np.ndarray) -> np.ndarray:
@@ -194,8 +199,27 @@ def crop_piece(
     return cv2.resize(out, (size, size), interpolation=cv2.INTER_AREA)
 
 
-def segment(image: np.ndarray, cfg: VisionConfig, mm_per_px: float, crop_size: int | None = 64) -> list[Blob]:
-    """Find the pieces in one BGR frame; crops are cut when `crop_size` is given."""
+def _cut(
+    image: np.ndarray, part: np.ndarray, box: tuple[int, int, int, int], mm_per_px: float, cfg: VisionConfig, size: int
+) -> np.ndarray:
+    u0, v0, u1, v1 = box
+    full = cv2.resize(part, (u1 - u0, v1 - v0), interpolation=cv2.INTER_NEAREST)
+    full = cv2.dilate(full, np.ones((3, 3), np.uint8))
+    return crop_piece(image, full, box, mm_per_px, cfg, size)
+
+
+def materialise(crop: Crop) -> np.ndarray:
+    return crop() if callable(crop) else crop
+
+
+def segment(
+    image: np.ndarray, cfg: VisionConfig, mm_per_px: float, crop_size: int | None = 64, lazy: bool = False
+) -> list[Blob]:
+    """Find the pieces in one BGR frame; crops are cut when `crop_size` is given.
+
+    With `lazy`, a blob's crop is a function that cuts it later: the line classifies only a few
+    views per piece, so most crops would be cut for nothing (the frame stays alive until then).
+    """
     ds = cfg.downscale
     h, w = image.shape[:2]
     small = cv2.resize(image, (w // ds, h // ds), interpolation=cv2.INTER_AREA) if ds > 1 else image
@@ -223,15 +247,18 @@ def segment(image: np.ndarray, cfg: VisionConfig, mm_per_px: float, crop_size: i
             ys, xs = np.nonzero(part)
             px0, px1, py0, py1 = x + xs.min(), x + xs.max() + 1, y + ys.min(), y + ys.max() + 1
             top_bottom = py0 <= edge or py1 >= sh - edge
-            crop = None
+            crop: Crop | None = None
             if crop_size and not top_bottom:  # partial views along the belt are never classified
-                full = cv2.resize(
+                cut = functools.partial(
+                    _cut,
+                    image,
                     part[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1],
-                    ((px1 - px0) * ds, (py1 - py0) * ds),
-                    interpolation=cv2.INTER_NEAREST,
+                    (px0 * ds, py0 * ds, px1 * ds, py1 * ds),
+                    mm_per_px,
+                    cfg,
+                    crop_size,
                 )
-                full = cv2.dilate(full, np.ones((3, 3), np.uint8))
-                crop = crop_piece(image, full, (px0 * ds, py0 * ds, px1 * ds, py1 * ds), mm_per_px, cfg, crop_size)
+                crop = cut if lazy else cut()
             # pixel centres: downscaled pixel k covers full-res [k*ds, (k+1)*ds)
             blobs.append(
                 Blob(
