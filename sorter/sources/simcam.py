@@ -22,6 +22,7 @@ import os
 import struct
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,6 +142,7 @@ class SimCameraClient:
         self._torn = 0
         self._writer: asyncio.StreamWriter | None = None
         self._closing = False
+        self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"copy-{name}")
 
     @property
     def name(self) -> str:
@@ -219,7 +221,9 @@ class SimCameraClient:
                 seq, slot, count, t_exp, width, height = FRAME_HEADER.unpack(data)
                 if slot >= layout.slots or (width, height) != (layout.width, layout.height):
                     raise self._error(f"corrupt frame header (slot {slot}, {width}x{height})")
-                image = ring.read(slot, seq)
+                # 2.7 MB out of shared memory costs milliseconds (cold caches across processes); the
+                # copy releases the GIL, so it runs on a thread and the event loop stays free
+                image = await asyncio.get_running_loop().run_in_executor(self._copier, ring.read, slot, seq)
                 if image is None:  # overwritten before we got to it: the consumer is too slow
                     self._torn += 1
                     continue
@@ -237,3 +241,4 @@ class SimCameraClient:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        self._copier.shutdown(wait=False)
