@@ -215,6 +215,7 @@ async def run_demo(
             "stage_ms": {k: round(v, 3) for k, v in service.times.mean_ms().items()} if service else {},
             "late_views": service.tracker.late_views if service else 0,
         "merged_views": service.tracker.merged_views if service else 0,
+        "partial_views": service.tracker.partial_views if service else 0,
         "cameras": summary.get("cameras", {}),
         }
     )

@@ -122,23 +122,20 @@ class _Track:
         return _same_piece(d, self.u, self.u_lead, self.u_trail, self.x0, self.x1, gate, margin_mm)
 
     def to_piece(self, max_views: int) -> Piece:
-        full = self._full()
-        whole = [d for d in full if not d.cut_across] or full
-        u = float(np.median([d.u for d in full]))
-        # the extent across comes from all views together: a piece in the overlap
-        # may be cut by both cameras' edges and only their union is whole
-        crops_from = sorted(whole, key=lambda d: -d.area_mm2)[:max_views]
+        # the best views available: whole, else whole along the belt (cut by a camera's side), else any
+        best = [d for d in self.views if _whole(d)] or self._full()
+        whole_across = any(not d.cut_across for d in best)
+        crops_from = sorted(best, key=lambda d: -d.area_mm2)[:max_views]
         return Piece(
             id=self.id,
-            u=u,
-            u_lead=float(np.median([d.u_lead for d in full])),
-            u_trail=float(np.median([d.u_trail for d in full])),
-            x=float(np.median([d.x for d in whole]))
-            if any(not d.cut_across for d in full)
-            else (self.x0 + self.x1) / 2,
+            u=float(np.median([d.u for d in best])),
+            u_lead=float(np.median([d.u_lead for d in best])),
+            u_trail=float(np.median([d.u_trail for d in best])),
+            # a piece in the overlap may be cut by both cameras' edges: then only the union is whole
+            x=float(np.median([d.x for d in best])) if whole_across else (self.x0 + self.x1) / 2,
             x0=self.x0,
             x1=self.x1,
-            area_mm2=float(np.median([d.area_mm2 for d in whole])),
+            area_mm2=float(np.median([d.area_mm2 for d in best])),
             cameras=tuple(sorted({d.camera for d in self.views})),
             n_views=len(self.views),
             crops=[d.crop for d in crops_from if d.crop is not None],
@@ -165,6 +162,7 @@ class Tracker:
         self._next_id = 1
         self.watermark: dict[str, int] = {}
         self.late_views = 0  # views that arrived after their piece was decided
+        self.partial_views = 0  # edge slivers of pieces tracked whole elsewhere, dropped
         self.merged_views = 0  # views of touching pieces seen as one blob, dropped in favour of the split views
 
     @property
@@ -213,13 +211,24 @@ class Tracker:
             (t, c) for t in ready + self._tracks if (c := t.centre()) is not None
         ]
         centres += [(None, (u, (x0 + x1) / 2)) for u, _, _, x0, x1 in self._done]
+        whole = [t for t in ready + self._tracks if t.centre() is not None]
         keep = []
         for t in ready:
             inside = sum(1 for o, (u, x) in centres if o is not t and t.contains(u, x))
             if inside >= 2:
                 self.merged_views += len(t.views)
-            else:
-                keep.append(t)
+                continue
+            if t.centre() is None:
+                # only ever seen cut by a camera's edge, inside a piece some camera saw whole: a sliver
+                # of that piece that did not join its track, not a piece of its own
+                u = float(np.median([d.u for d in t.views]))
+                x = float(np.median([d.x for d in t.views]))
+                if any(o.contains(u, x) for o in whole) or any(
+                    lead < u < trail and x0 < x < x1 for _, lead, trail, x0, x1 in self._done
+                ):
+                    self.partial_views += len(t.views)
+                    continue
+            keep.append(t)
         return keep
 
     def flush(self) -> list[Piece]:
