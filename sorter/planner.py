@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from sorter.config import EjectionConfig, valve_span, valves_covering
-from sorter.messages import Decision, EjectCommand
+from sorter.messages import Decision, EjectCommand, Piece
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,14 +84,29 @@ class EjectPlanner:
         half = max(p.u - p.u_lead + cfg.margin_lead_mm * cpm, p.u_trail - p.u + cfg.margin_trail_mm * cpm)
         open_u, close_u = p.u - half, p.u + half
         valves = valves_covering(cfg, p.x0 - cfg.margin_side_mm, p.x1 + cfg.margin_side_mm)
+        # the window may give up its margins and a fifth of the piece at either end to spare a neighbour
+        keep = 0.2 * (p.u_trail - p.u_lead)
+        latest_open, earliest_close = p.u_lead + keep, p.u_trail - keep
+        gap = 0.5 * cpm
+
+        def hits(q: Piece, lo: float, hi: float) -> bool:
+            along = max(0.0, min(q.u_trail, hi) - max(q.u_lead, lo)) / max(q.u_trail - q.u_lead, 1.0)
+            return along * self._coverage(valves, q.x0, q.x1) > cfg.neighbour_hit_share
+
         for n in self._recent:
             if n is d or n.fraction == d.fraction or not self._stays_to(n, bank):
                 continue
             q = n.piece
-            length = max(q.u_trail - q.u_lead, 1.0)
-            along = max(0.0, min(q.u_trail, close_u) - max(q.u_lead, open_u)) / length
-            if along * self._coverage(valves, q.x0, q.x1) <= cfg.neighbour_hit_share:
+            if not hits(q, open_u, close_u):
                 continue  # the air barely touches it: it stays on the belt
+            # a neighbour ahead or behind: open later / close earlier (the centre shifts a little)
+            if q.u < p.u and q.u_trail + gap <= latest_open and not hits(q, max(open_u, q.u_trail + gap), close_u):
+                open_u = max(open_u, q.u_trail + gap)
+                continue
+            if q.u > p.u and q.u_lead - gap >= earliest_close and not hits(q, open_u, min(close_u, q.u_lead - gap)):
+                close_u = min(close_u, q.u_lead - gap)
+                continue
+            # beside it: drop the valves over the neighbour
             hit = set(valves_covering(cfg, q.x0, q.x1))
             valves = [v for v in valves if v not in hit]
         if not valves or self._coverage(valves, p.x0, p.x1) < cfg.min_valve_coverage:

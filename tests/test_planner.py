@@ -138,3 +138,16 @@ def test_magnet_left_on_the_belt_is_not_blown_into_a_later_fraction():
     plans = pl.plan([decision(ferrite, "ferrite_smco"), decision(magnet, "ndfeb"), decision(steel, "residue")], 2500)
     assert plans[1].outcome == "conflict"
     assert plans[0].outcome == "conflict"  # the magnet is still on the belt at bank B
+
+
+def test_window_closes_early_to_spare_a_small_neighbour_right_behind():
+    pl = planner()
+    target = piece(1, 100_000, 100, 120)  # 20 mm long
+    behind = piece(2, 100_000 + 13.5 * CPM, 105, 111, lead_mm=3, trail_mm=3)  # 6 mm steel, 0.5 mm behind
+    plans = pl.plan([decision(target, "ndfeb"), decision(behind, "residue")], 2500)
+    cmd = plans[0].command
+    assert plans[0].outcome == "planned" and cmd is not None
+    counts_per_ms = 2500 * CPM / 1000
+    air_off = cmd.open_at + cmd.open_for + 3 * counts_per_ms - 1000 * CPM  # back in belt-fixed counts
+    assert air_off <= behind.u_lead  # the air is off before the neighbour arrives
+    assert air_off >= target.u_trail - 4 * CPM  # and the target is still (mostly) covered
