@@ -30,15 +30,25 @@ _MAX_TRIES = 20
 class CropRenderer:
     """Renders one piece on a belt patch and cuts its classifier crop with `segment()`."""
 
-    def __init__(self, mm_per_px: float = 0.25, vision: VisionConfig | None = None, crop_size: int = 64,
-                 noise_sigma: float = 3.0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        mm_per_px: float = 0.25,
+        vision: VisionConfig | None = None,
+        crop_size: int = 64,
+        noise_sigma: float = 3.0,
+        seed: int = 0,
+    ) -> None:
         self.mm_per_px = mm_per_px
         self.vision = vision or VisionConfig()
         self.crop_size = crop_size
         self.rng = np.random.default_rng(seed)
         side = math.ceil(PATCH_MM / mm_per_px / 2) * 2
-        self.renderer = FrameRenderer(CameraGeometry(side, side, (0.0, 0.0), mm_per_px), noise_sigma,
-                                      seed=int(self.rng.integers(2**31)), bank_size=8)
+        self.renderer = FrameRenderer(
+            CameraGeometry(side, side, (0.0, 0.0), mm_per_px),
+            noise_sigma,
+            seed=int(self.rng.integers(2**31)),
+            bank_size=8,
+        )
         self.frame = np.empty((side, side, 3), np.uint8)
 
     def crop(self, piece: SimPiece) -> np.ndarray | None:

@@ -25,13 +25,24 @@ Poly = np.ndarray  # (K, 2) float64, mm
 
 # g/cm3; "other" pieces take the density of their material (the variant)
 DENSITY: dict[str, float] = {
-    "ndfeb": 7.5, "ferrite": 4.9, "smco": 8.4, "steel": 7.85,
-    "copper": 8.9, "brass": 8.5, "aluminium": 2.7, "plastic": 1.2, "pcb": 1.9,
+    "ndfeb": 7.5,
+    "ferrite": 4.9,
+    "smco": 8.4,
+    "steel": 7.85,
+    "copper": 8.9,
+    "brass": 8.5,
+    "aluminium": 2.7,
+    "plastic": 1.2,
+    "pcb": 1.9,
 }
 
 # max-dimension range (mm) per class, intersected with the feed's size range
 CLASS_SIZE_MM: dict[str, tuple[float, float]] = {
-    "ndfeb": (8.0, 50.0), "ferrite": (10.0, 50.0), "smco": (5.0, 15.0), "steel": (6.0, 50.0), "other": (6.0, 50.0),
+    "ndfeb": (8.0, 50.0),
+    "ferrite": (10.0, 50.0),
+    "smco": (5.0, 15.0),
+    "steel": (6.0, 50.0),
+    "other": (6.0, 50.0),
 }
 
 VARIANTS: dict[str, dict[str, float]] = {
@@ -148,8 +159,19 @@ def _rect(w: float, h: float, cx: float = 0.0, cy: float = 0.0, chamfer: float =
     if chamfer <= 0:
         return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float64)
     c = chamfer
-    return np.array([[x0 + c, y0], [x1 - c, y0], [x1, y0 + c], [x1, y1 - c],
-                     [x1 - c, y1], [x0 + c, y1], [x0, y1 - c], [x0, y0 + c]], dtype=np.float64)
+    return np.array(
+        [
+            [x0 + c, y0],
+            [x1 - c, y0],
+            [x1, y0 + c],
+            [x1, y1 - c],
+            [x1 - c, y1],
+            [x0 + c, y1],
+            [x0, y1 - c],
+            [x0, y0 + c],
+        ],
+        dtype=np.float64,
+    )
 
 
 def _segments_cross(a: Poly, b: Poly) -> bool:
@@ -283,11 +305,20 @@ def _screw(rng: np.random.Generator, size: float) -> Shape:
     head_l = max(d * rng.uniform(0.5, 0.8), 1.5)
     x0 = -size / 2
     tip = x0 + size - d * 0.6
-    poly = np.array([
-        [x0, -head_w / 2], [x0 + head_l, -head_w / 2], [x0 + head_l, -d / 2], [tip, -d / 2],
-        [x0 + size, -d * 0.15], [x0 + size, d * 0.15], [tip, d / 2], [x0 + head_l, d / 2],
-        [x0 + head_l, head_w / 2], [x0, head_w / 2],
-    ])
+    poly = np.array(
+        [
+            [x0, -head_w / 2],
+            [x0 + head_l, -head_w / 2],
+            [x0 + head_l, -d / 2],
+            [tip, -d / 2],
+            [x0 + size, -d * 0.15],
+            [x0 + size, d * 0.15],
+            [tip, d / 2],
+            [x0 + head_l, d / 2],
+            [x0 + head_l, head_w / 2],
+            [x0, head_w / 2],
+        ]
+    )
     return poly, (), {"x_shank": x0 + head_l, "x_tip": x0 + size, "x_head": x0, "w": d}
 
 
@@ -320,13 +351,23 @@ def _bracket(rng: np.random.Generator, size: float) -> Shape:
     w = max(size * rng.uniform(0.2, 0.35), MIN_FEATURE_MM + 1)
     arm = max(size * rng.uniform(0.5, 1.0), 2 * w)
     x0, y0 = -size / 2, -arm / 2
-    poly = np.array([[x0, y0], [x0 + w, y0], [x0 + w, y0 + arm - w], [x0 + size, y0 + arm - w],
-                     [x0 + size, y0 + arm], [x0, y0 + arm]])
+    poly = np.array(
+        [
+            [x0, y0],
+            [x0 + w, y0],
+            [x0 + w, y0 + arm - w],
+            [x0 + size, y0 + arm - w],
+            [x0 + size, y0 + arm],
+            [x0, y0 + arm],
+        ]
+    )
     holes: tuple[Poly, ...] = ()
     d = 0.45 * w
     if d >= MIN_HOLE_MM:
-        holes = (_circle(d, x0 + w / 2, y0 + (arm - w) / 2)[::-1],
-                 _circle(d, x0 + (w + size) / 2, y0 + arm - w / 2)[::-1])
+        holes = (
+            _circle(d, x0 + w / 2, y0 + (arm - w) / 2)[::-1],
+            _circle(d, x0 + (w + size) / 2, y0 + arm - w / 2)[::-1],
+        )
     return poly, holes, {"w": w, "l": size}
 
 
@@ -407,12 +448,25 @@ def make_piece(
     thickness = float(_thickness(shape, local, size, rng))
     density = DENSITY[variant if cls == "other" else cls]
     return SimPiece(
-        id=id, cls=cls, variant=variant, shape=shape, x_mm=0.0, s_mm=0.0, angle_deg=angle,
-        area_mm2=float(area), thickness_mm=thickness, mass_g=float(area * thickness * density / 1000.0),
+        id=id,
+        cls=cls,
+        variant=variant,
+        shape=shape,
+        x_mm=0.0,
+        s_mm=0.0,
+        angle_deg=angle,
+        area_mm2=float(area),
+        thickness_mm=thickness,
+        mass_g=float(area * thickness * density / 1000.0),
         size_mm=size,
-        dx0=float(outline[:, 0].min()), dx1=float(outline[:, 0].max()),
-        dy_lead=float(outline[:, 1].max()), dy_trail=float(outline[:, 1].min()),
-        outline=outline, holes=holes, local=local, seed=int(rng.integers(0, 2**31 - 1)),
+        dx0=float(outline[:, 0].min()),
+        dx1=float(outline[:, 0].max()),
+        dy_lead=float(outline[:, 1].max()),
+        dy_trail=float(outline[:, 1].min()),
+        outline=outline,
+        holes=holes,
+        local=local,
+        seed=int(rng.integers(0, 2**31 - 1)),
     )
 
 

@@ -70,8 +70,14 @@ def _streaks(rng: np.random.Generator, coord: np.ndarray, period_mm: float) -> n
     return np.interp(coord, grid, vals).astype(np.float32)
 
 
-def _rust(rng: np.random.Generator, h: int, w: int, mm_per_px: float, coverage: float,
-          scale_mm: tuple[float, float] = (1.0, 3.0)) -> np.ndarray:
+def _rust(
+    rng: np.random.Generator,
+    h: int,
+    w: int,
+    mm_per_px: float,
+    coverage: float,
+    scale_mm: tuple[float, float] = (1.0, 3.0),
+) -> np.ndarray:
     """Soft 0..1 mask of rust patches `scale_mm` across, covering about `coverage` of the sprite."""
     n = _smooth_noise(rng, h, w, rng.uniform(*scale_mm) / mm_per_px) + 0.35 * _smooth_noise(rng, h, w, 0.4 / mm_per_px)
     t = float(np.quantile(n, 1.0 - coverage))
@@ -82,8 +88,9 @@ def _band(coord: np.ndarray, centre: float, width: float) -> np.ndarray:
     return np.exp(-(((coord - centre) / max(width, 1e-3)) ** 2)).astype(np.float32)
 
 
-def _tone(base: tuple[float, float, float], rng: np.random.Generator, bright: tuple[float, float],
-          tint: float = 0.04) -> np.ndarray:
+def _tone(
+    base: tuple[float, float, float], rng: np.random.Generator, bright: tuple[float, float], tint: float = 0.04
+) -> np.ndarray:
     """A per-piece colour: base BGR scaled by a brightness and a small per-channel tint."""
     return np.array(base, np.float32) * rng.uniform(*bright) * rng.uniform(1 - tint, 1 + tint, 3).astype(np.float32)
 
@@ -127,8 +134,9 @@ class _Canvas:
         return (0.55 + 0.45 * np.sqrt(1 - t**2)).astype(np.float32)
 
 
-def _metal(c: _Canvas, rng: np.random.Generator, colour: np.ndarray, gloss: float, marks: float,
-           mark_period: float, env: float) -> np.ndarray:
+def _metal(
+    c: _Canvas, rng: np.random.Generator, colour: np.ndarray, gloss: float, marks: float, mark_period: float, env: float
+) -> np.ndarray:
     """A metallic surface: environment reflections, machining/brushing marks, a highlight, bright chamfers."""
     h, w = c.shape
     img = np.empty((h, w, 3), np.float32)
@@ -150,16 +158,20 @@ def _metal(c: _Canvas, rng: np.random.Generator, colour: np.ndarray, gloss: floa
 def _grain(c: _Canvas, rng: np.random.Generator, colour: np.ndarray, fine: float, coarse: float) -> np.ndarray:
     """A matte sintered/ceramic surface: fine grain plus blotches, no highlight."""
     h, w = c.shape
-    shade = (1.0 + coarse * _smooth_noise(rng, h, w, rng.uniform(2, 5) / c.mm_per_px)
-             + fine * _smooth_noise(rng, h, w, rng.uniform(0.25, 0.5) / c.mm_per_px)
-             + 0.6 * fine * rng.standard_normal((h, w)).astype(np.float32))
+    shade = (
+        1.0
+        + coarse * _smooth_noise(rng, h, w, rng.uniform(2, 5) / c.mm_per_px)
+        + fine * _smooth_noise(rng, h, w, rng.uniform(0.25, 0.5) / c.mm_per_px)
+        + 0.6 * fine * rng.standard_normal((h, w)).astype(np.float32)
+    )
     if c.piece.shape == "cylinder":
         shade *= c.cylinder_shade()
     return colour[None, None, :] * shade[..., None]
 
 
-def _add_rust(img: np.ndarray, c: _Canvas, rng: np.random.Generator, coverage: float,
-              scale_mm: tuple[float, float] = (1.0, 3.0)) -> np.ndarray:
+def _add_rust(
+    img: np.ndarray, c: _Canvas, rng: np.random.Generator, coverage: float, scale_mm: tuple[float, float] = (1.0, 3.0)
+) -> np.ndarray:
     h, w = c.shape
     m = _rust(rng, h, w, c.mm_per_px, coverage, scale_mm)[..., None]
     rust = _tone((38, 68, 128), rng, (0.7, 1.25), 0.08)
@@ -171,8 +183,7 @@ def _ndfeb(c: _Canvas, rng: np.random.Generator) -> np.ndarray:
     match c.piece.variant:
         case "ni":
             # nickel is a warm silver: red above blue, unlike cold steel and neutral aluminium
-            return _metal(c, rng, _tone((160, 174, 190), rng, (0.85, 1.05), 0.03), rng.uniform(40, 75),
-                          0.0, 1.0, 0.05)
+            return _metal(c, rng, _tone((160, 174, 190), rng, (0.85, 1.05), 0.03), rng.uniform(40, 75), 0.0, 1.0, 0.05)
         case "zn":
             img = _metal(c, rng, _tone((172, 158, 144), rng, (0.8, 1.05), 0.04), rng.uniform(15, 35), 0.0, 1.0, 0.08)
             h, w = c.shape
@@ -252,8 +263,15 @@ def _other(c: _Canvas, rng: np.random.Generator) -> np.ndarray:
             return _metal(c, rng, _tone((78, 168, 204), rng, (0.8, 1.1), 0.05), rng.uniform(30, 60), 0.04, 0.5, 0.07)
         case "aluminium":
             # satin: bright, neutral, little gloss, brushed in one direction
-            return _metal(c, rng, _tone((188, 188, 186), rng, (0.85, 1.05), 0.02), rng.uniform(8, 22),
-                          0.1, rng.uniform(0.3, 0.8), 0.03)
+            return _metal(
+                c,
+                rng,
+                _tone((188, 188, 186), rng, (0.85, 1.05), 0.02),
+                rng.uniform(8, 22),
+                0.1,
+                rng.uniform(0.3, 0.8),
+                0.03,
+            )
         case "plastic":
             img = np.empty((h, w, 3), np.float32)
             img[:] = _hsv_colour(rng)
@@ -321,8 +339,10 @@ def _rasterise(piece: SimPiece, mm_per_px: float) -> tuple[np.ndarray, float, fl
     w = math.ceil((piece.dx1 - piece.dx0) / mm_per_px) + 2 * _PAD_PX
     h = math.ceil((piece.dy_lead - piece.dy_trail) / mm_per_px) + 2 * _PAD_PX
     cx, cy = _PAD_PX - piece.dx0 / mm_per_px, _PAD_PX - piece.dy_trail / mm_per_px
-    polys = [np.column_stack([cx + poly[:, 0] / mm_per_px, cy + poly[:, 1] / mm_per_px])
-             for poly in (piece.outline, *piece.holes)]
+    polys = [
+        np.column_stack([cx + poly[:, 0] / mm_per_px, cy + poly[:, 1] / mm_per_px])
+        for poly in (piece.outline, *piece.holes)
+    ]
     alpha = np.clip(_coverage(polys, w, h) * 255 + 0.5, 0, 255).astype(np.uint8)
     return alpha, cx, cy
 
@@ -336,10 +356,12 @@ def render_sprite(piece: SimPiece, mm_per_px: float, rng: np.random.Generator | 
     bx, by = (u - cx) * mm_per_px, (v - cy) * mm_per_px
     ca, sa = math.cos(math.radians(piece.angle_deg)), math.sin(math.radians(piece.angle_deg))
     inside = (alpha >= 128).astype(np.uint8)
-    edge = cv2.distanceTransform(cv2.copyMakeBorder(inside, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0),
-                                 cv2.DIST_L2, 3)[1:-1, 1:-1]
-    canvas = _Canvas(lx=ca * bx + sa * by, ly=-sa * bx + ca * by, edge_mm=edge * mm_per_px, mm_per_px=mm_per_px,
-                     piece=piece)
+    edge = cv2.distanceTransform(cv2.copyMakeBorder(inside, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0), cv2.DIST_L2, 3)[
+        1:-1, 1:-1
+    ]
+    canvas = _Canvas(
+        lx=ca * bx + sa * by, ly=-sa * bx + ca * by, edge_mm=edge * mm_per_px, mm_per_px=mm_per_px, piece=piece
+    )
     img = _APPEARANCE[piece.cls](canvas, rng)
     img = cv2.GaussianBlur(img, (0, 0), 0.6)  # optics: no real lens resolves single-pixel texture
     peak = img.max(axis=2, keepdims=True)
@@ -378,8 +400,9 @@ class FrameRenderer:
         self._frame = 0
         self._warped: dict[int, tuple[Sprite, Sprite]] = {}
 
-    def render(self, pieces: Iterable[tuple[SimPiece, Sprite]], belt_pos_mm: float, out: np.ndarray,
-               gain: float = 1.0) -> None:
+    def render(
+        self, pieces: Iterable[tuple[SimPiece, Sprite]], belt_pos_mm: float, out: np.ndarray, gain: float = 1.0
+    ) -> None:
         """Write the frame at belt position `belt_pos_mm` into `out` (H x W x 3 uint8), in place."""
         g = self.geom
         if out.shape != (g.height, g.width, 3) or out.dtype != np.uint8:

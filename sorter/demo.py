@@ -214,9 +214,9 @@ async def run_demo(
             "model_version": service.classifier.version if service else None,
             "stage_ms": {k: round(v, 3) for k, v in service.times.mean_ms().items()} if service else {},
             "late_views": service.tracker.late_views if service else 0,
-        "merged_views": service.tracker.merged_views if service else 0,
-        "partial_views": service.tracker.partial_views if service else 0,
-        "cameras": summary.get("cameras", {}),
+            "merged_views": service.tracker.merged_views if service else 0,
+            "partial_views": service.tracker.partial_views if service else 0,
+            "cameras": summary.get("cameras", {}),
         }
     )
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))

@@ -84,11 +84,16 @@ def _build_model(torch: Any, n_classes: int) -> Any:
             super().__init__()
             # cheap at full resolution (2 CPU cores), wider where the image is small
             self.features = nn.Sequential(
-                *block(3, 16), nn.MaxPool2d(2),
-                *block(16, 32), nn.MaxPool2d(2),
-                *block(32, 64), *block(64, 64), nn.MaxPool2d(2),
+                *block(3, 16),
+                nn.MaxPool2d(2),
+                *block(16, 32),
+                nn.MaxPool2d(2),
+                *block(32, 64),
+                *block(64, 64),
+                nn.MaxPool2d(2),
                 *block(64, 128),
-                nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
             )
             self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(128, n_classes))
 
@@ -209,16 +214,27 @@ def _export(torch: Any, model: Any, size: int, path: Path) -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter announces its own deprecation
             torch.onnx.export(
-                model, (dummy,), str(path), dynamo=False, opset_version=OPSET,
-                input_names=["input"], output_names=["logits"],
+                model,
+                (dummy,),
+                str(path),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=["input"],
+                output_names=["logits"],
                 dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
             )
         return "torchscript"
     except Exception:  # the legacy exporter is going away; the dynamo one needs onnxscript
         batch = torch.export.Dim("batch", min=1, max=4096)
         torch.onnx.export(
-            model, (dummy,), str(path), dynamo=True, opset_version=max(OPSET, 18),
-            input_names=["input"], output_names=["logits"], dynamic_shapes=({0: batch},),
+            model,
+            (dummy,),
+            str(path),
+            dynamo=True,
+            opset_version=max(OPSET, 18),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_shapes=({0: batch},),
             external_data=False,
         )
         return "dynamo"
@@ -305,8 +321,10 @@ def train(
         with torch.no_grad():
             return torch.cat([model((x[i : i + 256] - norm_m) / norm_s) for i in range(0, len(x), 256)]).numpy()
 
-    console.print(f"training on {len(x_train)} crops ({', '.join(labels)}), {n_params} parameters, "
-                  f"{torch.get_num_threads()} threads")
+    console.print(
+        f"training on {len(x_train)} crops ({', '.join(labels)}), {n_params} parameters, "
+        f"{torch.get_num_threads()} threads"
+    )
     best: tuple[float, dict[str, Any], int] | None = None
     history = []
     t0 = time.monotonic()
@@ -331,10 +349,13 @@ def train(
             lv = logits_of(xv)
             val_loss = float(loss_fn(torch.from_numpy(lv), torch.from_numpy(yv)))
             val_acc = float((lv.argmax(1) == yv).mean())
-            history.append({"epoch": epoch + 1, "train_loss": total / len(xt), "val_loss": val_loss,
-                            "val_acc": val_acc})
-            console.print(f"epoch {epoch + 1:3d}  train loss {total / len(xt):.4f}  val loss {val_loss:.4f}  "
-                          f"val acc {val_acc:.4f}")
+            history.append(
+                {"epoch": epoch + 1, "train_loss": total / len(xt), "val_loss": val_loss, "val_acc": val_acc}
+            )
+            console.print(
+                f"epoch {epoch + 1:3d}  train loss {total / len(xt):.4f}  val loss {val_loss:.4f}  "
+                f"val acc {val_acc:.4f}"
+            )
             if best is None or val_loss < best[0]:
                 best = (val_loss, {k: v.clone() for k, v in model.state_dict().items()}, epoch + 1)
             elif epoch + 1 >= min_epochs and epoch + 1 - best[2] >= patience:
@@ -345,9 +366,16 @@ def train(
     lv = logits_of(xv)
     temperature = _fit_temperature(lv, yv)
     metrics: dict[str, Any] = {
-        "labels": labels, "input_size": input_size, "seed": seed, "parameters": n_params,
-        "epochs_run": len(history), "best_epoch": best[2], "train_seconds": round(time.monotonic() - t0, 1),
-        "temperature": temperature, "history": history, "n_train": len(x_train),
+        "labels": labels,
+        "input_size": input_size,
+        "seed": seed,
+        "parameters": n_params,
+        "epochs_run": len(history),
+        "best_epoch": best[2],
+        "train_seconds": round(time.monotonic() - t0, 1),
+        "temperature": temperature,
+        "history": history,
+        "n_train": len(x_train),
         "val": evaluate(_softmax(lv / temperature), yv, labels),
     }
     if "test" in xs and len(xs["test"][0]):
@@ -406,8 +434,10 @@ def _print_report(console: Any, metrics: dict[str, Any]) -> None:
         if split not in metrics:
             continue
         m = metrics[split]
-        table = Table(title=f"{split}: accuracy {m['accuracy']:.4f} (n={m['n']}), "
-                            f"{m['confident_share']:.1%} at confidence >= {CONFIDENCE}")
+        table = Table(
+            title=f"{split}: accuracy {m['accuracy']:.4f} (n={m['n']}), "
+            f"{m['confident_share']:.1%} at confidence >= {CONFIDENCE}"
+        )
         table.add_column("true \\ predicted")
         for name in labels:
             table.add_column(name, justify="right")
@@ -417,5 +447,6 @@ def _print_report(console: Any, metrics: dict[str, Any]) -> None:
             pc = m["per_class"][name]
             table.add_row(name, *(str(v) for v in m["confusion"][i]), f"{pc['precision']:.3f}", f"{pc['recall']:.3f}")
         console.print(table)
-    console.print(f"temperature {metrics['temperature']:.3f}, model {metrics['model_bytes']} bytes, "
-                  f"version {metrics['version']}")
+    console.print(
+        f"temperature {metrics['temperature']:.3f}, model {metrics['model_bytes']} bytes, version {metrics['version']}"
+    )

@@ -16,8 +16,9 @@ from sorter.config import CLASSES
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "sorter-cnn.onnx"
 needs_model = pytest.mark.skipif(not SHIPPED.is_file(), reason="models/sorter-cnn.onnx not built")
-needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
-                                 reason="torch not installed (the 'train' extra)")
+needs_torch = pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None, reason="torch not installed (the 'train' extra)"
+)
 
 
 @pytest.fixture(scope="module")

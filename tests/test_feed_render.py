@@ -33,8 +33,12 @@ def _key(p: SimPiece) -> tuple[object, ...]:
 
 def _every_shape(seed: int = 0) -> list[SimPiece]:
     rng = np.random.default_rng(seed)
-    return [make_piece(rng, cls, variant, shape)
-            for (cls, variant), shapes in SHAPES.items() for shape in shapes for _ in range(2)]
+    return [
+        make_piece(rng, cls, variant, shape)
+        for (cls, variant), shapes in SHAPES.items()
+        for shape in shapes
+        for _ in range(2)
+    ]
 
 
 def test_feed_is_deterministic_whatever_the_call_pattern() -> None:
@@ -159,8 +163,10 @@ def test_segment_finds_each_isolated_piece_at_its_belt_position(rotation_deg: fl
     frame = np.empty((720, 1280, 3), np.uint8)
     rng = np.random.default_rng(4)
     for k in range(6):
-        pieces = [_place(rng, CLASSES[(k + i) % 5], x, float(rng.uniform(-20, 20)))
-                  for i, x in enumerate((60.0, 160.0, 260.0))]
+        pieces = [
+            _place(rng, CLASSES[(k + i) % 5], x, float(rng.uniform(-20, 20)))
+            for i, x in enumerate((60.0, 160.0, 260.0))
+        ]
         belt_pos = 500.0
         pieces = [p.placed(p.x_mm, p.s_mm + belt_pos) for p in pieces]
         renderer.render([(p, render_sprite(p, MM_PER_PX)) for p in pieces], belt_pos, frame, gain=1.05)
