@@ -28,8 +28,8 @@ bench: $(STAMP)
 # Retrain the shipped model from simulator renders (needs PyTorch CPU: the `train` extra).
 model: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[train]'
-	$(BIN)/sorter sim dataset --out data/sim-ds --per-class 900 --seed 0
-	$(BIN)/sorter model train --data data/sim-ds --out models/sorter-cnn.onnx
+	$(BIN)/sorter sim dataset --out data/sim-ds --per-class 1000 --seed 1
+	$(BIN)/sorter model train --data data/sim-ds --out models/sorter-cnn.onnx --epochs 40 --seed 0
 
 clean-venv:
 	rm -rf $(VENV)

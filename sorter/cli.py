@@ -173,7 +173,7 @@ def sim_dataset(
 def model_train(
     data: Annotated[Path, typer.Option(help="ImageFolder dataset with train/ and val/")],
     out: Annotated[Path, typer.Option(help="ONNX file to write")],
-    epochs: int = 30,
+    epochs: int = 40,
     seed: int = 0,
     input_size: int = 64,
 ) -> None:
