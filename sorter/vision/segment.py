@@ -72,19 +72,36 @@ def _peaks(dist: np.ndarray) -> list[tuple[int, int, float]]:
     return seeds
 
 
-def _flood(dist: np.ndarray, labels: np.ndarray, n: int, steps: int = 24) -> np.ndarray:
+def _flood(dist: np.ndarray, labels: np.ndarray, n: int, steps: int = 16) -> np.ndarray:
     """Watershed by flooding: lower the level step by step; each region grows only into pixels above
-    the level that touch it, so the regions meet at the necks (where the distance map is low)."""
+    the level that touch it, so the regions meet at the necks (where the distance map is low).
+
+    Per level, a connected patch that touches a single region joins it whole (one labelling pass);
+    only patches where regions meet grow pixel ring by pixel ring.
+    """
     kernel = np.ones((3, 3), np.uint8)
     for level in np.linspace(float(dist.max()), 0.0, steps)[1:]:
         free = (dist >= level - 1e-6) & (dist > 0)
-        while True:
+        count, patch = cv2.connectedComponents((free | (labels > 0)).astype(np.uint8), connectivity=8)
+        touches = np.stack([np.bincount(patch[labels == k], minlength=count) > 0 for k in range(1, n + 1)])
+        owners = touches.sum(axis=0)
+        owner = touches.argmax(axis=0) + 1
+        open_px = free & (labels == 0)
+        ys, xs = np.nonzero(open_px)
+        where = patch[ys, xs]
+        one = owners[where] == 1
+        labels[ys[one], xs[one]] = owner[where[one]]
+        contested = np.zeros_like(free)
+        many = owners[where] > 1
+        contested[ys[many], xs[many]] = True
+        while contested.any():
             grew = False
             for k in range(1, n + 1):
-                reach = cv2.dilate((labels == k).astype(np.uint8), kernel).astype(bool) & free & (labels == 0)
+                reach = cv2.dilate((labels == k).astype(np.uint8), kernel).astype(bool) & contested & (labels == 0)
                 if reach.any():
                     labels[reach] = k
                     grew = True
+            contested &= labels == 0
             if not grew:
                 break
     return labels
@@ -141,25 +158,32 @@ def _split_touching(comp: np.ndarray, colour: np.ndarray) -> list[np.ndarray]:
     roots = sorted({fine.root(i) for i in range(len(seeds))})
     if len(roots) < 2:
         return [comp]
-    # flood from one marker per candidate piece over the distance map: borders settle on the necks
-    markers = np.zeros(dist.shape, dtype=np.int32)
+    # candidates joined by a moderate neck stay one piece unless their colours differ; each candidate's
+    # colour is read around its peaks, so most blobs (a screw, an arc) are settled before any flooding
+    cores = np.zeros(dist.shape, dtype=np.int32)
     for i, (y, x, p) in enumerate(seeds):
-        cv2.circle(markers, (x, y), max(1, int(0.5 * p)), roots.index(fine.root(i)) + 1, -1)
-    markers[filled == 0] = -1
-    labels = _flood(dist, markers, len(roots))
-    # candidates joined by a moderate neck stay one piece unless their colours differ
-    sure = _connect_peaks(dist, seeds, NECK_SURE)
+        cv2.circle(cores, (x, y), max(1, int(0.5 * p)), roots.index(fine.root(i)) + 1, -1)
+    cores[filled == 0] = 0
     inside = comp > 0
-    means = [colour[(labels == k + 1) & inside].reshape(-1, 3).mean(axis=0) for k in range(len(roots))]
+    means = [colour[(cores == k + 1) & inside].reshape(-1, 3).mean(axis=0) for k in range(len(roots))]
+    sure = _connect_peaks(dist, seeds, NECK_SURE)
     final = _Groups(len(roots))
     for a in range(len(roots)):
         for b in range(a):
             if sure.root(roots[a]) == sure.root(roots[b]) and np.linalg.norm(means[a] - means[b]) < COLOUR_STEP:
                 final.union(b, a)
+    groups = sorted({final.root(k) for k in range(len(roots))})
+    if len(groups) < 2:
+        return [comp]
+    # flood from one marker per piece over the distance map: borders settle on the necks
+    markers = np.zeros(dist.shape, dtype=np.int32)
+    for k in range(len(roots)):
+        markers[cores == k + 1] = groups.index(final.root(k)) + 1
+    markers[filled == 0] = -1
+    labels = _flood(dist, markers, len(groups))
     parts = []
-    for r in sorted({final.root(k) for k in range(len(roots))}):
-        members = [k + 1 for k in range(len(roots)) if final.root(k) == r]
-        part = (np.isin(labels, members) & inside).astype(np.uint8) * 255
+    for g in range(1, len(groups) + 1):
+        part = ((labels == g) & inside).astype(np.uint8) * 255
         if cv2.countNonZero(part):
             parts.append(part)
     return parts or [comp]
