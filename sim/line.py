@@ -173,7 +173,6 @@ class SimLine:
             self._sprites.pop(p.id, None)
         if self.truth:
             self.truth.set_outcomes([(o.bin, o.bank, o.seq, o.err_mm, o.piece_id) for _, o in done])
-            self.truth.commit()
         self._visible = tuple((p, self._sprites[p.id]) for p in self._on_belt)
         self.physics.forget_before(pos)
 
@@ -193,6 +192,8 @@ class SimLine:
             n += 1
             if n % 10 == 0:
                 self.belt.step_drift()
+            if n % 50 == 0 and self.truth:
+                self.truth.commit()  # twice a second: a commit per tick would stall the PLC scan on the disk
             await asyncio.sleep(0.01)
 
     async def start(self) -> None:

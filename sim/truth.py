@@ -29,6 +29,8 @@ class TruthStore:
         if path.exists():
             path.unlink()
         self._db = sqlite3.connect(path, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
 
     def add_pieces(self, rows: list[tuple[Any, ...]]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ class RecordStore:
         self._inserts: list[tuple[Any, ...]] = []
         self._updates: list[tuple[Any, ...]] = []
         self._events: list[tuple[Any, ...]] = []
+        self._lock = threading.Lock()  # rows are added on the event loop and written on a worker thread
         self.written = 0
 
     def add_piece(self, row: dict[str, Any]) -> None:
@@ -82,25 +84,29 @@ class RecordStore:
         )
         values = [row.get(c) for c in cols]
         values[cols.index("probs")] = json.dumps(row.get("probs", {}))
-        self._inserts.append((self.run_id, *values))
+        with self._lock:
+            self._inserts.append((self.run_id, *values))
 
     def update_outcome(
         self, piece_id: int, outcome: str, seq: int | None, t_accepted: float | None, latency_ms: float | None
     ) -> None:
-        self._updates.append((outcome, seq, t_accepted, latency_ms, self.run_id, piece_id))
+        with self._lock:
+            self._updates.append((outcome, seq, t_accepted, latency_ms, self.run_id, piece_id))
 
     def event(self, kind: str, **detail: Any) -> None:
-        self._events.append((time.time(), self.run_id, kind, json.dumps(detail, default=str)))
+        with self._lock:
+            self._events.append((time.time(), self.run_id, kind, json.dumps(detail, default=str)))
 
     @property
     def pending_writes(self) -> int:
         return len(self._inserts) + len(self._updates) + len(self._events)
 
     def flush(self) -> None:
-        if not self.pending_writes:
-            return
-        ins, upd, ev = self._inserts, self._updates, self._events
-        self._inserts, self._updates, self._events = [], [], []
+        with self._lock:
+            if not self.pending_writes:
+                return
+            ins, upd, ev = self._inserts, self._updates, self._events
+            self._inserts, self._updates, self._events = [], [], []
         with self._db:  # one transaction
             self._db.execute("BEGIN")
             self._db.executemany(

@@ -75,6 +75,7 @@ class LineService:
         # classify must not hold up the next frames, nor either of them the PLC polling on the loop
         self._vision = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision")
         self._infer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="records")
         self._pieces: asyncio.Queue[list[Piece]] = asyncio.Queue()
         self._sends: set[asyncio.Task[None]] = set()
         self._ref_count: int | None = None
@@ -218,9 +219,11 @@ class LineService:
     # --- housekeeping ---
     async def _flush_loop(self) -> None:
         last_log = time.monotonic()
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(0.2)
-            self.records.flush()
+            # a commit can wait on the disk (WAL checkpoints): never on the loop that polls the PLC
+            await loop.run_in_executor(self._writer, self.records.flush)
             if time.monotonic() - last_log > 5:
                 last_log = time.monotonic()
                 self.log.info("line", **self.summary())
@@ -306,6 +309,7 @@ class LineService:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.records.event("stop", **{k: v for k, v in self.counts.items()})
+        self._writer.shutdown(wait=True)
         self.records.close()
         self._vision.shutdown(wait=True)
         self._infer.shutdown(wait=True)
