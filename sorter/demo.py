@@ -194,8 +194,12 @@ async def run_demo(
     finally:
         stop.set()
         if svc_task is not None:
-            with contextlib.suppress(Exception):
-                await svc_task
+            try:
+                await asyncio.wait_for(svc_task, 30)
+            except TimeoutError:
+                log.error("the service did not stop within 30 s; cancelling it")
+            except Exception:
+                log.exception("the service failed")
         await sim.close()
         loop.remove_signal_handler(signal.SIGINT)
         loop.remove_signal_handler(signal.SIGTERM)
@@ -217,6 +221,8 @@ async def run_demo(
             "merged_views": service.tracker.merged_views if service else 0,
             "partial_views": service.tracker.partial_views if service else 0,
             "cameras": summary.get("cameras", {}),
+        "frames_failed": service.counts["frames_failed"] if service else 0,
+        "batches_failed": service.counts["batches_failed"] if service else 0,
         }
     )
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))

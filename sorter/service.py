@@ -111,23 +111,30 @@ class LineService:
                 frame = await cap.get()
             except CaptureClosed:
                 return
-            count = self._frame_count(frame)
-            if count is None:
-                self.counts["frames_unplaced"] += 1  # no latched count and no clock model yet
-                continue
-            self._ref_count = count
-            blobs = await loop.run_in_executor(self._vision, self._segment, frame)
-            t0 = time.perf_counter()
-            dets = to_detections(
-                blobs, self.geoms[name], name, count, self.cfg.belt.counts_per_mm, frame.seq, frame.t_capture
-            )
-            self.tracker.add(name, count, dets)
-            active = [n for n, c in self.captures.items() if c.online]
-            pieces = self.tracker.finalise(active)
-            self.times.add("track", time.perf_counter() - t0)
-            self.counts["frames_processed"] += 1
-            if pieces:
-                self._pieces.put_nowait(pieces)
+            try:
+                await self._process(name, frame, loop)
+            except Exception:  # one bad frame must not stop the line: count it, log it, go on
+                self.counts["frames_failed"] += 1
+                self.log.exception("frame processing failed", camera=name, seq=frame.seq)
+
+    async def _process(self, name: str, frame: Frame, loop: asyncio.AbstractEventLoop) -> None:
+        count = self._frame_count(frame)
+        if count is None:
+            self.counts["frames_unplaced"] += 1  # no latched count and no clock model yet
+            return
+        self._ref_count = count
+        blobs = await loop.run_in_executor(self._vision, self._segment, frame)
+        t0 = time.perf_counter()
+        dets = to_detections(
+            blobs, self.geoms[name], name, count, self.cfg.belt.counts_per_mm, frame.seq, frame.t_capture
+        )
+        self.tracker.add(name, count, dets)
+        active = [n for n, c in self.captures.items() if c.online]
+        pieces = self.tracker.finalise(active)
+        self.times.add("track", time.perf_counter() - t0)
+        self.counts["frames_processed"] += 1
+        if pieces:
+            self._pieces.put_nowait(pieces)
 
     # --- pieces -> decisions -> commands ---
     def _classify(self, pieces: list[Piece]) -> list[np.ndarray | None]:
@@ -148,7 +155,11 @@ class LineService:
             pieces = await self._pieces.get()
             while not self._pieces.empty():  # batch whatever else is ready
                 pieces += self._pieces.get_nowait()
-            await self._decide(pieces, loop)
+            try:
+                await self._decide(pieces, loop)
+            except Exception:  # record what can be recorded; never let the decision loop die
+                self.counts["batches_failed"] += 1
+                self.log.exception("decision batch failed", pieces=len(pieces))
 
     async def _decide(self, pieces: list[Piece], loop: asyncio.AbstractEventLoop) -> None:
         probs = await loop.run_in_executor(self._infer, self._classify, pieces)

@@ -165,7 +165,13 @@ def _split_touching(comp: np.ndarray, colour: np.ndarray) -> list[np.ndarray]:
         cv2.circle(cores, (x, y), max(1, int(0.5 * p)), roots.index(fine.root(i)) + 1, -1)
     cores[filled == 0] = 0
     inside = comp > 0
-    means = [colour[(cores == k + 1) & inside].reshape(-1, 3).mean(axis=0) for k in range(len(roots))]
+    means = []
+    for k in range(len(roots)):
+        px = colour[(cores == k + 1) & inside].reshape(-1, 3)
+        if not len(px):  # a core that falls in a hole of the mask: read the colour at its peak
+            y, x, _ = next(seeds[i] for i in range(len(seeds)) if roots.index(fine.root(i)) == k)
+            px = colour[y : y + 1, x : x + 1].reshape(-1, 3)
+        means.append(px.astype(np.float64).mean(axis=0))
     sure = _connect_peaks(dist, seeds, NECK_SURE)
     final = _Groups(len(roots))
     for a in range(len(roots)):
