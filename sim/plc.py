@@ -103,18 +103,7 @@ class VirtualPlc:
         r = regs
         slots_end = r.hr_slots + r.slot_stride * r.slot_count
         self._hr = [0] * (max(r.hr_heartbeat, r.hr_command, slots_end - 1) + 1)
-        self._ir = [0] * (
-            max(
-                r.ir_encoder + 1,
-                r.ir_speed,
-                r.ir_status,
-                r.ir_queue_free,
-                r.ir_last_seq,
-                r.ir_ejects_done,
-                r.ir_ejects_late,
-            )
-            + 1
-        )
+        self._ir = [0] * (max(r.input_addresses) + 1)
         self._coil_lo = r.coil_valves
         self._coils = [False] * (banks * VALVES_PER_BANK)
 

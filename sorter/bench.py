@@ -20,7 +20,7 @@ import numpy as np
 from sorter.classify import Classifier
 from sorter.config import LineConfig
 from sorter.decide import decide
-from sorter.geometry import CameraGeometry
+from sorter.geometry import camera_geometries
 from sorter.planner import EjectPlanner
 from sorter.tracking import Tracker, to_detections
 from sorter.vision.segment import materialise, segment
@@ -62,14 +62,9 @@ class _Pipeline:
 
     def __init__(self, cfg: LineConfig, clf: Classifier) -> None:
         self.cfg, self.clf = cfg, clf
-        self.geoms = {c.name: CameraGeometry.from_mapping(c.mapping, c.width, c.height) for c in cfg.cameras}
-        self.tracker = Tracker(
-            {n: g.field_mm()[3] for n, g in self.geoms.items()},
-            cfg.tracking,
-            cfg.belt.counts_per_mm,
-            cfg.classifier.max_views,
-        )
-        self.planner = EjectPlanner(cfg.ejection, [b.fraction for b in cfg.ejection.banks], cfg.belt.counts_per_mm)
+        self.geoms = camera_geometries(cfg)
+        self.tracker = Tracker.for_line(cfg, self.geoms)
+        self.planner = EjectPlanner.for_line(cfg)
         self.t: dict[str, float] = {"segment": 0.0, "track": 0.0, "infer": 0.0, "plan": 0.0}
         self.pieces = 0
         self.commands = 0

@@ -140,6 +140,20 @@ class ModbusMap(Strict):
     slot_count: int = Field(16, ge=2)
     coil_valves: int = 0
 
+    @property
+    def input_addresses(self) -> list[int]:
+        """Every input register the map uses (the encoder takes two)."""
+        return [
+            self.ir_encoder,
+            self.ir_encoder + 1,
+            self.ir_speed,
+            self.ir_status,
+            self.ir_queue_free,
+            self.ir_last_seq,
+            self.ir_ejects_done,
+            self.ir_ejects_late,
+        ]
+
 
 class PlcConfig(Strict):
     protocol: Literal["modbus"] = "modbus"

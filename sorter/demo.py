@@ -221,8 +221,8 @@ async def run_demo(
             "merged_views": service.tracker.merged_views if service else 0,
             "partial_views": service.tracker.partial_views if service else 0,
             "cameras": summary.get("cameras", {}),
-        "frames_failed": service.counts["frames_failed"] if service else 0,
-        "batches_failed": service.counts["batches_failed"] if service else 0,
+            "frames_failed": service.counts["frames_failed"] if service else 0,
+            "batches_failed": service.counts["batches_failed"] if service else 0,
         }
     )
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sorter.config import CameraMapping
+from sorter.config import CameraMapping, LineConfig
 
 WRAP = 1 << 32
 HALF = 1 << 31
@@ -76,3 +76,8 @@ class CameraGeometry:
         vs = np.array([0, 0, self.height - 1, self.height - 1], dtype=np.float64)
         x, y = self.px_to_mm(us, vs)
         return float(x.min()), float(x.max()), float(y.min()), float(y.max())
+
+
+def camera_geometries(cfg: LineConfig) -> dict[str, CameraGeometry]:
+    """Each configured camera's pixel <-> belt mapping, by name."""
+    return {c.name: CameraGeometry.from_mapping(c.mapping, c.width, c.height) for c in cfg.cameras}

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from sorter.config import EjectionConfig, valve_span, valves_covering
+from sorter.config import EjectionConfig, LineConfig, valve_span, valves_covering
 from sorter.messages import Decision, EjectCommand, Piece
 
 
@@ -36,6 +36,10 @@ def mask_of(valves: list[int]) -> int:
 
 
 class EjectPlanner:
+    @classmethod
+    def for_line(cls, cfg: LineConfig) -> EjectPlanner:
+        return cls(cfg.ejection, [b.fraction for b in cfg.ejection.banks], cfg.belt.counts_per_mm)
+
     def __init__(self, cfg: EjectionConfig, fractions_by_bank: list[str], counts_per_mm: float) -> None:
         self._cfg = cfg
         self._cpm = counts_per_mm

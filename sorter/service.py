@@ -26,7 +26,7 @@ from sorter.classify import Classifier
 from sorter.clock import ClockModel
 from sorter.config import LineConfig
 from sorter.decide import decide
-from sorter.geometry import CameraGeometry, unwrap, wrap32
+from sorter.geometry import camera_geometries, unwrap, wrap32
 from sorter.messages import Decision, Frame, Piece
 from sorter.planner import EjectPlanner, Plan
 from sorter.plc.link import PlcLink
@@ -62,15 +62,10 @@ class LineService:
         self.records = RecordStore(cfg.records.path, self.run_id)
         self.clock = ClockModel()
         self.plc = PlcLink(cfg.plc, self.clock, log=self.log.bind(part="plc"))
-        self.geoms = {c.name: CameraGeometry.from_mapping(c.mapping, c.width, c.height) for c in cfg.cameras}
+        self.geoms = camera_geometries(cfg)
         self.captures = {c.name: CameraCapture(c, cfg.queues, self.log.bind(camera=c.name)) for c in cfg.cameras}
-        self.tracker = Tracker(
-            {n: g.field_mm()[3] for n, g in self.geoms.items()},
-            cfg.tracking,
-            cfg.belt.counts_per_mm,
-            cfg.classifier.max_views,
-        )
-        self.planner = EjectPlanner(cfg.ejection, [b.fraction for b in cfg.ejection.banks], cfg.belt.counts_per_mm)
+        self.tracker = Tracker.for_line(cfg, self.geoms)
+        self.planner = EjectPlanner.for_line(cfg)
         # pixels and inference on their own threads (both release the GIL): a burst of crops to
         # classify must not hold up the next frames, nor either of them the PLC polling on the loop
         self._vision = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sorter.config import TrackingConfig
+from sorter.config import LineConfig, TrackingConfig
 from sorter.geometry import CameraGeometry
 from sorter.messages import Detection, Piece
 from sorter.vision.segment import Blob
@@ -145,6 +145,15 @@ class _Track:
 
 
 class Tracker:
+    @classmethod
+    def for_line(cls, cfg: LineConfig, geoms: dict[str, CameraGeometry]) -> Tracker:
+        return cls(
+            {n: g.field_mm()[3] for n, g in geoms.items()},
+            cfg.tracking,
+            cfg.belt.counts_per_mm,
+            cfg.classifier.max_views,
+        )
+
     def __init__(
         self, fields_y_max_mm: dict[str, float], cfg: TrackingConfig, counts_per_mm: float, max_views: int
     ) -> None:

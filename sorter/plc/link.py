@@ -101,16 +101,7 @@ class PlcLink:
         self.mailbox = Mailbox(r.slot_count)
         self.heartbeat_enabled = True  # commissioning: switch off to prove the PLC's watchdog trips
         self._client = ModbusClient(cfg.host, cfg.port, unit_id=r.unit_id, timeout_s=cfg.timeout_s)
-        addrs = [
-            r.ir_encoder,
-            r.ir_encoder + 1,
-            r.ir_speed,
-            r.ir_status,
-            r.ir_queue_free,
-            r.ir_last_seq,
-            r.ir_ejects_done,
-            r.ir_ejects_late,
-        ]
+        addrs = r.input_addresses
         self._ir_lo = min(addrs)
         self._ir_count = max(addrs) - self._ir_lo + 1
         if self._ir_count > 125:
