@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 async def test_demo_sorts_and_accounts_for_every_piece(tmp_path):
     cfg = load_config(ROOT / "config/sim.yaml")
     report = await run_demo(cfg, duration=12, seed=11, run_dir=tmp_path)
+    print(json.dumps(report, indent=1))  # shown by pytest when an assertion fails
     assert report["pieces_fed"] > 250
     # every piece reached a bin; nearly all have their own record (a few touching pairs are still seen as one)
     assert report["pieces_binned"] == report["pieces_fed"]
