@@ -88,9 +88,9 @@ class EjectPlanner:
         half = max(p.u - p.u_lead + cfg.margin_lead_mm * cpm, p.u_trail - p.u + cfg.margin_trail_mm * cpm)
         open_u, close_u = p.u - half, p.u + half
         valves = valves_covering(cfg, p.x0 - cfg.margin_side_mm, p.x1 + cfg.margin_side_mm)
-        # the window may give up its margins and a fifth of the piece at either end to spare a neighbour
-        keep = 0.2 * (p.u_trail - p.u_lead)
-        latest_open, earliest_close = p.u_lead + keep, p.u_trail - keep
+        # the window may give up its margins (never the piece itself) to spare a neighbour: the air then
+        # still covers the whole piece and its centre moves by at most half a margin
+        latest_open, earliest_close = p.u_lead, p.u_trail
         gap = 0.5 * cpm
 
         def hits(q: Piece, lo: float, hi: float) -> bool:
