@@ -25,3 +25,5 @@ def setup_logging(level: str = "info", json_logs: bool | None = None) -> None:
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)  # third-party libraries
+    # the PLC link reports connection trouble itself, with backoff; pymodbus would repeat it unstructured
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
