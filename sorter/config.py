@@ -259,9 +259,6 @@ class LineConfig(Strict):
         """Output fractions in bank order, then the default (not ejected) fraction."""
         return [b.fraction for b in self.ejection.banks] + [self.routing.default_fraction]
 
-    def with_overrides(self, **sections: object) -> LineConfig:
-        return self.model_copy(update=sections)
-
 
 class ConfigError(Exception):
     """An invalid configuration; str() names the file, key path, line and problem."""

@@ -77,7 +77,6 @@ class LineService:
         self.times = StageTimes()
         self.counts: Counter[str] = Counter()
         self.latencies_ms: list[float] = []
-        self.running = asyncio.Event()
 
     # --- frames -> pieces ---
     def _frame_count(self, frame: Frame) -> int | None:
@@ -282,7 +281,6 @@ class LineService:
         ]
         if self.start_belt:
             workers.append(asyncio.create_task(self._start_belt(), name="start-belt"))
-        self.running.set()
         try:
             await stop.wait()
         finally:
