@@ -90,6 +90,13 @@ class ClassifierConfig(Strict):
 class RoutingConfig(Strict):
     classes: dict[str, str] = Field(description="class -> output fraction")
     min_confidence: float = Field(0.9, ge=0, le=1, description="below this a piece goes to the default fraction")
+    fallback_min_confidence: float = Field(
+        0.97,
+        ge=0,
+        le=1,
+        description="threshold for a piece decided on the camera alone although the line has a Hall-sensor bar "
+        "(bar offline, or no reading for that piece): stricter, so that purity holds",
+    )
     default_fraction: str = "residue"
 
     @model_validator(mode="after")
@@ -167,6 +174,33 @@ class PlcConfig(Strict):
     registers: ModbusMap = ModbusMap()
 
 
+class MagnetometerConfig(Strict):
+    """The Hall-sensor bar under the belt (see docs/hall-bar.md for its serial protocol)."""
+
+    port: str = Field(description="serial device of the bar, e.g. /dev/ttyUSB0 (the simulator's pty link)")
+    baudrate: int = Field(115200, gt=0)
+    channels: int = Field(48, ge=1, le=256)
+    pitch_mm: float = Field(12.5, gt=0, description="distance between neighbouring channels across the belt")
+    first_channel_x_mm: float = Field(6.25, description="belt x of channel 0's sensor")
+    distance_mm: float = Field(200.0, gt=0, description="sensor row distance downstream of the cameras' centre line")
+    offsets_mT: list[float] | None = Field(None, description="per-channel zero offsets (hw.calibrate_magnetometer)")
+    gains: list[float] | None = Field(None, description="per-channel gains, applied after the offset")
+    stall_timeout_s: float = Field(0.5, gt=0, description="no valid line for this long marks the bar offline")
+    reconnect_min_s: float = Field(0.2, gt=0)
+    reconnect_max_s: float = Field(5.0, gt=0)
+    wait_ms: float = Field(
+        150.0, ge=0, description="how long a decision may wait for the bar's readings of a piece past the bar"
+    )
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> MagnetometerConfig:
+        for name in ("offsets_mT", "gains"):
+            vals = getattr(self, name)
+            if vals is not None and len(vals) != self.channels:
+                raise ValueError(f"{name} has {len(vals)} values for {self.channels} channels")
+        return self
+
+
 class QueueConfig(Strict):
     frames_per_camera: int = Field(8, ge=1)
     drop_policy: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
@@ -195,6 +229,20 @@ class SimCameraTruth(Strict):
     rotation_deg: float | None = None
 
 
+class SimHallBarConfig(Strict):
+    """The simulated Hall-sensor bar: its true errors (the service's config does not know them)."""
+
+    enabled: bool = True
+    period_ms: float = Field(10.0, gt=0, description="report period; longer when a line takes longer to send")
+    lift_off_mm: float = Field(5.0, gt=0, description="sensor distance below the pieces' bottom face")
+    noise_mT: float = Field(0.8, ge=0)
+    offset_sigma_mT: float = Field(2.0, ge=0, description="true per-channel zero offsets are drawn with this spread")
+    gain_sigma: float = Field(0.03, ge=0, description="true per-channel gains are drawn around 1 with this spread")
+    clock_ppm: float = Field(40.0, description="the board's crystal error")
+    drop_rate: float = Field(0.002, ge=0, le=1, description="share of lines lost on the wire")
+    corrupt_rate: float = Field(0.002, ge=0, le=1, description="share of lines garbled on the wire")
+
+
 class SimConfig(Strict):
     seed: int = 7
     encoder_start: int = Field(2**32 - 250_000, ge=0, lt=2**32)
@@ -210,6 +258,7 @@ class SimConfig(Strict):
     belt_end_mm: float = Field(1600.0, gt=0, description="pieces not ejected leave the belt into residue here")
     feed: SimFeedConfig = SimFeedConfig()
     cameras: dict[str, SimCameraTruth] = {}
+    hallbar: SimHallBarConfig = SimHallBarConfig()
 
 
 class LineConfig(Strict):
@@ -222,6 +271,7 @@ class LineConfig(Strict):
     routing: RoutingConfig
     ejection: EjectionConfig
     plc: PlcConfig = PlcConfig()
+    magnetometer: MagnetometerConfig | None = None
     queues: QueueConfig = QueueConfig()
     records: RecordsConfig = RecordsConfig()
     simulator: SimConfig | None = None
