@@ -16,8 +16,9 @@ import cv2
 import numpy as np
 
 from sim.feed import VARIANTS, SimPiece, class_size_range, make_piece
+from sim.magnet import field_at_mT
 from sim.render import FrameRenderer, render_sprite
-from sorter.config import CLASSES, SimFeedConfig, VisionConfig
+from sorter.config import CLASSES, MagnetometerConfig, SimFeedConfig, SimHallBarConfig, VisionConfig
 from sorter.geometry import CameraGeometry
 from sorter.vision.segment import materialise, segment
 
@@ -25,6 +26,27 @@ SPLITS = ("train", "val", "test")
 PATCH_MM = 100.0  # holds the largest piece (50 mm, any rotation) with room for its crop margin
 GAIN_RANGE = (0.9, 1.1)  # lighting drift the line's cameras may show (the simulated line uses 0.93-1.07)
 _MAX_TRIES = 20
+_SENSOR_SALT = 0x53454E53  # the readings' random stream, apart from the renders' (crops stay as they were)
+
+
+def sensor_reading(
+    piece: SimPiece,
+    rng: np.random.Generator,
+    pitch_mm: float | None = None,
+    lift_off_mm: float | None = None,
+    noise_mT: float | None = None,
+) -> float:
+    """The signed peak field (mT) the line's Hall bar reports for `piece`.
+
+    The nearest sensor is anywhere within half a pitch across from the piece's centroid; the bar's
+    noise is added. Defaults: the line's bar (MagnetometerConfig.pitch_mm, SimHallBarConfig).
+    """
+    bar = SimHallBarConfig()
+    pitch = pitch_mm if pitch_mm is not None else MagnetometerConfig.model_fields["pitch_mm"].default
+    lift = lift_off_mm if lift_off_mm is not None else bar.lift_off_mm
+    noise = noise_mT if noise_mT is not None else bar.noise_mT
+    dx = float(rng.uniform(-pitch / 2, pitch / 2))
+    return field_at_mT(piece, dx, 0.0, lift) + float(rng.normal(0.0, noise))
 
 
 class CropRenderer:
@@ -90,6 +112,7 @@ def write_dataset(
     noise_sigma: float = 3.0,
     feed: SimFeedConfig | None = None,
     progress: Callable[[int, int], None] | None = None,
+    sensors: bool = True,
 ) -> dict[str, object]:
     """Render `per_class` crops of every class into an ImageFolder tree.
 
@@ -107,6 +130,7 @@ def write_dataset(
         noise_sigma: sensor noise of the rendered frames (grey levels).
         feed: its size range limits the pieces' sizes, as on the line.
         progress: called as progress(done, total) after each crop.
+        sensors: write the sensors.csv files.
 
     Returns:
         A summary: counts per split and class, variants per class, rejected renders, settings.
@@ -116,6 +140,8 @@ def write_dataset(
     counts = split_counts(per_class, splits)
     cropper = CropRenderer(mm_per_px, vision, crop_size, noise_sigma, seed)
     rng = cropper.rng
+    sensor_rng = np.random.default_rng([seed, _SENSOR_SALT])
+    readings: dict[str, list[str]] = {split: ["file,field_mT"] for split in SPLITS}
     for split in SPLITS:
         for cls in CLASSES:
             (out / split / cls).mkdir(parents=True, exist_ok=True)
@@ -136,6 +162,7 @@ def write_dataset(
                 if crop is not None:
                     name = f"{split}/{cls}/{k:05d}.png"
                     cv2.imwrite(str(out / name), crop)
+                    readings[split].append(f"{cls}/{k:05d}.png,{sensor_reading(piece, sensor_rng):.2f}")
                     manifest.append(f"{name},{cls},{variant},{piece.shape},{piece.size_mm:.2f},{piece.area_mm2:.1f}")
                     variants[cls][variant] = variants[cls].get(variant, 0) + 1
                     break
@@ -158,7 +185,11 @@ def write_dataset(
         "vision": vision.model_dump(),
         "variants": variants,
         "rejected": rejected,
+        "sensors": sensors,
     }
+    if sensors:
+        for split in SPLITS:
+            (out / split / "sensors.csv").write_text("\n".join(readings[split]) + "\n")
     (out / "manifest.csv").write_text("\n".join(manifest) + "\n")
     (out / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -18,6 +18,7 @@ import structlog
 from sim.belt import Belt
 from sim.camera import SimCameraServer
 from sim.feed import FeedGenerator
+from sim.hallbar import SimHallBar
 from sim.physics import EjectionPhysics
 from sim.plc import ExecutedEject, VirtualPlc
 from sim.render import FrameRenderer, render_sprite
@@ -48,7 +49,12 @@ def true_geometry(cfg: LineConfig, sim: SimConfig, index: int) -> CameraGeometry
 
 class SimLine:
     def __init__(
-        self, cfg: LineConfig, truth_path: Path | None = None, record_dir: Path | None = None, seed: int | None = None
+        self,
+        cfg: LineConfig,
+        truth_path: Path | None = None,
+        record_dir: Path | None = None,
+        seed: int | None = None,
+        hallbar_link: Path | None = None,
     ) -> None:
         if cfg.simulator is None:
             raise ValueError("the config has no `simulator:` section")
@@ -98,6 +104,12 @@ class SimLine:
                 )
             )
         self._field = (min(g.field_mm()[2] for g in self.geoms) - 60, max(g.field_mm()[3] for g in self.geoms) + 60)
+        # the Hall bar streams over a pty whose slave `hallbar_link` points to (the service's magnetometer.port)
+        self.hallbar = (
+            SimHallBar(cfg, self.belt, lambda: tuple(self._on_belt), hallbar_link, sim.seed + 300)
+            if hallbar_link is not None and sim.hallbar.enabled
+            else None
+        )
 
     # --- camera side (runs on camera threads) ---
     def _render_fn(self, renderer: FrameRenderer):
@@ -115,6 +127,13 @@ class SimLine:
         w = self.physics.fire(ex.seq, ex.bank, ex.valve_mask, ex.open_at, ex.open_for, self.belt.speed_mm_s())
         if self.truth:
             self.truth.add_windows([(w.seq, w.bank, w.open_at, w.open_for, w.p_open, w.p_close, repr(w.spans))])
+
+    # --- Hall bar ---
+    def set_hallbar(self, on: bool) -> None:
+        """Plug the Hall bar's cable in or pull it out (fault tests)."""
+        if self.hallbar is None:
+            raise RuntimeError("the simulated line runs no Hall bar (no link path, or simulator.hallbar.enabled off)")
+        self.hallbar.set_plugged(on)
 
     # --- feed and bins ---
     def set_feed(self, on: bool) -> None:
@@ -201,6 +220,8 @@ class SimLine:
         for cam in self.cameras:
             await cam.start()
         self._tasks.append(asyncio.create_task(self._tick()))
+        if self.hallbar:
+            self.hallbar.start()
         self.log.info(
             "sim started",
             plc=f"{self.cfg.plc.host}:{self.cfg.plc.port}",
@@ -220,12 +241,15 @@ class SimLine:
                 c.name: {"triggered": c.frames_triggered, "sent": c.frames_sent, "skipped": c.frames_skipped}
                 for c in self.cameras
             },
+            **({"hallbar": self.hallbar.counters()} if self.hallbar else {}),
         }
 
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.hallbar:
+            await asyncio.to_thread(self.hallbar.stop)
         for cam in self.cameras:
             await cam.stop()
         await self.plc.stop()

@@ -5,6 +5,7 @@ JSON-line events on stdout — how `sorter demo` drives the feeder and learns
 when the belt has emptied, without the service knowing anything about it:
     {"cmd": "feed", "on": true}   {"cmd": "speed", "mm_s": 2600}
     {"cmd": "status"}             {"cmd": "stop"}
+    {"cmd": "hallbar", "on": false}   (pull the Hall bar's cable; true plugs it back)
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ async def run_sim(
     record_dir: Path | None = None,
     duration: float | None = None,
     start_belt: bool = False,
+    hallbar_link: Path | None = None,
 ) -> None:
     log = structlog.get_logger("sim")
-    line = SimLine(cfg, truth_path=truth, record_dir=record_dir, seed=seed)
+    line = SimLine(cfg, truth_path=truth, record_dir=record_dir, seed=seed, hallbar_link=hallbar_link)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -57,7 +59,7 @@ async def run_sim(
         line.set_feed(True)
     tasks = []
     if control == "stdio":
-        _emit("ready", plc=f"{cfg.plc.host}:{cfg.plc.port}")
+        _emit("ready", plc=f"{cfg.plc.host}:{cfg.plc.port}", hallbar=str(hallbar_link) if line.hallbar else None)
         reader = await _stdin_lines()
 
         async def commands() -> None:
@@ -76,6 +78,11 @@ async def run_sim(
                     line.set_feed(bool(msg.get("on", True)))
                 elif cmd == "speed":
                     line.belt.set_speed(float(msg["mm_s"]))
+                elif cmd == "hallbar":
+                    if line.hallbar is None:
+                        _emit("error", detail="no Hall bar is simulated (start with --hallbar-link)")
+                        continue
+                    line.set_hallbar(bool(msg.get("on", True)))
                 elif cmd == "stop":
                     stop.set()
                     return

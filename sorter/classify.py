@@ -11,13 +11,18 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
+if TYPE_CHECKING:
+    from sorter.fusion import FieldLikelihood
+
 log = logging.getLogger(__name__)
 
 REQUIRED_META = ("labels", "input_size", "mean", "std", "version")
+FIELD_META_KEY = "field_likelihood"  # optional: sorter.fusion.FieldLikelihood as JSON
 
 
 class ModelError(Exception):
@@ -87,6 +92,19 @@ class Classifier:
         n_out = outputs[0].shape[-1] if outputs[0].shape else None
         if isinstance(n_out, int) and n_out != len(labels):
             raise ModelError(f"{path}: model has {n_out} outputs but {len(labels)} labels")
+        self._field_model: FieldLikelihood | None = None
+        if FIELD_META_KEY in meta:
+            from sorter.fusion import FieldLikelihood, FieldModelError
+
+            try:
+                fm = FieldLikelihood.from_json(meta[FIELD_META_KEY])
+            except FieldModelError as exc:
+                raise ModelError(f"{path}: metadata {FIELD_META_KEY!r}: {exc}") from exc
+            if fm.labels != self._labels:
+                raise ModelError(
+                    f"{path}: metadata {FIELD_META_KEY!r} is for classes {list(fm.labels)}, the model's are {labels}"
+                )
+            self._field_model = fm
         self._provider = self._session.get_providers()[0]
         log.info("classifier %s version %s on %s (%d threads)", path.name, self._version, self._provider, threads)
 
@@ -114,6 +132,11 @@ class Classifier:
     @property
     def metadata(self) -> dict[str, str]:
         return dict(self._meta)
+
+    @property
+    def field_model(self) -> FieldLikelihood | None:
+        """p(|B| | class) for fusing a Hall-sensor reading (`sorter.fusion.fuse`), None when the model has none."""
+        return self._field_model
 
     def preprocess(self, crops: Sequence[np.ndarray]) -> np.ndarray:
         """BGR uint8 crops -> normalised float32 NCHW RGB batch."""

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -47,9 +47,17 @@ def _load(path: Path) -> LineConfig:
 def run(
     config: ConfigOpt,
     start_belt: Annotated[bool, typer.Option(help="start the belt through the PLC when the service starts")] = True,
+    capture: Annotated[
+        Path | None,
+        typer.Option(help="save each piece's crop (and field) to DIR/{train,val,test}/<decided class>/ for review"),
+    ] = None,
     log_level: LogOpt = "info",
 ) -> None:
-    """Run the line service: cameras -> classifier -> PLC, until Ctrl-C or SIGTERM."""
+    """Run the line service: cameras -> classifier -> PLC, until Ctrl-C or SIGTERM.
+
+    SIGHUP re-reads the config's classifier.model and swaps to it without stopping the line
+    (after `sorter model check`; a model that fails is refused and the running one stays).
+    """
     from sorter.classify import ModelError
     from sorter.service import LineService
 
@@ -63,7 +71,22 @@ def run(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        service = LineService(cfg, start_belt=start_belt)
+        service = LineService(cfg, start_belt=start_belt, capture=capture)
+        reloads: set[asyncio.Task[None]] = set()
+
+        async def reload_model() -> None:
+            try:
+                path = load_config(config).classifier.model
+                await service.swap_model(path)
+            except (ConfigError, ModelError) as exc:
+                service.log.error("model reload refused", error=str(exc))
+
+        def on_hup() -> None:
+            task = asyncio.create_task(reload_model())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
         await service.run(stop)
 
     try:
@@ -79,6 +102,9 @@ def demo(
     seed: Annotated[int, typer.Option(help="feed seed (deterministic scrap mix)")] = 7,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as one JSON object")] = False,
     out: Annotated[Path | None, typer.Option(help="run folder (default runs/demo-<time>)")] = None,
+    camera_only: Annotated[
+        bool, typer.Option("--camera-only", help="a line without the Hall-sensor bar: decide on the camera alone")
+    ] = False,
     log_level: LogOpt = "warning",
 ) -> None:
     """Run the simulated line sorted by the real line service and print the report."""
@@ -89,6 +115,8 @@ def demo(
     cfg = _load(config)
     if cfg.simulator is None:
         raise _fail(f"{config}: the demo needs a `simulator:` section")
+    if camera_only:
+        cfg = cfg.model_copy(update={"magnetometer": None})
     run_dir = out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     try:
         report = asyncio.run(run_demo(cfg, duration, seed, run_dir, progress=not as_json and sys.stderr.isatty()))
@@ -140,6 +168,9 @@ def sim(
     start_belt: Annotated[
         bool, typer.Option(help="run the belt at once instead of waiting for the PLC command")
     ] = False,
+    hallbar_link: Annotated[
+        Path | None, typer.Option(help="simulate the Hall bar on a pty and point this symlink at it")
+    ] = None,
     log_level: LogOpt = "info",
 ) -> None:
     """Run the simulated line (PLC on Modbus TCP, camera streams) until Ctrl-C."""
@@ -151,7 +182,7 @@ def sim(
     cfg = _load(config)
     if cfg.simulator is None:
         raise _fail(f"{config}: no `simulator:` section")
-    asyncio.run(run_sim(cfg, truth, control, seed, feed, record, duration, start_belt))
+    asyncio.run(run_sim(cfg, truth, control, seed, feed, record, duration, start_belt, hallbar_link))
 
 
 @sim_app.command("dataset")
@@ -159,30 +190,134 @@ def sim_dataset(
     out: Annotated[Path, typer.Option(help="dataset folder (ImageFolder layout)")],
     per_class: Annotated[int, typer.Option(help="crops per class over all splits")] = 800,
     seed: int = 0,
-    crop_size: int = 64,
+    crop_size: Annotated[int | None, typer.Option(help="crop side in px (default: 64 line, 128 studio)")] = None,
+    look: Annotated[
+        str,
+        typer.Option(
+            help="'line': the simulated line's own crops (what its model trains on); 'studio': deliberately "
+            "different-looking crops (other belts, lighting, scale, shapes, Hall bar; sim/lookalike.py) "
+            "to prove that training generalises"
+        ),
+    ] = "line",
+    sensors: Annotated[bool, typer.Option(help="write each split's sensors.csv (file,field_mT)")] = True,
 ) -> None:
-    """Render a labelled crop dataset: OUT/{train,val,test}/<class>/*.png."""
-    from sim.dataset import write_dataset
+    """Render a labelled crop dataset: OUT/{train,val,test}/<class>/*.png and OUT/<split>/sensors.csv."""
+    from rich.progress import Progress
 
     setup_logging("info")
-    summary = write_dataset(out, per_class=per_class, seed=seed, crop_size=crop_size)
+    with Progress(transient=True, console=_stderr_console()) as bar:
+        task = bar.add_task(f"rendering ({look})", total=per_class * 5)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        if look == "line":
+            from sim.dataset import write_dataset
+
+            summary = write_dataset(
+                out, per_class=per_class, seed=seed, crop_size=crop_size or 64, sensors=sensors, progress=progress
+            )
+        elif look == "studio":
+            from sim.lookalike import write_lookalike
+
+            summary = write_lookalike(
+                out, per_class=per_class, seed=seed, size=crop_size or 128, sensors=sensors, progress=progress
+            )
+        else:
+            raise _fail(f"--look must be 'line' or 'studio', got {look!r}")
     typer.echo(json.dumps(summary, default=str))
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 @model_app.command("train")
 def model_train(
-    data: Annotated[Path, typer.Option(help="ImageFolder dataset with train/ and val/")],
+    data: Annotated[Path, typer.Option(help="dataset: DIR/{train,val,test}/<class>/*.png, optional sensors.csv")],
     out: Annotated[Path, typer.Option(help="ONNX file to write")],
-    epochs: int = 40,
+    epochs: Annotated[int, typer.Option(help="most epochs (early stopping on val loss)")] = 40,
     seed: int = 0,
-    input_size: int = 64,
+    input_size: Annotated[
+        int | None, typer.Option(help="model input side in px (default: 64 for crops up to ~96 px, else 128)")
+    ] = None,
+    time_budget: Annotated[
+        float, typer.Option(help="seconds the training loop may take: fewer epochs if it would overrun (0: none)")
+    ] = 210.0,
+    threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
 ) -> None:
-    """Train the piece classifier (needs the `train` extra: PyTorch CPU) and export ONNX."""
-    from sorter.train import train
+    """Train the piece classifier (needs the `train` extra: PyTorch CPU) and export ONNX.
 
-    setup_logging("info")
-    metrics = train(data, out, epochs=epochs, seed=seed, input_size=input_size)
+    Progress and tables go to stderr, the metrics as one JSON object to stdout.
+    """
+    from sorter.dataset import DatasetError
+
+    try:
+        from sorter.train import train
+
+        metrics = train(
+            data,
+            out,
+            epochs=epochs,
+            seed=seed,
+            input_size=input_size,
+            threads=threads,
+            time_budget_s=time_budget or None,
+        )
+    except DatasetError as exc:
+        raise _fail(str(exc)) from None
+    except ImportError as exc:
+        raise _fail(str(exc)) from None
     typer.echo(json.dumps(metrics, default=str))
+
+
+@model_app.command("evaluate")
+def model_evaluate(
+    model: Annotated[Path, typer.Option(help="ONNX model file")],
+    data: Annotated[Path, typer.Option(help="dataset: DIR/{train,val,test}/<class>/*.png, optional sensors.csv")],
+    split: Annotated[str, typer.Option(help="split to evaluate")] = "test",
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as one JSON object")] = False,
+    out_dir: Annotated[
+        Path | None, typer.Option(help="folder for confusion.png and reliability.png (default runs/eval-<time>)")
+    ] = None,
+    plots: Annotated[bool, typer.Option(help="write the PNGs")] = True,
+) -> None:
+    """Accuracy (image only and fused with the field), per-class precision/recall, confusion, ECE, and
+    the share of pieces that can be kept at 99.9 % accuracy (coverage_at_999); the rest is recirculated."""
+    from sorter.classify import ModelError
+    from sorter.dataset import DatasetError
+    from sorter.evaluate import EvaluationError, evaluate_model, print_report
+
+    target = out_dir or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
+    try:
+        rep = evaluate_model(model, data, split=split, out_dir=target, plots=plots)
+    except (ModelError, DatasetError, EvaluationError) as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(rep, default=str))
+    else:
+        print_report(rep)
+
+
+@model_app.command("check")
+def model_check(
+    file: Annotated[Path, typer.Argument(help="ONNX model file")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as one JSON object")] = False,
+) -> None:
+    """Validate a model before deployment: exit 0 ok, 1 it fails a check, 2 unreadable file."""
+    from sorter.modelcheck import check_model
+
+    res = check_model(file)
+    if as_json:
+        typer.echo(json.dumps(res.to_dict()))
+    else:
+        for c in res.checks:
+            mark = "ok  " if c.passed else "FAIL"
+            typer.echo(f"  {mark} {c.name}" + (f": {c.detail}" if c.detail else ""), err=True)
+        typer.echo(res.message, err=not res.ok)
+    raise typer.Exit(res.exit_code)
 
 
 @app.command()

@@ -343,12 +343,14 @@ def _resolve_paths(cfg: LineConfig, base: Path) -> LineConfig:
     def rel(p: Path) -> Path:
         return p if p.is_absolute() else (base / p).resolve()
 
-    return cfg.model_copy(
-        update={
-            "classifier": cfg.classifier.model_copy(update={"model": rel(cfg.classifier.model)}),
-            "records": cfg.records.model_copy(update={"path": rel(cfg.records.path)}),
-        }
-    )
+    update = {
+        "classifier": cfg.classifier.model_copy(update={"model": rel(cfg.classifier.model)}),
+        "records": cfg.records.model_copy(update={"path": rel(cfg.records.path)}),
+    }
+    mag = cfg.magnetometer
+    if mag is not None and "/" in mag.port and not Path(mag.port).is_absolute():  # not a bare name such as COM3
+        update["magnetometer"] = mag.model_copy(update={"port": str(rel(Path(mag.port)))})
+    return cfg.model_copy(update=update)
 
 
 def load_config(path: str | Path) -> LineConfig:

@@ -1,4 +1,11 @@
-"""Per-piece decisions: fuse the class probabilities of a piece's views, then route."""
+"""Per-piece decisions: fuse the class probabilities of a piece's views, then the
+Hall-sensor bar's field where there is one, then route.
+
+A piece decided on the camera alone although the line has a bar (bar offline, or
+no complete reading for that piece) is held to the stricter fallback threshold:
+the field is what separates black-epoxy NdFeB from ferrite and plated NdFeB from
+steel, so without it only very confident pieces may go into a product.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from sorter.config import RoutingConfig
-from sorter.messages import Decision, Piece
+from sorter.fusion import FieldLikelihood, fuse
+from sorter.messages import NO_BAR, Decision, FieldReading, Piece
 
 
 def fuse_views(probs: np.ndarray) -> np.ndarray:
@@ -21,16 +29,39 @@ def fuse_views(probs: np.ndarray) -> np.ndarray:
     return p / p.sum()
 
 
-def decide(piece: Piece, probs: np.ndarray | None, labels: Sequence[str], routing: RoutingConfig) -> Decision:
-    """Route one piece; a piece with no usable view or low confidence goes to the default fraction."""
+def threshold_for(reading: FieldReading, routing: RoutingConfig, fused_with_field: bool) -> float:
+    if fused_with_field or reading.state == "no_bar":
+        return routing.min_confidence
+    return max(routing.min_confidence, routing.fallback_min_confidence)
+
+
+def decide(
+    piece: Piece,
+    probs: np.ndarray | None,
+    labels: Sequence[str],
+    routing: RoutingConfig,
+    reading: FieldReading = NO_BAR,
+    likelihood: FieldLikelihood | None = None,
+    model: str = "",
+) -> Decision:
+    """Route one piece; a piece with no usable view or too low a confidence goes to the default fraction."""
     if probs is None or len(probs) == 0:
-        return Decision(piece, {}, "unknown", 0.0, routing.default_fraction)
-    fused = fuse_views(probs)
-    k = int(fused.argmax())
-    cls, conf = labels[k], float(fused[k])
-    fraction = (
-        routing.classes.get(cls, routing.default_fraction)
-        if conf >= routing.min_confidence
-        else routing.default_fraction
+        return Decision(piece, {}, "unknown", 0.0, routing.default_fraction, field=reading, model=model)
+    image = fuse_views(probs)
+    use_field = reading.state == "ok" and reading.field_mT is not None and likelihood is not None
+    final = fuse(image, reading.field_mT, likelihood) if use_field else image
+    threshold = threshold_for(reading, routing, use_field)
+    k = int(final.argmax())
+    cls, conf = labels[k], float(final[k])
+    fraction = routing.classes.get(cls, routing.default_fraction) if conf >= threshold else routing.default_fraction
+    return Decision(
+        piece,
+        {lab: float(p) for lab, p in zip(labels, final, strict=True)},
+        cls,
+        conf,
+        fraction,
+        image_probs={lab: float(p) for lab, p in zip(labels, image, strict=True)},
+        field=reading,
+        threshold=threshold,
+        model=model,
     )
-    return Decision(piece, {lab: float(p) for lab, p in zip(labels, fused, strict=True)}, cls, conf, fraction)

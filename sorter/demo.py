@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ def free_port() -> int:
 
 
 def demo_config(cfg: LineConfig, run_dir: Path, seed: int) -> LineConfig:
-    """The config both sides use for this run: free ports, this run's records, this seed."""
+    """The config both sides use for this run: free ports, this run's records and bar link, this seed."""
     cams = [
         c.model_copy(update={"source": c.source.model_copy(update={"address": f"127.0.0.1:{free_port()}"})})
         if c.source.type == "sim"
@@ -53,6 +54,9 @@ def demo_config(cfg: LineConfig, run_dir: Path, seed: int) -> LineConfig:
             "cameras": cams,
             "plc": cfg.plc.model_copy(update={"host": "127.0.0.1", "port": free_port()}),
             "records": cfg.records.model_copy(update={"path": run_dir / "records.sqlite"}),
+            "magnetometer": cfg.magnetometer.model_copy(update={"port": str(run_dir / "hallbar.tty")})
+            if cfg.magnetometer
+            else None,
             "simulator": cfg.simulator.model_copy(update={"seed": seed}),
         }
     )
@@ -68,8 +72,9 @@ class SimProcess:
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
-    async def start(cls, config_path: Path, truth: Path, log_path: Path) -> SimProcess:
+    async def start(cls, config_path: Path, truth: Path, log_path: Path, hallbar_link: str | None) -> SimProcess:
         log = log_path.open("wb")
+        bar = ["--hallbar-link", hallbar_link] if hallbar_link else []
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -81,6 +86,7 @@ class SimProcess:
             "--control",
             "stdio",
             "--no-feed",
+            *bar,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=log,
@@ -136,8 +142,17 @@ async def _wait_until(cond, timeout: float, what: str, interval: float = 0.05) -
 
 
 async def run_demo(
-    cfg: LineConfig, duration: float, seed: int, run_dir: Path, progress: bool = False
+    cfg: LineConfig,
+    duration: float,
+    seed: int,
+    run_dir: Path,
+    progress: bool = False,
+    during: Callable[[LineService, SimProcess], Awaitable[None]] | None = None,
 ) -> dict[str, Any]:
+    """Run the simulated line sorted by the service for `duration` s of feed; returns the report.
+
+    `during` runs beside the feed (tests use it to act on the running line: swap a model, pull a cable).
+    """
     log = structlog.get_logger("demo")
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(cfg, run_dir, seed)
@@ -150,7 +165,8 @@ async def run_demo(
     loop.add_signal_handler(signal.SIGINT, interrupted.set)
     loop.add_signal_handler(signal.SIGTERM, interrupted.set)
 
-    sim = await SimProcess.start(cfg_path, truth_path, run_dir / "sim.log")
+    bar = cfg.magnetometer.port if cfg.magnetometer else None
+    sim = await SimProcess.start(cfg_path, truth_path, run_dir / "sim.log", bar)
     service: LineService | None = None
     stop = asyncio.Event()
     svc_task: asyncio.Task[None] | None = None
@@ -169,14 +185,18 @@ async def run_demo(
                 and service.plc.status.online
                 and service.clock.ready
                 and all(c.online for c in service.captures.values())
+                and (service.hallbar is None or service.hallbar.online)
             )
 
         await _wait_until(line_ready, 30, "the line to start (PLC online, belt running, cameras streaming)")
         log.info("line running, feeding", duration_s=duration)
         await sim.send(cmd="feed", on=True)
         t_feed = time.monotonic()
+        acting = asyncio.create_task(during(service, sim)) if during else None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(_progress(interrupted, duration, progress, service), duration)
+        if acting is not None:
+            await acting  # its failure is the caller's to see
         await sim.send(cmd="feed", on=False)
         t_end = time.monotonic()
         log.info("feed stopped, draining the belt", interrupted=interrupted.is_set())
@@ -223,6 +243,8 @@ async def run_demo(
             "cameras": summary.get("cameras", {}),
             "frames_failed": service.counts["frames_failed"] if service else 0,
             "batches_failed": service.counts["batches_failed"] if service else 0,
+            "magnetometer": summary.get("magnetometer"),
+            "field_states": service.field_states() if service else {},
         }
     )
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))

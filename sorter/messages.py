@@ -64,12 +64,31 @@ class Piece:
 
 
 @dataclass(frozen=True, slots=True)
+class FieldReading:
+    """What the Hall-sensor bar read under one piece.
+
+    state: ok (a complete reading), incomplete (a bar line in the piece's window was lost),
+    missing (no reading in time), offline (the bar is offline), no_bar (the line has none).
+    """
+
+    field_mT: float | None
+    state: str
+
+
+NO_BAR = FieldReading(None, "no_bar")
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     piece: Piece
-    probs: dict[str, float]
+    probs: dict[str, float]  # what the decision rests on: the image fused with the field where there is one
     cls: str
     confidence: float
     fraction: str
+    image_probs: dict[str, float] = field(default_factory=dict)  # the camera alone
+    field: FieldReading = NO_BAR
+    threshold: float = 0.0
+    model: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,19 +25,67 @@ CREATE TABLE IF NOT EXISTS pieces (
     count32 INTEGER NOT NULL,
     x_mm REAL, x0_mm REAL, x1_mm REAL, length_mm REAL, area_mm2 REAL,
     cameras TEXT, n_views INTEGER,
-    probs TEXT,                      -- JSON {class: probability}, fused over views
+    probs TEXT,                      -- JSON {class: probability}: the decision's (image fused with the field)
     cls TEXT, confidence REAL,
     fraction TEXT NOT NULL,          -- where the service sends it
     bank TEXT, seq INTEGER, valve_mask INTEGER, open_at INTEGER, open_for INTEGER,
     outcome TEXT NOT NULL,           -- pending, accepted, expired, offline, timeout, conflict, no_eject, cancelled
     t_accepted REAL,
-    latency_ms REAL                  -- last view's capture -> command accepted by the PLC
+    latency_ms REAL,                 -- last view's capture -> command accepted by the PLC
+    model TEXT,                      -- version of the model that classified the piece
+    image_probs TEXT,                -- JSON {class: probability} from the camera alone, fused over views
+    field_mT REAL,                   -- peak |field| the Hall-sensor bar read under the piece
+    field_state TEXT,                -- ok, no_bar, offline, missing, incomplete
+    threshold REAL                   -- the confidence threshold the decision was held to
 );
 CREATE INDEX IF NOT EXISTS pieces_run ON pieces(run_id, t_wall);
 CREATE TABLE IF NOT EXISTS events (
     t_wall REAL NOT NULL, run_id TEXT NOT NULL, kind TEXT NOT NULL, detail TEXT
 );
 """
+
+
+# columns added after the first release: an older database gets them on open
+_ADDED_COLUMNS = {
+    "model": "TEXT",
+    "image_probs": "TEXT",
+    "field_mT": "REAL",
+    "field_state": "TEXT",
+    "threshold": "REAL",
+}
+PIECE_COLUMNS = (
+    "id",
+    "t_wall",
+    "t_capture",
+    "count",
+    "count32",
+    "x_mm",
+    "x0_mm",
+    "x1_mm",
+    "length_mm",
+    "area_mm2",
+    "cameras",
+    "n_views",
+    "probs",
+    "cls",
+    "confidence",
+    "fraction",
+    "bank",
+    "seq",
+    "valve_mask",
+    "open_at",
+    "open_for",
+    "outcome",
+    "t_accepted",
+    "latency_ms",
+    "model",
+    "image_probs",
+    "field_mT",
+    "field_state",
+    "threshold",
+)
+_JSON_COLUMNS = ("probs", "image_probs")
+_INSERT = f"INSERT INTO pieces (run_id, {', '.join(PIECE_COLUMNS)}) VALUES ({','.join('?' * (len(PIECE_COLUMNS) + 1))})"
 
 
 class RecordStore:
@@ -49,6 +97,10 @@ class RecordStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(pieces)")}
+        for col, kind in _ADDED_COLUMNS.items():
+            if col not in have:
+                self._db.execute(f"ALTER TABLE pieces ADD COLUMN {col} {kind}")
         self._inserts: list[tuple[Any, ...]] = []
         self._updates: list[tuple[Any, ...]] = []
         self._events: list[tuple[Any, ...]] = []
@@ -56,34 +108,9 @@ class RecordStore:
         self.written = 0
 
     def add_piece(self, row: dict[str, Any]) -> None:
-        cols = (
-            "id",
-            "t_wall",
-            "t_capture",
-            "count",
-            "count32",
-            "x_mm",
-            "x0_mm",
-            "x1_mm",
-            "length_mm",
-            "area_mm2",
-            "cameras",
-            "n_views",
-            "probs",
-            "cls",
-            "confidence",
-            "fraction",
-            "bank",
-            "seq",
-            "valve_mask",
-            "open_at",
-            "open_for",
-            "outcome",
-            "t_accepted",
-            "latency_ms",
-        )
-        values = [row.get(c) for c in cols]
-        values[cols.index("probs")] = json.dumps(row.get("probs", {}))
+        values = [
+            json.dumps(row[c]) if c in _JSON_COLUMNS and row.get(c) is not None else row.get(c) for c in PIECE_COLUMNS
+        ]
         with self._lock:
             self._inserts.append((self.run_id, *values))
 
@@ -110,9 +137,7 @@ class RecordStore:
         with self._db:  # one transaction
             self._db.execute("BEGIN")
             self._db.executemany(
-                "INSERT INTO pieces (run_id, id, t_wall, t_capture, count, count32, x_mm, x0_mm, x1_mm, length_mm,"
-                " area_mm2, cameras, n_views, probs, cls, confidence, fraction, bank, seq, valve_mask, open_at,"
-                " open_for, outcome, t_accepted, latency_ms) VALUES (" + ",".join("?" * 25) + ")",
+                _INSERT,
                 ins,
             )
             self._db.executemany(
@@ -134,5 +159,6 @@ def load_pieces(path: Path, run_id: str | None = None) -> list[dict[str, Any]]:
     rows = [dict(r) for r in db.execute(q, (run_id,) if run_id else ())]
     db.close()
     for r in rows:
-        r["probs"] = json.loads(r["probs"] or "{}")
+        for c in _JSON_COLUMNS:
+            r[c] = json.loads(r[c]) if r[c] else {}
     return rows

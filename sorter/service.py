@@ -16,18 +16,22 @@ import uuid
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import structlog
 
 from sorter.capture import CameraCapture, CaptureClosed
-from sorter.classify import Classifier
+from sorter.classify import Classifier, ModelError
 from sorter.clock import ClockModel
 from sorter.config import LineConfig
+from sorter.crop_capture import CropCapture
 from sorter.decide import decide
 from sorter.geometry import camera_geometries, unwrap, wrap32
-from sorter.messages import Decision, Frame, Piece
+from sorter.hallbar import FieldMap, HallBar
+from sorter.messages import NO_BAR, Decision, FieldReading, Frame, Piece
+from sorter.modelcheck import check_model
 from sorter.planner import EjectPlanner, Plan
 from sorter.plc.link import PlcLink
 from sorter.records import RecordStore
@@ -52,13 +56,27 @@ class StageTimes:
         return {k: 1000 * v / self.n[k] for k, v in self.total.items() if self.n[k]}
 
 
+def load_checked_model(path: Path, cfg: LineConfig) -> Classifier:
+    """Load a model for this line, refusing one that fails the deployment check or cannot serve the routing."""
+    result = check_model(path, threads=cfg.classifier.threads)
+    if not result.ok:
+        raise ModelError(result.message)
+    clf = Classifier(path, threads=cfg.classifier.threads)
+    missing = sorted(set(cfg.routing.classes) - set(clf.labels))
+    if missing:
+        raise ModelError(f"{path}: the model has no class {missing} that the line's routing needs")
+    return clf
+
+
 class LineService:
-    def __init__(self, cfg: LineConfig, *, run_id: str | None = None, start_belt: bool = True) -> None:
+    def __init__(
+        self, cfg: LineConfig, *, run_id: str | None = None, start_belt: bool = True, capture: Path | None = None
+    ) -> None:
         self.cfg = cfg
         self.log = structlog.get_logger("sorter")
         self.run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         self.start_belt = start_belt
-        self.classifier = Classifier(cfg.classifier.model, threads=cfg.classifier.threads)
+        self.classifier = load_checked_model(cfg.classifier.model, cfg)
         self.records = RecordStore(cfg.records.path, self.run_id)
         self.clock = ClockModel()
         self.plc = PlcLink(cfg.plc, self.clock, log=self.log.bind(part="plc"))
@@ -77,6 +95,14 @@ class LineService:
         self.times = StageTimes()
         self.counts: Counter[str] = Counter()
         self.latencies_ms: list[float] = []
+        self.hallbar: HallBar | None = None
+        self.fieldmap: FieldMap | None = None
+        if cfg.magnetometer is not None:
+            self.fieldmap = FieldMap(cfg.magnetometer, cfg.belt.counts_per_mm, self.clock.count_at)
+            self.hallbar = HallBar(cfg.magnetometer, self.log.bind(part="hallbar"), on_reading=self.fieldmap.add)
+        self._bar_online: bool | None = None
+        self.capture = CropCapture(capture, self.run_id, with_field=cfg.magnetometer is not None) if capture else None
+        self._swap_lock = asyncio.Lock()
 
     # --- frames -> pieces ---
     def _frame_count(self, frame: Frame) -> int | None:
@@ -131,17 +157,18 @@ class LineService:
             self._pieces.put_nowait(pieces)
 
     # --- pieces -> decisions -> commands ---
-    def _classify(self, pieces: list[Piece]) -> list[np.ndarray | None]:
+    def _classify(self, pieces: list[Piece]) -> tuple[list[np.ndarray | None], Classifier]:
         t0 = time.perf_counter()
+        clf = self.classifier  # one model per batch, even if a swap lands meanwhile
         crops = [materialise(c) for p in pieces for c in p.crops]
-        probs = self.classifier.predict(crops) if crops else np.zeros((0, len(self.classifier.labels)))
+        probs = clf.predict(crops) if crops else np.zeros((0, len(clf.labels)))
         out: list[np.ndarray | None] = []
         i = 0
         for p in pieces:
             out.append(probs[i : i + len(p.crops)] if p.crops else None)
             i += len(p.crops)
         self.times.add("infer", time.perf_counter() - t0)
-        return out
+        return out, clf
 
     async def _decide_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -156,9 +183,16 @@ class LineService:
                 self.log.exception("decision batch failed", pieces=len(pieces))
 
     async def _decide(self, pieces: list[Piece], loop: asyncio.AbstractEventLoop) -> None:
-        probs = await loop.run_in_executor(self._infer, self._classify, pieces)
-        labels = self.classifier.labels
-        decisions = [decide(p, pr, labels, self.cfg.routing) for p, pr in zip(pieces, probs, strict=True)]
+        probs, clf = await loop.run_in_executor(self._infer, self._classify, pieces)
+        readings = await self._fields(pieces)
+        lik = clf.field_model
+        decisions = [
+            decide(p, pr, clf.labels, self.cfg.routing, r, lik, clf.version)
+            for p, pr, r in zip(pieces, probs, readings, strict=True)
+        ]
+        if self.capture:
+            for d in decisions:
+                self.capture.add(d)
         t0 = time.perf_counter()
         plans = self.planner.plan(decisions, self.plc.status.speed_mm_s if self.plc.status.online else 0.0)
         self.times.add("plan", time.perf_counter() - t0)
@@ -193,6 +227,11 @@ class LineService:
                 "cameras": ",".join(p.cameras),
                 "n_views": p.n_views,
                 "probs": d.probs,
+                "image_probs": d.image_probs,
+                "field_mT": d.field.field_mT,
+                "field_state": d.field.state,
+                "threshold": d.threshold,
+                "model": d.model,
                 "cls": d.cls,
                 "confidence": d.confidence,
                 "fraction": d.fraction,
@@ -221,6 +260,70 @@ class LineService:
         self.counts[f"eject_{result.outcome}"] += 1
         self.records.update_outcome(cmd.piece_id, result.outcome, result.seq, result.t_accepted, latency)
 
+    async def _fields(self, pieces: list[Piece]) -> list[FieldReading]:
+        """Each piece's peak field, waiting (at most magnetometer.wait_ms) until the bar has read past it."""
+        bar, fmap, mag = self.hallbar, self.fieldmap, self.cfg.magnetometer
+        if bar is None or fmap is None or mag is None:
+            return [NO_BAR] * len(pieces)
+        need = max(fmap.window(p.u_lead, p.u_trail)[1] for p in pieces)
+        deadline = time.monotonic() + mag.wait_ms / 1000
+        while bar.online and time.monotonic() < deadline and ((c := fmap.covered_until()) is None or c < need):
+            await asyncio.sleep(0.005)
+        out = []
+        for p in pieces:
+            r = fmap.query(p.u_lead, p.u_trail, p.x0, p.x1)
+            if r.complete and not r.pending and r.field_mT is not None:
+                reading = FieldReading(r.field_mT, "ok")
+            elif not bar.online:
+                reading = FieldReading(r.field_mT, "offline")
+            else:
+                reading = FieldReading(r.field_mT, "incomplete" if r.field_mT is not None else "missing")
+            self.counts[f"field_{reading.state}"] += 1
+            out.append(reading)
+        return out
+
+    def field_states(self) -> dict[str, int]:
+        """How many pieces were decided with each kind of field reading (ok, incomplete, missing, offline)."""
+        return {k.removeprefix("field_"): v for k, v in self.counts.items() if k.startswith("field_")}
+
+    def _watch_bar(self) -> None:
+        """Log and record the bar going offline or coming back: decisions fall back to the camera meanwhile."""
+        if self.hallbar is None or self.hallbar.online == self._bar_online:
+            return
+        was, self._bar_online = self._bar_online, self.hallbar.online
+        if self._bar_online:
+            if was is not None:
+                self.log.info("hall bar back online: decisions use the field again")
+                self.records.event("alarm_cleared", alarm="hallbar_offline")
+        else:
+            reason = self.hallbar.offline_reason
+            self.log.warning(
+                "ALARM hall bar offline: deciding on the camera alone",
+                reason=reason,
+                threshold=self.cfg.routing.fallback_min_confidence,
+                action="check the bar's USB/serial cable and power",
+            )
+            self.records.event("alarm", alarm="hallbar_offline", reason=reason)
+
+    # --- the model ---
+    async def swap_model(self, path: Path) -> str:
+        """Switch to another model between two inference batches, without stopping the line.
+
+        The new file is loaded and checked off the loop first; a model that fails the check is
+        refused (ModelError) and the running one stays. Returns the new model's version.
+        """
+        async with self._swap_lock:
+            try:
+                new = await asyncio.to_thread(load_checked_model, Path(path), self.cfg)
+            except ModelError as exc:
+                self.log.error("model refused", path=str(path), error=str(exc))
+                self.records.event("model_refused", path=str(path), error=str(exc))
+                raise
+            old, self.classifier = self.classifier, new
+            self.log.info("model swapped", old=old.version, new=new.version, path=str(path))
+            self.records.event("model_swap", old=old.version, new=new.version, path=str(path))
+            return new.version
+
     # --- housekeeping ---
     async def _flush_loop(self) -> None:
         last_log = time.monotonic()
@@ -229,6 +332,7 @@ class LineService:
             await asyncio.sleep(0.2)
             # a commit can wait on the disk (WAL checkpoints): never on the loop that polls the PLC
             await loop.run_in_executor(self._writer, self.records.flush)
+            self._watch_bar()
             if time.monotonic() - last_log > 5:
                 last_log = time.monotonic()
                 self.log.info("line", **self.summary())
@@ -246,6 +350,8 @@ class LineService:
             "belt_mm_s": st.speed_mm_s,
             "plc_alarms": list(st.alarms),
             "ejects_accepted": self.counts["eject_accepted"],
+            "magnetometer": self.hallbar.counters() if self.hallbar else None,
+            "capture": self.capture.stats() if self.capture else None,
             "cameras": {
                 n: {k: s[k] for k in ("captured", "dropped", "torn", "source_dropped", "stalls", "reconnects")}
                 for n, s in caps.items()
@@ -272,6 +378,8 @@ class LineService:
         )
         self.records.event("start", model=self.classifier.version)
         tasks = [asyncio.create_task(self.plc.run(), name="plc")]
+        if self.hallbar is not None:
+            self.hallbar.start()
         for cap in self.captures.values():
             tasks.append(asyncio.create_task(cap.run(), name=f"capture-{cap.name}"))
         workers = [asyncio.create_task(self._camera_loop(n), name=f"vision-{n}") for n in self.captures]
@@ -309,12 +417,16 @@ class LineService:
             if self.start_belt and self.plc.status.online:
                 await asyncio.wait_for(self.plc.command(PLC_STOP_BELT), 1.0)
         await self.plc.stop()
+        if self.hallbar is not None:
+            await asyncio.to_thread(self.hallbar.stop)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.records.event("stop", **{k: v for k, v in self.counts.items()})
         self._writer.shutdown(wait=True)
         self.records.close()
+        if self.capture:
+            await asyncio.to_thread(self.capture.close)
         self._vision.shutdown(wait=True)
         self._infer.shutdown(wait=True)
         self.log.info("service stopped", **self.summary())

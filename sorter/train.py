@@ -8,7 +8,6 @@ contract from the metadata written here.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import math
 import tempfile
@@ -17,12 +16,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
-from sorter.config import CLASSES
+from sorter import dataset as _dataset
+from sorter.dataset import SPLITS, scan_dataset
 
-SPLITS = ("train", "val", "test")
 OPSET = 17
 CONFIDENCE = 0.9  # the line's routing threshold; reported so the card shows what the line will see
 
@@ -39,52 +37,27 @@ def _import_torch() -> Any:
 
 
 def data_hash(data: Path) -> str:
-    """sha256 over the sorted relative names and bytes of all split images."""
-    h = hashlib.sha256()
-    files = sorted(p for s in SPLITS for p in (data / s).rglob("*.png"))
-    for p in files:
-        h.update(p.relative_to(data).as_posix().encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()
+    """sha256 over the sorted relative names and bytes of all split images (and sensors.csv files)."""
+    return _dataset.data_hash(Path(data))
 
 
-def _labels_of(train_dir: Path) -> list[str]:
-    found = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and any(p.glob("*.png")))
-    if len(found) < 2:
-        raise ValueError(f"{train_dir}: need at least two class folders with PNG crops, found {found}")
-    # the line's class order first, so a model trained on the standard classes has the standard columns
-    return [c for c in CLASSES if c in found] + [c for c in found if c not in CLASSES]
-
-
-def _load_split(d: Path, labels: list[str], size: int) -> tuple[np.ndarray, np.ndarray]:
-    xs: list[np.ndarray] = []
-    ys: list[int] = []
-    for i, cls in enumerate(labels):
-        for p in sorted((d / cls).glob("*.png")):
-            img = cv2.imread(str(p), cv2.IMREAD_COLOR)
-            if img is None:
-                raise ValueError(f"{p}: not a readable image")
-            if img.shape[:2] != (size, size):
-                img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
-            xs.append(img[..., ::-1])
-            ys.append(i)
-    if not xs:
-        return np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64)
-    return np.stack(xs), np.asarray(ys, np.int64)
-
-
-def _build_model(torch: Any, n_classes: int) -> Any:
+def _build_model(torch: Any, n_classes: int, stem_stride: int = 1) -> Any:
     nn = torch.nn
 
-    def block(cin: int, cout: int) -> list[Any]:
-        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    def block(cin: int, cout: int, stride: int = 1) -> list[Any]:
+        return [
+            nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        ]
 
     class SorterCNN(nn.Module):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:
             super().__init__()
-            # cheap at full resolution (2 CPU cores), wider where the image is small
+            # cheap at full resolution (2 CPU cores), wider where the image is small; large inputs
+            # (128 px) are halved by a strided first convolution, so they cost what 64 px inputs do
             self.features = nn.Sequential(
-                *block(3, 16),
+                *block(3, 16, stem_stride),
                 nn.MaxPool2d(2),
                 *block(16, 32),
                 nn.MaxPool2d(2),
@@ -103,32 +76,82 @@ def _build_model(torch: Any, n_classes: int) -> Any:
     return SorterCNN()
 
 
-def _augment(torch: Any, x: Any, gen: Any) -> Any:
-    """Random flips, quarter turns, lighting, colour and small scale changes of an RGB 0..1 batch."""
-    n = x.shape[0]
+# augmentation ranges: wide enough for another plant's lighting, belt and scale, narrow enough to
+# keep what tells the classes apart on the line (brightness: Ni-plated NdFeB vs steel; colour
+# temperature: warm nickel vs cold steel; size: SmCo is small)
+AUGMENT: dict[str, tuple[float, float]] = {
+    "brightness": (0.88, 1.12),
+    "channel": (0.96, 1.04),
+    "contrast": (0.88, 1.12),
+    "gamma": (0.9, 1.1),
+    "scale": (0.9, 1.1),
+    "shift": (-0.05, 0.05),
+    "rotate_deg": (-45.0, 45.0),
+    "blur_share": (0.3, 0.3),
+    "noise": (0.0, 0.02),
+}
 
-    def u(lo: float, hi: float, *shape: int) -> Any:
+
+def _augment(torch: Any, x: Any, gen: Any, ranges: dict[str, tuple[float, float]] | None = None) -> Any:
+    """Random flips, rotations (any angle), scale and shift, lighting, colour, blur and noise of an RGB 0..1 batch."""
+    r = {**AUGMENT, **(ranges or {})}
+    n = x.shape[0]
+    f = torch.nn.functional
+
+    def u(key: str, *shape: int) -> Any:
+        lo, hi = r[key]
         return lo + (hi - lo) * torch.rand(n, *shape, generator=gen)
 
     x = torch.where((torch.rand(n, generator=gen) < 0.5)[:, None, None, None], x.flip(3), x)
     k = torch.randint(0, 4, (n,), generator=gen)
     x = x.clone()
-    for r in range(1, 4):
-        sel = k == r
-        x[sel] = torch.rot90(x[sel], r, (2, 3))
-    # lighting varies little on the line (the renderer's gain, 0.93-1.07); brightness is a real cue
-    x = x * u(0.9, 1.1, 1, 1, 1) * u(0.97, 1.03, 3, 1, 1)
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * u(0.9, 1.1, 1, 1, 1) + mean
-    scale = u(0.92, 1.08)
+    for q in range(1, 4):
+        sel = k == q
+        if sel.any():
+            x[sel] = torch.rot90(x[sel], q, (2, 3))
+    # one resampling for rotation, scale and shift; reflected borders continue a belt's texture
+    ang = u("rotate_deg") * (math.pi / 180)
+    scale = u("scale")
     theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = scale
-    theta[:, 1, 1] = scale
-    theta[:, :, 2] = u(-0.04, 0.04, 2)
-    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
-    x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    x = x + 0.01 * torch.randn(x.shape, generator=gen)
+    theta[:, 0, 0] = scale * torch.cos(ang)
+    theta[:, 0, 1] = -scale * torch.sin(ang)
+    theta[:, 1, 0] = scale * torch.sin(ang)
+    theta[:, 1, 1] = scale * torch.cos(ang)
+    theta[:, :, 2] = u("shift", 2)
+    grid = f.affine_grid(theta, list(x.shape), align_corners=False)
+    x = f.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    # optics: a random share of the batch blurred by a random amount (mix with a sigma ~1 px blur)
+    share = r["blur_share"][0]
+    if share > 0:
+        kern = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0
+        k2 = (kern[:, None] * kern[None, :]).expand(3, 1, 5, 5).contiguous()
+        blurred = f.conv2d(f.pad(x, (2, 2, 2, 2), mode="reflect"), k2, groups=3)
+        amount = (torch.rand(n, generator=gen) < share).float() * torch.rand(n, generator=gen)
+        x = x + amount[:, None, None, None] * (blurred - x)
+    # light: level, colour temperature, contrast, gamma
+    x = x * u("brightness", 1, 1, 1) * u("channel", 3, 1, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = ((x - mean) * u("contrast", 1, 1, 1) + mean).clamp(0, 1)
+    x = x ** u("gamma", 1, 1, 1)
+    x = x + u("noise", 1, 1, 1) * torch.randn(x.shape, generator=gen)
     return x.clamp(0, 1)
+
+
+def _lr_at(t: float, peak: float, warmup: float = 0.15) -> float:
+    """One-cycle learning rate at progress t (0..1): cosine up from peak/25, cosine down to peak/25e4."""
+    t = min(max(t, 0.0), 1.0)
+    lo, end = peak / 25, peak / 25e4
+    if t < warmup:
+        return lo + (peak - lo) * (1 - math.cos(math.pi * t / warmup)) / 2
+    return end + (peak - end) * (1 + math.cos(math.pi * (t - warmup) / (1 - warmup))) / 2
+
+
+def auto_input_size(sizes: list[tuple[int, int]]) -> int:
+    """64 for crops up to about 96 px (the line's 64 px crops), 128 for larger ones."""
+    if not sizes:
+        return 64
+    side = float(np.median([min(h, w) for h, w in sizes]))
+    return 128 if side >= 96 else 64
 
 
 def _fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
@@ -240,36 +263,80 @@ def _export(torch: Any, model: Any, size: int, path: Path) -> str:
         return "dynamo"
 
 
+def _fit_contamination(
+    labels: list[str], fields: np.ndarray, y: np.ndarray, probs: np.ndarray, f_check: np.ndarray, y_check: np.ndarray
+) -> tuple[Any, float]:
+    """The field likelihood fitted on (fields, y), its contamination share minimising fused NLL on the check set."""
+    from sorter.fusion import FieldLikelihood, fuse
+
+    best: tuple[float, float] | None = None
+    for eps in (0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2):
+        fl = FieldLikelihood.fit(labels, fields, y, contamination=eps)
+        post = fuse(probs, f_check, fl)
+        nll = float(-np.log(np.clip(post[np.arange(len(y_check)), y_check], 1e-12, None)).mean())
+        if best is None or nll < best[0] - 1e-9:
+            best = (nll, eps)
+    assert best is not None
+    return FieldLikelihood.fit(labels, fields, y, contamination=best[1]), best[1]
+
+
+def _split_report(probs: np.ndarray, y: np.ndarray, labels: list[str], fused: np.ndarray | None) -> dict[str, Any]:
+    from sorter.evaluate import coverage_at
+
+    m = evaluate(probs, y, labels)
+    m["coverage_at_999"] = coverage_at(probs, y)[0]
+    if fused is not None:
+        mf = evaluate(fused, y, labels)
+        m["fused_accuracy"] = mf["accuracy"]
+        m["fused_ece"] = mf["ece"]
+        m["fused_confusion"] = mf["confusion"]
+        m["fused_per_class"] = mf["per_class"]
+        m["fused_coverage_at_999"] = coverage_at(fused, y)[0]
+        m[f"fused_at_{CONFIDENCE}"] = mf[f"at_{CONFIDENCE}"]
+    return m
+
+
 def train(
     data: Path,
     out: Path,
     epochs: int = 40,
     seed: int = 0,
-    input_size: int = 64,
+    input_size: int | None = None,
     progress: bool = True,
     batch_size: int = 64,
     lr: float = 2e-3,
     patience: int = 8,
     threads: int = 2,
+    time_budget_s: float | None = 210.0,
+    augment: dict[str, tuple[float, float]] | None = None,
 ) -> dict[str, Any]:
     """Train the piece classifier on an ImageFolder tree and export it to ONNX with its metadata.
 
     Args:
         data: directory with train/<class>/*.png and val/<class>/*.png (test/ optional, only reported),
-            e.g. made by `sorter sim dataset` (sim.dataset.write_dataset).
+            each split optionally with sensors.csv (file,field_mT); see sorter.dataset. E.g. made by
+            `sorter sim dataset`, or any labelled crops of single pieces.
         out: the .onnx file to write (replaced atomically).
         epochs: maximum epochs; training stops early when validation loss stops improving.
         seed: seeds initialisation, shuffling and augmentation.
-        input_size: square input side in pixels; crops of another size are resized.
+        input_size: square input side in pixels; crops of another size are resized. None: 64 for the
+            line's 64 px crops (up to ~96 px), 128 for larger crops (halved by a strided first layer).
         progress: show a progress bar and print the results.
         batch_size: training batch size.
         lr: peak AdamW learning rate (one-cycle schedule).
         patience: epochs without a better validation loss before stopping (never before 75 % of `epochs`).
         threads: torch CPU threads (the machine is shared: keep it small).
+        time_budget_s: the training loop's wall-clock budget; when the first epochs show that `epochs`
+            would overrun it, fewer epochs are run (the learning-rate schedule is compressed to fit).
+        augment: overrides of the augmentation ranges (`AUGMENT`).
 
     Returns:
         Metrics: labels, temperature, epochs run, val (and test) accuracy, confusion matrices,
-        per-class precision/recall, figures at the 0.9 confidence threshold, model size and hash.
+        per-class precision/recall, figures at the 0.9 confidence threshold, fused figures when the
+        dataset has sensors, model size and hash.
+
+    Raises:
+        DatasetError: the dataset is not usable as it is (the message names the file).
     """
     torch = _import_torch()
     import onnx
@@ -277,29 +344,32 @@ def train(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from sorter.classify import Classifier
+    from sorter.fusion import META_KEY, fuse
 
-    console = Console(quiet=not progress)
+    console = Console(quiet=not progress, stderr=True)
     data, out = Path(data), Path(out)
-    for split in ("train", "val"):
-        if not (data / split).is_dir():
-            raise FileNotFoundError(f"{data / split}: missing; expected {data}/train|val|test/<class>/*.png")
+    t_start = time.monotonic()
+    ds = scan_dataset(data, required=("train", "val"))
+    labels = list(ds.labels)
+    if input_size is None:
+        probe = ds["train"].files[:: max(1, len(ds["train"].files) // 50)]
+        input_size = auto_input_size([_dataset.read_image(p).shape[:2] for p in probe])
+    stem_stride = 2 if input_size >= 96 else 1
     torch.set_num_threads(max(1, threads))
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    labels = _labels_of(data / "train")
-    xs = {s: _load_split(data / s, labels, input_size) for s in SPLITS if (data / s).is_dir()}
+    xs = {s: (ds[s].load_images(input_size), ds[s].y) for s in SPLITS if s in ds}
     x_train, y_train = xs["train"]
-    if len(xs["val"][0]) == 0:
-        raise ValueError(f"{data / 'val'}: no validation crops")
     mean = (x_train.reshape(-1, 3).mean(axis=0) / 255.0).round(4)
-    std = (x_train.reshape(-1, 3).std(axis=0) / 255.0).round(4)
+    std = np.maximum(x_train.reshape(-1, 3).std(axis=0) / 255.0, 1e-3).round(4)
     norm_m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     norm_s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    cl = torch.channels_last  # faster convolutions on CPU
 
     def tensor(x: np.ndarray) -> Any:
         return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).float() / 255.0
 
-    net = _build_model(torch, len(labels))
+    net = _build_model(torch, len(labels), stem_stride).to(memory_format=cl)
     n_params = sum(p.numel() for p in net.parameters())
     # evaluate and export an exponential moving average of the weights: single-step weights
     # (and their batch-norm statistics) make validation loss jump about, and early stopping with it
@@ -307,11 +377,11 @@ def train(
 
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.99), use_buffers=True)
     model = ema.module
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr / 25, weight_decay=5e-4)
     steps = max(1, math.ceil(len(x_train) / batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps, pct_start=0.15)
+    planned = epochs
     # one-cycle training converges in its last, low-learning-rate epochs: never stop before those
-    min_epochs = math.ceil(0.75 * epochs)
+    min_epochs = math.ceil(0.75 * planned)
     loss_fn = torch.nn.CrossEntropyLoss()
     xt, yt = tensor(x_train), torch.from_numpy(y_train)
     xv, yv = tensor(xs["val"][0]), xs["val"][1]
@@ -319,70 +389,138 @@ def train(
     def logits_of(x: Any) -> np.ndarray:
         model.eval()
         with torch.no_grad():
-            return torch.cat([model((x[i : i + 256] - norm_m) / norm_s) for i in range(0, len(x), 256)]).numpy()
+            return torch.cat(
+                [
+                    model(((x[i : i + 256] - norm_m) / norm_s).contiguous(memory_format=cl))
+                    for i in range(0, len(x), 256)
+                ]
+            ).numpy()
 
     console.print(
-        f"training on {len(x_train)} crops ({', '.join(labels)}), {n_params} parameters, "
-        f"{torch.get_num_threads()} threads"
+        f"training on {len(x_train)} crops ({', '.join(f'{c} {n}' for c, n in ds['train'].counts().items())}), "
+        f"input {input_size} px, {n_params} parameters, {torch.get_num_threads()} threads"
     )
     best: tuple[float, dict[str, Any], int] | None = None
     history = []
     t0 = time.monotonic()
+    step = 0
     cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*cols, console=console, disable=not progress, transient=True) as bar:
-        task = bar.add_task("epoch", total=epochs * steps)
-        for epoch in range(epochs):
+        task = bar.add_task("epoch", total=planned * steps)
+        epoch = 0
+        while epoch < planned:
             net.train()
             perm = torch.randperm(len(xt), generator=gen)
             total = 0.0
             for i in range(steps):
                 idx = perm[i * batch_size : (i + 1) * batch_size]
-                xb = (_augment(torch, xt[idx], gen) - norm_m) / norm_s
+                if len(idx) < 2:
+                    continue  # batch norm needs two samples
+                for g in opt.param_groups:
+                    g["lr"] = _lr_at(step / (planned * steps), lr)
+                xb = ((_augment(torch, xt[idx], gen, augment) - norm_m) / norm_s).contiguous(memory_format=cl)
                 loss = loss_fn(net(xb), yt[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                sched.step()
                 ema.update_parameters(net)
+                step += 1
                 total += loss.item() * len(idx)
-                bar.update(task, advance=1, description=f"epoch {epoch + 1}/{epochs}")
+                bar.update(task, advance=1, description=f"epoch {epoch + 1}/{planned}")
+            epoch += 1
             lv = logits_of(xv)
             val_loss = float(loss_fn(torch.from_numpy(lv), torch.from_numpy(yv)))
             val_acc = float((lv.argmax(1) == yv).mean())
-            history.append(
-                {"epoch": epoch + 1, "train_loss": total / len(xt), "val_loss": val_loss, "val_acc": val_acc}
-            )
+            history.append({"epoch": epoch, "train_loss": total / len(xt), "val_loss": val_loss, "val_acc": val_acc})
             console.print(
-                f"epoch {epoch + 1:3d}  train loss {total / len(xt):.4f}  val loss {val_loss:.4f}  "
-                f"val acc {val_acc:.4f}"
+                f"epoch {epoch:3d}  train loss {total / len(xt):.4f}  val loss {val_loss:.4f}  val acc {val_acc:.4f}"
             )
             if best is None or val_loss < best[0]:
-                best = (val_loss, {k: v.clone() for k, v in model.state_dict().items()}, epoch + 1)
-            elif epoch + 1 >= min_epochs and epoch + 1 - best[2] >= patience:
+                best = (val_loss, {k: v.clone() for k, v in model.state_dict().items()}, epoch)
+            elif epoch >= min_epochs and epoch - best[2] >= patience:
                 console.print(f"no better validation loss for {patience} epochs: stopping")
                 break
+            if time_budget_s is not None and epoch < planned:
+                per_epoch = (time.monotonic() - t0) / epoch
+                fits = int(time_budget_s // per_epoch)
+                if fits < planned:
+                    new = max(epoch + 1, fits)
+                    if new < planned:
+                        console.print(
+                            f"{per_epoch:.1f} s per epoch: {new} epochs instead of {planned} "
+                            f"to stay within {time_budget_s:.0f} s"
+                        )
+                        planned = new
+                        min_epochs = math.ceil(0.75 * planned)
+                        bar.update(task, total=planned * steps)
     assert best is not None
     model.load_state_dict(best[1])
     lv = logits_of(xv)
     temperature = _fit_temperature(lv, yv)
+    val_probs = _softmax(lv / temperature)
+    test_probs = None
+    if "test" in xs and len(xs["test"][0]):
+        test_probs = _softmax(logits_of(tensor(xs["test"][0])) / temperature)
+
+    # the Hall-sensor readings: p(|B| | class) fitted on train (or val when only val has them)
+    field_model = None
+    fusion_info: dict[str, Any] = {}
+    f_train, f_val = ds["train"].fields, ds["val"].fields
+    if f_train is not None or f_val is not None:
+        fit_f, fit_y, fit_on = (f_train, y_train, "train") if f_train is not None else (f_val, yv, "val")
+        assert fit_f is not None
+        if f_val is not None:
+            field_model, eps = _fit_contamination(labels, fit_f, fit_y, val_probs, f_val, yv)
+        else:
+            from sorter.fusion import FieldLikelihood
+
+            field_model, eps = FieldLikelihood.fit(labels, fit_f, fit_y), None
+        fusion_info = {"fitted_on": fit_on, "contamination": field_model.contamination, "chosen_on_val": eps}
+        console.print(f"field likelihood fitted on {fit_on}: {field_model!r}")
+
+    def fused_of(split: str, probs: np.ndarray | None) -> np.ndarray | None:
+        if field_model is None or probs is None or split not in ds or ds[split].fields is None:
+            return None
+        return fuse(probs, ds[split].fields, field_model)
+
     metrics: dict[str, Any] = {
         "labels": labels,
         "input_size": input_size,
         "seed": seed,
         "parameters": n_params,
         "epochs_run": len(history),
+        "epochs_planned": planned,
         "best_epoch": best[2],
         "train_seconds": round(time.monotonic() - t0, 1),
         "temperature": temperature,
         "history": history,
         "n_train": len(x_train),
-        "val": evaluate(_softmax(lv / temperature), yv, labels),
+        "fusion": fusion_info or None,
+        "val": _split_report(val_probs, yv, labels, fused_of("val", val_probs)),
     }
-    if "test" in xs and len(xs["test"][0]):
-        metrics["test"] = evaluate(_softmax(logits_of(tensor(xs["test"][0])) / temperature), xs["test"][1], labels)
+    if test_probs is not None:
+        metrics["test"] = _split_report(test_probs, xs["test"][1], labels, fused_of("test", test_probs))
 
     created = dt.datetime.now(dt.UTC).replace(microsecond=0)
-    digest = data_hash(data)
+    digest = _dataset.data_hash(data, ds)
+    summary: dict[str, Any] = {
+        "n_train": len(x_train),
+        "epochs_run": len(history),
+        "best_epoch": best[2],
+        "train_seconds": metrics["train_seconds"],
+    }
+    for split in ("val", "test"):
+        if split in metrics:
+            m = metrics[split]
+            summary[split] = {
+                "n": m["n"],
+                "accuracy": round(m["accuracy"], 6),
+                "ece": round(m["ece"], 6),
+                "coverage_at_999": round(m["coverage_at_999"], 6),
+                "fused_accuracy": round(m["fused_accuracy"], 6) if "fused_accuracy" in m else None,
+                "fused_coverage_at_999": round(m["fused_coverage_at_999"], 6) if "fused_accuracy" in m else None,
+                "confusion": m["confusion"],
+            }
     meta = {
         "labels": json.dumps(labels),
         "input_size": str(input_size),
@@ -395,10 +533,18 @@ def train(
         "val_accuracy": f"{metrics['val']['accuracy']:.6f}",
         "train_data_hash": digest,
         "created": created.isoformat(),
+        "metrics": json.dumps(summary, separators=(",", ":")),
     }
     if "test" in metrics:
         meta["test_accuracy"] = f"{metrics['test']['accuracy']:.6f}"
+    if field_model is not None:
+        meta[META_KEY] = field_model.to_json()
+        if "fused_accuracy" in metrics["val"]:
+            meta["val_fused_accuracy"] = f"{metrics['val']['fused_accuracy']:.6f}"
+        if "test" in metrics and "fused_accuracy" in metrics["test"]:
+            meta["test_fused_accuracy"] = f"{metrics['test']['fused_accuracy']:.6f}"
     out.parent.mkdir(parents=True, exist_ok=True)
+    model = model.to(memory_format=torch.contiguous_format)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
         metrics["exporter"] = _export(torch, model, input_size, raw)
@@ -421,6 +567,7 @@ def train(
     metrics["version"] = meta["version"]
     metrics["model_bytes"] = out.stat().st_size
     metrics["train_data_hash"] = digest
+    metrics["total_seconds"] = round(time.monotonic() - t_start, 1)
     if progress:
         _print_report(console, metrics)
     return metrics
@@ -434,9 +581,14 @@ def _print_report(console: Any, metrics: dict[str, Any]) -> None:
         if split not in metrics:
             continue
         m = metrics[split]
+        fused = (
+            f"; fused with field: accuracy {m['fused_accuracy']:.4f}, {m['fused_coverage_at_999']:.1%} kept at 99.9 %"
+            if "fused_accuracy" in m
+            else ""
+        )
         table = Table(
-            title=f"{split}: accuracy {m['accuracy']:.4f} (n={m['n']}), "
-            f"{m['confident_share']:.1%} at confidence >= {CONFIDENCE}"
+            title=f"{split}: accuracy {m['accuracy']:.4f} (n={m['n']}), ECE {m['ece']:.4f}, "
+            f"{m['confident_share']:.1%} at confidence >= {CONFIDENCE}{fused}"
         )
         table.add_column("true \\ predicted")
         for name in labels:
@@ -448,5 +600,6 @@ def _print_report(console: Any, metrics: dict[str, Any]) -> None:
             table.add_row(name, *(str(v) for v in m["confusion"][i]), f"{pc['precision']:.3f}", f"{pc['recall']:.3f}")
         console.print(table)
     console.print(
-        f"temperature {metrics['temperature']:.3f}, model {metrics['model_bytes']} bytes, version {metrics['version']}"
+        f"temperature {metrics['temperature']:.3f}, {metrics['epochs_run']} epochs (best {metrics['best_epoch']}) "
+        f"in {metrics['train_seconds']:.0f} s, model {metrics['model_bytes']} bytes, version {metrics['version']}"
     )

@@ -1,0 +1,145 @@
+"""Fusion of image probabilities with a Hall-sensor reading: p(|B| | class) and the posterior."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from sorter.fusion import FieldLikelihood, FieldModelError, fuse
+
+LABELS = ("ndfeb", "ferrite", "smco", "steel", "other")
+
+
+def _readings(seed: int = 0, n: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """Domain-like readings: NdFeB and SmCo strong, ferrite weak, steel a few mT, other noise; signed."""
+    rng = np.random.default_rng(seed)
+    f = np.concatenate(
+        [
+            rng.lognormal(math.log(200), 0.5, n),
+            rng.lognormal(math.log(40), 0.4, n),
+            rng.lognormal(math.log(150), 0.4, n),
+            np.abs(rng.normal(2, 2, n)),
+            np.abs(rng.normal(0, 0.8, n)),
+        ]
+    )
+    f *= rng.choice([-1.0, 1.0], f.size)
+    return f, np.repeat(np.arange(5), n)
+
+
+@pytest.fixture(scope="module")
+def lik() -> FieldLikelihood:
+    f, y = _readings()
+    return FieldLikelihood.fit(LABELS, f, y)
+
+
+def test_fit_separates_the_classes(lik: FieldLikelihood) -> None:
+    assert lik.labels == LABELS
+    assert lik.counts == [200] * 5
+    best = {b: LABELS[int(np.argmax(lik.log_likelihood(b)))] for b in (0.3, 40.0, 250.0)}
+    assert best[0.3] in ("steel", "other")
+    assert best[40.0] == "ferrite"
+    assert best[250.0] in ("ndfeb", "smco")
+    # the sign of the field says nothing about the material
+    assert np.allclose(lik.log_likelihood(-250.0), lik.log_likelihood(250.0))
+
+
+def test_strong_reading_resolves_epoxy_ndfeb_against_ferrite(lik: FieldLikelihood) -> None:
+    image = np.array([0.45, 0.5, 0.02, 0.02, 0.01])  # a small glossy black piece: NdFeB or ferrite?
+    assert np.argmax(fuse(image, 300.0, lik)) == 0
+    assert np.argmax(fuse(image, 35.0, lik)) == 1
+
+
+def test_missing_reading_changes_nothing(lik: FieldLikelihood) -> None:
+    image = np.array([0.5, 0.2, 0.1, 0.1, 0.1])
+    assert np.array_equal(fuse(image, None, lik), image)
+    assert np.array_equal(fuse(image, math.nan, lik), image)
+    batch = np.tile(image, (3, 1))
+    out = fuse(batch, [None, 200.0, math.nan], lik)
+    assert np.array_equal(out[0], image) and np.array_equal(out[2], image)
+    assert not np.allclose(out[1], image)
+    assert np.all(lik.log_likelihood(None) == 0)
+
+
+def test_classes_without_readings_are_flat() -> None:
+    f, y = _readings()
+    keep = y != 2  # no SmCo readings
+    lik = FieldLikelihood.fit(LABELS, f[keep], y[keep])
+    assert lik.counts[2] == 0
+    ll = lik.log_likelihood(np.array([0.0, 10.0, 100.0, 1000.0]))
+    assert np.allclose(ll[:, 2], ll[0, 2])  # the same for every reading
+
+
+def test_json_round_trip(lik: FieldLikelihood) -> None:
+    back = FieldLikelihood.from_json(lik.to_json())
+    assert back.labels == lik.labels
+    assert back.contamination == lik.contamination
+    grid = np.concatenate([np.linspace(-500, 500, 101), [0.0, 1e-3, 1e4]])
+    assert np.allclose(back.log_likelihood(grid), lik.log_likelihood(grid), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["not json", "[1, 2]", '{"kind": "other"}', '{"kind": "log1p-kde", "labels": ["a"]}'],
+)
+def test_bad_json_is_refused(text: str) -> None:
+    with pytest.raises(FieldModelError):
+        FieldLikelihood.from_json(text)
+
+
+def test_reordered_follows_the_labels(lik: FieldLikelihood) -> None:
+    order = ("other", "steel", "smco", "ferrite", "ndfeb", "unknown")
+    r = lik.reordered(order)
+    ll, rl = lik.log_likelihood(120.0), r.log_likelihood(120.0)
+    assert np.allclose(rl[:5], ll[::-1])
+    image = np.array([0.1, 0.2, 0.3, 0.2, 0.2])
+    assert np.allclose(fuse(image, 120.0, lik, labels=LABELS), fuse(image, 120.0, lik))
+
+
+probs_row = arrays(np.float64, 5, elements=st.floats(1e-6, 1.0)).map(lambda a: a / a.sum())
+readings = st.one_of(st.none(), st.just(math.nan), st.floats(-5000, 5000, allow_nan=False))
+
+
+@settings(max_examples=200, deadline=None)
+@given(p=probs_row, b=readings)
+def test_posterior_is_a_distribution_and_no_class_is_zeroed(lik: FieldLikelihood, p: np.ndarray, b: float) -> None:
+    post = fuse(p, b, lik)
+    assert post.shape == p.shape
+    assert np.all(np.isfinite(post))
+    assert post.sum() == pytest.approx(1.0, abs=1e-9)
+    # a single reading shifts the odds by a bounded factor: nothing the image allows becomes impossible
+    assert np.all(post > 0)
+    bound = math.exp(lik.max_log_ratio())
+    assert np.all(post / p <= bound * (1 + 1e-9))
+    assert np.all(post / p >= 1 / bound * (1 - 1e-9))
+    if b is None or math.isnan(b):
+        assert np.array_equal(post, p)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    fields=arrays(np.float64, st.integers(1, 30), elements=st.floats(-1000, 1000)),
+    contamination=st.sampled_from([0.005, 0.03, 0.2]),
+)
+def test_any_plant_data_fits(fields: np.ndarray, contamination: float) -> None:
+    """Whatever the readings (few, equal, huge), the fit is finite and bounded."""
+    y = np.arange(fields.size) % 3
+    lik = FieldLikelihood.fit(("a", "b", "c"), fields, y, contamination=contamination)
+    ll = lik.log_likelihood(np.array([0.0, 1.0, 50.0, 1e5, -3.0]))
+    assert np.all(np.isfinite(ll))
+    assert math.isfinite(lik.max_log_ratio())
+    post = fuse(np.full((5, 3), 1 / 3), np.array([0.0, 1.0, 50.0, 1e5, -3.0]), lik)
+    assert np.allclose(post.sum(axis=1), 1.0) and np.all(post > 0)
+
+
+def test_shape_errors(lik: FieldLikelihood) -> None:
+    with pytest.raises(ValueError):
+        fuse(np.full(4, 0.25), 10.0, lik)
+    with pytest.raises(ValueError):
+        fuse(np.full((3, 5), 0.2), [1.0, 2.0], lik)
+    with pytest.raises(FieldModelError):
+        FieldLikelihood.fit(LABELS, [1.0, 2.0], [0])

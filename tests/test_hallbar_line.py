@@ -1,0 +1,59 @@
+"""The Hall-sensor bar on the running line: fused decisions, and the fallback when its cable is pulled."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from sorter.config import load_config
+from sorter.demo import run_demo
+from sorter.records import load_pieces
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+async def _until(cond, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.slow
+async def test_unplugged_bar_raises_an_alarm_and_falls_back_to_the_camera(tmp_path):
+    cfg = load_config(ROOT / "config" / "sim.yaml")
+    seen: dict[str, object] = {}
+
+    async def pull_and_replug(service, sim) -> None:
+        await _until(lambda: service.counts["field_ok"] > 20, 15)
+        await sim.send(cmd="hallbar", on=False)
+        await _until(lambda: not service.hallbar.online, 5)
+        seen["offline_at"] = service.counts["pieces"]
+        await asyncio.sleep(2.0)
+        await sim.send(cmd="hallbar", on=True)
+        await _until(lambda: service.hallbar.online, 10)
+        seen["online_at"] = service.counts["pieces"]
+
+    report = await run_demo(cfg, duration=9, seed=3, run_dir=tmp_path, during=pull_and_replug)
+    rows = load_pieces(tmp_path / "records.sqlite")
+    fallback = cfg.routing.fallback_min_confidence
+    offline = [r for r in rows if r["field_state"] == "offline"]
+    assert len(offline) > 20, report["field_states"]
+    # without the field only very confident pieces go into a product
+    assert all(r["threshold"] == fallback for r in offline)
+    assert all(r["confidence"] >= fallback for r in offline if r["fraction"] != "residue")
+    # fused again once the bar is back
+    assert sum(1 for r in rows if r["field_state"] == "ok") > 100
+    assert report["magnetometer"]["reconnects"] >= 1
+    db = sqlite3.connect(tmp_path / "records.sqlite")
+    alarms = [json.loads(d) for k, d in db.execute("SELECT kind, detail FROM events") if k.startswith("alarm")]
+    assert [a["alarm"] for a in alarms] == ["hallbar_offline", "hallbar_offline"]
+    # and the line kept sorting cleanly throughout
+    assert report["frames_dropped"] <= 0.01 * report["frames_captured"]
+    assert report["fractions"]["ndfeb"]["purity"] >= 0.98
+    assert report["pieces_accounted"] >= 0.95 * report["pieces_fed"]
