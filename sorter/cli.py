@@ -105,6 +105,9 @@ def demo(
     camera_only: Annotated[
         bool, typer.Option("--camera-only", help="a line without the Hall-sensor bar: decide on the camera alone")
     ] = False,
+    capture: Annotated[
+        Path | None, typer.Option(help="save each piece's crop (and field) as a dataset under DIR, as `run` does")
+    ] = None,
     log_level: LogOpt = "warning",
 ) -> None:
     """Run the simulated line sorted by the real line service and print the report."""
@@ -119,7 +122,8 @@ def demo(
         cfg = cfg.model_copy(update={"magnetometer": None})
     run_dir = out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     try:
-        report = asyncio.run(run_demo(cfg, duration, seed, run_dir, progress=not as_json and sys.stderr.isatty()))
+        show = not as_json and sys.stderr.isatty()
+        report = asyncio.run(run_demo(cfg, duration, seed, run_dir, progress=show, capture=capture))
     except (ModelError, DemoError) as exc:
         raise _fail(str(exc), 1) from None
     if as_json:

@@ -148,6 +148,7 @@ async def run_demo(
     run_dir: Path,
     progress: bool = False,
     during: Callable[[LineService, SimProcess], Awaitable[None]] | None = None,
+    capture: Path | None = None,
 ) -> dict[str, Any]:
     """Run the simulated line sorted by the service for `duration` s of feed; returns the report.
 
@@ -173,7 +174,7 @@ async def run_demo(
     t_feed = t_end = None
     try:
         await sim.wait_for("ready", 30)
-        service = LineService(cfg)
+        service = LineService(cfg, capture=capture)
         svc_task = asyncio.create_task(service.run(stop))
 
         async def line_ready() -> bool:
