@@ -26,7 +26,9 @@ from sim.truth import TruthStore
 from sorter.config import LineConfig, SimCameraSource, SimConfig
 from sorter.geometry import CameraGeometry
 
-FEED_DROP_MM = 400.0  # pieces land this far upstream of the cameras' centre line
+# pieces land this far upstream of the cameras' centre line: far enough that a simulator starved of CPU
+# for a moment (2 cores shared with the service) still places them before the cameras can see them
+FEED_DROP_MM = 1500.0
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -79,6 +81,7 @@ class SimLine:
         self._feed_offset = 0.0
         self._feed_pos = 0.0  # how far (in the generator's own coordinate) pieces were generated
         self.fed = 0
+        self.fed_late = 0
         self.binned: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         trigger = round(cfg.belt.nominal_speed_mm_s / sim.fps * cfg.belt.counts_per_mm)
@@ -151,8 +154,12 @@ class SimLine:
         if not new:
             return
         rows = []
+        pos = self.belt.position_mm()
         for p in new:
             p = dataclasses.replace(p, s_mm=p.s_mm + self._feed_offset)
+            if p.y_mm(pos) + p.dy_lead >= self._field[0]:
+                self.fed_late += 1  # already where a camera may have seen it: the simulator fell behind
+                self.log.warning("piece placed late: the simulator fell behind", piece=p.id, fed_late=self.fed_late)
             self._on_belt.append(p)
             self._sprites[p.id] = render_sprite(p, self._mm_per_px, self._rng)
             rows.append(
@@ -234,6 +241,7 @@ class SimLine:
             "count32": self.belt.count32(),
             "feeding": self.feeding,
             "fed": self.fed,
+            "fed_late": self.fed_late,
             "on_belt": self.on_belt,
             "binned": dict(self.binned),
             "plc": {"accepted": self.plc.accepted, "executed": self.plc.executed, "late": self.plc.late},

@@ -117,6 +117,7 @@ def build_report(
         "pieces_fed": len(truth),
         "pieces_binned": len(binned),
         "pieces_accounted": accounted,
+        "pieces_fed_late": sim.get("fed_late"),  # placed where a camera could already see them: a starved simulator
         "records": len(records),
         "records_unmatched": len(records) - len(matched),
         "fractions": fractions,
