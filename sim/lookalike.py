@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -313,8 +314,27 @@ def _material(
 # --- belts and light ---
 
 
-def _belt(rng: np.random.Generator, n: int) -> tuple[np.ndarray, str]:
-    kind = _pick(rng, {"green_rubber": 0.35, "grey_fabric": 0.35, "blue_pu": 0.3})
+@dataclass(frozen=True)
+class Style:
+    """What varies from crop to crop ("mixed", the default) or is fixed for a whole plant ("plant")."""
+
+    belt: str | None = None  # green_rubber, grey_fabric, blue_pu; None: any, per crop
+    fov_mm: float | None = (
+        None  # fixed field of view (mm across the crop): absolute size visible; None: piece fills 40-80 %
+    )
+    warmth: float | None = None  # -1 cool .. 1 warm; None: per crop
+    intensity: tuple[float, float] = (0.8, 1.2)
+
+
+STYLES = {
+    "mixed": Style(),
+    # one plant: one belt, one warm light, one camera scale (64 mm across 128 px: a 5 mm SmCo is 10 px)
+    "plant": Style(belt="grey_fabric", fov_mm=64.0, warmth=0.6, intensity=(0.95, 1.05)),
+}
+
+
+def _belt(rng: np.random.Generator, n: int, kind: str | None = None) -> tuple[np.ndarray, str]:
+    kind = kind or _pick(rng, {"green_rubber": 0.35, "grey_fabric": 0.35, "blue_pu": 0.3})
     level = rng.uniform(28, 55)
     yy, xx = np.indices((n, n)).astype(np.float32)
     match kind:
@@ -336,7 +356,9 @@ def _belt(rng: np.random.Generator, n: int) -> tuple[np.ndarray, str]:
     return level * tex[..., None] * col[None, None, :], kind
 
 
-def render_piece(rng: np.random.Generator, cls: str, n: int = 128) -> tuple[np.ndarray, dict[str, object]]:
+def render_piece(
+    rng: np.random.Generator, cls: str, n: int = 128, style: Style = STYLES["mixed"]
+) -> tuple[np.ndarray, dict[str, object]]:
     """One crop (BGR uint8 n x n) of a random piece of `cls`, and what it shows."""
     variant = _pick(rng, VARIANTS[cls])
     shapes = STEEL_SHAPES[variant] if cls == "steel" else OTHER_SHAPES[variant] if cls == "other" else SHAPES[cls]
@@ -344,7 +366,8 @@ def render_piece(rng: np.random.Generator, cls: str, n: int = 128) -> tuple[np.n
     lo, hi = SIZE_MM[cls]
     size_mm = math.exp(rng.uniform(math.log(lo), math.log(hi)))
     # field of view: the piece fills 40-80 % of the crop, never less than 16 mm across
-    fov_mm = max(size_mm / rng.uniform(0.4, 0.8), 16.0)
+    fov_mm = style.fov_mm or max(size_mm / rng.uniform(0.4, 0.8), 16.0)
+    size_mm = min(size_mm, 0.8 * fov_mm)
     px_mm = fov_mm / n
     mask, info = _shape_mask(rng, shape, size_mm / px_mm, n)
     mat = _material(rng, cls, variant, shape, mask, info, px_mm)
@@ -353,8 +376,8 @@ def render_piece(rng: np.random.Generator, cls: str, n: int = 128) -> tuple[np.n
     az = rng.uniform(0, 2 * math.pi)
     el = math.radians(rng.uniform(30, 65))
     light = np.array([math.cos(az) * math.cos(el), math.sin(az) * math.cos(el), math.sin(el)], np.float32)
-    warmth = rng.uniform(-1, 1)
-    light_col = np.array([1 - 0.07 * warmth, 1.0, 1 + 0.07 * warmth], np.float32) * rng.uniform(0.8, 1.2)
+    warmth = style.warmth if style.warmth is not None else rng.uniform(-1, 1)
+    light_col = np.array([1 - 0.07 * warmth, 1.0, 1 + 0.07 * warmth], np.float32) * rng.uniform(*style.intensity)
 
     # height map: bevelled edges, domed by `relief`
     inside = (mask > 0.5).astype(np.uint8)
@@ -384,10 +407,10 @@ def render_piece(rng: np.random.Generator, cls: str, n: int = 128) -> tuple[np.n
     specular = 255.0 * float(mat["spec"]) * (ndh ** float(mat["shininess"]))[..., None] * spec_col  # type: ignore[arg-type]
     piece = (diffuse + specular) * light_col
 
-    belt, belt_kind = _belt(rng, n)
+    belt, belt_kind = _belt(rng, n, style.belt)
     # soft shadow away from the light
     off = 2.0 + 4.0 * (1 - math.sin(el))
-    m = np.float32([[1, 0, -math.cos(az) * off], [0, 1, -math.sin(az) * off]])
+    m = np.array([[1, 0, -math.cos(az) * off], [0, 1, -math.sin(az) * off]], np.float32)
     shadow = cv2.GaussianBlur(cv2.warpAffine(mask, m, (n, n)), (0, 0), 2.0)
     belt = belt * (1 - rng.uniform(0.3, 0.55) * shadow)[..., None] * light_col
     img = belt * (1 - mask[..., None]) + piece * mask[..., None]
@@ -448,10 +471,19 @@ def write_lookalike(
     size: int = 128,
     progress: Callable[[int, int], None] | None = None,
     sensors: bool = True,
+    style: str = "mixed",
 ) -> dict[str, object]:
-    """Render the look-alike dataset (see the module's notes); `splits` are per-class counts summing to `per_class`."""
-    if sum(splits) != per_class:
-        counts = [round(per_class * s / sum(splits)) for s in splits]
+    """Render the look-alike dataset (see the module's notes); `splits` are per-class counts summing to `per_class`.
+
+    `style`: "mixed" (belt, light and scale vary from crop to crop) or "plant" (one belt, one light,
+    one camera scale: the absolute size of a piece is visible, as on a real line).
+    """
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {sorted(STYLES)}, got {style!r}")
+    if sum(splits) != per_class:  # the same shares for another total, at least one crop per split
+        if per_class < 3:
+            raise ValueError(f"per_class must be at least 3 (one crop per split), got {per_class}")
+        counts = [max(1, round(per_class * s / sum(splits))) for s in splits]
         counts[0] = per_class - counts[1] - counts[2]
         splits = (counts[0], counts[1], counts[2])
     out = Path(out)
@@ -464,7 +496,7 @@ def write_lookalike(
             (out / split / cls).mkdir(parents=True, exist_ok=True)
         for k in range(count):
             for cls in CLASSES:
-                crop, desc = render_piece(rng, cls, size)
+                crop, desc = render_piece(rng, cls, size, STYLES[style])
                 field = field_reading(rng, cls, desc)
                 name = f"{cls}/{k:05d}.png"
                 cv2.imwrite(str(out / split / name), crop)
@@ -480,6 +512,7 @@ def write_lookalike(
             (out / split / "sensors.csv").write_text("\n".join(rows) + "\n")
     summary: dict[str, object] = {
         "kind": "lookalike",
+        "style": style,
         "seed": seed,
         "per_class": per_class,
         "counts": dict(zip(SPLITS, splits, strict=True)),

@@ -200,7 +200,8 @@ def sim_dataset(
         typer.Option(
             help="'line': the simulated line's own crops (what its model trains on); 'studio': deliberately "
             "different-looking crops (other belts, lighting, scale, shapes, Hall bar; sim/lookalike.py) "
-            "to prove that training generalises"
+            "to prove that training generalises, belt, light and scale varying per crop; 'studio-plant': "
+            "the same with one belt, one light and one camera scale"
         ),
     ] = "line",
     sensors: Annotated[bool, typer.Option(help="write each split's sensors.csv (file,field_mT)")] = True,
@@ -221,14 +222,20 @@ def sim_dataset(
             summary = write_dataset(
                 out, per_class=per_class, seed=seed, crop_size=crop_size or 64, sensors=sensors, progress=progress
             )
-        elif look == "studio":
+        elif look in ("studio", "studio-plant"):
             from sim.lookalike import write_lookalike
 
             summary = write_lookalike(
-                out, per_class=per_class, seed=seed, size=crop_size or 128, sensors=sensors, progress=progress
+                out,
+                per_class=per_class,
+                seed=seed,
+                size=crop_size or 128,
+                sensors=sensors,
+                progress=progress,
+                style="plant" if look == "studio-plant" else "mixed",
             )
         else:
-            raise _fail(f"--look must be 'line' or 'studio', got {look!r}")
+            raise _fail(f"--look must be 'line', 'studio' or 'studio-plant', got {look!r}")
     typer.echo(json.dumps(summary, default=str))
 
 
@@ -242,7 +249,7 @@ def _stderr_console() -> Any:
 def model_train(
     data: Annotated[Path, typer.Option(help="dataset: DIR/{train,val,test}/<class>/*.png, optional sensors.csv")],
     out: Annotated[Path, typer.Option(help="ONNX file to write")],
-    epochs: Annotated[int, typer.Option(help="most epochs (early stopping on val loss)")] = 40,
+    epochs: Annotated[int, typer.Option(help="most epochs (early stopping on val loss, time budget)")] = 60,
     seed: int = 0,
     input_size: Annotated[
         int | None, typer.Option(help="model input side in px (default: 64 for crops up to ~96 px, else 128)")

@@ -25,6 +25,7 @@ ECE_BINS = 10
 TARGET = 0.999
 COVERAGE_TARGETS = (0.99, 0.995, 0.999)
 CURVE_POINTS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0)
+PLOT_POINTS = tuple(round(0.3 + 0.01 * i, 2) for i in range(71))  # the coverage curve of the PNG
 
 
 def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -145,6 +146,7 @@ def classification_metrics(probs: np.ndarray, y: np.ndarray, labels: Sequence[st
         "threshold_at_999": thr,
         "coverage_at": {str(t): coverage_at(probs, y, t)[0] for t in COVERAGE_TARGETS},
         "accuracy_at_coverage": accuracy_at_coverage(probs, y) if len(y) else [],
+        "curve": accuracy_at_coverage(probs, y, PLOT_POINTS) if len(y) else [],
         "reliability": reliability(probs, y),
     }
 
@@ -218,7 +220,7 @@ def evaluate_model(
     ds = scan_dataset(Path(data), required=(split,), labels=clf.labels)
     sp = ds[split]
     images = sp.load_images(clf.input_size, rgb=False)
-    probs = np.concatenate([clf.predict(images[i : i + 256]) for i in range(0, len(images), 256)])
+    probs = np.concatenate([clf.predict(list(images[i : i + 256])) for i in range(0, len(images), 256)])
     field_model = clf.field_model
     fused = None
     note = None
@@ -305,7 +307,7 @@ def write_plots(rep: dict[str, Any], out_dir: Path) -> dict[str, str]:
     ax2.set_xlabel("share kept (most confident first); the rest goes to recirculation")
     ax2.set_ylabel("accuracy of the kept")
     ax2.set_title("coverage vs accuracy")
-    lo = min(min(b["accuracy"] for b in m["accuracy_at_coverage"]) for _, m in panels) if rep["n"] else 0.9
+    lo = min(min(b["accuracy"] for b in m["curve"]) for _, m in panels) if rep["n"] else 0.9
     ax2.set_ylim(max(0.0, min(lo, 0.99) - 0.005), 1.0005)
     ax2.set_xlim(0, 1.0)
     ax2.legend(loc="lower left", fontsize=8)
@@ -318,7 +320,7 @@ def write_plots(rep: dict[str, Any], out_dir: Path) -> dict[str, str]:
 
 
 def _curve_from(m: dict[str, Any]) -> tuple[list[float], list[float], list[float]]:
-    pts = m["accuracy_at_coverage"]
+    pts = m["curve"]
     return [p["coverage"] for p in pts], [p["accuracy"] for p in pts], [p["threshold"] for p in pts]
 
 
@@ -352,16 +354,16 @@ def print_report(rep: dict[str, Any], console: Any = None) -> None:
     for name, m in (("image only", img), ("fused with field", fused)):
         if m is None:
             continue
-        t = Table(title=f"{name}: confusion (rows true, columns predicted)")
-        t.add_column("true \\ predicted")
+        cm = Table(title=f"{name}: confusion (rows true, columns predicted)")
+        cm.add_column("true \\ predicted")
         for c in labels:
-            t.add_column(c, justify="right")
-        t.add_column("precision", justify="right")
-        t.add_column("recall", justify="right")
+            cm.add_column(c, justify="right")
+        cm.add_column("precision", justify="right")
+        cm.add_column("recall", justify="right")
         for i, c in enumerate(labels):
             pc = m["per_class"][c]
-            t.add_row(c, *(str(v) for v in m["confusion"][i]), f(pc["precision"], ".3f"), f(pc["recall"], ".3f"))
-        con.print(t)
+            cm.add_row(c, *(str(v) for v in m["confusion"][i]), f(pc["precision"], ".3f"), f(pc["recall"], ".3f"))
+        con.print(cm)
     con.print(
         f"coverage_at_999 ({rep['coverage_by']}): {rep['coverage_at_999']:.1%} kept, "
         f"{rep['recirculation_at_999']:.1%} to recirculation"

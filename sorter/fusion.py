@@ -49,8 +49,8 @@ def _as_fields(field_mT: float | Sequence[float | None] | np.ndarray | None) -> 
     """Readings as a float64 array (None -> NaN) and whether the input was a scalar."""
     if field_mT is None:
         return np.array([np.nan]), True
-    if np.ndim(field_mT) == 0:
-        return np.array([float(field_mT)]), True  # type: ignore[arg-type]
+    if isinstance(field_mT, int | float | np.number) or (isinstance(field_mT, np.ndarray) and field_mT.ndim == 0):
+        return np.array([float(field_mT)]), True
     if isinstance(field_mT, np.ndarray) and field_mT.dtype.kind in "fiu":
         return field_mT.astype(np.float64).ravel(), False
     arr = np.asarray([np.nan if v is None else v for v in np.asarray(field_mT, dtype=object).ravel()], np.float64)
@@ -132,7 +132,9 @@ class FieldLikelihood:
             raise FieldModelError("need at least 2 bins")
         centres = _grid(u_max, bins)
         dens = np.zeros((len(labels), bins))
-        counts, bws, medians = [], [], []
+        counts: list[int] = []
+        bws: list[float | None] = []
+        medians: list[float | None] = []
         for c in range(len(labels)):
             v = f[(yy == c) & np.isfinite(f)]
             counts.append(int(v.size))
@@ -277,7 +279,7 @@ class FieldLikelihood:
 def fuse(
     image_probs: np.ndarray,
     field_mT: float | Sequence[float | None] | np.ndarray | None,
-    likelihood: FieldLikelihood,
+    likelihood: FieldLikelihood | None,
     labels: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Posterior class probabilities from the image's and one field reading per piece.
@@ -286,7 +288,8 @@ def fuse(
         image_probs: (C,) or (N, C) calibrated image probabilities.
         field_mT: the reading of each piece (scalar for (C,), one per row for (N, C)); None/NaN = no reading.
         likelihood: p(|B| | class), classes in the order of the probabilities' columns,
-            unless `labels` names that order (then it is reordered to match).
+            unless `labels` names that order (then it is reordered to match); None: no fusion
+            (a model without field likelihood), the probabilities are returned unchanged.
         labels: the classes of the probabilities' columns, when they may differ from `likelihood.labels`.
 
     Returns:
@@ -295,6 +298,8 @@ def fuse(
     p = np.asarray(image_probs, np.float64)
     if p.ndim not in (1, 2):
         raise ValueError(f"image_probs must be (C,) or (N, C), got shape {p.shape}")
+    if likelihood is None:
+        return p
     if labels is not None and tuple(labels) != likelihood.labels:
         likelihood = likelihood.reordered(labels)
     single = p.ndim == 1

@@ -41,8 +41,12 @@ def data_hash(data: Path) -> str:
     return _dataset.data_hash(Path(data))
 
 
-def _build_model(torch: Any, n_classes: int, stem_stride: int = 1) -> Any:
+WIDTHS = (16, 32, 64, 64, 128)
+
+
+def _build_model(torch: Any, n_classes: int, stem_stride: int = 1, widths: tuple[int, ...] = WIDTHS) -> Any:
     nn = torch.nn
+    w = widths
 
     def block(cin: int, cout: int, stride: int = 1) -> list[Any]:
         return [
@@ -57,18 +61,18 @@ def _build_model(torch: Any, n_classes: int, stem_stride: int = 1) -> Any:
             # cheap at full resolution (2 CPU cores), wider where the image is small; large inputs
             # (128 px) are halved by a strided first convolution, so they cost what 64 px inputs do
             self.features = nn.Sequential(
-                *block(3, 16, stem_stride),
+                *block(3, w[0], stem_stride),
                 nn.MaxPool2d(2),
-                *block(16, 32),
+                *block(w[0], w[1]),
                 nn.MaxPool2d(2),
-                *block(32, 64),
-                *block(64, 64),
+                *block(w[1], w[2]),
+                *block(w[2], w[3]),
                 nn.MaxPool2d(2),
-                *block(64, 128),
+                *block(w[3], w[4]),
                 nn.AdaptiveAvgPool2d(1),
                 nn.Flatten(),
             )
-            self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(128, n_classes))
+            self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(w[4], n_classes))
 
         def forward(self, x: Any) -> Any:
             return self.head(self.features(x))
@@ -86,14 +90,17 @@ AUGMENT: dict[str, tuple[float, float]] = {
     "gamma": (0.9, 1.1),
     "scale": (0.9, 1.1),
     "shift": (-0.05, 0.05),
-    "rotate_deg": (-45.0, 45.0),
+    "rotate_deg": (-20.0, 20.0),
     "blur_share": (0.3, 0.3),
     "noise": (0.0, 0.02),
 }
 
 
 def _augment(torch: Any, x: Any, gen: Any, ranges: dict[str, tuple[float, float]] | None = None) -> Any:
-    """Random flips, rotations (any angle), scale and shift, lighting, colour, blur and noise of an RGB 0..1 batch."""
+    """Random mirroring, rotation, scale and shift, lighting, colour, blur and noise of an RGB 0..1 batch.
+
+    Written for two CPU cores: one resampling does all the geometry, one multiply-add the lighting.
+    """
     r = {**AUGMENT, **(ranges or {})}
     n = x.shape[0]
     f = torch.nn.functional
@@ -102,39 +109,37 @@ def _augment(torch: Any, x: Any, gen: Any, ranges: dict[str, tuple[float, float]
         lo, hi = r[key]
         return lo + (hi - lo) * torch.rand(n, *shape, generator=gen)
 
-    x = torch.where((torch.rand(n, generator=gen) < 0.5)[:, None, None, None], x.flip(3), x)
-    k = torch.randint(0, 4, (n,), generator=gen)
-    x = x.clone()
-    for q in range(1, 4):
-        sel = k == q
-        if sel.any():
-            x[sel] = torch.rot90(x[sel], q, (2, 3))
-    # one resampling for rotation, scale and shift; reflected borders continue a belt's texture
-    ang = u("rotate_deg") * (math.pi / 180)
+    # geometry: mirror, quarter turns plus a small rotation, scale, shift; reflected borders continue a
+    # belt's texture (small angles: a large piece reaching the crop's edge would be mirrored into the corners)
+    quarter = torch.randint(0, 4, (n,), generator=gen).float() * (math.pi / 2)
+    ang = quarter + u("rotate_deg") * (math.pi / 180)
+    mirror = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
     scale = u("scale")
+    cos, sin = torch.cos(ang) * scale, torch.sin(ang) * scale
     theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = scale * torch.cos(ang)
-    theta[:, 0, 1] = -scale * torch.sin(ang)
-    theta[:, 1, 0] = scale * torch.sin(ang)
-    theta[:, 1, 1] = scale * torch.cos(ang)
+    theta[:, 0, 0] = cos * mirror
+    theta[:, 0, 1] = -sin
+    theta[:, 1, 0] = sin * mirror
+    theta[:, 1, 1] = cos
     theta[:, :, 2] = u("shift", 2)
     grid = f.affine_grid(theta, list(x.shape), align_corners=False)
     x = f.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    # optics: a random share of the batch blurred by a random amount (mix with a sigma ~1 px blur)
+    # optics: a random share of the batch softened by up to a 3x3 box blur
     share = r["blur_share"][0]
     if share > 0:
-        kern = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0
-        k2 = (kern[:, None] * kern[None, :]).expand(3, 1, 5, 5).contiguous()
-        blurred = f.conv2d(f.pad(x, (2, 2, 2, 2), mode="reflect"), k2, groups=3)
-        amount = (torch.rand(n, generator=gen) < share).float() * torch.rand(n, generator=gen)
-        x = x + amount[:, None, None, None] * (blurred - x)
-    # light: level, colour temperature, contrast, gamma
-    x = x * u("brightness", 1, 1, 1) * u("channel", 3, 1, 1)
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = ((x - mean) * u("contrast", 1, 1, 1) + mean).clamp(0, 1)
-    x = x ** u("gamma", 1, 1, 1)
-    x = x + u("noise", 1, 1, 1) * torch.randn(x.shape, generator=gen)
-    return x.clamp(0, 1)
+        sel = torch.rand(n, generator=gen) < share
+        if sel.any():
+            xs = x[sel]
+            amount = torch.rand(len(xs), 1, 1, 1, generator=gen)
+            x[sel] = xs + amount * (f.avg_pool2d(xs, 3, stride=1, padding=1, count_include_pad=False) - xs)
+    # light: level and colour temperature (gain), contrast around the crop's mean: one multiply-add
+    gain = u("brightness", 1, 1, 1) * u("channel", 3, 1, 1)
+    contrast = u("contrast", 1, 1, 1)
+    mean = (x.mean(dim=(2, 3), keepdim=True) * gain).mean(dim=1, keepdim=True)
+    x = (x * (gain * contrast) + mean * (1 - contrast)).clamp_(0, 1)
+    x = x.pow_(u("gamma", 1, 1, 1))
+    x = x.add_(u("noise", 1, 1, 1) * torch.randn(x.shape, generator=gen))
+    return x.clamp_(0, 1)
 
 
 def _lr_at(t: float, peak: float, warmup: float = 0.15) -> float:
@@ -144,6 +149,32 @@ def _lr_at(t: float, peak: float, warmup: float = 0.15) -> float:
     if t < warmup:
         return lo + (peak - lo) * (1 - math.cos(math.pi * t / warmup)) / 2
     return end + (peak - end) * (1 + math.cos(math.pi * (t - warmup) / (1 - warmup))) / 2
+
+
+def _replan(epoch_s: list[float], elapsed: float, budget: float, planned: int, most: int) -> int:
+    """How many epochs fit the time budget, judged by the recent epochs' pace (a shared machine's
+    load comes and goes: the plan shrinks when epochs slow down and grows back, up to `most`,
+    when they speed up). Small changes are ignored: each change bends the LR schedule."""
+    done = len(epoch_s)
+    pace = float(np.median(epoch_s[-5:])) if done > 1 else epoch_s[0] / 2  # the first one warms up
+    fits = done + int(max(0.0, budget - elapsed) // max(pace, 1e-6))
+    new = min(most, max(done + 1, fits))
+    if new > planned and (done < 3 or new - planned < 3):
+        return planned
+    if new < planned and new >= planned - 1 and fits >= planned - 1:
+        return planned
+    return new
+
+
+def _use_bf16(torch: Any, precision: str) -> bool:
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    if precision != "auto":
+        return precision == "bf16"
+    try:  # native bfloat16 doubles the speed; emulated it would be far slower than float32
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
 
 
 def auto_input_size(sizes: list[tuple[int, int]]) -> int:
@@ -299,7 +330,7 @@ def _split_report(probs: np.ndarray, y: np.ndarray, labels: list[str], fused: np
 def train(
     data: Path,
     out: Path,
-    epochs: int = 40,
+    epochs: int = 60,
     seed: int = 0,
     input_size: int | None = None,
     progress: bool = True,
@@ -309,6 +340,8 @@ def train(
     threads: int = 2,
     time_budget_s: float | None = 210.0,
     augment: dict[str, tuple[float, float]] | None = None,
+    precision: str = "auto",
+    widths: tuple[int, ...] = WIDTHS,
 ) -> dict[str, Any]:
     """Train the piece classifier on an ImageFolder tree and export it to ONNX with its metadata.
 
@@ -329,6 +362,9 @@ def train(
         time_budget_s: the training loop's wall-clock budget; when the first epochs show that `epochs`
             would overrun it, fewer epochs are run (the learning-rate schedule is compressed to fit).
         augment: overrides of the augmentation ranges (`AUGMENT`).
+        precision: "fp32", "bf16" (convolutions in bfloat16 under autocast, weights and optimiser
+            in float32), or "auto": bf16 where the CPU does it natively (AVX512-BF16 or AMX), else fp32.
+        widths: channels of the five convolutions.
 
     Returns:
         Metrics: labels, temperature, epochs run, val (and test) accuracy, confusion matrices,
@@ -345,6 +381,7 @@ def train(
 
     from sorter.classify import Classifier
     from sorter.fusion import META_KEY, fuse
+    from sorter.modelcheck import check_model
 
     console = Console(quiet=not progress, stderr=True)
     data, out = Path(data), Path(out)
@@ -352,10 +389,11 @@ def train(
     ds = scan_dataset(data, required=("train", "val"))
     labels = list(ds.labels)
     if input_size is None:
-        probe = ds["train"].files[:: max(1, len(ds["train"].files) // 50)]
-        input_size = auto_input_size([_dataset.read_image(p).shape[:2] for p in probe])
+        sample = ds["train"].files[:: max(1, len(ds["train"].files) // 50)]
+        input_size = auto_input_size([_dataset.read_image(p).shape[:2] for p in sample])
     stem_stride = 2 if input_size >= 96 else 1
     torch.set_num_threads(max(1, threads))
+    use_bf16 = _use_bf16(torch, precision)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     xs = {s: (ds[s].load_images(input_size), ds[s].y) for s in SPLITS if s in ds}
@@ -367,9 +405,13 @@ def train(
     cl = torch.channels_last  # faster convolutions on CPU
 
     def tensor(x: np.ndarray) -> Any:
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).float() / 255.0
+        """NCHW uint8 (a quarter of float32's memory); batches become float 0..1 when used."""
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
-    net = _build_model(torch, len(labels), stem_stride).to(memory_format=cl)
+    def unit(x: Any) -> Any:
+        return x.float().div_(255.0)
+
+    net = _build_model(torch, len(labels), stem_stride, tuple(widths)).to(memory_format=cl)
     n_params = sum(p.numel() for p in net.parameters())
     # evaluate and export an exponential moving average of the weights: single-step weights
     # (and their batch-norm statistics) make validation loss jump about, and early stopping with it
@@ -391,7 +433,7 @@ def train(
         with torch.no_grad():
             return torch.cat(
                 [
-                    model(((x[i : i + 256] - norm_m) / norm_s).contiguous(memory_format=cl))
+                    model(((unit(x[i : i + 256]) - norm_m) / norm_s).contiguous(memory_format=cl))
                     for i in range(0, len(x), 256)
                 ]
             ).numpy()
@@ -399,9 +441,11 @@ def train(
     console.print(
         f"training on {len(x_train)} crops ({', '.join(f'{c} {n}' for c, n in ds['train'].counts().items())}), "
         f"input {input_size} px, {n_params} parameters, {torch.get_num_threads()} threads"
+        + (", bfloat16 convolutions" if use_bf16 else "")
     )
     best: tuple[float, dict[str, Any], int] | None = None
     history = []
+    epoch_s: list[float] = []
     t0 = time.monotonic()
     step = 0
     cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -409,6 +453,7 @@ def train(
         task = bar.add_task("epoch", total=planned * steps)
         epoch = 0
         while epoch < planned:
+            t_epoch = time.monotonic()
             net.train()
             perm = torch.randperm(len(xt), generator=gen)
             total = 0.0
@@ -418,8 +463,10 @@ def train(
                     continue  # batch norm needs two samples
                 for g in opt.param_groups:
                     g["lr"] = _lr_at(step / (planned * steps), lr)
-                xb = ((_augment(torch, xt[idx], gen, augment) - norm_m) / norm_s).contiguous(memory_format=cl)
-                loss = loss_fn(net(xb), yt[idx])
+                xb = ((_augment(torch, unit(xt[idx]), gen, augment) - norm_m) / norm_s).contiguous(memory_format=cl)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                    logits = net(xb)
+                loss = loss_fn(logits.float(), yt[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -440,19 +487,20 @@ def train(
             elif epoch >= min_epochs and epoch - best[2] >= patience:
                 console.print(f"no better validation loss for {patience} epochs: stopping")
                 break
+            if time_budget_s is not None and epoch < planned and time.monotonic() - t0 > 1.1 * time_budget_s:
+                console.print(f"over the time budget ({time_budget_s:.0f} s): stopping after epoch {epoch}")
+                break
+            epoch_s.append(time.monotonic() - t_epoch)
             if time_budget_s is not None and epoch < planned:
-                per_epoch = (time.monotonic() - t0) / epoch
-                fits = int(time_budget_s // per_epoch)
-                if fits < planned:
-                    new = max(epoch + 1, fits)
-                    if new < planned:
-                        console.print(
-                            f"{per_epoch:.1f} s per epoch: {new} epochs instead of {planned} "
-                            f"to stay within {time_budget_s:.0f} s"
-                        )
-                        planned = new
-                        min_epochs = math.ceil(0.75 * planned)
-                        bar.update(task, total=planned * steps)
+                new = _replan(epoch_s, time.monotonic() - t0, time_budget_s, planned, epochs)
+                if new != planned:
+                    console.print(
+                        f"{np.median(epoch_s[-5:]):.1f} s per epoch: {new} epochs instead of {planned} "
+                        f"to stay within {time_budget_s:.0f} s"
+                    )
+                    planned = new
+                    min_epochs = math.ceil(0.75 * planned)
+                    bar.update(task, total=planned * steps)
     assert best is not None
     model.load_state_dict(best[1])
     lv = logits_of(xv)
@@ -486,6 +534,7 @@ def train(
     metrics: dict[str, Any] = {
         "labels": labels,
         "input_size": input_size,
+        "precision": "bf16" if use_bf16 else "fp32",
         "seed": seed,
         "parameters": n_params,
         "epochs_run": len(history),
@@ -544,7 +593,7 @@ def train(
         if "test" in metrics and "fused_accuracy" in metrics["test"]:
             meta["test_fused_accuracy"] = f"{metrics['test']['fused_accuracy']:.6f}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    model = model.to(memory_format=torch.contiguous_format)
+    model = model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
         metrics["exporter"] = _export(torch, model, input_size, raw)
@@ -563,6 +612,10 @@ def train(
     if not np.allclose(got, want, atol=1e-3):
         staged.unlink()
         raise RuntimeError(f"exported model disagrees with torch (max diff {np.abs(got - want).max():.2e})")
+    verdict = check_model(staged)  # what the line service will ask of it before swapping it in
+    if not verdict.ok:
+        staged.unlink()
+        raise RuntimeError(f"the exported model fails its deployment check: {verdict.message}")
     staged.replace(out)
     metrics["version"] = meta["version"]
     metrics["model_bytes"] = out.stat().st_size

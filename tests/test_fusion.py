@@ -63,6 +63,7 @@ def test_missing_reading_changes_nothing(lik: FieldLikelihood) -> None:
     assert np.array_equal(out[0], image) and np.array_equal(out[2], image)
     assert not np.allclose(out[1], image)
     assert np.all(lik.log_likelihood(None) == 0)
+    assert np.array_equal(fuse(batch, [1.0, 2.0, 3.0], None), batch)  # a model without field likelihood
 
 
 def test_classes_without_readings_are_flat() -> None:

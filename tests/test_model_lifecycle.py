@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -29,6 +30,22 @@ needs_torch = pytest.mark.skipif(
     importlib.util.find_spec("torch") is None, reason="torch not installed (the 'train' extra)"
 )
 runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _logging_outlives_the_runner() -> Iterator[None]:
+    """Commands set up logging on the CliRunner's streams, closed after each invoke: undo it for later tests."""
+    import logging
+
+    import structlog
+
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    yield
+    structlog.reset_defaults()
+    for h in root.handlers[:]:
+        if h not in handlers:
+            root.removeHandler(h)
 
 
 # --- datasets ---
@@ -59,9 +76,7 @@ def test_valid_dataset_is_scanned(tmp_path: Path) -> None:
     # a jpg and a non-square image are fine; stray non-image files are ignored
     img = np.full((40, 64, 3), 90, np.uint8)
     cv2.imwrite(str(root / "train" / "steel" / "wide.jpg"), img)
-    (root / "train" / "sensors.csv").write_text(
-        (root / "train" / "sensors.csv").read_text() + "steel/wide.jpg,-3.25\n"
-    )
+    (root / "train" / "sensors.csv").write_text((root / "train" / "sensors.csv").read_text() + "steel/wide.jpg,-3.25\n")
     (root / "train" / "steel" / "notes.txt").write_text("hello")
     ds = scan_dataset(root)
     assert ds.labels == ("ndfeb", "steel", "zinc")  # the line's order first, then the rest
@@ -200,7 +215,7 @@ def test_coverage_keeps_ties_together() -> None:
     # three pieces share the top confidence and one of them is wrong: no threshold keeps the other two
     probs = np.array([[0.99, 0.01]] * 3 + [[0.9, 0.1]])
     y = np.array([0, 1, 0, 0])
-    cov, acc, _ = coverage_curve(probs, y)
+    cov, _, _ = coverage_curve(probs, y)
     assert list(cov) == [0.75, 1.0]
     assert coverage_at(probs, y) == (0.0, None)
 
@@ -315,11 +330,11 @@ def test_sim_dataset_writes_sensors_and_keeps_its_crops(tmp_path: Path) -> None:
 
 
 def test_lookalike_dataset_is_valid(tmp_path: Path) -> None:
-    from sim.lookalike import write_lookalike
-
     root = tmp_path / "studio"
-    write_lookalike(root, per_class=3, seed=2, splits=(1, 1, 1))
+    res = runner.invoke(app, ["sim", "dataset", "--out", str(root), "--per-class", "4", "--look", "studio"])
+    assert res.exit_code == 0, res.output
     ds = scan_dataset(root)
+    assert [len(s) for s in ds.splits.values()] == [10, 5, 5]
     assert ds.labels == ("ndfeb", "ferrite", "smco", "steel", "other")
     assert ds["train"].has_sensors and cv2.imread(str(ds["train"].files[0])).shape == (128, 128, 3)
 
@@ -346,6 +361,20 @@ def test_evaluate_json_on_sim_crops(tmp_path: Path) -> None:
 
 
 # --- training (the `train` extra) ---
+
+
+def test_time_budget_plan_follows_the_machines_pace() -> None:
+    from sorter.train import _replan
+
+    # a slow first epoch (warm-up, a neighbour's job) shrinks the plan...
+    assert _replan([10.0], 10.0, 210.0, 60, 60) == 41
+    assert _replan([10.0, 9.0], 19.0, 210.0, 41, 60) == 22
+    # ...and it grows back when the machine is free again, never beyond the epochs asked for
+    assert _replan([10.0, 9.0, 3.0, 3.0, 3.0], 28.0, 210.0, 22, 60) == 60
+    # a fast machine keeps the plan; one epoch more or less is not worth bending the schedule for
+    assert _replan([3.0] * 10, 30.0, 210.0, 60, 60) == 60
+    assert _replan([3.55] * 50, 177.5, 210.0, 60, 60) == 60
+    assert _replan([4.0] * 50, 200.0, 210.0, 60, 60) == 52
 
 
 @needs_torch
