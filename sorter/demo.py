@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +147,7 @@ async def run_demo(
     seed: int,
     run_dir: Path,
     progress: bool = False,
-    during: Callable[[LineService, SimProcess], Awaitable[None]] | None = None,
+    during: Callable[[LineService, SimProcess], Coroutine[Any, Any, None]] | None = None,
     capture: Path | None = None,
 ) -> dict[str, Any]:
     """Run the simulated line sorted by the service for `duration` s of feed; returns the report.
