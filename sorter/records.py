@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-SCHEMA = """
+_PIECES_TABLE = """
 CREATE TABLE IF NOT EXISTS pieces (
-    id INTEGER PRIMARY KEY,          -- piece id, unique within a run
+    id INTEGER NOT NULL,             -- piece id, unique within a run
     run_id TEXT NOT NULL,
     t_wall REAL NOT NULL,            -- unix time of the decision
     t_capture REAL NOT NULL,         -- monotonic time of the piece's last view
@@ -36,13 +36,18 @@ CREATE TABLE IF NOT EXISTS pieces (
     image_probs TEXT,                -- JSON {class: probability} from the camera alone, fused over views
     field_mT REAL,                   -- peak |field| the Hall-sensor bar read under the piece
     field_state TEXT,                -- ok, no_bar, offline, missing, incomplete
-    threshold REAL                   -- the confidence threshold the decision was held to
-);
+    threshold REAL,                  -- the confidence threshold the decision was held to
+    PRIMARY KEY (run_id, id)         -- every run of the service appends to the same database
+)"""
+SCHEMA = (
+    _PIECES_TABLE
+    + """;
 CREATE INDEX IF NOT EXISTS pieces_run ON pieces(run_id, t_wall);
 CREATE TABLE IF NOT EXISTS events (
     t_wall REAL NOT NULL, run_id TEXT NOT NULL, kind TEXT NOT NULL, detail TEXT
 );
 """
+)
 
 
 # columns added after the first release: an older database gets them on open
@@ -97,15 +102,30 @@ class RecordStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
-        have = {r[1] for r in self._db.execute("PRAGMA table_info(pieces)")}
-        for col, kind in _ADDED_COLUMNS.items():
-            if col not in have:
-                self._db.execute(f"ALTER TABLE pieces ADD COLUMN {col} {kind}")
+        self._migrate()
         self._inserts: list[tuple[Any, ...]] = []
         self._updates: list[tuple[Any, ...]] = []
         self._events: list[tuple[Any, ...]] = []
         self._lock = threading.Lock()  # rows are added on the event loop and written on a worker thread
         self.written = 0
+
+    def _migrate(self) -> None:
+        """Bring a database written by an older release up to this schema, keeping its rows."""
+        info = list(self._db.execute("PRAGMA table_info(pieces)"))
+        have = {r[1] for r in info}
+        for col, kind in _ADDED_COLUMNS.items():
+            if col not in have:
+                self._db.execute(f"ALTER TABLE pieces ADD COLUMN {col} {kind}")
+        if any(r[1] == "run_id" and r[5] == 0 for r in info):  # first release: piece id alone was the key
+            cols = ", ".join(("run_id", *PIECE_COLUMNS))
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.execute("DROP INDEX IF EXISTS pieces_run")
+                self._db.execute("ALTER TABLE pieces RENAME TO pieces_v1")
+                self._db.execute(_PIECES_TABLE)
+                self._db.execute(f"INSERT INTO pieces ({cols}) SELECT {cols} FROM pieces_v1")
+                self._db.execute("DROP TABLE pieces_v1")
+                self._db.execute("CREATE INDEX IF NOT EXISTS pieces_run ON pieces(run_id, t_wall)")
 
     def add_piece(self, row: dict[str, Any]) -> None:
         values = [
@@ -134,18 +154,23 @@ class RecordStore:
                 return
             ins, upd, ev = self._inserts, self._updates, self._events
             self._inserts, self._updates, self._events = [], [], []
+        try:
+            self._write(ins, upd, ev)
+        except sqlite3.Error:
+            with self._lock:  # keep them for the next flush: a full or locked disk must not lose records
+                self._inserts[:0], self._updates[:0], self._events[:0] = ins, upd, ev
+            raise
+        self.written += len(ins)
+
+    def _write(self, ins: list[tuple[Any, ...]], upd: list[tuple[Any, ...]], ev: list[tuple[Any, ...]]) -> None:
         with self._db:  # one transaction
             self._db.execute("BEGIN")
-            self._db.executemany(
-                _INSERT,
-                ins,
-            )
+            self._db.executemany(_INSERT, ins)
             self._db.executemany(
                 "UPDATE pieces SET outcome=?, seq=COALESCE(?, seq), t_accepted=?, latency_ms=? WHERE run_id=? AND id=?",
                 upd,
             )
             self._db.executemany("INSERT INTO events VALUES (?,?,?,?)", ev)
-        self.written += len(ins)
 
     def close(self) -> None:
         self.flush()

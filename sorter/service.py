@@ -266,9 +266,15 @@ class LineService:
         if bar is None or fmap is None or mag is None:
             return [NO_BAR] * len(pieces)
         need = max(fmap.window(p.u_lead, p.u_trail)[1] for p in pieces)
-        deadline = time.monotonic() + mag.wait_ms / 1000
-        while bar.online and time.monotonic() < deadline and ((c := fmap.covered_until()) is None or c < need):
+        t0 = time.monotonic()
+        deadline = t0 + mag.wait_ms / 1000
+        while bar.online and ((c := fmap.covered_until()) is None or c < need):
+            if time.monotonic() >= deadline:
+                self.counts["field_wait_timeouts"] += 1
+                self.log.debug("field wait timed out", behind_mm=(need - (c or need)) / self.cfg.belt.counts_per_mm)
+                break
             await asyncio.sleep(0.005)
+        self.times.add("field_wait", time.monotonic() - t0)
         out = []
         for p in pieces:
             r = fmap.query(p.u_lead, p.u_trail, p.x0, p.x1)
@@ -331,7 +337,13 @@ class LineService:
         while True:
             await asyncio.sleep(0.2)
             # a commit can wait on the disk (WAL checkpoints): never on the loop that polls the PLC
-            await loop.run_in_executor(self._writer, self.records.flush)
+            try:
+                await loop.run_in_executor(self._writer, self.records.flush)
+            except Exception as exc:  # rows stay queued and are retried; the line goes on
+                self.counts["records_flush_failed"] += 1
+                self.log.error(
+                    "ALARM records not written, retrying", error=str(exc), pending=self.records.pending_writes
+                )
             self._watch_bar()
             if time.monotonic() - last_log > 5:
                 last_log = time.monotonic()
