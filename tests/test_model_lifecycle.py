@@ -269,7 +269,8 @@ def test_check_refuses_unreadable_files(tmp_path: Path) -> None:
 def _with_meta(tmp_path: Path, name: str, drop: tuple[str, ...] = (), add: dict[str, str] | None = None) -> Path:
     onnx = pytest.importorskip("onnx")
     proto = onnx.load(str(SHIPPED))
-    kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in drop]
+    replaced = set(drop) | set(add or {})
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in replaced]
     del proto.metadata_props[:]
     for k, v in [*kept, *(add or {}).items()]:
         proto.metadata_props.add(key=k, value=v)
@@ -300,7 +301,7 @@ def test_check_validates_the_field_likelihood(tmp_path: Path) -> None:
     res = check_model(good)
     assert res.ok and res.has_field_model, res.message
     assert Classifier(good).field_model is not None
-    assert Classifier(SHIPPED).field_model is None
+    assert Classifier(_with_meta(tmp_path, "image-only.onnx", drop=("field_likelihood",))).field_model is None
     bad = _with_meta(tmp_path, "badfield.onnx", add={"field_likelihood": '{"kind": "log1p-kde"}'})
     res = check_model(bad)
     assert res.exit_code == 1 and "field_likelihood" in res.message
@@ -353,7 +354,11 @@ def test_evaluate_json_on_sim_crops(tmp_path: Path) -> None:
     rep = json.loads(res.stdout)
     for key in ("accuracy", "fused_accuracy", "ece", "per_class", "confusion", "coverage_at_999"):
         assert key in rep
-    assert rep["n"] == 10 and rep["fused_accuracy"] is None  # the shipped model has no field likelihood
+    assert rep["n"] == 10 and rep["fused_accuracy"] is not None  # the shipped model fuses the sensors.csv fields
+    no_sensors = tmp_path / "no-sensors"
+    write_dataset(no_sensors, per_class=4, seed=11, splits=(1, 1, 2), sensors=False)
+    res = runner.invoke(app, ["model", "evaluate", "--model", str(SHIPPED), "--data", str(no_sensors), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["fused_accuracy"] is None
     assert 0 <= rep["coverage_at_999"] <= 1 and math.isfinite(rep["ece"])
     assert (plots / "confusion.png").stat().st_size > 1000 and (plots / "reliability.png").is_file()
     table = runner.invoke(app, ["model", "evaluate", "--model", str(SHIPPED), "--data", str(root), "--no-plots"])
