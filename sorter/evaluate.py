@@ -324,6 +324,25 @@ def _curve_from(m: dict[str, Any]) -> tuple[list[float], list[float], list[float
     return [p["coverage"] for p in pts], [p["accuracy"] for p in pts], [p["threshold"] for p in pts]
 
 
+def confusion_table(title: str, labels: Sequence[str], m: dict[str, Any]) -> Any:
+    """A rich table of a confusion matrix (rows true) with per-class precision and recall."""
+    from rich.table import Table
+
+    def f3(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    table = Table(title=title)
+    table.add_column("true \\ predicted")
+    for c in labels:
+        table.add_column(c, justify="right")
+    table.add_column("precision", justify="right")
+    table.add_column("recall", justify="right")
+    for i, c in enumerate(labels):
+        pc = m["per_class"][c]
+        table.add_row(c, *(str(v) for v in m["confusion"][i]), f3(pc["precision"]), f3(pc["recall"]))
+    return table
+
+
 def print_report(rep: dict[str, Any], console: Any = None) -> None:
     """Rich tables of the report (what `sorter model evaluate` prints without --json)."""
     from rich.console import Console
@@ -352,18 +371,8 @@ def print_report(rep: dict[str, Any], console: Any = None) -> None:
         )
     con.print(head)
     for name, m in (("image only", img), ("fused with field", fused)):
-        if m is None:
-            continue
-        cm = Table(title=f"{name}: confusion (rows true, columns predicted)")
-        cm.add_column("true \\ predicted")
-        for c in labels:
-            cm.add_column(c, justify="right")
-        cm.add_column("precision", justify="right")
-        cm.add_column("recall", justify="right")
-        for i, c in enumerate(labels):
-            pc = m["per_class"][c]
-            cm.add_row(c, *(str(v) for v in m["confusion"][i]), f(pc["precision"], ".3f"), f(pc["recall"], ".3f"))
-        con.print(cm)
+        if m is not None:
+            con.print(confusion_table(f"{name}: confusion (rows true, columns predicted)", labels, m))
     con.print(
         f"coverage_at_999 ({rep['coverage_by']}): {rep['coverage_at_999']:.1%} kept, "
         f"{rep['recirculation_at_999']:.1%} to recirculation"

@@ -217,46 +217,25 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def evaluate(probs: np.ndarray, y: np.ndarray, labels: list[str], confidence: float = CONFIDENCE) -> dict[str, Any]:
-    """Accuracy, confusion (rows true, columns predicted), per-class precision/recall, and the
-    figures at the line's confidence threshold (uncertain pieces go to residue)."""
-    c = len(labels)
-    pred = probs.argmax(axis=1)
-    conf = probs.max(axis=1)
-    cm = np.zeros((c, c), np.int64)
-    np.add.at(cm, (y, pred), 1)
-    per_class = {}
-    for i, name in enumerate(labels):
-        tp = int(cm[i, i])
-        per_class[name] = {
-            "precision": tp / max(int(cm[:, i].sum()), 1),
-            "recall": tp / max(int(cm[i].sum()), 1),
-        }
+    """`sorter.evaluate.classification_metrics` plus the figures at the line's confidence threshold
+    (uncertain pieces go to residue)."""
+    from sorter.evaluate import classification_metrics
+
+    res = classification_metrics(probs, y, labels)
+    for bulky in ("accuracy_at_coverage", "curve", "reliability", "coverage_at"):  # for plots, not for metadata
+        res.pop(bulky)
+    pred, conf = probs.argmax(axis=1), probs.max(axis=1)
     sure = conf >= confidence
-    res: dict[str, Any] = {
-        "n": len(y),
-        "accuracy": float((pred == y).mean()) if len(y) else float("nan"),
-        "confusion": cm.tolist(),
-        "per_class": per_class,
-        "confident_share": float(sure.mean()) if len(y) else float("nan"),
-        "confident_accuracy": float((pred[sure] == y[sure]).mean()) if sure.any() else float("nan"),
-        "mean_confidence": float(conf.mean()) if len(y) else float("nan"),
-    }
-    at: dict[str, dict[str, float]] = {}
-    for i, name in enumerate(labels):
-        chosen = sure & (pred == i)
-        at[name] = {
-            "purity": float((y[chosen] == i).mean()) if chosen.any() else float("nan"),
-            "recovery": float((chosen & (y == i)).sum() / max(int((y == i).sum()), 1)),
+    res["n"] = len(y)
+    res["confident_share"] = float(sure.mean()) if len(y) else float("nan")
+    res["confident_accuracy"] = float((pred[sure] == y[sure]).mean()) if sure.any() else float("nan")
+    res[f"at_{confidence}"] = {
+        name: {
+            "purity": float((y[sure & (pred == i)] == i).mean()) if (sure & (pred == i)).any() else float("nan"),
+            "recovery": float((sure & (pred == i) & (y == i)).sum() / max(int((y == i).sum()), 1)),
         }
-    res[f"at_{confidence}"] = at
-    # expected calibration error over 10 confidence bins
-    bins = np.minimum((conf * 10).astype(int), 9)
-    ece = 0.0
-    for b in range(10):
-        m = bins == b
-        if m.any():
-            ece += m.mean() * abs(float((pred[m] == y[m]).mean()) - float(conf[m].mean()))
-    res["ece"] = float(ece)
+        for i, name in enumerate(labels)
+    }
     return res
 
 
@@ -312,17 +291,14 @@ def _fit_contamination(
 
 
 def _split_report(probs: np.ndarray, y: np.ndarray, labels: list[str], fused: np.ndarray | None) -> dict[str, Any]:
-    from sorter.evaluate import coverage_at
-
     m = evaluate(probs, y, labels)
-    m["coverage_at_999"] = coverage_at(probs, y)[0]
     if fused is not None:
         mf = evaluate(fused, y, labels)
         m["fused_accuracy"] = mf["accuracy"]
         m["fused_ece"] = mf["ece"]
         m["fused_confusion"] = mf["confusion"]
         m["fused_per_class"] = mf["per_class"]
-        m["fused_coverage_at_999"] = coverage_at(fused, y)[0]
+        m["fused_coverage_at_999"] = mf["coverage_at_999"]
         m[f"fused_at_{CONFIDENCE}"] = mf[f"at_{CONFIDENCE}"]
     return m
 
@@ -627,7 +603,7 @@ def train(
 
 
 def _print_report(console: Any, metrics: dict[str, Any]) -> None:
-    from rich.table import Table
+    from sorter.evaluate import confusion_table
 
     labels = metrics["labels"]
     for split in ("val", "test"):
@@ -639,18 +615,11 @@ def _print_report(console: Any, metrics: dict[str, Any]) -> None:
             if "fused_accuracy" in m
             else ""
         )
-        table = Table(
-            title=f"{split}: accuracy {m['accuracy']:.4f} (n={m['n']}), ECE {m['ece']:.4f}, "
+        title = (
+            f"{split}: accuracy {m['accuracy']:.4f} (n={m['n']}), ECE {m['ece']:.4f}, "
             f"{m['confident_share']:.1%} at confidence >= {CONFIDENCE}{fused}"
         )
-        table.add_column("true \\ predicted")
-        for name in labels:
-            table.add_column(name, justify="right")
-        table.add_column("precision", justify="right")
-        table.add_column("recall", justify="right")
-        for i, name in enumerate(labels):
-            pc = m["per_class"][name]
-            table.add_row(name, *(str(v) for v in m["confusion"][i]), f"{pc['precision']:.3f}", f"{pc['recall']:.3f}")
+        table = confusion_table(title, labels, m)
         console.print(table)
     console.print(
         f"temperature {metrics['temperature']:.3f}, {metrics['epochs_run']} epochs (best {metrics['best_epoch']}) "
