@@ -173,7 +173,8 @@ async def run_demo(
     svc_task: asyncio.Task[None] | None = None
     t_feed = t_end = None
     try:
-        await sim.wait_for("ready", 30)
+        ready = await sim.wait_for("ready", 30)
+        bar_simulated = bool(ready.get("hallbar"))  # simulator.hallbar.enabled: false leaves the port dead
         service = LineService(cfg, capture=capture)
         svc_task = asyncio.create_task(service.run(stop))
 
@@ -186,7 +187,7 @@ async def run_demo(
                 and service.plc.status.online
                 and service.clock.ready
                 and all(c.online for c in service.captures.values())
-                and (service.hallbar is None or service.hallbar.online)
+                and (service.hallbar is None or service.hallbar.online or not bar_simulated)
             )
 
         await _wait_until(line_ready, 30, "the line to start (PLC online, belt running, cameras streaming)")
