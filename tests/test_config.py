@@ -50,7 +50,7 @@ def test_errors_name_file_key_and_line(tmp_path, old, new, where):
 
 
 def test_cli_exits_2_on_invalid_config(tmp_path):
-    bad = _bad(tmp_path, "  min_confidence: 0.7", "  min_confidence: 1.5")
+    bad = _bad(tmp_path, "  min_confidence: 0.9", "  min_confidence: 1.5")
     r = subprocess.run([sys.executable, "-m", "sorter", "check-config", str(bad)], capture_output=True, text=True)
     assert r.returncode == 2
     assert "routing.min_confidence" in r.stderr and "bad.yaml" in r.stderr and "line" in r.stderr
