@@ -152,18 +152,29 @@ class Tracker:
             cfg.tracking,
             cfg.belt.counts_per_mm,
             cfg.classifier.max_views,
+            # how far an ejection window reaches beyond its piece: along by the margins, across by a valve
+            neighbour_mm=(cfg.ejection.margin_lead_mm + cfg.ejection.margin_trail_mm, cfg.ejection.valve_pitch_mm),
         )
 
     def __init__(
-        self, fields_y_max_mm: dict[str, float], cfg: TrackingConfig, counts_per_mm: float, max_views: int
+        self,
+        fields_y_max_mm: dict[str, float],
+        cfg: TrackingConfig,
+        counts_per_mm: float,
+        max_views: int,
+        neighbour_mm: tuple[float, float] = (0.0, 0.0),
     ) -> None:
-        """`fields_y_max_mm`: per camera, the most downstream belt y (mm) it sees."""
+        """`fields_y_max_mm`: per camera, the most downstream belt y (mm) it sees.
+        `neighbour_mm`: (along, across) reach of a piece's ejection window beyond the piece; a piece is
+        not finalised while a piece within that reach is still being tracked."""
         self._field_end = fields_y_max_mm
         self._cpm = counts_per_mm
         self._gate = cfg.gate_mm * counts_per_mm
         self._gate_mm = cfg.gate_mm
         self._settle = cfg.settle_mm * counts_per_mm
         self._max_views = max_views
+        self._reach_along = neighbour_mm[0] * counts_per_mm
+        self._reach_across = neighbour_mm[1]
         self._tracks: list[_Track] = []
         self._done: list[
             tuple[float, float, float, float, float]
@@ -203,15 +214,25 @@ class Tracker:
         limits = [self.watermark[c] - self._field_end[c] * self._cpm for c in active]
         passed = min(limits)  # belt-fixed u that every active camera has seen leave its field
         ready = [t for t in self._tracks if t.u_trail + self._settle < passed]
+        waiting = [t for t in self._tracks if t.u_trail + self._settle >= passed]
+        # a piece whose air window could reach a neighbour still being tracked (a long piece right behind
+        # it) waits for that neighbour, so that the planner knows both when it plans either
+        while blocked := [t for t in ready if any(self._within_reach(t, q) for q in waiting)]:
+            ready = [t for t in ready if t not in blocked]
+            waiting += blocked
         if not ready:
             return []
-        self._tracks = [t for t in self._tracks if t.u_trail + self._settle >= passed]
+        self._tracks = waiting
         ready = self._drop_merged(ready)
         pieces = sorted((t.to_piece(self._max_views) for t in ready), key=lambda p: p.u)
         self._done.extend((p.u, p.u_lead, p.u_trail, p.x0, p.x1) for p in pieces)
         horizon = passed - 4 * self._settle - 400 * self._cpm
         self._done = [r for r in self._done if r[2] > horizon]
         return pieces
+
+    def _within_reach(self, t: _Track, q: _Track) -> bool:
+        r, a = self._reach_along, self._reach_across
+        return q.u_lead < t.u_trail + r and q.u_trail > t.u_lead - r and q.x0 < t.x1 + a and q.x1 > t.x0 - a
 
     def _drop_merged(self, ready: list[_Track]) -> list[_Track]:
         """A track whose extent holds the centres of two or more other tracks is a view of touching

@@ -131,3 +131,27 @@ def test_touching_pieces_seen_merged_in_some_frames_stay_two_pieces():
     decided += tracker.flush()
     assert sorted(round(p.u / CPM) for p in decided) == [500, 510]
     assert tracker.merged_views > 0
+
+
+def test_a_piece_waits_for_a_long_neighbour_its_air_could_reach():
+    # a 6 mm piece and, right behind it on the same valves, a 50 mm plate: the short piece leaves the camera
+    # field first, but must not be planned before the plate is known (its window could blow the plate)
+    short, plate = (5000.0, 100.0, 6.0, 8.0), (5000.0 + 31 * CPM, 104.0, 50.0, 30.0)
+    far = (5000.0, 400.0, 6.0, 8.0)  # the same along the belt, far across: needs no wait
+
+    def batches(neighbour_mm):
+        tracker = Tracker(
+            {n: g.field_mm()[3] for n, g in CAMS.items()}, TrackingConfig(), CPM, 4, neighbour_mm=neighbour_mm
+        )
+        out = []
+        for k in range(60):
+            for name in CAMS:
+                count = STEP * k
+                blobs = blobs_in_view(CAMS[name], [short, plate, far], count)
+                tracker.add(name, count, to_detections(blobs, CAMS[name], name, count, CPM, count, 0.0))
+                if got := tracker.finalise(list(CAMS)):
+                    out.append(sorted(round(p.x) for p in got))
+        return out
+
+    assert batches((0.0, 0.0)) == [[100, 400], [104]]  # without the reach the short piece goes alone
+    assert batches((6.0, 18.75)) == [[400], [100, 104]]  # with it, it waits and goes with the plate
