@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from statistics import median
 
 import numpy as np
 
@@ -83,7 +84,7 @@ class _Track:
         whole = [d for d in self.views if _whole(d)]
         if not whole:
             return None
-        return float(np.median([d.u for d in whole])), float(np.median([d.x for d in whole]))
+        return float(median([d.u for d in whole])), float(median([d.x for d in whole]))
 
     def contains(self, u: float, x: float) -> bool:
         return self.u_lead < u < self.u_trail and self.x0 < x < self.x1
@@ -94,7 +95,7 @@ class _Track:
 
     @property
     def u(self) -> float:
-        return float(np.median([d.u for d in self._full()]))
+        return float(median([d.u for d in self._full()]))
 
     @property
     def u_trail(self) -> float:
@@ -128,14 +129,14 @@ class _Track:
         crops_from = sorted(best, key=lambda d: -d.area_mm2)[:max_views]
         return Piece(
             id=self.id,
-            u=float(np.median([d.u for d in best])),
-            u_lead=float(np.median([d.u_lead for d in best])),
-            u_trail=float(np.median([d.u_trail for d in best])),
+            u=float(median([d.u for d in best])),
+            u_lead=float(median([d.u_lead for d in best])),
+            u_trail=float(median([d.u_trail for d in best])),
             # a piece in the overlap may be cut by both cameras' edges: then only the union is whole
-            x=float(np.median([d.x for d in best])) if whole_across else (self.x0 + self.x1) / 2,
+            x=float(median([d.x for d in best])) if whole_across else (self.x0 + self.x1) / 2,
             x0=self.x0,
             x1=self.x1,
-            area_mm2=float(np.median([d.area_mm2 for d in best])),
+            area_mm2=float(median([d.area_mm2 for d in best])),
             cameras=tuple(sorted({d.camera for d in self.views})),
             n_views=len(self.views),
             crops=[d.crop for d in crops_from if d.crop is not None],
@@ -251,8 +252,8 @@ class Tracker:
             if t.centre() is None:
                 # only ever seen cut by a camera's edge, inside a piece some camera saw whole: a sliver
                 # of that piece that did not join its track, not a piece of its own
-                u = float(np.median([d.u for d in t.views]))
-                x = float(np.median([d.x for d in t.views]))
+                u = float(median([d.u for d in t.views]))
+                x = float(median([d.x for d in t.views]))
                 if any(o.contains(u, x) for o in whole) or any(
                     lead < u < trail and x0 < x < x1 for _, lead, trail, x0, x1 in self._done
                 ):
