@@ -16,7 +16,6 @@ rather than returned (a per-slot seqlock).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import mmap
 import os
 import struct
@@ -102,7 +101,7 @@ class _Ring:
     """The client's read-only view of the server's ring."""
 
     def __init__(self, mm: mmap.mmap, layout: ShmLayout) -> None:
-        self.mm = mm
+        self.mm: mmap.mmap | None = mm
         self.seqs: np.ndarray | None = layout.seqs(mm)
         self.pixels: np.ndarray | None = layout.pixels(mm)
 
@@ -117,9 +116,11 @@ class _Ring:
         return image
 
     def close(self) -> None:
-        self.seqs = self.pixels = None  # numpy views pin the mapping; drop them before unmapping
-        with contextlib.suppress(BufferError):  # a view escaped somewhere; the GC unmaps it later
-            self.mm.close()
+        # Drop our references and let the mapping go with the last one. Never mm.close() here: numpy
+        # arrays keep the mmap object itself, not a buffer export, so close() would succeed and unmap
+        # the pages under a copy still running on the copier thread (a segfault, seen at shutdown).
+        self.seqs = self.pixels = None
+        self.mm = None
 
 
 class SimCameraClient:
