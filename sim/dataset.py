@@ -19,10 +19,10 @@ from sim.feed import VARIANTS, SimPiece, class_size_range, make_piece
 from sim.magnet import field_at_mT
 from sim.render import FrameRenderer, render_sprite
 from sorter.config import CLASSES, MagnetometerConfig, SimFeedConfig, SimHallBarConfig, VisionConfig
+from sorter.dataset import SPLITS
 from sorter.geometry import CameraGeometry
 from sorter.vision.segment import materialise, segment
 
-SPLITS = ("train", "val", "test")
 PATCH_MM = 100.0  # holds the largest piece (50 mm, any rotation) with room for its crop margin
 GAIN_RANGE = (0.9, 1.1)  # lighting drift the line's cameras may show (the simulated line uses 0.93-1.07)
 _MAX_TRIES = 20

@@ -38,9 +38,9 @@ import cv2
 import numpy as np
 
 from sim.magnet import axial_field_mT
+from sorter.config import CLASSES
+from sorter.dataset import SPLITS
 
-CLASSES = ("ndfeb", "ferrite", "smco", "steel", "other")
-SPLITS = ("train", "val", "test")
 SS = 4  # supersampling of the shape masks
 
 VARIANTS: dict[str, dict[str, float]] = {
