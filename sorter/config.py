@@ -162,8 +162,60 @@ class ModbusMap(Strict):
         ]
 
 
+class PlcNodeNames(Strict):
+    """Browse names (in the PLC's namespace) below the line object: what a plant's PLC program calls them."""
+
+    encoder_count: str = "EncoderCount"
+    belt_speed: str = "BeltSpeed"
+    status: str = "Status"
+    eject_queue_free: str = "EjectQueueFree"
+    last_seq_accepted: str = "LastSeqAccepted"
+    ejects_done: str = "EjectsDone"
+    ejects_late: str = "EjectsLate"
+    heartbeat: str = "Heartbeat"
+    command: str = "Command"
+    schedule_eject: str = "ScheduleEject"
+    set_valve: str = "SetValve"
+
+
+class OpcUaSecurity(Strict):
+    """Client-side OPC UA security: what the server demands decides what must be given here."""
+
+    policy: Literal["None", "Basic256Sha256"] = "None"
+    mode: Literal["None", "Sign", "SignAndEncrypt"] = "None"
+    certificate: Path | None = Field(None, description="this client's certificate (DER or PEM)")
+    private_key: Path | None = Field(None, description="this client's private key (PEM)")
+    server_certificate: Path | None = Field(None, description="pin the server's certificate (DER or PEM)")
+    username: str | None = None
+    password_env: str | None = Field(
+        None, description="name of the environment variable holding the password (never the password itself)"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OpcUaSecurity:
+        if (self.policy == "None") != (self.mode == "None"):
+            raise ValueError("policy and mode must both be None or both be set")
+        if self.policy != "None" and (self.certificate is None or self.private_key is None):
+            raise ValueError(f"security policy {self.policy} needs certificate and private_key")
+        if (self.username is None) != (self.password_env is None):
+            raise ValueError("username and password_env go together")
+        return self
+
+
+class PlcOpcUaConfig(Strict):
+    """The PLC as an OPC UA server (docs/plc-interface.md, OPC UA address space)."""
+
+    endpoint: str = "opc.tcp://127.0.0.1:4840"
+    namespace: str = "urn:magnet-sorter:plc"
+    line_path: list[str] = Field(["Line"], min_length=1, description="browse path below Objects to the line object")
+    nodes: PlcNodeNames = PlcNodeNames()
+    security: OpcUaSecurity = OpcUaSecurity()
+    publishing_interval_ms: float = Field(10.0, gt=0, description="subscription publishing interval")
+    session_timeout_s: float = Field(10.0, gt=0)
+
+
 class PlcConfig(Strict):
-    protocol: Literal["modbus"] = "modbus"
+    protocol: Literal["modbus", "opcua"] = "modbus"
     host: str = "127.0.0.1"
     port: int = Field(5020, ge=1, le=65535)
     timeout_s: float = Field(0.5, gt=0)
@@ -172,6 +224,7 @@ class PlcConfig(Strict):
     reconnect_min_s: float = Field(0.2, gt=0)
     reconnect_max_s: float = Field(5.0, gt=0)
     registers: ModbusMap = ModbusMap()
+    opcua: PlcOpcUaConfig = PlcOpcUaConfig()
 
 
 class MagnetometerConfig(Strict):
@@ -243,6 +296,20 @@ class SimHallBarConfig(Strict):
     corrupt_rate: float = Field(0.002, ge=0, le=1, description="share of lines garbled on the wire")
 
 
+class SimPlcOpcUaConfig(Strict):
+    """How the virtual PLC serves OPC UA beside Modbus, on plc.opcua.endpoint: the security it demands."""
+
+    enabled: bool = True
+    security: Literal["none", "sign_encrypt"] = Field(
+        "none", description="sign_encrypt: only a Basic256Sha256 SignAndEncrypt endpoint, trusted clients, a user"
+    )
+    certificate: Path | None = Field(None, description="the PLC's certificate (needed with sign_encrypt)")
+    private_key: Path | None = None
+    trust_dir: Path | None = Field(None, description="accepted client certificates (needed with sign_encrypt)")
+    username: str | None = None
+    password_hash: str | None = Field(None, description="argon2 hash of the PLC user's password")
+
+
 class SimConfig(Strict):
     seed: int = 7
     encoder_start: int = Field(2**32 - 250_000, ge=0, lt=2**32)
@@ -259,6 +326,47 @@ class SimConfig(Strict):
     feed: SimFeedConfig = SimFeedConfig()
     cameras: dict[str, SimCameraTruth] = {}
     hallbar: SimHallBarConfig = SimHallBarConfig()
+    plc_opcua: SimPlcOpcUaConfig = SimPlcOpcUaConfig()
+
+
+Role = Literal["viewer", "operator", "technician"]
+
+
+class UserConfig(Strict):
+    """A person (or SCADA account) allowed on the line's OPC UA server and, later, the HMI."""
+
+    name: str = Field(min_length=1)
+    role: Role
+    password_hash: str = Field(description="argon2 hash made by `sorter opcua hash-password`; never the password")
+
+    @field_validator("password_hash")
+    @classmethod
+    def _argon2(cls, v: str) -> str:
+        if not v.startswith("$argon2"):
+            raise ValueError("password_hash must be an argon2 hash (`sorter opcua hash-password`), not a password")
+        return v
+
+
+class OpcUaServerConfig(Strict):
+    """The line's own OPC UA server for SCADA/MES (docs/opcua-server.md)."""
+
+    enabled: bool = True
+    endpoint: str = "opc.tcp://0.0.0.0:4841"
+    namespace: str = "urn:magnet-sorter:line"
+    certificate: Path = Field(Path("pki/line-server-cert.der"), description="made by `sorter opcua certs`")
+    private_key: Path = Path("pki/line-server-key.pem")
+    trust_dir: Path = Field(Path("pki/trusted"), description="folder of accepted client certificates (DER/PEM)")
+    allow_none_security: bool = Field(False, description="also offer the unencrypted None endpoint (never in a plant)")
+    allow_anonymous: bool = Field(False, description="let clients in without a user name, as viewers")
+
+
+class StateMachineConfig(Strict):
+    """The line's PackML state machine (docs/opcua-server.md)."""
+
+    starved_after_s: float = Field(
+        10.0, gt=0, description="no piece seen for this long in Execute: the line suspends itself (feed ran dry)"
+    )
+    start_timeout_s: float = Field(15.0, gt=0, description="Starting gives up (and stops) after this long")
 
 
 class LineConfig(Strict):
@@ -274,6 +382,9 @@ class LineConfig(Strict):
     magnetometer: MagnetometerConfig | None = None
     queues: QueueConfig = QueueConfig()
     records: RecordsConfig = RecordsConfig()
+    states: StateMachineConfig = StateMachineConfig()
+    opcua_server: OpcUaServerConfig | None = None
+    users: list[UserConfig] = []
     simulator: SimConfig | None = None
 
     @field_validator("cameras")
@@ -347,6 +458,16 @@ def _resolve_paths(cfg: LineConfig, base: Path) -> LineConfig:
         "classifier": cfg.classifier.model_copy(update={"model": rel(cfg.classifier.model)}),
         "records": cfg.records.model_copy(update={"path": rel(cfg.records.path)}),
     }
+    sec = cfg.plc.opcua.security
+    sec_paths = {k: rel(v) for k in ("certificate", "private_key", "server_certificate") if (v := getattr(sec, k))}
+    if sec_paths:
+        opcua = cfg.plc.opcua.model_copy(update={"security": sec.model_copy(update=sec_paths)})
+        update["plc"] = cfg.plc.model_copy(update={"opcua": opcua})
+    srv = cfg.opcua_server
+    if srv is not None:
+        update["opcua_server"] = srv.model_copy(
+            update={k: rel(getattr(srv, k)) for k in ("certificate", "private_key", "trust_dir")}
+        )
     mag = cfg.magnetometer
     if mag is not None and "/" in mag.port and not Path(mag.port).is_absolute():  # not a bare name such as COM3
         update["magnetometer"] = mag.model_copy(update={"port": str(rel(Path(mag.port)))})

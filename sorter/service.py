@@ -33,7 +33,7 @@ from sorter.hallbar import FieldMap, HallBar
 from sorter.messages import NO_BAR, Decision, FieldReading, Frame, Piece
 from sorter.modelcheck import check_model
 from sorter.planner import EjectPlanner, Plan
-from sorter.plc.link import PlcLink
+from sorter.plc import make_plc_link
 from sorter.records import RecordStore
 from sorter.tracking import Tracker, to_detections
 from sorter.vision.segment import materialise, segment
@@ -79,7 +79,7 @@ class LineService:
         self.classifier = load_checked_model(cfg.classifier.model, cfg)
         self.records = RecordStore(cfg.records.path, self.run_id)
         self.clock = ClockModel()
-        self.plc = PlcLink(cfg.plc, self.clock, log=self.log.bind(part="plc"))
+        self.plc = make_plc_link(cfg.plc, self.clock, log=self.log.bind(part="plc"))
         self.geoms = camera_geometries(cfg)
         self.captures = {c.name: CameraCapture(c, cfg.queues, self.log.bind(camera=c.name)) for c in cfg.cameras}
         self.tracker = Tracker.for_line(cfg, self.geoms)

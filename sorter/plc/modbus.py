@@ -24,6 +24,10 @@ from typing import Any
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
+from sorter.plc.base import PlcError
+
+__all__ = ["ModbusClient", "PlcError"]
+
 EXCEPTION_NAMES = {
     1: "illegal function",
     2: "illegal data address",
@@ -35,18 +39,6 @@ EXCEPTION_NAMES = {
     10: "gateway path unavailable",
     11: "gateway target failed to respond",
 }
-
-
-class PlcError(Exception):
-    """Any failure talking to the PLC: not connected, timeout, lost connection, exception response.
-
-    `code` is the Modbus exception code when the PLC answered with one (the
-    connection is fine then), else None.
-    """
-
-    def __init__(self, message: str, code: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class ModbusClient:
