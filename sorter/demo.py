@@ -25,6 +25,7 @@ import yaml
 
 from sim.truth import load_truth
 from sorter.config import LineConfig
+from sorter.packml import State
 from sorter.records import load_pieces
 from sorter.report import build_report
 from sorter.service import LineService
@@ -52,7 +53,13 @@ def demo_config(cfg: LineConfig, run_dir: Path, seed: int) -> LineConfig:
     return cfg.model_copy(
         update={
             "cameras": cams,
-            "plc": cfg.plc.model_copy(update={"host": "127.0.0.1", "port": free_port()}),
+            "plc": cfg.plc.model_copy(
+                update={
+                    "host": "127.0.0.1",
+                    "port": free_port(),
+                    "opcua": cfg.plc.opcua.model_copy(update={"endpoint": f"opc.tcp://127.0.0.1:{free_port()}"}),
+                }
+            ),
             "records": cfg.records.model_copy(update={"path": run_dir / "records.sqlite"}),
             "magnetometer": cfg.magnetometer.model_copy(update={"port": str(run_dir / "hallbar.tty")})
             if cfg.magnetometer
@@ -184,6 +191,7 @@ async def run_demo(
             st = await sim.send(cmd="status")
             return bool(
                 st["belt_mm_s"] > 0
+                and service.control.state is State.EXECUTE
                 and service.plc.status.online
                 and service.clock.ready
                 and all(c.online for c in service.captures.values())

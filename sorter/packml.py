@@ -83,7 +83,11 @@ _TRANSITIONS: dict[tuple[State, Command], State] = {
     (S.COMPLETE, C.RESET): S.RESETTING,
     (S.IDLE, C.START): S.STARTING,
     (S.EXECUTE, C.HOLD): S.HOLDING,
+    # a line can be held whenever it is producing, also mid-way in or out of Suspended/Held
     (S.SUSPENDED, C.HOLD): S.HOLDING,
+    (S.SUSPENDING, C.HOLD): S.HOLDING,
+    (S.UNSUSPENDING, C.HOLD): S.HOLDING,
+    (S.UNHOLDING, C.HOLD): S.HOLDING,
     (S.HELD, C.UNHOLD): S.UNHOLDING,
     (S.EXECUTE, C.SUSPEND): S.SUSPENDING,
     (S.SUSPENDED, C.UNSUSPEND): S.UNSUSPENDING,

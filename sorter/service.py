@@ -10,12 +10,11 @@ polling and heartbeats stay punctual.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +25,28 @@ from sorter.capture import CameraCapture, CaptureClosed
 from sorter.classify import Classifier, ModelError
 from sorter.clock import ClockModel
 from sorter.config import LineConfig
+from sorter.control import LineControl
 from sorter.crop_capture import CropCapture
 from sorter.decide import decide
 from sorter.geometry import camera_geometries, unwrap, wrap32
 from sorter.hallbar import FieldMap, HallBar
+from sorter.linestate import LineSnapshot, LiveStats
 from sorter.messages import NO_BAR, Decision, FieldReading, Frame, Piece
 from sorter.modelcheck import check_model
+from sorter.packml import State
 from sorter.planner import EjectPlanner, Plan
 from sorter.plc import make_plc_link
 from sorter.records import RecordStore
 from sorter.tracking import Tracker, to_detections
 from sorter.vision.segment import materialise, segment
 
-PLC_START_BELT, PLC_STOP_BELT, PLC_RESET = 1, 2, 3
+PLC_ALARM_ACTIONS = {
+    "offline": "check the PLC's network cable and power; the line is held meanwhile",
+    "estop": "release the e-stop when it is safe, then Clear and Reset",
+    "air_pressure_low": "check the compressor and the valve manifold's air supply",
+    "watchdog_tripped": "the PLC stopped hearing the PC; Reset once the link is stable",
+    "eject_queue_overflow": "the PC sent more commands than the PLC queue holds; Reset",
+}
 
 
 @dataclass
@@ -70,12 +78,12 @@ def load_checked_model(path: Path, cfg: LineConfig) -> Classifier:
 
 class LineService:
     def __init__(
-        self, cfg: LineConfig, *, run_id: str | None = None, start_belt: bool = True, capture: Path | None = None
+        self, cfg: LineConfig, *, run_id: str | None = None, auto_start: bool = True, capture: Path | None = None
     ) -> None:
         self.cfg = cfg
         self.log = structlog.get_logger("sorter")
         self.run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-        self.start_belt = start_belt
+        self.auto_start = auto_start
         self.classifier = load_checked_model(cfg.classifier.model, cfg)
         self.records = RecordStore(cfg.records.path, self.run_id)
         self.clock = ClockModel()
@@ -103,6 +111,8 @@ class LineService:
         self._bar_online: bool | None = None
         self.capture = CropCapture(capture, self.run_id, with_field=cfg.magnetometer is not None) if capture else None
         self._swap_lock = asyncio.Lock()
+        self.live = LiveStats(cfg.fractions, cfg.routing)
+        self.control = LineControl(self)
 
     # --- frames -> pieces ---
     def _frame_count(self, frame: Frame) -> int | None:
@@ -190,6 +200,12 @@ class LineService:
             decide(p, pr, clf.labels, self.cfg.routing, r, lik, clf.version)
             for p, pr, r in zip(pieces, probs, readings, strict=True)
         ]
+        self.control.piece_seen()
+        held: set[int] = set()
+        if not self.control.ejecting:  # held, stopping, PLC lost...: nothing goes into the products
+            default = self.cfg.routing.default_fraction
+            held = {d.piece.id for d in decisions if d.fraction != default}
+            decisions = [replace(d, fraction=default) if d.piece.id in held else d for d in decisions]
         if self.capture:
             for d in decisions:
                 self.capture.add(d)
@@ -197,6 +213,8 @@ class LineService:
         plans = self.planner.plan(decisions, self.plc.status.speed_mm_s if self.plc.status.online else 0.0)
         self.times.add("plan", time.perf_counter() - t0)
         for plan in plans:
+            if plan.decision.piece.id in held:
+                plan = replace(plan, outcome="held")
             self._record(plan)
             if plan.command is not None:
                 task = asyncio.create_task(self._send(plan))
@@ -209,6 +227,7 @@ class LineService:
         self.counts[f"class_{d.cls}"] += 1
         self.counts[f"fraction_{d.fraction}"] += 1
         self.counts["pieces"] += 1
+        self.live.add(d, d.fraction)
         outcome = "pending" if cmd else plan.outcome
         if not cmd:
             self.counts[f"eject_{plan.outcome}"] += 1
@@ -353,6 +372,7 @@ class LineService:
         caps = {n: c.stats() for n, c in self.captures.items()}
         st = self.plc.status
         return {
+            "state": self.control.state.label,
             "pieces": self.counts["pieces"],
             "open_tracks": self.tracker.open_tracks,
             "frames_captured": sum(s["captured"] for s in caps.values()),
@@ -370,14 +390,31 @@ class LineService:
             },
         }
 
-    async def _start_belt(self) -> None:
-        while not self.plc.status.online:
-            await asyncio.sleep(0.05)
-        try:
-            await self.plc.command(PLC_RESET)
-            await self.plc.command(PLC_START_BELT)
-        except Exception as exc:  # the link reports and retries; the operator sees the alarm
-            self.log.error("belt start failed", error=str(exc))
+    def snapshot(self) -> LineSnapshot:
+        """What the outside sees of the line right now (OPC UA server, HMI)."""
+        return LineSnapshot(
+            state=self.control.state,
+            fraction_counts=dict(self.live.counts),
+            pieces_per_minute=self.live.pieces_per_minute(),
+            purity=self.live.purity(),
+            model_version=self.classifier.version,
+            alarms=self.alarms(),
+        )
+
+    def alarms(self) -> list[str]:
+        """Active alarms as "name: what to do"."""
+        out = [f"plc_{a}: {PLC_ALARM_ACTIONS.get(a, 'check the PLC')}" for a in self.plc.status.alarms]
+        if self.hallbar is not None and not self.hallbar.online:
+            out.append("hallbar_offline: check the bar's USB/serial cable and power (deciding on the camera alone)")
+        if self.control.state in (State.EXECUTE, State.SUSPENDED):
+            out += [
+                f"camera_{n}_offline: check the camera's cable, power and trigger"
+                for n, c in self.captures.items()
+                if not c.online
+            ]
+        if self.records.pending_writes > 1000:
+            out.append("records_not_written: check the disk holding the records database")
+        return out
 
     async def run(self, stop: asyncio.Event) -> None:
         self.log.info(
@@ -399,8 +436,9 @@ class LineService:
             asyncio.create_task(self._decide_loop(), name="decide"),
             asyncio.create_task(self._flush_loop(), name="flush"),
         ]
-        if self.start_belt:
-            workers.append(asyncio.create_task(self._start_belt(), name="start-belt"))
+        workers.append(asyncio.create_task(self.control.supervise(), name="state-supervisor"))
+        if self.auto_start:
+            workers.append(asyncio.create_task(self.control.start_line(), name="start-line"))
         try:
             await stop.wait()
         finally:
@@ -425,9 +463,7 @@ class LineService:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            if self.start_belt and self.plc.status.online:
-                await asyncio.wait_for(self.plc.command(PLC_STOP_BELT), 1.0)
+        await self.control.shutdown()
         await self.plc.stop()
         if self.hallbar is not None:
             await asyncio.to_thread(self.hallbar.stop)
