@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: demo test lint bench model clean-venv
+.PHONY: demo test lint bench model clean-venv node-client
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -12,10 +12,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The node-opcua test client (tests/opcua_node): the suite talks OPC UA with a stack other than asyncua.
+# npm ci again when node_modules is gone (the stamp lives inside it) or the lock file changed.
+NODE_CLIENT := tests/opcua_node
+NODE_STAMP := $(NODE_CLIENT)/node_modules/.npm-ci-stamp
+
+$(NODE_STAMP): $(NODE_CLIENT)/package-lock.json $(NODE_CLIENT)/package.json
+	cd $(NODE_CLIENT) && npm ci --no-audit --no-fund
+	touch $(NODE_STAMP)
+
+node-client: $(NODE_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/sorter demo --config config/sim.yaml --duration 60 --seed 7
 
-test: $(STAMP)
+test: $(STAMP) node-client
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
