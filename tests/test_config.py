@@ -63,3 +63,28 @@ def test_missing_file_and_bad_yaml(tmp_path):
     p.write_text("belt: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(p)
+
+
+def test_plant_template_is_secure_by_default() -> None:
+    """The production template loads, and its OPC UA server offers no None policy and no anonymous access."""
+    cfg = load_config(Path(__file__).parent.parent / "config" / "line.example.yaml")
+    assert cfg.simulator is None and cfg.opcua_server is not None
+    assert not cfg.opcua_server.allow_none_security and not cfg.opcua_server.allow_anonymous
+    sec = cfg.plc.opcua.security
+    assert cfg.plc.protocol == "opcua" and sec.mode == "SignAndEncrypt" and sec.password_env
+
+
+def test_opcua_security_must_be_consistent(tmp_path: Path) -> None:
+    from sorter.config import OpcUaSecurity
+
+    with pytest.raises(ValueError, match="needs certificate and private_key"):
+        OpcUaSecurity(policy="Basic256Sha256", mode="SignAndEncrypt")
+    with pytest.raises(ValueError, match="username and password_env go together"):
+        OpcUaSecurity(username="sorter")
+
+
+def test_users_need_a_password_hash_not_a_password() -> None:
+    from sorter.config import UserConfig
+
+    with pytest.raises(ValueError, match="argon2 hash"):
+        UserConfig(name="op", role="operator", password_hash="secret")
