@@ -21,6 +21,7 @@ from sim.feed import FeedGenerator
 from sim.hallbar import SimHallBar
 from sim.physics import EjectionPhysics
 from sim.plc import ExecutedEject, VirtualPlc
+from sim.plc_opcua import PlcOpcUaServer
 from sim.render import FrameRenderer, render_sprite
 from sim.truth import TruthStore
 from sorter.config import LineConfig, SimCameraSource, SimConfig
@@ -73,6 +74,12 @@ class SimLine:
         self.physics = EjectionPhysics(cfg.ejection, sim, cfg.belt.counts_per_mm, sim.encoder_start)
         self.truth = TruthStore(truth_path) if truth_path else None
         self.plc = VirtualPlc(cfg.plc.registers, self.belt, sim, banks=len(cfg.ejection.banks), on_eject=self._fired)
+        # the same PLC also serves OPC UA, on plc.opcua.endpoint
+        self.plc_opcua = (
+            PlcOpcUaServer(self.plc, cfg.plc.opcua, sim.plc_opcua)
+            if sim.plc_opcua.enabled and cfg.plc.opcua.endpoint
+            else None
+        )
         self._rng = np.random.default_rng(sim.seed + 1)
         self._on_belt: list[Any] = []  # SimPiece, in s order
         self._visible: tuple[tuple[Any, Any], ...] = ()  # (SimPiece, Sprite) snapshot read by camera threads
@@ -224,6 +231,8 @@ class SimLine:
 
     async def start(self) -> None:
         await self.plc.start(self.cfg.plc.host, self.cfg.plc.port)
+        if self.plc_opcua:
+            await self.plc_opcua.start()
         for cam in self.cameras:
             await cam.start()
         self._tasks.append(asyncio.create_task(self._tick()))
@@ -232,6 +241,7 @@ class SimLine:
         self.log.info(
             "sim started",
             plc=f"{self.cfg.plc.host}:{self.cfg.plc.port}",
+            plc_opcua=self.plc_opcua.endpoint if self.plc_opcua else None,
             cameras=[c.address for c in self.cameras],
         )
 
@@ -260,6 +270,8 @@ class SimLine:
             await asyncio.to_thread(self.hallbar.stop)
         for cam in self.cameras:
             await cam.stop()
+        if self.plc_opcua:
+            await self.plc_opcua.stop()
         await self.plc.stop()
         if self.truth:
             self.truth.set_meta(

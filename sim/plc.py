@@ -19,6 +19,10 @@ mid-way: an FC16 slot write is atomic with respect to the scan.
 Firing is exact whatever the scan period: a command fires in the first scan at
 or past its count, and on_eject gets the commanded count itself (unwrapped)
 and the time the belt really reached it.
+
+The same PLC can also serve OPC UA (sim/plc_opcua.py) over these same images:
+it writes heartbeat/command through the properties below, hands commands over
+with schedule_eject, and learns of changes through `listeners`.
 """
 
 from __future__ import annotations
@@ -122,6 +126,10 @@ class VirtualPlc:
         self._hb_last = 0
         self._hb_t = clock()
         self.coil_log: list[tuple[float, int, bool]] = []
+        # called (no arguments) after every scan and after state changes made between scans (inputs,
+        # schedule_eject), e.g. to push changed values to the OPC UA side; keep them cheap: the scan runs
+        # every few milliseconds
+        self.listeners: list[Callable[[], None]] = []
 
         self._server: ModbusTcpServer | None = None
         self._scan_task: asyncio.Task[None] | None = None
@@ -189,10 +197,12 @@ class VirtualPlc:
             self.belt.stop()
             self._fail_safe("e-stop")
         self._update_inputs()
+        self._notify()
 
     def set_air_ok(self, ok: bool) -> None:
         self.air_ok = ok
         self._update_inputs()
+        self._notify()
 
     # --- inspection (tests, HMI of the simulator) ---
     def holding(self, address: int, count: int = 1) -> list[int]:
@@ -203,6 +213,23 @@ class VirtualPlc:
 
     def coil(self, bank: int, valve: int) -> bool:
         return self._coils[bank * VALVES_PER_BANK + valve]
+
+    # the heartbeat and command holding registers, for another protocol writing the same images
+    @property
+    def heartbeat(self) -> int:
+        return self._hr[self.regs.hr_heartbeat]
+
+    @heartbeat.setter
+    def heartbeat(self, value: int) -> None:
+        self._hr[self.regs.hr_heartbeat] = value & 0xFFFF
+
+    @property
+    def command(self) -> int:
+        return self._hr[self.regs.hr_command]
+
+    @command.setter
+    def command(self, value: int) -> None:
+        self._hr[self.regs.hr_command] = value & 0xFFFF
 
     # --- the scan ---
     async def _scan_loop(self) -> None:
@@ -233,6 +260,11 @@ class VirtualPlc:
         self._accept(count)
         self._fire(count)
         self._update_inputs()
+        self._notify()
+
+    def _notify(self) -> None:
+        for listener in self.listeners:
+            listener()
 
     def _fail_safe(self, why: str) -> None:
         dropped = len(self.queue)
@@ -263,22 +295,62 @@ class VirtualPlc:
             base = r.hr_slots + (expected % r.slot_count) * r.slot_stride
             if self._hr[base] != expected:
                 return
-            if self.watchdog_tripped or not self._armed or self.estop:
+            blocked = self._blocked()
+            if blocked:
+                if blocked == "queue full":
+                    self.overflow = True  # the PC wrote more than queue_free allowed
                 return  # commands wait in their slot until the PLC may execute them
-            if len(self.queue) >= self.queue_size:
-                self.overflow = True  # the PC wrote more than queue_free allowed
-                return
             bank, mask_hi, mask_lo, at_hi, at_lo, open_for = self._hr[base + 1 : base + 7]
-            self.last_seq = expected
-            self.accepted += 1
-            at32 = (at_hi << 16) | at_lo
-            if bank >= self.banks:
-                self.invalid += 1
-                self.log.warning("virtual plc: command for unknown bank discarded", seq=expected, bank=bank)
-            elif diff32(at32, c32) < 0:
-                self.late += 1
-            else:
-                self.queue.append(QueuedEject(expected, bank, (mask_hi << 16) | mask_lo, at32, open_for))
+            self._take(expected, bank, (mask_hi << 16) | mask_lo, (at_hi << 16) | at_lo, open_for, c32)
+
+    def _blocked(self) -> str | None:
+        """Why the next command cannot be accepted now (None: it can)."""
+        if self.watchdog_tripped or not self._armed or self.estop:
+            return "not ready"
+        if len(self.queue) >= self.queue_size:
+            return "queue full"
+        return None
+
+    def _take(self, seq: int, bank: int, mask: int, at32: int, open_for: int, c32: int) -> None:
+        """Accept the next command (the caller checked seq and _blocked): count it, then queue or discard it."""
+        self.last_seq = seq
+        self.accepted += 1
+        if bank >= self.banks:
+            self.invalid += 1
+            self.log.warning("virtual plc: command for unknown bank discarded", seq=seq, bank=bank)
+        elif diff32(at32, c32) < 0:
+            self.late += 1
+        else:
+            self.queue.append(QueuedEject(seq, bank, mask, at32, open_for))
+
+    def schedule_eject(self, seq: int, bank: int, valve_mask: int, open_at32: int, open_for: int) -> bool:
+        """Accept a command handed over directly (OPC UA method) under the mailbox's rules.
+
+        Accepted only if `seq` is the next one after last_seq and the PLC could take it from its slot now;
+        then it is accepted at once (counted; late or unknown bank discarded, as from the mailbox).
+        Refused (False) changes nothing, not even the overflow bit: the caller learns it from the answer.
+        """
+        if seq != _next_seq(self.last_seq) or self._blocked():
+            return False
+        self._take(seq, bank, valve_mask & 0xFFFFFFFF, wrap32(open_at32), open_for, self.belt.count32())
+        self._update_inputs()
+        self._notify()
+        return True
+
+    def valves_locked(self) -> bool:
+        """Manual valve writes are refused: the valves are the PLC's while the belt runs or a fault is active."""
+        return self.belt.running or self.watchdog_tripped or self.estop
+
+    def set_valve(self, bank: int, valve: int, on: bool) -> bool:
+        """Manual valve test (like a coil write): False if refused. ValueError for a valve that does not exist."""
+        if not (0 <= bank < self.banks and 0 <= valve < VALVES_PER_BANK):
+            raise ValueError(f"no valve {valve} in bank {bank}")
+        if self.valves_locked():
+            return False
+        i = bank * VALVES_PER_BANK + valve
+        self._coils[i] = on
+        self.coil_log.append((self._clock(), self._coil_lo + i, on))
+        return True
 
     def _fire(self, count: int) -> None:
         if self.watchdog_tripped or self.estop or not self.queue:
@@ -301,18 +373,25 @@ class VirtualPlc:
                 except Exception:
                     self.log.exception("on_eject callback failed", seq=q.seq)
 
-    def _update_inputs(self) -> None:
-        r, ir = self.regs, self._ir
-        self._refresh_encoder()
-        status = (
+    def status_word(self) -> int:
+        """The status bits of input register `ir_status` (docs/plc-interface.md section 4)."""
+        return (
             (ST_RUNNING if self.belt.running else 0)
             | (ST_AIR_OK if self.air_ok else 0)
             | (ST_ESTOP if self.estop else 0)
             | (ST_WATCHDOG if self.watchdog_tripped else 0)
             | (ST_OVERFLOW if self.overflow else 0)
         )
-        ir[r.ir_status] = status
-        ir[r.ir_queue_free] = max(self.queue_size - len(self.queue), 0)
+
+    @property
+    def queue_free(self) -> int:
+        return max(self.queue_size - len(self.queue), 0)
+
+    def _update_inputs(self) -> None:
+        r, ir = self.regs, self._ir
+        self._refresh_encoder()
+        ir[r.ir_status] = self.status_word()
+        ir[r.ir_queue_free] = self.queue_free
         ir[r.ir_last_seq] = self.last_seq
         ir[r.ir_ejects_done] = self.executed & 0xFFFF
         ir[r.ir_ejects_late] = self.late & 0xFFFF
@@ -370,8 +449,8 @@ class VirtualPlc:
             lo, hi = address - self._coil_lo, address - self._coil_lo + len(values)
             if lo < 0 or hi > len(self._coils):
                 return ExcCodes.ILLEGAL_ADDRESS
-            if self.belt.running or self.watchdog_tripped or self.estop:
-                return ExcCodes.DEVICE_BUSY  # valves are the PLC's while the belt runs or a fault is active
+            if self.valves_locked():
+                return ExcCodes.DEVICE_BUSY
             now = self._clock()
             for i, v in enumerate(values):
                 self._coils[lo + i] = bool(v)

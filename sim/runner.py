@@ -6,6 +6,7 @@ when the belt has emptied, without the service knowing anything about it:
     {"cmd": "feed", "on": true}   {"cmd": "speed", "mm_s": 2600}
     {"cmd": "status"}             {"cmd": "stop"}
     {"cmd": "hallbar", "on": false}   (pull the Hall bar's cable; true plugs it back)
+    {"cmd": "plc_opcua", "on": false} (the PLC's OPC UA server goes down; true restarts it on the same port)
 """
 
 from __future__ import annotations
@@ -59,7 +60,12 @@ async def run_sim(
         line.set_feed(True)
     tasks = []
     if control == "stdio":
-        _emit("ready", plc=f"{cfg.plc.host}:{cfg.plc.port}", hallbar=str(hallbar_link) if line.hallbar else None)
+        _emit(
+            "ready",
+            plc=f"{cfg.plc.host}:{cfg.plc.port}",
+            plc_opcua=line.plc_opcua.endpoint if line.plc_opcua else None,
+            hallbar=str(hallbar_link) if line.hallbar else None,
+        )
         reader = await _stdin_lines()
 
         async def commands() -> None:
@@ -83,6 +89,15 @@ async def run_sim(
                         _emit("error", detail="no Hall bar is simulated (start with --hallbar-link)")
                         continue
                     line.set_hallbar(bool(msg.get("on", True)))
+                elif cmd == "plc_opcua":
+                    if line.plc_opcua is None:
+                        _emit("error", detail="the virtual PLC serves no OPC UA (simulator.plc_opcua.enabled off)")
+                        continue
+                    try:
+                        await line.plc_opcua.set_reachable(bool(msg.get("on", True)))
+                    except OSError as exc:  # the port was taken meanwhile: report it, keep the channel alive
+                        _emit("error", detail=str(exc))
+                        continue
                 elif cmd == "stop":
                     stop.set()
                     return

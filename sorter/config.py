@@ -468,6 +468,12 @@ def _resolve_paths(cfg: LineConfig, base: Path) -> LineConfig:
         update["opcua_server"] = srv.model_copy(
             update={k: rel(getattr(srv, k)) for k in ("certificate", "private_key", "trust_dir")}
         )
+    if cfg.simulator is not None:
+        spo = cfg.simulator.plc_opcua
+        spo_paths = {k: rel(v) for k in ("certificate", "private_key", "trust_dir") if (v := getattr(spo, k))}
+        if spo_paths:
+            sim = cfg.simulator.model_copy(update={"plc_opcua": spo.model_copy(update=spo_paths)})
+            update["simulator"] = sim
     mag = cfg.magnetometer
     if mag is not None and "/" in mag.port and not Path(mag.port).is_absolute():  # not a bare name such as COM3
         update["magnetometer"] = mag.model_copy(update={"port": str(rel(Path(mag.port)))})
