@@ -46,7 +46,10 @@ def _load(path: Path) -> LineConfig:
 @app.command()
 def run(
     config: ConfigOpt,
-    start_belt: Annotated[bool, typer.Option(help="start the belt through the PLC when the service starts")] = True,
+    start: Annotated[
+        bool,
+        typer.Option(help="Reset and Start the line when the service is up (--no-start: wait for a Start command)"),
+    ] = True,
     capture: Annotated[
         Path | None,
         typer.Option(help="save each piece's crop (and field) to DIR/{train,val,test}/<decided class>/ for review"),
@@ -71,7 +74,7 @@ def run(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        service = LineService(cfg, start_belt=start_belt, capture=capture)
+        service = LineService(cfg, auto_start=start, capture=capture)
         reloads: set[asyncio.Task[None]] = set()
 
         async def reload_model() -> None:
@@ -108,6 +111,10 @@ def demo(
     capture: Annotated[
         Path | None, typer.Option(help="save each piece's crop (and field) as a dataset under DIR, as `run` does")
     ] = None,
+    plc: Annotated[
+        str | None,
+        typer.Option(help="PLC protocol for this run, modbus or opcua (the virtual PLC serves both); default: config"),
+    ] = None,
     log_level: LogOpt = "warning",
 ) -> None:
     """Run the simulated line sorted by the real line service and print the report."""
@@ -120,6 +127,10 @@ def demo(
         raise _fail(f"{config}: the demo needs a `simulator:` section")
     if camera_only:
         cfg = cfg.model_copy(update={"magnetometer": None})
+    if plc not in (None, "modbus", "opcua"):
+        raise _fail(f"--plc must be modbus or opcua, not {plc!r}")
+    if plc is not None:
+        cfg = cfg.model_copy(update={"plc": cfg.plc.model_copy(update={"protocol": plc})})
     run_dir = out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     try:
         show = not as_json and sys.stderr.isatty()
@@ -358,3 +369,100 @@ def main() -> None:
 
 def sim_main() -> None:
     typer.main.get_command(sim_app)(prog_name="python -m sim")
+
+
+# --- `sorter opcua`: certificates and user hashes for the line's OPC UA server (docs/opcua-server.md) ---
+
+opcua_app = typer.Typer(help="The line's OPC UA server: certificates, trusted clients, user password hashes.")
+app.add_typer(opcua_app, name="opcua")
+
+SERVER_CERT, SERVER_KEY = "line-server-cert.der", "line-server-key.pem"
+CLIENT_CERT, CLIENT_KEY = "client-cert.der", "client-key.pem"
+CLIENT_APPLICATION_URI = "urn:magnet-sorter:opcua-client"  # a client using the made certificate must use this URI
+
+
+@opcua_app.command("certs")
+def opcua_certs(
+    out: Annotated[Path, typer.Option(help="folder for the certificates and keys (the config's default is pki/)")],
+    hostname: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="a name or IP address clients use to reach the line PC (repeatable); added to this host's "
+            "name, localhost and 127.0.0.1"
+        ),
+    ] = None,
+    days: Annotated[int, typer.Option(help="validity in days")] = 3650,
+    force: Annotated[bool, typer.Option("--force", help="replace existing certificates and keys")] = False,
+) -> None:
+    """Make the line server's certificate and key, and a trusted client certificate and key.
+
+    The client certificate (for SCADA or tests) is also put into OUT/trusted, the folder of accepted
+    client certificates (the config's opcua_server.trust_dir)."""
+    import socket
+
+    from sorter.opcua_pki import PkiError, make_certificate, trust
+    from sorter.opcua_server import DEFAULT_APPLICATION_URI
+
+    files = [out / SERVER_CERT, out / SERVER_KEY, out / CLIENT_CERT, out / CLIENT_KEY]
+    existing = [str(p) for p in files if p.exists()]
+    if existing and not force:  # checked for all four first: never leave half a set behind
+        raise _fail(
+            f"{', '.join(existing)} exist; --force replaces them (clients trusting the old server "
+            "certificate then need the new one)"
+        )
+    hosts = [*(hostname or []), socket.gethostname(), "localhost", "127.0.0.1"]
+    try:
+        make_certificate(
+            files[0],
+            files[1],
+            common_name="magnet-sorter line server",
+            application_uri=DEFAULT_APPLICATION_URI,
+            hostnames=hosts,
+            days=days,
+            overwrite=force,
+        )
+        make_certificate(
+            files[2],
+            files[3],
+            common_name="magnet-sorter OPC UA client",
+            application_uri=CLIENT_APPLICATION_URI,
+            hostnames=hosts,
+            days=days,
+            overwrite=force,
+        )
+        trusted = trust(files[2], out / "trusted")
+    except PkiError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"server certificate: {files[0]}\nserver private key: {files[1]}")
+    typer.echo(f"client certificate: {files[2]} (application URI {CLIENT_APPLICATION_URI})")
+    typer.echo(f"client private key: {files[3]}\ntrusted client:     {trusted}")
+
+
+@opcua_app.command("trust")
+def opcua_trust(
+    certificate: Annotated[Path, typer.Argument(help="a client's certificate (DER or PEM)")],
+    trust_dir: Annotated[Path, typer.Option(help="the config's opcua_server.trust_dir")] = Path("pki/trusted"),
+) -> None:
+    """Accept a client (SCADA, MES, HMI) by copying its certificate into the trust folder."""
+    from sorter.opcua_pki import PkiError, trust
+
+    try:
+        typer.echo(f"trusted: {trust(certificate, trust_dir)}")
+    except PkiError as exc:
+        raise _fail(str(exc)) from None
+
+
+@opcua_app.command("hash-password")
+def opcua_hash_password(
+    stdin: Annotated[bool, typer.Option("--stdin", help="read the password from the first line of stdin")] = False,
+) -> None:
+    """Print the argon2 hash of a password for the config's `users:` list (password_hash)."""
+    from sorter.users import hash_password
+
+    if stdin:
+        password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True, err=True)
+    if not password:
+        raise _fail("an empty password is not allowed")
+    typer.echo(hash_password(password))

@@ -24,7 +24,7 @@ import structlog
 import yaml
 
 from sim.truth import load_truth
-from sorter.config import LineConfig
+from sorter.config import LineConfig, OpcUaServerConfig
 from sorter.packml import State
 from sorter.records import load_pieces
 from sorter.report import build_report
@@ -65,7 +65,32 @@ def demo_config(cfg: LineConfig, run_dir: Path, seed: int) -> LineConfig:
             if cfg.magnetometer
             else None,
             "simulator": cfg.simulator.model_copy(update={"seed": seed}),
+            "opcua_server": cfg.opcua_server.model_copy(
+                update={
+                    "endpoint": f"opc.tcp://127.0.0.1:{free_port()}",
+                    "certificate": run_dir / "pki" / "line-server-cert.der",
+                    "private_key": run_dir / "pki" / "line-server-key.pem",
+                    "trust_dir": run_dir / "pki" / "trusted",
+                }
+            )
+            if cfg.opcua_server
+            else None,
         }
+    )
+
+
+def make_server_certificate(srv: OpcUaServerConfig) -> None:
+    """This run's line-server certificate (what `sorter opcua certs` makes for a plant), and its trust folder."""
+    from sorter.opcua_pki import make_certificate
+    from sorter.opcua_server import DEFAULT_APPLICATION_URI
+
+    srv.trust_dir.mkdir(parents=True, exist_ok=True)
+    make_certificate(
+        srv.certificate,
+        srv.private_key,
+        common_name="magnet-sorter demo line server",
+        application_uri=DEFAULT_APPLICATION_URI,
+        hostnames=["localhost", "127.0.0.1"],
     )
 
 
@@ -164,6 +189,8 @@ async def run_demo(
     log = structlog.get_logger("demo")
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(cfg, run_dir, seed)
+    if cfg.opcua_server is not None and cfg.opcua_server.enabled:
+        make_server_certificate(cfg.opcua_server)
     cfg_path = run_dir / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     truth_path = run_dir / "truth.sqlite"

@@ -10,7 +10,7 @@ InvalidState and changes nothing. Numbering is PackTags' StateCurrent.
 from __future__ import annotations
 
 from collections.abc import Callable
-from enum import Enum, IntEnum
+from enum import IntEnum, StrEnum
 
 
 class State(IntEnum):
@@ -42,7 +42,7 @@ class State(IntEnum):
         return self in _COMPLETES
 
 
-class Command(str, Enum):
+class Command(StrEnum):
     START = "Start"
     STOP = "Stop"
     HOLD = "Hold"

@@ -33,6 +33,7 @@ from sorter.hallbar import FieldMap, HallBar
 from sorter.linestate import LineSnapshot, LiveStats
 from sorter.messages import NO_BAR, Decision, FieldReading, Frame, Piece
 from sorter.modelcheck import check_model
+from sorter.opcua_server import LineOpcUaServer, OpcUaServerError
 from sorter.packml import State
 from sorter.planner import EjectPlanner, Plan
 from sorter.plc import make_plc_link
@@ -113,6 +114,13 @@ class LineService:
         self._swap_lock = asyncio.Lock()
         self.live = LiveStats(cfg.fractions, cfg.routing)
         self.control = LineControl(self)
+        self.opcua: LineOpcUaServer | None = None
+        self._opcua_error: str | None = None
+        if cfg.opcua_server is not None and cfg.opcua_server.enabled:
+            self.opcua = LineOpcUaServer(
+                cfg.opcua_server, cfg.users, cfg.fractions, self.control.command, log=self.log.bind(part="opcua")
+            )
+            self.control.listeners.append(lambda old, new, why: self._publish())
 
     # --- frames -> pieces ---
     def _frame_count(self, frame: Frame) -> int | None:
@@ -390,6 +398,27 @@ class LineService:
             },
         }
 
+    async def _serve_opcua(self) -> None:
+        """The line's OPC UA server: started beside the line (it takes a few s), then fed snapshots at 5 Hz.
+
+        A server that cannot start is an alarm, not a reason to stop sorting.
+        """
+        assert self.opcua is not None
+        try:
+            await self.opcua.start()
+        except OpcUaServerError as exc:
+            self._opcua_error = str(exc)
+            self.log.error("ALARM OPC UA server not started: SCADA cannot see the line", error=str(exc))
+            self.records.event("alarm", alarm="opcua_server_down", reason=str(exc))
+            return
+        while True:
+            self._publish()
+            await asyncio.sleep(0.2)
+
+    def _publish(self) -> None:
+        if self.opcua is not None:
+            self.opcua.publish(self.snapshot())
+
     def snapshot(self) -> LineSnapshot:
         """What the outside sees of the line right now (OPC UA server, HMI)."""
         return LineSnapshot(
@@ -412,6 +441,8 @@ class LineService:
                 for n, c in self.captures.items()
                 if not c.online
             ]
+        if self._opcua_error is not None:
+            out.append(f"opcua_server_down: {self._opcua_error}")
         if self.records.pending_writes > 1000:
             out.append("records_not_written: check the disk holding the records database")
         return out
@@ -437,6 +468,8 @@ class LineService:
             asyncio.create_task(self._flush_loop(), name="flush"),
         ]
         workers.append(asyncio.create_task(self.control.supervise(), name="state-supervisor"))
+        if self.opcua is not None:
+            workers.append(asyncio.create_task(self._serve_opcua(), name="opcua-server"))
         if self.auto_start:
             workers.append(asyncio.create_task(self.control.start_line(), name="start-line"))
         try:
@@ -465,6 +498,9 @@ class LineService:
             await asyncio.gather(*pending, return_exceptions=True)
         await self.control.shutdown()
         await self.plc.stop()
+        if self.opcua is not None:
+            self._publish()
+            await self.opcua.stop()
         if self.hallbar is not None:
             await asyncio.to_thread(self.hallbar.stop)
         for t in tasks:

@@ -1,0 +1,669 @@
+"""The line's OPC UA server, end to end with asyncua's client: security, users and roles, PackML methods,
+published values, alarm events, and a misbehaving client that must not disturb the service loop.
+
+One server (SignAndEncrypt/Sign, no anonymous) serves most tests: its address-space start-up takes
+seconds, and a real PackMLMachine behind a small command coroutine stands in for the line service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from asyncua import Client, ua
+from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from typer.testing import CliRunner
+
+from sorter.config import OpcUaServerConfig, UserConfig
+from sorter.linestate import LineSnapshot
+from sorter.opcua_pki import PkiError, load_certificate, make_certificate, trust
+from sorter.opcua_server import LineOpcUaServer, OpcUaServerError
+from sorter.packml import Command, PackMLMachine, State
+from sorter.users import authenticate, hash_password, may_configure, may_operate, verify_password
+
+# every server test shares the module's loop, the one the module-scoped server was started from
+in_module_loop = pytest.mark.asyncio(loop_scope="module")
+
+NS = "urn:magnet-sorter:line"
+CLIENT_URI = "urn:magnet-sorter:test-client"
+FRACTIONS = ["ndfeb", "ferrite", "residue"]
+PASSWORDS = {"olga": "olga-pw-1", "tom": "tom-pw-2", "vic": "vic-pw-3"}
+HOSTS = [socket.gethostname(), "localhost", "127.0.0.1"]
+
+
+class RecLog:
+    """Stands in for the structlog logger: keeps (level, event, fields), from any thread."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, str, dict[str, Any]]] = []
+        self._lock = threading.Lock()
+
+    def _add(self, level: str, event: str, **kw: Any) -> None:
+        with self._lock:
+            self.records.append((level, event, kw))
+
+    def debug(self, event: str, **kw: Any) -> None:
+        self._add("debug", event, **kw)
+
+    def info(self, event: str, **kw: Any) -> None:
+        self._add("info", event, **kw)
+
+    def warning(self, event: str, **kw: Any) -> None:
+        self._add("warning", event, **kw)
+
+    def error(self, event: str, **kw: Any) -> None:
+        self._add("error", event, **kw)
+
+    def exception(self, event: str, **kw: Any) -> None:
+        self._add("exception", event, **kw)
+
+    def find(self, event: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [kw for _, e, kw in self.records if e == event]
+
+
+class Pki:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.server_cert, self.server_key = root / "server-cert.der", root / "server-key.pem"
+        self.client_cert, self.client_key = root / "client-cert.der", root / "client-key.pem"
+        self.rogue_cert, self.rogue_key = root / "rogue-cert.der", root / "rogue-key.pem"
+        self.trust_dir = root / "trusted"
+        make_certificate(
+            self.server_cert,
+            self.server_key,
+            common_name="line server",
+            application_uri="urn:magnet-sorter:line-server",
+            hostnames=HOSTS,
+        )
+        for cert, key, cn in ((self.client_cert, self.client_key, "scada"), (self.rogue_cert, self.rogue_key, "rogue")):
+            make_certificate(cert, key, common_name=cn, application_uri=CLIENT_URI, hostnames=HOSTS)
+        trust(self.client_cert, self.trust_dir)
+
+
+class Line:
+    """The service's side: a PackML machine, the command coroutine, snapshots published on every change."""
+
+    def __init__(self) -> None:
+        self.server: LineOpcUaServer | None = None
+        self.calls: list[tuple[Command, str, bool]] = []
+        self.counts = dict.fromkeys(FRACTIONS, 0)
+        self.alarms: list[str] = []
+        self.machine = PackMLMachine()
+
+    def fresh(self) -> None:
+        self.machine = PackMLMachine()
+        self.machine.add_listener(lambda old, new, why: self.publish())
+        self.calls.clear()
+        self.counts = dict.fromkeys(FRACTIONS, 0)
+        self.alarms = []
+        self.publish()
+
+    def publish(self) -> None:
+        assert self.server is not None
+        self.server.publish(
+            LineSnapshot(
+                state=self.machine.state,
+                fraction_counts=dict(self.counts),
+                pieces_per_minute=120.0,
+                purity={"ndfeb": 0.995, "ferrite": 0.98},
+                model_version="test-model-3",
+                alarms=list(self.alarms),
+            )
+        )
+
+    async def command(self, cmd: Command, user: str) -> None:
+        self.machine.command(cmd, why=user)  # InvalidState goes back to the server: BadInvalidState
+        self.calls.append((cmd, user, threading.current_thread() is threading.main_thread()))
+        await asyncio.sleep(0)
+        self.machine.complete()  # this stand-in line finishes every acting state at once
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def users() -> list[UserConfig]:
+    roles = {"olga": "operator", "tom": "technician", "vic": "viewer"}
+    return [UserConfig(name=n, role=roles[n], password_hash=hash_password(pw)) for n, pw in PASSWORDS.items()]  # type: ignore[arg-type]
+
+
+def server_config(pki: Pki, **kw: Any) -> OpcUaServerConfig:
+    return OpcUaServerConfig(
+        endpoint="opc.tcp://127.0.0.1:0",
+        certificate=pki.server_cert,
+        private_key=pki.server_key,
+        trust_dir=pki.trust_dir,
+        **kw,
+    )
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def served(pki: Pki, users: list[UserConfig]) -> Any:
+    line = Line()
+    log = RecLog()
+    server = LineOpcUaServer(server_config(pki), users, FRACTIONS, line.command, log=log)
+    line.server = server
+    await server.start()
+    yield line, server, log
+    await server.stop()
+
+
+@pytest.fixture
+def line(served: Any) -> Line:
+    served[0].fresh()
+    return served[0]
+
+
+@pytest.fixture
+def server(served: Any) -> LineOpcUaServer:
+    return served[1]
+
+
+@pytest.fixture
+def log(served: Any) -> RecLog:
+    return served[2]
+
+
+async def secure_client(
+    url: str,
+    pki: Pki,
+    user: str | None = "olga",
+    password: str | None = None,
+    *,
+    rogue: bool = False,
+    mode: str = "SignAndEncrypt",
+) -> Client:
+    client = Client(url, timeout=10)
+    client.application_uri = CLIENT_URI  # must match the URI in the client's certificate
+    cert, key = (pki.rogue_cert, pki.rogue_key) if rogue else (pki.client_cert, pki.client_key)
+    await client.set_security(
+        SecurityPolicyBasic256Sha256,
+        str(cert),
+        str(key),
+        server_certificate=str(pki.server_cert),
+        mode=getattr(ua.MessageSecurityMode, mode),
+    )
+    if user is not None:
+        client.set_user(user)
+        client.set_password(password if password is not None else PASSWORDS[user])
+    return client
+
+
+async def line_node(client: Client) -> tuple[int, Any]:
+    idx = await client.get_namespace_index(NS)
+    return idx, await client.nodes.objects.get_child(f"{idx}:SortingLine")
+
+
+async def eventually(read: Any, expected: Any, timeout: float = 5.0) -> Any:
+    """Poll until read() == expected (published values reach the server thread asynchronously)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        value = await read()
+        if value == expected or loop.time() > end:
+            return value
+        await asyncio.sleep(0.02)
+
+
+# --- users and certificates ---
+
+
+def test_passwords_and_roles(users: list[UserConfig]) -> None:
+    h = hash_password("correct horse")
+    assert h.startswith("$argon2id$")
+    assert verify_password(h, "correct horse")
+    assert not verify_password(h, "wrong")
+    assert not verify_password("not a hash", "correct horse")
+    assert not verify_password(h, None)  # type: ignore[arg-type]
+    assert authenticate(users, "olga", PASSWORDS["olga"]) is users[0]
+    assert authenticate(users, "olga", "nope") is None
+    assert authenticate(users, "nobody", PASSWORDS["olga"]) is None
+    assert authenticate(users, None, None) is None
+    assert [may_operate(r) for r in ("viewer", "operator", "technician")] == [False, True, True]
+    assert [may_configure(r) for r in ("viewer", "operator", "technician")] == [False, False, True]
+    with pytest.raises(ValueError):
+        hash_password("")
+
+
+def test_certificate_for_opc_ua(tmp_path: Path) -> None:
+    cert_path, key_path = make_certificate(
+        tmp_path / "c.der",
+        tmp_path / "k.pem",
+        common_name="cn",
+        application_uri="urn:x:y",
+        hostnames=["h1", "10.0.0.5"],
+    )
+    cert = x509.load_der_x509_certificate(cert_path.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["urn:x:y"]
+    assert san.get_values_for_type(x509.DNSName) == ["h1"]
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert ku.digital_signature and ku.content_commitment and ku.key_encipherment and ku.data_encipherment
+    assert ku.key_cert_sign
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    assert isinstance(cert.public_key(), rsa.RSAPublicKey) and cert.public_key().key_size == 2048
+    assert cert.signature_hash_algorithm is not None and cert.signature_hash_algorithm.name == "sha256"
+    assert key_path.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert os.stat(key_path).st_mode & 0o777 == 0o600
+    with pytest.raises(PkiError, match="exists"):
+        make_certificate(cert_path, key_path, common_name="cn", application_uri="urn:x:y", hostnames=["h1"])
+    make_certificate(
+        cert_path, key_path, common_name="cn2", application_uri="urn:x:y", hostnames=["h1"], overwrite=True
+    )
+    assert load_certificate(cert_path).serial_number != cert.serial_number
+    assert os.stat(key_path).st_mode & 0o777 == 0o600
+    assert trust(cert_path, tmp_path / "t") == tmp_path / "t" / "c.der"
+
+
+def test_cli_certs_and_hash_password(tmp_path: Path) -> None:
+    from sorter.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["opcua", "certs", "--out", str(tmp_path), "--hostname", "line-1.plant.example"])
+    assert res.exit_code == 0, res.output
+    for name in ("line-server-cert.der", "line-server-key.pem", "client-cert.der", "client-key.pem"):
+        assert name in res.output and (tmp_path / name).is_file()
+    assert (tmp_path / "trusted" / "client-cert.der").read_bytes() == (tmp_path / "client-cert.der").read_bytes()
+    san = load_certificate(tmp_path / "line-server-cert.der").extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert "line-1.plant.example" in san.value.get_values_for_type(x509.DNSName)
+    again = runner.invoke(app, ["opcua", "certs", "--out", str(tmp_path)])
+    assert again.exit_code == 2 and "--force" in again.output
+    assert runner.invoke(app, ["opcua", "certs", "--out", str(tmp_path), "--force"]).exit_code == 0
+
+    res = runner.invoke(app, ["opcua", "hash-password", "--stdin"], input="s3cret pass\n")
+    assert res.exit_code == 0, res.output
+    digest = res.output.strip()
+    assert digest.startswith("$argon2id$") and "s3cret" not in digest
+    assert verify_password(digest, "s3cret pass")
+    UserConfig(name="x", role="viewer", password_hash=digest)  # what the config accepts
+
+
+# --- the server ---
+
+
+@in_module_loop
+async def test_address_space_and_commands(line: Line, server: LineOpcUaServer, pki: Pki, log: RecLog) -> None:
+    async with await secure_client(server.endpoint_url, pki, "olga") as client:
+        idx, sl = await line_node(client)
+        names = {(await c.read_browse_name()).Name for c in await sl.get_children()}
+        assert names == {
+            "State", "StateCurrent", "Fractions", "PiecesPerMinute", "Purity", "ModelVersion", "ActiveAlarms",
+            *(c.value for c in Command),
+        }  # fmt: skip
+        for child in await sl.get_children():
+            assert (await child.read_browse_name()).NamespaceIndex == idx
+        state = await sl.get_child(f"{idx}:State")
+        current = await sl.get_child(f"{idx}:StateCurrent")
+        assert await eventually(state.read_value, "Stopped") == "Stopped"
+        assert await current.read_value() == int(State.STOPPED)
+
+        count = await sl.get_child([f"{idx}:Fractions", f"{idx}:ndfeb", f"{idx}:Count"])
+        assert (await count.read_data_value()).Value.VariantType == ua.VariantType.UInt64
+        assert (await current.read_data_value()).Value.VariantType == ua.VariantType.Int32
+        ppm = await sl.get_child(f"{idx}:PiecesPerMinute")
+        assert await eventually(ppm.read_value, 120.0) == 120.0
+        purity = await sl.get_child([f"{idx}:Purity", f"{idx}:ndfeb"])
+        assert await purity.read_value() == pytest.approx(0.995)
+        assert await (await sl.get_child(f"{idx}:ModelVersion")).read_value() == "test-model-3"
+        alarms = await sl.get_child(f"{idx}:ActiveAlarms")
+        assert await alarms.read_value() == [] and await alarms.read_value_rank() == ua.ValueRank.OneDimension
+        fractions = await sl.get_child(f"{idx}:Fractions")
+        assert {(await c.read_browse_name()).Name for c in await fractions.get_children()} == set(FRACTIONS)
+
+        await sl.call_method(f"{idx}:Reset")
+        assert await eventually(state.read_value, "Idle") == "Idle"
+        assert await current.read_value() == int(State.IDLE)
+        await sl.call_method(f"{idx}:Start")
+        assert await eventually(state.read_value, "Execute") == "Execute"
+        # the command ran on the service loop (the test's main thread), not on the server thread
+        assert line.calls == [(Command.RESET, "olga", True), (Command.START, "olga", True)]
+
+        with pytest.raises(ua.uaerrors.BadInvalidState):
+            await sl.call_method(f"{idx}:Unsuspend")
+        assert line.machine.state is State.EXECUTE and len(line.calls) == 2
+        with pytest.raises(ua.uaerrors.BadTooManyArguments):
+            await sl.call_method(f"{idx}:Stop", ua.Variant(1, ua.VariantType.Int32))
+        # all variables are read-only, for operators too
+        with pytest.raises(ua.UaStatusCodeError):
+            await state.write_value("Aborted")
+        assert await state.read_value() == "Execute"
+
+    results = [(r["user"], r["command"], r["result"]) for r in log.find("opcua command")]
+    assert ("olga", "Unsuspend", "BadInvalidState") in results
+    assert ("olga", "Start", "Good") in results
+
+
+@in_module_loop
+async def test_roles(line: Line, server: LineOpcUaServer, pki: Pki, log: RecLog) -> None:
+    async with await secure_client(server.endpoint_url, pki, "vic") as viewer:
+        idx, sl = await line_node(viewer)
+        assert await (await sl.get_child(f"{idx}:State")).read_value() == "Stopped"  # a viewer reads
+        with pytest.raises(ua.uaerrors.BadUserAccessDenied):
+            await sl.call_method(f"{idx}:Reset")
+    assert line.machine.state is State.STOPPED and line.calls == []
+    assert {"user": "vic", "role": "viewer", "command": "Reset", "result": "BadUserAccessDenied", "detail": None} in (
+        log.find("opcua command")
+    )
+    async with await secure_client(server.endpoint_url, pki, "tom", mode="Sign") as technician:
+        idx, sl = await line_node(technician)
+        await sl.call_method(f"{idx}:Abort")
+    assert line.machine.state is State.ABORTED and line.calls == [(Command.ABORT, "tom", True)]
+
+
+@in_module_loop
+async def test_wrong_password_and_unknown_user_refused(
+    line: Line, server: LineOpcUaServer, pki: Pki, log: RecLog
+) -> None:
+    for user, password in (("olga", "not-olgas"), ("mallory", "whatever-pw")):
+        client = await secure_client(server.endpoint_url, pki, user, password)
+        with pytest.raises(ua.uaerrors.BadUserAccessDenied):
+            await client.connect()
+        await client.disconnect()  # tidy up the half-open session
+    refused = [r["user"] for r in log.find("opcua login refused")]
+    assert "olga" in refused and "mallory" in refused
+    text = repr(log.records)
+    assert "not-olgas" not in text and "whatever-pw" not in text
+    assert all(pw not in text for pw in PASSWORDS.values())
+    assert line.calls == []
+
+
+@in_module_loop
+async def test_untrusted_client_certificate_refused(server: LineOpcUaServer, pki: Pki, log: RecLog) -> None:
+    client = await secure_client(server.endpoint_url, pki, "olga", rogue=True)
+    with pytest.raises(ua.uaerrors.BadCertificateUntrusted):
+        await client.connect()
+    await client.disconnect()
+    assert any(r["subject"] == "rogue" for r in log.find("opcua client certificate refused"))
+
+
+@pytest.mark.parametrize("session_cert", ["trusted", "none"])
+@in_module_loop
+async def test_session_bound_to_the_channel_certificate(
+    server: LineOpcUaServer, pki: Pki, line: Line, session_cert: str
+) -> None:
+    """A client whose secure channel uses an untrusted key must not get in by naming a trusted certificate
+    (which is public) in CreateSession, or none at all: asyncua alone lets both through."""
+    client = await secure_client(server.endpoint_url, pki, "olga", rogue=True)
+    await client.connect_socket()
+    try:
+        await client.send_hello()
+        await client.open_secure_channel()
+        policy = client.security_policy
+        policy.host_certificate = pki.client_cert.read_bytes() if session_cert == "trusted" else None
+        policy.asymmetric_cryptography.verify = lambda data, sig: None  # the forged session cannot check the reply
+        await client.create_session()
+        with pytest.raises(ua.uaerrors.BadSecurityChecksFailed):
+            await client.activate_session(username="olga", password=PASSWORDS["olga"])
+    finally:
+        client.disconnect_socket()
+    assert line.calls == []
+
+
+@in_module_loop
+async def test_no_session_on_an_unoffered_none_channel(
+    server: LineOpcUaServer, line: Line, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A None secure channel always opens (for GetEndpoints); asyncua alone then lets a session be
+    created and activated on it, with the password in plain text."""
+    client = Client(server.endpoint_url, timeout=5)
+    await client.connect_socket()
+    try:
+        await client.send_hello()
+        await client.open_secure_channel()
+        assert client.security_policy.Mode == ua.MessageSecurityMode.None_
+        endpoints = await client.get_endpoints()
+        # skip the client's own check that the server offers the channel's policy
+        monkeypatch.setattr(Client, "find_endpoint", staticmethod(lambda eps, mode, uri: endpoints[-1]))
+        await client.create_session()
+        with pytest.raises(ua.uaerrors.BadSecurityModeRejected):
+            await client.activate_session(username="olga", password=PASSWORDS["olga"])
+    finally:
+        client.disconnect_socket()
+    assert line.calls == []
+
+
+@in_module_loop
+async def test_session_cannot_be_taken_over_from_another_channel(server: LineOpcUaServer, pki: Pki, line: Line) -> None:
+    """asyncua hands out session tokens 1000, 1001, ... and, on ActivateSession from a new channel, attaches
+    the session with that token to the channel before checking anything, and leaves it attached when the
+    check fails: a None channel without certificate or password could then call methods as the operator."""
+    async with await secure_client(server.endpoint_url, pki, "olga") as victim:
+        token = victim.uaclient.protocol.authentication_token  # an attacker would guess it
+        attacker = Client(server.endpoint_url, timeout=5)
+        await attacker.connect_socket()
+        try:
+            await attacker.send_hello()
+            await attacker.open_secure_channel()
+            attacker.uaclient.protocol.authentication_token = token
+            params = ua.ActivateSessionParameters(UserIdentityToken=ua.AnonymousIdentityToken(), LocaleIds=["en"])
+            with pytest.raises(ua.UaStatusCodeError):
+                await attacker.uaclient.activate_session(params)
+            idx, sl = await line_node(victim)
+            method = await sl.get_child(f"{idx}:Reset")
+            reset = ua.CallMethodRequest(ObjectId=sl.nodeid, MethodId=method.nodeid)
+            with pytest.raises(ua.UaStatusCodeError):
+                await attacker.uaclient.call([reset])
+        finally:
+            attacker.disconnect_socket()
+        assert line.calls == [] and line.machine.state is State.STOPPED
+        idx, sl = await line_node(victim)  # the victim's session is unharmed
+        assert await (await sl.get_child(f"{idx}:State")).read_value() == "Stopped"
+
+
+@in_module_loop
+async def test_endpoints_without_none_or_anonymous(server: LineOpcUaServer, pki: Pki) -> None:
+    endpoints = await Client(server.endpoint_url).connect_and_get_server_endpoints()
+    offered = {(e.SecurityPolicyUri.rsplit("#", 1)[1], e.SecurityMode) for e in endpoints}
+    assert offered == {
+        ("Basic256Sha256", ua.MessageSecurityMode.Sign),
+        ("Basic256Sha256", ua.MessageSecurityMode.SignAndEncrypt),
+    }
+    tokens = {t.TokenType for e in endpoints for t in e.UserIdentityTokens}
+    assert tokens == {ua.UserTokenType.UserName}
+    plain = Client(server.endpoint_url, timeout=5)
+    with pytest.raises(Exception):  # noqa: B017 - refused one way or another, but refused
+        await plain.connect()
+    await plain.disconnect()
+    anonymous = await secure_client(server.endpoint_url, pki, user=None)
+    with pytest.raises(ua.UaStatusCodeError):
+        await anonymous.connect()
+    await anonymous.disconnect()
+
+
+@in_module_loop
+async def test_none_endpoint_and_anonymous_viewer_when_allowed(pki: Pki, users: list[UserConfig]) -> None:
+    line = Line()
+    server = LineOpcUaServer(
+        server_config(pki, allow_none_security=True, allow_anonymous=True), users, FRACTIONS, line.command
+    )
+    line.server = server
+    await server.start()
+    try:
+        line.fresh()
+        endpoints = await Client(server.endpoint_url).connect_and_get_server_endpoints()
+        assert ua.MessageSecurityMode.None_ in {e.SecurityMode for e in endpoints}
+        async with Client(server.endpoint_url, timeout=10) as anon:  # no certificate, no user
+            idx, sl = await line_node(anon)
+            assert await eventually((await sl.get_child(f"{idx}:State")).read_value, "Stopped") == "Stopped"
+            with pytest.raises(ua.uaerrors.BadUserAccessDenied):
+                await sl.call_method(f"{idx}:Reset")
+        assert line.calls == [] and line.machine.state is State.STOPPED
+    finally:
+        await server.stop()
+
+
+@in_module_loop
+async def test_subscription_sees_count_increases(line: Line, server: LineOpcUaServer, pki: Pki) -> None:
+    seen: list[int] = []
+    changed = asyncio.Event()
+
+    class Handler:
+        def datachange_notification(self, node: Any, val: Any, data: Any) -> None:
+            seen.append(val)
+            changed.set()
+
+    async with await secure_client(server.endpoint_url, pki, "vic") as client:
+        idx, sl = await line_node(client)
+        count = await sl.get_child([f"{idx}:Fractions", f"{idx}:ndfeb", f"{idx}:Count"])
+        sub = await client.create_subscription(20, Handler())
+        await sub.subscribe_data_change(count)
+        for n in (1, 2, 3):
+            line.counts["ndfeb"] = n
+            line.publish()
+            await asyncio.sleep(0.06)
+        async with asyncio.timeout(5):
+            while not seen or seen[-1] != 3:
+                changed.clear()
+                await changed.wait()
+        await sub.delete()
+    assert seen[0] == 0 and seen == sorted(seen) and len(set(seen)) >= 2
+
+
+@in_module_loop
+async def test_alarm_events(line: Line, server: LineOpcUaServer, pki: Pki) -> None:
+    events: dict[str, asyncio.Queue[Any]] = {"line": asyncio.Queue(), "server": asyncio.Queue()}
+
+    class Handler:
+        def __init__(self, q: asyncio.Queue[Any]) -> None:
+            self.q = q
+
+        def event_notification(self, event: Any) -> None:
+            self.q.put_nowait(event)
+
+    async with await secure_client(server.endpoint_url, pki, "vic") as client:
+        _, sl = await line_node(client)
+        sub_line = await client.create_subscription(20, Handler(events["line"]))
+        await sub_line.subscribe_events(sl, ua.ObjectIds.BaseEventType)
+        sub_server = await client.create_subscription(20, Handler(events["server"]))
+        await sub_server.subscribe_events(client.nodes.server, ua.ObjectIds.BaseEventType)
+
+        line.alarms = ["plc: link down"]
+        line.publish()
+        for q in events.values():
+            ev = await asyncio.wait_for(q.get(), 5)
+            assert (ev.Message.Text, ev.Severity) == ("plc: link down", 700)
+            assert ev.SourceNode == sl.nodeid
+        line.alarms = []
+        line.publish()
+        for q in events.values():
+            ev = await asyncio.wait_for(q.get(), 5)
+            assert (ev.Message.Text, ev.Severity) == ("cleared: plc: link down", 100)
+        await sub_line.delete()
+        await sub_server.delete()
+
+
+@in_module_loop
+async def test_flood_and_garbage_do_not_break_the_service_loop(line: Line, server: LineOpcUaServer, pki: Pki) -> None:
+    """A client reading as fast as it can, in its own thread, plus raw garbage on the socket, while the
+    service loop ticks a timer, publishes and takes a command. Only "nothing breaks" is asserted."""
+    stop = threading.Event()
+    flood_reads: list[int] = []
+    flood_errors: list[BaseException] = []
+
+    def flood() -> None:
+        async def main() -> None:
+            async with await secure_client(server.endpoint_url, pki, "vic") as client:
+                idx, sl = await line_node(client)
+                state = await sl.get_child(f"{idx}:State")
+                n = 0
+                while not stop.is_set():
+                    await state.read_value()
+                    n += 1
+                flood_reads.append(n)
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:
+            flood_errors.append(exc)
+
+    ticks = 0
+
+    async def timer() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    async def garbage() -> None:
+        host, port = "127.0.0.1", int(server.endpoint_url.rsplit(":", 1)[1])
+        payloads = [
+            os.urandom(512),
+            b"HELF" + (12).to_bytes(4, "little") + b"\xff" * 4,  # a Hello too short for its fields
+            b"MSGF" + (40).to_bytes(4, "little") + os.urandom(32),  # a message on no secure channel
+            b"OPNF" + (0xFFFFFFF).to_bytes(4, "little"),  # claims a quarter-gigabyte body
+        ]
+        for data in payloads:
+            _, writer = await asyncio.open_connection(host, port)
+            writer.write(data)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.close()
+            with contextlib.suppress(OSError):  # the server hanging up on garbage is fine
+                await writer.wait_closed()
+
+    thread = threading.Thread(target=flood, daemon=True)
+    thread.start()
+    timer_task = asyncio.create_task(timer())
+    try:
+        await garbage()
+        async with await secure_client(server.endpoint_url, pki, "olga") as client:
+            idx, sl = await line_node(client)
+            for n in range(10):
+                line.counts["ferrite"] = n
+                line.publish()
+                await asyncio.sleep(0.02)
+            await sl.call_method(f"{idx}:Reset")
+            state = await sl.get_child(f"{idx}:State")
+            assert await eventually(state.read_value, "Idle") == "Idle"
+            count = await sl.get_child([f"{idx}:Fractions", f"{idx}:ferrite", f"{idx}:Count"])
+            assert await eventually(count.read_value, 9) == 9
+    finally:
+        stop.set()
+        await timer_task
+        await asyncio.to_thread(thread.join, 15)
+    assert not flood_errors, flood_errors
+    assert flood_reads and flood_reads[0] > 0
+    assert ticks > 0
+    assert line.calls == [(Command.RESET, "olga", True)]
+
+
+@in_module_loop
+async def test_start_errors_are_clear(pki: Pki, users: list[UserConfig], tmp_path: Path) -> None:
+    async def noop(cmd: Command, user: str) -> None:
+        return None
+
+    missing = OpcUaServerConfig(
+        endpoint="opc.tcp://127.0.0.1:0",
+        certificate=tmp_path / "nope.der",
+        private_key=tmp_path / "nope.pem",
+        trust_dir=pki.trust_dir,
+    )
+    with pytest.raises(OpcUaServerError, match="sorter opcua certs"):
+        await LineOpcUaServer(missing, users, FRACTIONS, noop).start()
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = server_config(pki).model_copy(update={"endpoint": f"opc.tcp://127.0.0.1:{port}"})
+        srv = LineOpcUaServer(cfg, users, FRACTIONS, noop)
+        with pytest.raises(OpcUaServerError, match="cannot listen"):
+            await srv.start()
+        await srv.stop()  # harmless after a failed start
