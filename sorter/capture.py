@@ -156,7 +156,9 @@ class CameraCapture:
         try:
             frames = source.frames().__aiter__()
             timeout = self.cfg.stall_timeout_s
-            while True:
+            # stop() cancels us, but on Python 3.11 wait_for() loses a cancellation that lands as a
+            # frame arrives (gh-86296): the flag ends the loop all the same
+            while not self._stopping:
                 try:
                     frame = await asyncio.wait_for(anext(frames), timeout)
                 except StopAsyncIteration:
@@ -167,6 +169,7 @@ class CameraCapture:
                     return f"stalled: {what} for {timeout:g} s (belt stopped, or source hung)", delivered
                 delivered = True
                 self._put(frame)
+            return "stopped", delivered
         except SourceError as exc:
             return str(exc), delivered
         except Exception as exc:  # a driver bug must not end capture for good: report and reconnect

@@ -55,8 +55,6 @@ certificate, security mode not offered, nothing listening) is {"connected": fals
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import ipaddress
 import json
 import os
 import shutil
@@ -205,65 +203,20 @@ def make_certificate(
     common_name: str = "magnet-sorter test",
     days: int = 30,
 ) -> tuple[Path, Path]:
-    """A self-signed RSA 2048/SHA-256 OPC UA application certificate (DER) and its key (PEM, PKCS#8).
+    """An OPC UA application certificate (DER) and key (PEM), made the way `sorter opcua certs` makes them.
 
-    What both stacks check: the application URI as URI subjectAltName (node-opcua and asyncua compare it with
-    the ApplicationUri sent in CreateSession), key usages digitalSignature, nonRepudiation, keyEncipherment,
-    dataEncipherment (+ keyCertSign, self-signed), validity covering now.
+    node-opcua compares the certificate's URI subjectAltName with the client's applicationUri.
     """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from sorter.opcua_pki import make_certificate as make
 
-    def general_name(host: str) -> x509.GeneralName:
-        try:
-            return x509.IPAddress(ipaddress.ip_address(host))
-        except ValueError:
-            return x509.DNSName(host)
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(application_uri), *map(general_name, hostnames)]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=True,
-                key_encipherment=True,
-                data_encipherment=True,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
     cert_path, key_path = Path(cert_path), Path(key_path)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    make(
+        cert_path,
+        key_path,
+        common_name=common_name,
+        application_uri=application_uri,
+        hostnames=list(hostnames),
+        days=days,
+        overwrite=True,
     )
     return cert_path, key_path
