@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC
@@ -45,6 +46,7 @@ from sim.plc import VirtualPlc
 from sorter.config import PlcOpcUaConfig, SimPlcOpcUaConfig
 
 DEFAULT_PORT = 4840
+SPEED_GATE_S = 0.1
 APPLICATION_URI = "urn:magnet-sorter:sim:plc"
 _VT = ua.VariantType
 
@@ -205,6 +207,7 @@ class PlcOpcUaServer:
         self._encoder_id: ua.NodeId | None = None
         self._ids: list[ua.NodeId] = []  # per _VARS
         self._shown: list[Any] = []  # the values the nodes hold, per _VARS
+        self._speed = (0.0, -1.0)  # (mm/s, when measured)
         self._pub_task: asyncio.Task[None] | None = None
 
     # --- lifecycle ---
@@ -384,7 +387,7 @@ class PlcOpcUaServer:
     def _snapshot(self) -> list[Any]:
         p = self.plc
         return [
-            p.belt.speed_mm_s(),
+            self._belt_speed(),
             p.status_word(),
             p.queue_free,
             p.executed & 0xFFFFFFFF,
@@ -393,6 +396,14 @@ class PlcOpcUaServer:
             p.heartbeat,
             p.command,
         ]
+
+    def _belt_speed(self) -> float:
+        # a PLC measures speed over a gate time (here 100 ms), not per scan: a drifting belt would
+        # otherwise change this value, and notify every subscriber, 500 times a second
+        now = time.monotonic()
+        if now - self._speed[1] >= SPEED_GATE_S:
+            self._speed = (round(self.plc.belt.speed_mm_s(), 1), now)
+        return self._speed[0]
 
     def _on_scan(self) -> None:
         # runs in every scan: compare only; the writes go to a task (they are coroutines in asyncua)

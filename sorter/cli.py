@@ -356,6 +356,21 @@ def bench(
     typer.echo(json.dumps(result, indent=None if as_json else 2))
 
 
+@app.command("bench-opcua")
+def bench_opcua(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    duration: Annotated[float, typer.Option(help="seconds of feed per run")] = 30.0,
+    seed: Annotated[int, typer.Option(help="feed seed")] = 7,
+    out: Annotated[Path | None, typer.Option(help="folder for both runs (default runs/bench-opcua-<time>)")] = None,
+) -> None:
+    """Decision latency p99 with the line's OPC UA server flooded (reads + garbage) vs quiet, same seed."""
+    from sorter.bench_opcua import run_bench_opcua
+
+    setup_logging("warning")
+    run_dir = out or Path("runs") / time.strftime("bench-opcua-%Y%m%d-%H%M%S")
+    typer.echo(json.dumps(asyncio.run(run_bench_opcua(_load(config), duration, seed, run_dir)), indent=2))
+
+
 @app.command("check-config")
 def check_config(config: Annotated[Path, typer.Argument(help="line config (YAML)")]) -> None:
     """Validate a line config; exit status 2 with file, key path and line on error."""

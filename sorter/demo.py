@@ -90,7 +90,7 @@ def make_server_certificate(srv: OpcUaServerConfig) -> None:
         srv.private_key,
         common_name="magnet-sorter demo line server",
         application_uri=DEFAULT_APPLICATION_URI,
-        hostnames=["localhost", "127.0.0.1"],
+        hostnames=[socket.gethostname(), "localhost", "127.0.0.1"],
     )
 
 

@@ -10,6 +10,7 @@ polling and heartbeats stay punctual.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -398,8 +399,8 @@ class LineService:
             },
         }
 
-    async def _serve_opcua(self) -> None:
-        """The line's OPC UA server: started beside the line (it takes a few s), then fed snapshots at 5 Hz.
+    async def _start_opcua(self) -> bool:
+        """Start the line's OPC UA server (a few s: asyncua builds its address space).
 
         A server that cannot start is an alarm, not a reason to stop sorting.
         """
@@ -410,7 +411,11 @@ class LineService:
             self._opcua_error = str(exc)
             self.log.error("ALARM OPC UA server not started: SCADA cannot see the line", error=str(exc))
             self.records.event("alarm", alarm="opcua_server_down", reason=str(exc))
-            return
+            return False
+        return True
+
+    async def _serve_opcua(self) -> None:
+        """Feed the OPC UA server snapshots at 5 Hz (and on every state change, see __init__)."""
         while True:
             self._publish()
             await asyncio.sleep(0.2)
@@ -457,6 +462,11 @@ class LineService:
             records=str(self.records.path),
         )
         self.records.event("start", model=self.classifier.version)
+        serving = self.opcua is not None and await self._start_opcua()
+        # Everything built so far lives as long as the service (the model, asyncua's ~400 000-object
+        # address space): exempt it from the cyclic GC, whose full collections would otherwise stop
+        # this loop for ~200 ms each time (frames dropped, commands expired).
+        gc.freeze()
         tasks = [asyncio.create_task(self.plc.run(), name="plc")]
         if self.hallbar is not None:
             self.hallbar.start()
@@ -468,7 +478,7 @@ class LineService:
             asyncio.create_task(self._flush_loop(), name="flush"),
         ]
         workers.append(asyncio.create_task(self.control.supervise(), name="state-supervisor"))
-        if self.opcua is not None:
+        if serving:
             workers.append(asyncio.create_task(self._serve_opcua(), name="opcua-server"))
         if self.auto_start:
             workers.append(asyncio.create_task(self.control.start_line(), name="start-line"))
