@@ -31,7 +31,7 @@ test: $(STAMP) node-client
 
 lint: $(STAMP)
 	$(BIN)/ruff check sorter sim hw tests
-	$(BIN)/mypy sorter sim
+	$(BIN)/mypy sorter sim hw
 
 bench: $(STAMP)
 	$(BIN)/sorter bench --config config/sim.yaml

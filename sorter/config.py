@@ -318,8 +318,11 @@ class SimConfig(Strict):
     delivery_delay_ms: tuple[float, float] = (10.0, 60.0)
     exposure_us: float = Field(60.0, gt=0)
     noise_sigma: float = Field(3.0, ge=0)
-    valve_open_delay_ms: float = 4.0
+    valve_open_delay_ms: float = Field(4.0, description="the valves' true delay (the config's ejection one is assumed)")
     valve_close_delay_ms: float = 3.0
+    encoder_counts_per_mm: float | None = Field(
+        None, gt=0, description="the encoder's true resolution (hw.calibrate_encoder finds it); None: belt.counts_per_mm"
+    )
     watchdog_ms: float = 500.0
     eject_queue_size: int = Field(64, ge=1)
     belt_end_mm: float = Field(1600.0, gt=0, description="pieces not ejected leave the belt into residue here")
