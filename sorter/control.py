@@ -33,6 +33,7 @@ EJECTING = frozenset({State.EXECUTE, State.SUSPENDING, State.SUSPENDED, State.UN
 # states in which the belt runs with the line producing (a lost PLC link holds these)
 PRODUCING = EJECTING | {State.UNHOLDING}
 SUPERVISE_S = 0.05
+UNHOLD_RETRY_S = 2.0
 
 
 class LineControl:
@@ -46,6 +47,7 @@ class LineControl:
         self._acting: asyncio.Task[None] | None = None
         self._auto_held = False  # held by the line itself (PLC link lost), lifted by itself
         self._operator_held = False
+        self._retry_unhold_at = 0.0
         self._t_activity = time.monotonic()  # last piece, or entering Execute
 
     # --- state ---
@@ -119,6 +121,10 @@ class LineControl:
                     self.machine.complete(why=f"{st.label} done without the PLC: {exc}")
                 elif st is State.CLEARING:
                     self._auto(Command.ABORT, why=f"clearing failed: {exc}")
+                elif st is State.UNHOLDING and self._auto_held:
+                    # the PLC link dropped again on the way out of Held: stay held, try again later
+                    self._retry_unhold_at = time.monotonic() + UNHOLD_RETRY_S
+                    self._auto(Command.HOLD, why=f"unholding failed: {exc}")
                 else:
                     self._auto(Command.STOP, why=f"{st.label} failed: {exc}")
             return
@@ -183,7 +189,13 @@ class LineControl:
             self._auto_held = True
             self.log.warning("ALARM PLC link lost: line held, every piece goes to residue", error=plc.last_error)
             self._auto(Command.HOLD, why="PLC link lost")
-        elif st is State.HELD and self._auto_held and not self._operator_held and self._plc_ready():
+        elif (
+            st is State.HELD
+            and self._auto_held
+            and not self._operator_held
+            and self._plc_ready()
+            and time.monotonic() >= self._retry_unhold_at
+        ):
             self._auto_held = False
             self.log.info("PLC link back: unholding")
             self._auto(Command.UNHOLD, why="PLC link back")
