@@ -13,6 +13,7 @@ config untouched.
 from __future__ import annotations
 
 import difflib
+import inspect
 import io
 import json
 import os
@@ -137,6 +138,10 @@ def _yaml() -> YAML:
     y = YAML()  # round-trip: comments, key order and flow style survive
     y.preserve_quotes = True
     y.width = 120
+    # ruamel writes None as an empty value; keep the explicit `null` a config may already have
+    y.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
     return y
 
 
@@ -211,6 +216,12 @@ def config_option(help_text: str = "the line config to calibrate") -> Any:
 
 def yes_option() -> Any:
     return typer.Option(False, "--yes", help="unattended: skip the prompts and write the result without asking")
+
+
+def help_paragraphs(doc: str | None) -> str:
+    """A docstring as --help text: typer's rich help keeps single line breaks, so each paragraph becomes one
+    line (blank lines separate paragraphs; put list items in paragraphs of their own)."""
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc or "").split("\n\n"))
 
 
 def run_app(fn: Callable[..., Any]) -> None:

@@ -10,6 +10,8 @@ later, in order. This server does the same against the simulated `Belt`:
   straight into a slot of a shared-memory ring;
 - a sender thread sends each frame's 32-byte header at exposure + a jittered
   delivery delay, never letting a later frame overtake an earlier one;
+- with the trigger switched off (`free_run_fps` set, as a technician does for commissioning with the
+  belt stopped) the trigger thread exposes on a timer instead, latching whatever count the encoder shows;
 - an accept thread serves one client at a time (a new connection replaces the
   old one, so a client that reconnects after a stall is never locked out).
 
@@ -110,6 +112,10 @@ class SimCameraServer:
         self._seq = 0  # seq 0 marks a never-written slot
         self._last_t_exp = 0.0
         self._last_send_at = 0.0
+        # free-run (trigger mode off): expose on the camera's own timer at this rate, belt moving or not,
+        # as an industrial camera does when its trigger is switched off for commissioning
+        self.free_run_fps: float | None = None
+        self._next_free_run = 0.0
         self._video: cv2.VideoWriter | None = None
         self._csv_file: IO[str] | None = None
         self._csv: Any = None
@@ -206,6 +212,10 @@ class SimCameraServer:
         next_count = (belt.count() // trig + 1) * trig
         try:
             while not self._stop.is_set():
+                if self.free_run_fps is not None:
+                    self._free_run_tick(self.free_run_fps)
+                    next_count = (belt.count() // trig + 1) * trig  # back on the divider when triggers resume
+                    continue
                 pos = belt.position_at_count(next_count)
                 now = time.monotonic()
                 if belt.position_mm(now) < pos:
@@ -234,6 +244,17 @@ class SimCameraServer:
         except Exception:
             self.log.exception("trigger thread failed")
             raise
+
+    def _free_run_tick(self, fps: float) -> None:
+        now = time.monotonic()
+        if now < self._next_free_run:
+            self._stop.wait(min(self._next_free_run - now, _MAX_WAIT_S))
+            return
+        # keep the cadence, but never burst to catch up after a stall
+        self._next_free_run = max(self._next_free_run + 1.0 / fps, now + 0.5 / fps)
+        t_exp = max(now, self._last_t_exp)
+        self._last_t_exp = t_exp
+        self._expose(self.belt.count(t_exp), self.belt.position_mm(t_exp), t_exp)
 
     def _expose(self, count: int, pos_mm: float, t_exp: float) -> None:
         assert self._seqs is not None and self._pixels is not None

@@ -125,6 +125,9 @@ class SimHallBar:
         self._boot_rng = random.Random(seed + 3)
         self.drop_rate = self.hb.drop_rate  # may be changed at run time (tests)
         self.corrupt_rate = self.hb.corrupt_rate
+        # a field source that is not a piece on the belt: (sensor x, t0, t1) -> each sensor's peak true field
+        # over [t0, t1] (sim/refmagnet.py: the reference magnet a technician passes along the bar)
+        self.reference: Callable[[np.ndarray, float, float], np.ndarray] | None = None
         self._lock = threading.Lock()  # guards the pty fds and the counters
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -250,6 +253,10 @@ class SimHallBar:
                 b = field_at_mT(p, float(xs[ch] - p.x_mm), dy, lift)
                 if abs(b) > abs(signal[ch]):
                     signal[ch] = b
+        if self.reference is not None:
+            t1 = self._clock()
+            ref = self.reference(xs, t1 - dt_s, t1)
+            signal = np.where(np.abs(ref) > np.abs(signal), ref, signal)  # the strongest field wins, as above
         n = max(PEAK_SAMPLES, round(dt_s * SAMPLE_HZ))
         samples = self.true_offsets_mT + self._noise.normal(0.0, self.hb.noise_mT, (n, self.channels))
         samples[:PEAK_SAMPLES] += self.true_gains * signal

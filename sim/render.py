@@ -14,7 +14,7 @@ grain). Every body is kept above the segmenter's threshold (max channel >= 48).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import cv2
@@ -399,6 +399,11 @@ class FrameRenderer:
         self._noise = rng.standard_normal((768, 768, 3), dtype=np.float32) * noise_sigma
         self._frame = 0
         self._warped: dict[int, tuple[Sprite, Sprite]] = {}
+        # something lying flat on the belt under the pieces, e.g. a calibration target (sim/target.py);
+        # called as underlay(out, belt_pos_mm, gain) from the camera's thread
+        self.underlay: Callable[[np.ndarray, float, float], None] | None = None
+        self.blur_px = 0.0  # a defocused lens: Gaussian blur of this sigma before the sensor's noise
+        self._defocus_noise: np.ndarray | None = None
 
     def render(
         self, pieces: Iterable[tuple[SimPiece, Sprite]], belt_pos_mm: float, out: np.ndarray, gain: float = 1.0
@@ -409,8 +414,23 @@ class FrameRenderer:
             raise ValueError(f"out must be {(g.height, g.width, 3)} uint8, got {out.shape} {out.dtype}")
         np.copyto(out, self._bank[self._frame % len(self._bank)])
         self._frame += 1
+        if self.underlay is not None:
+            self.underlay(out, belt_pos_mm, gain)
         for piece, sprite in pieces:
             self._blend(out, piece, self._oriented(sprite), belt_pos_mm, gain)
+        if self.blur_px > 0:
+            self._defocus(out)
+
+    def _defocus(self, out: np.ndarray) -> None:
+        """Blur the optical image, then lay fresh sensor noise on it (the sensor is not out of focus)."""
+        if self._defocus_noise is None or self._defocus_noise.shape != out.shape:
+            noise = self._rng.standard_normal(out.shape, dtype=np.float32) * self.noise_sigma
+            self._defocus_noise = np.round(noise).astype(np.int16)
+        # a box about as wide as a Gaussian of sigma blur_px (sigma = k / sqrt(12)), and ~2 ms a frame
+        # whatever its size: two cameras at 60 fps leave no CPU for a true Gaussian or disc blur
+        k = 2 * round(math.sqrt(3) * self.blur_px) + 1
+        cv2.blur(out, (k, k), dst=out)
+        cv2.add(out, self._defocus_noise, dst=out, dtype=cv2.CV_8U)  # saturating, in place
 
     def _blend(self, out: np.ndarray, piece: SimPiece, sp: Sprite, belt_pos_mm: float, gain: float) -> None:
         u, v = self.geom.mm_to_px(piece.x_mm, belt_pos_mm - piece.s_mm)

@@ -119,6 +119,7 @@ class OpcUaPlcLink(PlcLinkBase):
             else:
                 next_t = time.monotonic()  # late: skip ahead rather than burst
             await self._sync_clock()
+            self._update()  # fresh rtt and t_polled even when nothing subscribed has changed
 
     async def _heartbeat_loop(self) -> None:
         interval = self.cfg.heartbeat_interval_ms / 1000.0
@@ -199,3 +200,13 @@ class OpcUaPlcLink(PlcLinkBase):
             raise PlcError("set_valve: PLC offline")
         if not await self._client.call("set_valve", u16(bank), u16(valve), boolean(on)):
             raise PlcError(f"set_valve bank {bank} valve {valve}: refused (belt running or a fault active)")
+
+    async def read_chute_counts(self, banks: int) -> list[int]:
+        """The ChuteCounts array (UInt32 per bank, wrapping at 2**32)."""
+        if not self.online:
+            raise PlcError("read chute counters: PLC offline")
+        value = await self._client.read("chute_counts")
+        counts = [int(v) for v in value] if isinstance(value, list | tuple) else []
+        if len(counts) < banks:
+            raise PlcError(f"{self.cfg.opcua.nodes.chute_counts} holds {len(counts)} counters, expected {banks}")
+        return counts[:banks]
