@@ -23,6 +23,7 @@ from sim.physics import EjectionPhysics
 from sim.plc import ExecutedEject, VirtualPlc
 from sim.plc_opcua import PlcOpcUaServer
 from sim.render import FrameRenderer, render_sprite
+from sim.target import SimTarget
 from sim.truth import TruthStore
 from sorter.config import LineConfig, SimCameraSource, SimConfig
 from sorter.geometry import CameraGeometry
@@ -65,13 +66,14 @@ class SimLine:
         self.sim = cfg.simulator if seed is None else cfg.simulator.model_copy(update={"seed": seed})
         self.log = structlog.get_logger("sim")
         sim = self.sim
-        self.belt = Belt(
-            cfg.belt.counts_per_mm, cfg.belt.nominal_speed_mm_s, sim.encoder_start, sim.speed_drift, sim.seed
-        )
+        # the encoder's true resolution: everything physical converts mm <-> counts with it (encoder,
+        # camera trigger and latched counts, PLC firing, ejection physics); the service uses the config's
+        cpm = sim.encoder_counts_per_mm or cfg.belt.counts_per_mm
+        self.belt = Belt(cpm, cfg.belt.nominal_speed_mm_s, sim.encoder_start, sim.speed_drift, sim.seed)
         self.geoms = [true_geometry(cfg, sim, i) for i in range(len(cfg.cameras))]
         self._mm_per_px = self.geoms[0].mm_per_px
         self.feed = FeedGenerator(sim.feed, cfg.belt.width_mm, cfg.belt.nominal_speed_mm_s, sim.seed)
-        self.physics = EjectionPhysics(cfg.ejection, sim, cfg.belt.counts_per_mm, sim.encoder_start)
+        self.physics = EjectionPhysics(cfg.ejection, sim, cpm, sim.encoder_start)
         self.truth = TruthStore(truth_path) if truth_path else None
         self.plc = VirtualPlc(cfg.plc.registers, self.belt, sim, banks=len(cfg.ejection.banks), on_eject=self._fired)
         # the same PLC also serves OPC UA, on plc.opcua.endpoint
@@ -91,13 +93,18 @@ class SimLine:
         self.fed_late = 0
         self.binned: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        trigger = round(cfg.belt.nominal_speed_mm_s / sim.fps * cfg.belt.counts_per_mm)
+        trigger = round(cfg.belt.nominal_speed_mm_s / sim.fps * cpm)
+        # marks lying on the belt for the encoder calibration (sim/testpieces.py), drawn into every frame
+        self.marks: tuple[Any, ...] = ()
         self.cameras = []
+        self.renderers: list[FrameRenderer] = []
+        self.target: SimTarget | None = None  # the camera calibration target, while one lies on the belt
         for i, cam in enumerate(cfg.cameras):
             if not isinstance(cam.source, SimCameraSource):
                 raise ValueError(f"camera {cam.name}: the simulator serves only `type: sim` camera sources")
             host, port = split_address(cam.source.address)
             renderer = FrameRenderer(self.geoms[i], sim.noise_sigma, sim.seed + 100 + i)
+            self.renderers.append(renderer)
             self.cameras.append(
                 SimCameraServer(
                     cam.name,
@@ -129,6 +136,8 @@ class SimLine:
             y0, y1 = self._field
             items = [(p, sp) for p, sp in self._visible if y0 <= belt_pos - p.s_mm <= y1]
             renderer.render(items, belt_pos, out, gain=float(rng.uniform(0.93, 1.07)))
+            for mark in self.marks:
+                mark.draw(out, renderer.geom, belt_pos, rng)
 
         return render
 
@@ -145,6 +154,29 @@ class SimLine:
             raise RuntimeError("the simulated line runs no Hall bar (no link path, or simulator.hallbar.enabled off)")
         self.hallbar.set_plugged(on)
 
+    # --- camera commissioning (sim/target.py) ---
+    def set_target(self, target: SimTarget | None) -> None:
+        """Lay the calibration target on the belt (None takes it away)."""
+        self.target = target
+        for renderer in self.renderers:
+            renderer.underlay = target.for_camera(renderer.geom) if target is not None else None
+
+    def _camera_index(self, name: str | None) -> list[int]:
+        names = [c.name for c in self.cameras]
+        if name is not None and name not in names:
+            raise ValueError(f"no camera {name!r}; cameras: {names}")
+        return [i for i, n in enumerate(names) if name is None or n == name]
+
+    def set_camera_trigger(self, free_run_fps: float | None, camera: str | None = None) -> None:
+        """Trigger mode: None = encoder (production), a rate = free-run (frames with the belt stopped)."""
+        for i in self._camera_index(camera):
+            self.cameras[i].free_run_fps = free_run_fps
+
+    def set_camera_focus(self, blur_px: float, camera: str | None = None) -> None:
+        """Defocus a camera's lens (0 = sharp)."""
+        for i in self._camera_index(camera):
+            self.renderers[i].blur_px = blur_px
+
     # --- feed and bins ---
     def set_feed(self, on: bool) -> None:
         if on and not self.feeding:
@@ -160,10 +192,13 @@ class SimLine:
         self._feed_pos = target
         if not new:
             return
+        self.place([dataclasses.replace(p, s_mm=p.s_mm + self._feed_offset) for p in new])
+
+    def place(self, pieces: list[Any]) -> None:
+        """Put pieces (SimPiece, s_mm already in belt position) on the belt: fed ones, or test pieces laid by hand."""
         rows = []
         pos = self.belt.position_mm()
-        for p in new:
-            p = dataclasses.replace(p, s_mm=p.s_mm + self._feed_offset)
+        for p in pieces:
             if p.y_mm(pos) + p.dy_lead >= self._field[0]:
                 self.fed_late += 1  # already where a camera may have seen it: the simulator fell behind
                 self.log.warning("piece placed late: the simulator fell behind", piece=p.id, fed_late=self.fed_late)
@@ -185,7 +220,7 @@ class SimLine:
                     p.dy_lead - p.dy_trail,
                 )
             )
-        self.fed += len(new)
+        self.fed += len(pieces)
         if self.truth:
             self.truth.add_pieces(rows)
         self._visible = tuple((p, self._sprites[p.id]) for p in self._on_belt)
@@ -203,6 +238,8 @@ class SimLine:
         self._on_belt = [p for p, _ in keep]
         for p, out in done:
             self.binned[out.bin] = self.binned.get(out.bin, 0) + 1
+            if out.bank is not None:
+                self.plc.chute_pulse(out.bank)  # the bank's chute light barrier (docs/plc-interface.md)
             self._sprites.pop(p.id, None)
         if self.truth:
             self.truth.set_outcomes([(o.bin, o.bank, o.seq, o.err_mm, o.piece_id) for _, o in done])
@@ -254,7 +291,12 @@ class SimLine:
             "fed_late": self.fed_late,
             "on_belt": self.on_belt,
             "binned": dict(self.binned),
-            "plc": {"accepted": self.plc.accepted, "executed": self.plc.executed, "late": self.plc.late},
+            "plc": {
+                "accepted": self.plc.accepted,
+                "executed": self.plc.executed,
+                "late": self.plc.late,
+                "chutes": list(self.plc.chute_counts),
+            },
             "cameras": {
                 c.name: {"triggered": c.frames_triggered, "sent": c.frames_sent, "skipped": c.frames_skipped}
                 for c in self.cameras
@@ -277,7 +319,7 @@ class SimLine:
             self.truth.set_meta(
                 status=self.status(),
                 encoder_start=self.sim.encoder_start,
-                counts_per_mm=self.cfg.belt.counts_per_mm,
+                counts_per_mm=self.belt.counts_per_mm,  # the true one
                 seed=self.sim.seed,
             )
             self.truth.close()

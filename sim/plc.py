@@ -107,7 +107,8 @@ class VirtualPlc:
         r = regs
         slots_end = r.hr_slots + r.slot_stride * r.slot_count
         self._hr = [0] * (max(r.hr_heartbeat, r.hr_command, slots_end - 1) + 1)
-        self._ir = [0] * (max(r.input_addresses) + 1)
+        chutes = [r.ir_chute_counts + banks - 1] if r.ir_chute_counts is not None else []
+        self._ir = [0] * (max(r.input_addresses + chutes) + 1)
         self._coil_lo = r.coil_valves
         self._coils = [False] * (banks * VALVES_PER_BANK)
 
@@ -122,6 +123,8 @@ class VirtualPlc:
         self.estop = False
         self.watchdog_tripped = False
         self.overflow = False
+        # the chute light barriers: pieces that fell into each bank's chute (docs/plc-interface.md, optional)
+        self.chute_counts = [0] * banks
         self._armed = False  # watchdog armed by the first heartbeat change after power-up/reset
         self._hb_last = 0
         self._hb_t = clock()
@@ -196,6 +199,12 @@ class VirtualPlc:
         if on:
             self.belt.stop()
             self._fail_safe("e-stop")
+        self._update_inputs()
+        self._notify()
+
+    def chute_pulse(self, bank: int) -> None:
+        """A piece broke bank `bank`'s chute light barrier (a digital input: counted, never reset)."""
+        self.chute_counts[bank] += 1
         self._update_inputs()
         self._notify()
 
@@ -395,6 +404,9 @@ class VirtualPlc:
         ir[r.ir_last_seq] = self.last_seq
         ir[r.ir_ejects_done] = self.executed & 0xFFFF
         ir[r.ir_ejects_late] = self.late & 0xFFFF
+        if r.ir_chute_counts is not None:
+            for b, n in enumerate(self.chute_counts):
+                ir[r.ir_chute_counts + b] = n & 0xFFFF
 
     def _refresh_encoder(self) -> None:
         r, ir = self.regs, self._ir

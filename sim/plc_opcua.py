@@ -68,6 +68,7 @@ _VARS = (
     _Var("last_seq_accepted", _VT.UInt16),
     _Var("heartbeat", _VT.UInt16, writable=True),
     _Var("command", _VT.UInt16, writable=True),
+    _Var("chute_counts", _VT.UInt32),  # an array, one per bank (optional on a plant's PLC)
 )
 _HEARTBEAT = next(i for i, v in enumerate(_VARS) if v.name == "heartbeat")
 
@@ -395,6 +396,7 @@ class PlcOpcUaServer:
             p.last_seq,
             p.heartbeat,
             p.command,
+            [n & 0xFFFFFFFF for n in p.chute_counts],
         ]
 
     def _belt_speed(self) -> float:

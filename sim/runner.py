@@ -7,6 +7,13 @@ when the belt has emptied, without the service knowing anything about it:
     {"cmd": "status"}             {"cmd": "stop"}
     {"cmd": "hallbar", "on": false}   (pull the Hall bar's cable; true plugs it back)
     {"cmd": "plc_opcua", "on": false} (the PLC's OPC UA server goes down; true restarts it on the same port)
+    {"cmd": "target", "on": true, "x_mm": 15, "y_mm": 0, "angle_deg": 0}   (lay the camera calibration target)
+    {"cmd": "camera_trigger", "mode": "free_run", "fps": 15}   ("encoder" again for production; "camera": one only)
+    {"cmd": "camera_focus", "camera": "cam1", "blur_px": 3}   (defocus a lens; 0 = sharp)
+    {"cmd": "ref_magnet", "field_mT": 300} (slide a reference magnet once along the Hall bar)
+    {"cmd": "encoder_target", "distance_mm": 300, "x_mm": 290}   (two dots 300 mm apart; "on": false clears marks)
+    {"cmd": "belt_mark", "belt_length_mm": 3000, "x_mm": 290}   (a dot on the belt loop, once per revolution)
+    {"cmd": "test_pieces", "n": 120, "group": 6, "spacing_mm": 100, "gap_mm": 500}   (identical 20 mm NdFeB discs)
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ from typing import Any
 import structlog
 
 from sim.line import SimLine
+from sim.refmagnet import pass_reference_magnet
+from sim.target import target_from_command
+from sim.testpieces import TEST_PIECE_ID0, command_objects, make_test_pieces
 from sorter.config import LineConfig
 
 
@@ -102,6 +112,71 @@ async def run_sim(
                     except OSError as exc:  # the port was taken meanwhile: report it, keep the channel alive
                         _emit("error", detail=str(exc))
                         continue
+                elif cmd == "ref_magnet":
+                    if line.hallbar is None:
+                        _emit("error", detail="no Hall bar is simulated (start with --hallbar-link)")
+                        continue
+                    bar = line.hallbar
+                    ref = pass_reference_magnet(bar, float(msg["field_mT"]), float(msg.get("speed_mm_s", 200.0)))
+                    # the answer carries the bar's true errors: what a test checks the calibration against
+                    _emit(
+                        "status",
+                        **line.status(),
+                        ref_magnet={
+                            "seconds": round(ref.t1 - ref.t0, 3),
+                            "true_offsets_mT": bar.true_offsets_mT.tolist(),
+                            "true_gains": bar.true_gains.tolist(),
+                        },
+                    )
+                    continue
+                elif cmd == "target":  # lay the camera calibration target on the belt (sim/target.py)
+                    try:
+                        pos = line.belt.position_mm()
+                        # drawing the plate for each camera takes ~0.1 s: not on the loop that scans the PLC
+                        target = await asyncio.to_thread(target_from_command, msg, pos) if msg.get("on", True) else None
+                        await asyncio.to_thread(line.set_target, target)
+                    except (TypeError, ValueError) as exc:
+                        _emit("error", detail=f"target: {exc}")
+                        continue
+                elif cmd == "camera_trigger":  # "free_run" (at `fps`, default simulator.fps) or "encoder"
+                    try:
+                        fps = float(msg.get("fps", line.sim.fps)) if msg.get("mode") == "free_run" else None
+                        line.set_camera_trigger(fps, msg.get("camera"))
+                    except (TypeError, ValueError) as exc:
+                        _emit("error", detail=f"camera_trigger: {exc}")
+                        continue
+                elif cmd == "camera_focus":  # defocus a camera's lens: blur sigma in px, 0 = sharp
+                    try:
+                        line.set_camera_focus(float(msg.get("blur_px", 0.0)), msg.get("camera"))
+                    except (TypeError, ValueError) as exc:
+                        _emit("error", detail=f"camera_focus: {exc}")
+                        continue
+                elif cmd in ("encoder_target", "belt_mark"):  # marks for hw.calibrate_encoder (sim/testpieces.py)
+                    try:
+                        on = bool(msg.get("on", True))
+                        pos, width = line.belt.position_mm(), cfg.belt.width_mm
+                        line.marks = (*line.marks, *command_objects(msg, pos, width)) if on else ()
+                    except (KeyError, TypeError, ValueError) as exc:
+                        _emit("error", detail=f"{cmd}: {exc!r}")
+                        continue
+                elif cmd == "test_pieces":  # identical pieces laid upstream, for hw.calibrate_eject
+                    try:
+                        args = {k: msg[k] for k in ("cls", "shape") if k in msg}
+                        nums = ("size_mm", "spacing_mm", "gap_mm", "x_mm", "upstream_mm")
+                        args |= {k: float(msg[k]) for k in nums if k in msg}
+                        pieces = make_test_pieces(
+                            line.belt.position_mm(),
+                            int(msg.get("n", 20)),
+                            group=int(msg.get("group", 0)),
+                            belt_width_mm=cfg.belt.width_mm,
+                            seed=line.sim.seed,
+                            first_id=TEST_PIECE_ID0 + line.fed,  # unique: fed grows by every piece placed
+                            **args,
+                        )
+                    except (TypeError, ValueError) as exc:
+                        _emit("error", detail=f"test_pieces: {exc}")
+                        continue
+                    line.place(pieces)
                 elif cmd == "stop":
                     stop.set()
                     return

@@ -146,10 +146,15 @@ class ModbusMap(Strict):
     slot_stride: int = Field(8, ge=7)
     slot_count: int = Field(16, ge=2)
     coil_valves: int = 0
+    ir_chute_counts: int | None = Field(
+        8,
+        description="optional: first of one input register per bank counting the pieces that broke the bank's "
+        "chute light barrier (hw.calibrate_eject); None: the PLC has none",
+    )
 
     @property
     def input_addresses(self) -> list[int]:
-        """Every input register the map uses (the encoder takes two)."""
+        """Every input register the link polls (the encoder takes two; the chute counters are read apart)."""
         return [
             self.ir_encoder,
             self.ir_encoder + 1,
@@ -176,6 +181,9 @@ class PlcNodeNames(Strict):
     command: str = "Command"
     schedule_eject: str = "ScheduleEject"
     set_valve: str = "SetValve"
+    chute_counts: str = Field(
+        "ChuteCounts", description="optional UInt32 array, one per bank: pieces through the bank's chute light barrier"
+    )
 
 
 class OpcUaSecurity(Strict):
@@ -321,7 +329,9 @@ class SimConfig(Strict):
     valve_open_delay_ms: float = Field(4.0, description="the valves' true delay (the config's ejection one is assumed)")
     valve_close_delay_ms: float = 3.0
     encoder_counts_per_mm: float | None = Field(
-        None, gt=0, description="the encoder's true resolution (hw.calibrate_encoder finds it); None: belt.counts_per_mm"
+        None,
+        gt=0,
+        description="the encoder's true resolution (hw.calibrate_encoder finds it); None: belt.counts_per_mm",
     )
     watchdog_ms: float = 500.0
     eject_queue_size: int = Field(64, ge=1)

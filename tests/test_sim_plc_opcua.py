@@ -191,6 +191,7 @@ async def test_browse_path_namespace_and_types(line: Line) -> None:
         "EjectsLate": U32,
         "Heartbeat": U16,
         "Command": U16,
+        "ChuteCounts": U32,  # an array, one per bank (optional on a plant's PLC)
     }
     assert set(by_name) == {*types, "ScheduleEject", "SetValve"}
     for name, vt in types.items():

@@ -270,3 +270,17 @@ class PlcLinkBase:
 
     async def set_valve(self, bank: int, valve: int, on: bool) -> None:
         raise NotImplementedError
+
+    async def read_chute_counts(self, banks: int) -> list[int]:
+        """The optional chute light-barrier counters, one per bank (commissioning: hw.calibrate_eject).
+
+        Raw counts that wrap (16 bits over Modbus, 32 over OPC UA): compare readings with `chute_delta`.
+        Raises PlcError when offline or when the PLC has none.
+        """
+        raise NotImplementedError
+
+
+def chute_delta(new: int, old: int) -> int:
+    """Pieces counted between two readings of a chute counter; modulo 2**16 suits both protocols' wraps
+    (fewer than 65 536 pieces pass between two readings)."""
+    return (new - old) % (1 << 16)

@@ -265,3 +265,21 @@ class PlcLink(PlcLinkBase):
         if not self.online:
             raise PlcError("set_valve: PLC offline")
         await self._client.write_coil(self.regs.coil_valves + bank * VALVES_PER_BANK + valve, on)
+
+    async def read_chute_counts(self, banks: int) -> list[int]:
+        """The chute light-barrier counters (16-bit, wrapping) at input registers ir_chute_counts..."""
+        first = self.regs.ir_chute_counts
+        if first is None:
+            raise PlcError("the config says the PLC has no chute counters (plc.registers.ir_chute_counts is null)")
+        if not self.online:
+            raise PlcError("read chute counters: PLC offline")
+        try:
+            return await self._client.read_input_registers(first, banks)
+        except PlcError as exc:
+            if exc.code == 2:  # illegal data address: the PLC program has no such registers
+                raise PlcError(
+                    f"the PLC has no chute counters at input registers {first}..{first + banks - 1} "
+                    "(plc.registers.ir_chute_counts)",
+                    exc.code,
+                ) from exc
+            raise

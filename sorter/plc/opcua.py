@@ -34,6 +34,9 @@ for _name in ("asyncua", "asyncua.client", "asyncua.client.ua_client", "asyncua.
 
 UInt16, UInt32, Boolean = ua.VariantType.UInt16, ua.VariantType.UInt32, ua.VariantType.Boolean
 
+# nodes a PLC may lack (commissioning aids): a connection without them is fine, reading them says so
+OPTIONAL_NODES = frozenset({"chute_counts"})
+
 # transport-level failures: the connection is unusable afterwards
 _TRANSPORT_ERRORS = (OSError, ConnectionError, TimeoutError, asyncio.TimeoutError, ua.UaError)
 
@@ -136,7 +139,11 @@ class OpcUaPlcClient:
         try:
             self._line = await self._timed(client.nodes.objects.get_child(path))
             for key, browse_name in cfg.nodes.model_dump().items():
-                self._nodes[key] = await self._timed(self._line.get_child(f"{idx}:{browse_name}"))
+                try:
+                    self._nodes[key] = await self._timed(self._line.get_child(f"{idx}:{browse_name}"))
+                except ua.UaStatusCodeError:
+                    if key not in OPTIONAL_NODES:
+                        raise
         except ua.UaStatusCodeError as exc:
             raise PlcError(
                 f"PLC at {self}: {'/'.join(['Objects', *cfg.line_path])} lacks a node the config names "
@@ -168,6 +175,9 @@ class OpcUaPlcClient:
 
     def _node(self, key: str) -> Node:
         node = self._nodes.get(key)
+        if node is None and key in OPTIONAL_NODES and self._client is not None:
+            name = getattr(self.cfg.nodes, key)
+            raise PlcError(f"the PLC at {self} has no node {'/'.join([*self.cfg.line_path, name])} (plc.opcua.nodes)")
         if node is None:
             raise PlcError(f"{key}: not connected to PLC at {self}")
         return node

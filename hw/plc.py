@@ -1,0 +1,78 @@
+"""The line's PLC for commissioning, through the service's own link (`sorter.plc.make_plc_link`).
+
+The link heartbeats and reconnects exactly as it does for the line service; a PLC that is absent,
+busy or answering garbage becomes one `HwError` naming it and what to check, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import structlog
+
+from hw.common import HwError
+from sorter.clock import ClockModel
+from sorter.config import LineConfig, PlcConfig
+from sorter.plc import make_plc_link
+from sorter.plc.base import PlcCommand, PlcError, PlcLinkBase
+
+_POLL_S = 0.05
+
+
+def describe_plc(cfg: PlcConfig) -> str:
+    return f"PLC at {cfg.opcua.endpoint} (OPC UA)" if cfg.protocol == "opcua" else f"PLC at {cfg.host}:{cfg.port}"
+
+
+def plc_check(cfg: PlcConfig) -> str:
+    where = "plc.opcua.endpoint and plc.opcua.security" if cfg.protocol == "opcua" else "plc.host and plc.port"
+    return f"is the PLC powered and on the network (cable, switch), and are {where} in the config right?"
+
+
+@contextlib.asynccontextmanager
+async def connected_plc(cfg: LineConfig, wait_s: float | None = None) -> AsyncIterator[PlcLinkBase]:
+    """A running link to the line's PLC with its encoder clock locked; HwError if it cannot be had."""
+    link = make_plc_link(cfg.plc, ClockModel(), log=structlog.get_logger("hw.plc"))
+    task = asyncio.create_task(link.run(), name="hw-plc-link")
+    try:
+        deadline = time.monotonic() + (wait_s or max(3.0, 6 * cfg.plc.timeout_s))
+        while not (link.online and link.clock.ready):
+            if task.done() or time.monotonic() > deadline:
+                why = link.status.last_error or "no answer"
+                raise HwError(f"{describe_plc(cfg.plc)} not reachable: {why}", plc_check(cfg.plc))
+            await asyncio.sleep(_POLL_S)
+        yield link
+    finally:
+        await link.stop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def plc_command(cfg: LineConfig, link: PlcLinkBase, code: PlcCommand) -> None:
+    try:
+        await link.command(code)
+    except PlcError as exc:
+        raise HwError(f"{describe_plc(cfg.plc)}: {code.name.lower()} failed: {exc}", plc_check(cfg.plc)) from None
+
+
+async def run_belt(cfg: LineConfig, link: PlcLinkBase, timeout_s: float = 5.0) -> None:
+    """Start the belt through the PLC (after a reset, as the line's Starting does: an earlier session may
+    have left the watchdog tripped) and wait until it says the belt runs."""
+    await plc_command(cfg, link, PlcCommand.RESET)
+    await plc_command(cfg, link, PlcCommand.START_BELT)
+    deadline = time.monotonic() + timeout_s
+    while not link.status.belt_running:
+        st = link.status
+        if time.monotonic() > deadline or st.estop:
+            why = "the e-stop is active" if st.estop else f"the belt does not run {timeout_s:g} s after the start"
+            raise HwError(f"{describe_plc(cfg.plc)}: {why}", "release the e-stop; check the belt drive and its enable")
+        await asyncio.sleep(_POLL_S)
+
+
+async def stop_belt(link: PlcLinkBase) -> None:
+    """Stop the belt if the PLC can still be told (best effort: used on the way out, also after errors)."""
+    if link.online:
+        with contextlib.suppress(PlcError, TimeoutError):
+            await asyncio.wait_for(link.command(PlcCommand.STOP_BELT), 3.0)
