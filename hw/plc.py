@@ -22,13 +22,27 @@ from sorter.plc.base import PlcCommand, PlcError, PlcLinkBase
 _POLL_S = 0.05
 
 
+def where(plc: PlcConfig) -> str:
+    return f"{plc.opcua.endpoint} (OPC UA)" if plc.protocol == "opcua" else f"{plc.host}:{plc.port} (Modbus TCP)"
+
+
 def describe_plc(cfg: PlcConfig) -> str:
-    return f"PLC at {cfg.opcua.endpoint} (OPC UA)" if cfg.protocol == "opcua" else f"PLC at {cfg.host}:{cfg.port}"
+    return f"PLC at {where(cfg)}"
 
 
-def plc_check(cfg: PlcConfig) -> str:
-    where = "plc.opcua.endpoint and plc.opcua.security" if cfg.protocol == "opcua" else "plc.host and plc.port"
-    return f"is the PLC powered and on the network (cable, switch), and are {where} in the config right?"
+def plc_check(plc: PlcConfig) -> str:
+    """What a technician should check when the PLC cannot be reached or refuses."""
+    if plc.protocol == "opcua":
+        return (
+            "is the PLC powered and reachable on the network? plc.opcua.endpoint (host, port 4840 by default); "
+            "is its OPC UA server enabled? does plc.opcua.security match what it demands, and does it trust "
+            "this PC's certificate?"
+        )
+    return (
+        f"is the PLC powered and on this network (ping {plc.host})? plc.host and plc.port (502 on most PLCs); "
+        "is its Modbus TCP server enabled? does a firewall block the port? is another client holding its "
+        "connections (it must allow 2)?"
+    )
 
 
 @contextlib.asynccontextmanager

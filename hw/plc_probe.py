@@ -31,8 +31,9 @@ from hw.common import (
     run_app,
     script_errors,
 )
+from hw.plc import plc_check, where
 from sorter.clock import ClockModel
-from sorter.config import LineConfig, PlcConfig
+from sorter.config import LineConfig
 from sorter.logs import setup_logging
 from sorter.plc import make_plc_link
 from sorter.plc.base import PlcCommand, PlcError, PlcLinkBase, PlcStatus
@@ -63,24 +64,6 @@ class TimingClock(ClockModel):
         return super().add(t_request, t_response, count32)
 
 
-def where(plc: PlcConfig) -> str:
-    return f"{plc.opcua.endpoint} (OPC UA)" if plc.protocol == "opcua" else f"{plc.host}:{plc.port} (Modbus TCP)"
-
-
-def what_to_check(plc: PlcConfig) -> str:
-    if plc.protocol == "opcua":
-        return (
-            "is the PLC powered and reachable on the network? plc.opcua.endpoint (host, port 4840 by default); "
-            "is its OPC UA server enabled? does plc.opcua.security match what it demands, and does it trust "
-            "this PC's certificate?"
-        )
-    return (
-        f"is the PLC powered and on this network (ping {plc.host})? plc.host and plc.port (502 on most PLCs); "
-        "is its Modbus TCP server enabled? does a firewall block the port? is another client holding its "
-        "connections (it must allow 2)?"
-    )
-
-
 def yes_no(flag: bool) -> str:
     return "yes" if flag else "no"
 
@@ -102,7 +85,7 @@ class Probe:
     def status(self) -> PlcStatus:
         st = self.link.status
         if not st.online:
-            raise HwError(f"lost the PLC at {self.where}: {st.last_error}", what_to_check(self.plc))
+            raise HwError(f"lost the PLC at {self.where}: {st.last_error}", plc_check(self.plc))
         return st
 
     async def until(self, cond: Callable[[PlcStatus], bool], timeout: float) -> PlcStatus | None:
@@ -121,7 +104,7 @@ class Probe:
             await self.link.command(code)
         except PlcError as exc:
             raise HwError(
-                f"the PLC at {self.where} did not carry out {code.name}: {exc}", what_to_check(self.plc)
+                f"the PLC at {self.where} did not carry out {code.name}: {exc}", plc_check(self.plc)
             ) from None
 
     # --- the steps ---
@@ -130,7 +113,7 @@ class Probe:
         if await self._online(timeout) is None:
             raise HwError(
                 f"no PLC answers at {self.where} within {timeout:g} s: {self.link.status.last_error}",
-                what_to_check(self.plc),
+                plc_check(self.plc),
             )
         self.add("connect", "PASS", f"connected to {self.where}")
 
@@ -191,7 +174,7 @@ class Probe:
         while (latest := self.clock.latest) is None:
             _ = self.status
             if time.monotonic() > deadline:
-                raise HwError(f"no encoder count read from the PLC at {self.where}", what_to_check(self.plc))
+                raise HwError(f"no encoder count read from the PLC at {self.where}", plc_check(self.plc))
             await asyncio.sleep(0.01)
         return latest
 
