@@ -1,0 +1,119 @@
+"""Commissioning end to end: a line whose config is wrong about its hardware sorts badly; after the hw/
+scripts have calibrated it (in the order of docs/commissioning.md), it sorts as the demo should again."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sorter.config import LineConfig, SimCameraTruth, load_config
+from sorter.demo import run_demo
+from tests.hwsim import ROOT, SimLine, simulated_line
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+# the plant as it really is; config/sim.yaml's values are the uncalibrated defaults
+TRUTH_CAMERAS = {
+    "cam0": SimCameraTruth(centre_mm=(158.0, 1.5), mm_per_px=0.2482, rotation_deg=0.6),
+    "cam1": SimCameraTruth(centre_mm=(442.0, -1.0), mm_per_px=0.2521, rotation_deg=-0.4),
+}
+TRUE_CPM = 20.46
+TRUE_OPEN_MS, TRUE_CLOSE_MS = 9.0, 8.0
+SEED = 7  # the simulated bar's true offsets and gains are drawn from the seed: calibrate and sort the same plant
+
+
+def the_plant() -> LineConfig:
+    cfg = load_config(ROOT / "config" / "sim.yaml")
+    assert cfg.simulator is not None
+    sim = cfg.simulator.model_copy(
+        update={
+            "cameras": TRUTH_CAMERAS,
+            "encoder_counts_per_mm": TRUE_CPM,
+            "valve_open_delay_ms": TRUE_OPEN_MS,
+            "valve_close_delay_ms": TRUE_CLOSE_MS,
+            "hallbar": cfg.simulator.hallbar.model_copy(update={"offset_sigma_mT": 3.0, "gain_sigma": 0.05}),
+        }
+    )
+    return cfg.model_copy(update={"simulator": sim})
+
+
+async def _ok(line: SimLine, module: str, *args: str, timeout: float = 120) -> None:
+    done = await line.script(module, *args, timeout=timeout)
+    assert done.returncode == 0, f"{module}:\n{done.stderr[-3000:]}"
+
+
+async def _magnetometer(line: SimLine) -> None:
+    """The technician waits for the script's prompt, then slides the reference magnet along the bar."""
+    cmd = ["-m", "hw.calibrate_magnetometer", "--config", str(line.config), "--yes", "--reference-mT", "300"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, *cmd, "--seconds", "4", stderr=asyncio.subprocess.PIPE, cwd=ROOT
+    )
+    assert proc.stderr is not None
+    seen = []
+    while "pass the reference magnet" not in (raw := (await asyncio.wait_for(proc.stderr.readline(), 60)).decode()):
+        assert raw, "".join(seen)
+        seen.append(raw)
+    await line.send(cmd="ref_magnet", field_mT=300)
+    _, err = await asyncio.wait_for(proc.communicate(), 90)
+    assert proc.returncode == 0, err.decode()[-3000:]
+
+
+async def calibrate(run_dir: Path, cfg: LineConfig) -> LineConfig:
+    """Each step on the simulated plant, each writing into the config the next one starts from."""
+
+    async def step(name: str, hallbar: bool, act: Any) -> None:
+        nonlocal cfg
+        async with simulated_line(run_dir / name, cfg, seed=SEED, hallbar=hallbar) as line:
+            await act(line)
+            cfg = load_config(line.config).model_copy(update={"magnetometer": cfg.magnetometer})
+            if hallbar:
+                cfg = load_config(line.config)
+
+    async def camera(line: SimLine) -> None:
+        await line.send(cmd="target", on=True)
+        await line.send(cmd="camera_trigger", mode="free_run", fps=15)
+        await _ok(line, "calibrate_camera")
+
+    async def encoder(line: SimLine) -> None:
+        await line.send(cmd="encoder_target", distance_mm=300, x_mm=292, angle_deg=0.5)
+        await _ok(line, "calibrate_encoder", "--distance-mm", "300")
+
+    async def eject(line: SimLine) -> None:
+        await line.send(cmd="test_pieces", n=240, group=6, spacing_mm=100, gap_mm=500, upstream_mm=2500)
+        await _ok(line, "calibrate_eject", "--pieces", "6", "--gap-mm", "400")
+
+    await step("camera", False, camera)
+    await step("encoder", False, encoder)
+    await step("magnetometer", True, _magnetometer)
+    await step("eject", False, eject)
+    return cfg
+
+
+def figures(report: dict[str, Any]) -> dict[str, float]:
+    f = report["fractions"]
+    return {
+        "ndfeb_purity": f["ndfeb"]["purity"],
+        "ndfeb_recovery": f["ndfeb"]["recovery"],
+        "ferrite_smco_purity": f["ferrite_smco"]["purity"],
+        "ferrite_smco_recovery": f["ferrite_smco"]["recovery"],
+        "eject_error_p99_mm": report["eject_error_mm"]["p99"],
+    }
+
+
+async def test_calibration_from_wrong_defaults_restores_the_sorting(tmp_path: Path) -> None:
+    plant = the_plant()
+    before = figures(await run_demo(plant, 15, SEED, tmp_path / "before"))
+    calibrated = await calibrate(tmp_path / "calibration", plant)
+    assert calibrated.belt.counts_per_mm == pytest.approx(TRUE_CPM, rel=0.002)
+    assert calibrated.ejection.valve_open_delay_ms == pytest.approx(TRUE_OPEN_MS, abs=1.0)
+    after = figures(await run_demo(calibrated, 15, SEED, tmp_path / "after"))
+    print(f"uncalibrated: {before}\ncalibrated:   {after}")
+    assert before["ndfeb_recovery"] < 0.5  # the wrong encoder and valve timing miss most pieces
+    # calibrated: the demo's figures again (README, seed 7)
+    assert after["ndfeb_purity"] >= 0.99 and after["ferrite_smco_purity"] >= 0.99
+    assert after["ndfeb_recovery"] >= 0.93 and after["ferrite_smco_recovery"] >= 0.93
+    assert after["eject_error_p99_mm"] <= 2.0
