@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from sorter.alarms import AlarmBoard, Condition
 from sorter.capture import CameraCapture, CaptureClosed
 from sorter.classify import Classifier, ModelError
 from sorter.clock import ClockModel
@@ -115,6 +116,7 @@ class LineService:
         self._swap_lock = asyncio.Lock()
         self.live = LiveStats(cfg.fractions, cfg.routing)
         self.control = LineControl(self)
+        self.alarm_board = AlarmBoard()
         self.opcua: LineOpcUaServer | None = None
         self._opcua_error: str | None = None
         if cfg.opcua_server is not None and cfg.opcua_server.enabled:
@@ -328,7 +330,6 @@ class LineService:
         if self._bar_online:
             if was is not None:
                 self.log.info("hall bar back online: decisions use the field again")
-                self.records.event("alarm_cleared", alarm="hallbar_offline")
         else:
             reason = self.hallbar.offline_reason
             self.log.warning(
@@ -337,7 +338,6 @@ class LineService:
                 threshold=self.cfg.routing.fallback_min_confidence,
                 action="check the bar's USB/serial cable and power",
             )
-            self.records.event("alarm", alarm="hallbar_offline", reason=reason)
 
     # --- the model ---
     async def swap_model(self, path: Path) -> str:
@@ -373,6 +373,7 @@ class LineService:
                     "ALARM records not written, retrying", error=str(exc), pending=self.records.pending_writes
                 )
             self._watch_bar()
+            self._watch_alarms()
             if time.monotonic() - last_log > 5:
                 last_log = time.monotonic()
                 self.log.info("line", **self.summary())
@@ -410,7 +411,6 @@ class LineService:
         except OpcUaServerError as exc:
             self._opcua_error = str(exc)
             self.log.error("ALARM OPC UA server not started: SCADA cannot see the line", error=str(exc))
-            self.records.event("alarm", alarm="opcua_server_down", reason=str(exc))
             return False
         return True
 
@@ -436,21 +436,56 @@ class LineService:
         )
 
     def alarms(self) -> list[str]:
-        """Active alarms as "name: what to do"."""
-        out = [f"plc_{a}: {PLC_ALARM_ACTIONS.get(a, 'check the PLC')}" for a in self.plc.status.alarms]
+        """Active alarms as "name: cause - what to do"."""
+        return [a.text() for a in self.alarm_board.active]
+
+    def _conditions(self) -> list[Condition]:
+        """The alarm conditions that hold right now."""
+        st = self.plc.status
+        out = [
+            Condition(
+                f"plc_{a}",
+                (st.last_error or "no answer") if a == "offline" else f"the PLC reports {a.replace('_', ' ')}",
+                PLC_ALARM_ACTIONS.get(a, "check the PLC"),
+            )
+            for a in st.alarms
+        ]
         if self.hallbar is not None and not self.hallbar.online:
-            out.append("hallbar_offline: check the bar's USB/serial cable and power (deciding on the camera alone)")
-        if self.control.state in (State.EXECUTE, State.SUSPENDED):
+            out.append(
+                Condition(
+                    "hallbar_offline",
+                    self.hallbar.offline_reason or "no data",
+                    "check the bar's USB/serial cable and power (deciding on the camera alone meanwhile)",
+                )
+            )
+        if self.control.state in (State.EXECUTE, State.SUSPENDED, State.HELD):
             out += [
-                f"camera_{n}_offline: check the camera's cable, power and trigger"
+                Condition(f"camera_{n}_offline", c.offline_reason or "no frames", "check the camera's cable and power")
                 for n, c in self.captures.items()
                 if not c.online
             ]
-        if self._opcua_error is not None:
-            out.append(f"opcua_server_down: {self._opcua_error}")
         if self.records.pending_writes > 1000:
-            out.append("records_not_written: check the disk holding the records database")
+            out.append(
+                Condition(
+                    "records_not_written",
+                    f"{self.records.pending_writes} rows waiting",
+                    "check the disk holding the records database",
+                )
+            )
+        if self._opcua_error is not None:
+            out.append(Condition("opcua_server_down", self._opcua_error, "fix the OPC UA server's config; restart"))
         return out
+
+    def _watch_alarms(self) -> None:
+        raised, cleared = self.alarm_board.update(self._conditions())
+        for a in raised:
+            self.log.warning(f"ALARM {a.name}", cause=a.cause, action=a.action)
+            self.records.event("alarm", alarm=a.name, reason=a.cause, action=a.action)
+        for a in cleared:
+            self.log.info(f"alarm cleared: {a.name}")
+            self.records.event("alarm_cleared", alarm=a.name)
+        if raised or cleared:
+            self._publish()
 
     async def run(self, stop: asyncio.Event) -> None:
         self.log.info(
