@@ -373,6 +373,18 @@ class OpcUaServerConfig(Strict):
     allow_anonymous: bool = Field(False, description="let clients in without a user name, as viewers")
 
 
+class HmiConfig(Strict):
+    """The operator's web HMI, served by the line service (docs/hmi.md)."""
+
+    enabled: bool = True
+    host: str = Field("127.0.0.1", description="listen address; 0.0.0.0 to reach it from a panel PC")
+    port: int = Field(8080, ge=0, le=65535, description="0 picks a free port")
+    session_idle_s: float = Field(900.0, gt=0, description="a session without activity for this long expires")
+    session_max_s: float = Field(12 * 3600.0, gt=0, description="a session expires after this long in any case")
+    push_hz: float = Field(5.0, gt=0, le=30, description="live updates pushed to each browser per second")
+    camera_fps: float = Field(4.0, gt=0, le=15, description="live camera images per second per browser")
+
+
 class StateMachineConfig(Strict):
     """The line's PackML state machine (docs/opcua-server.md)."""
 
@@ -397,6 +409,7 @@ class LineConfig(Strict):
     records: RecordsConfig = RecordsConfig()
     states: StateMachineConfig = StateMachineConfig()
     opcua_server: OpcUaServerConfig | None = None
+    hmi: HmiConfig | None = None
     users: list[UserConfig] = []
     simulator: SimConfig | None = None
 
