@@ -9,8 +9,9 @@ states' work runs here:
   fraction and is recorded as held); the belt keeps running;
 - Unholding: PLC reset if its watchdog tripped meanwhile, belt on again;
 - Stopping: belt off; Aborting (the e-stop path): belt off at once; Clearing: PLC reset.
-The line's own conditions (`supervise()`): the PLC link lost → Hold (lifted by
-itself when the link is back, unless an operator held the line too); no piece for
+The line's own conditions (`supervise()`): the PLC link lost, or its watchdog tripped
+→ Hold (lifted by itself, with a PLC reset, when the link is back, unless an operator
+held the line too); no piece for
 `states.starved_after_s` → Suspend, the next piece → Unsuspend; the PLC's e-stop → Abort.
 """
 
@@ -189,6 +190,13 @@ class LineControl:
             self._auto_held = True
             self.log.warning("ALARM PLC link lost: line held, every piece goes to residue", error=plc.last_error)
             self._auto(Command.HOLD, why="PLC link lost")
+        elif (plc.watchdog_tripped or plc.queue_overflow) and st in PRODUCING:
+            # the PLC takes no command until reset (a link gap too short to notice can trip its
+            # watchdog): hold, and Unholding resets it
+            self._auto_held = True
+            why = "PLC watchdog tripped" if plc.watchdog_tripped else "PLC eject queue overflow"
+            self.log.warning(f"ALARM {why}: line held until the PLC is reset")
+            self._auto(Command.HOLD, why=why)
         elif (
             st is State.HELD
             and self._auto_held

@@ -41,7 +41,7 @@ class LiveStats:
         self._t_first: float | None = None
 
     def add(self, d: Decision, fraction: str, t: float | None = None) -> None:
-        """A piece recorded as going to `fraction` (not always d.fraction: a held line sends all to residue)."""
+        """A piece that ends in `fraction`: d.fraction only if ejected there (held, expired, refused: residue)."""
         t = time.monotonic() if t is None else t
         self.counts[fraction] = self.counts.get(fraction, 0) + 1
         self._belongs[fraction] = self._belongs.get(fraction, 0.0) + self._p_belongs(d, fraction)

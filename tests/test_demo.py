@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -56,10 +57,19 @@ def test_demo_report_survives_ctrl_c(tmp_path):
         text=True,
     )
     db = tmp_path / "records.sqlite"
-    deadline = time.monotonic() + 60
-    while not (db.exists() and db.stat().st_size > 0) and time.monotonic() < deadline:
+    deadline = time.monotonic() + 90
+
+    def pieces_recorded() -> int:
+        if not db.exists():
+            return 0
+        try:
+            with sqlite3.connect(db, timeout=1) as con:
+                return int(con.execute("SELECT COUNT(*) FROM pieces").fetchone()[0])
+        except sqlite3.Error:  # not created yet
+            return 0
+
+    while pieces_recorded() < 30 and time.monotonic() < deadline:  # let some scrap through
         time.sleep(0.2)
-    time.sleep(3)  # let some scrap through
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-2000:]
