@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: demo test lint bench model clean-venv node-client
+.PHONY: demo test lint bench model clean-venv node-client browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,10 +23,21 @@ $(NODE_STAMP): $(NODE_CLIENT)/package-lock.json $(NODE_CLIENT)/package.json
 
 node-client: $(NODE_STAMP)
 
+# The HMI tests drive Debian's Chromium through Playwright (whose own browser download cannot be used here).
+# Installed when missing and this is root (CI); otherwise say how, and the browser tests skip (fail in CI).
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+		else \
+			echo "no /usr/bin/chromium: run 'sudo apt-get install --no-install-recommends chromium' for the HMI browser tests"; \
+		fi; \
+	fi
+
 demo: $(STAMP)
 	$(BIN)/sorter demo --config config/sim.yaml --duration 60 --seed 7
 
-test: $(STAMP) node-client
+test: $(STAMP) node-client browser
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -7,6 +7,7 @@ when the belt has emptied, without the service knowing anything about it:
     {"cmd": "status"}             {"cmd": "stop"}
     {"cmd": "hallbar", "on": false}   (pull the Hall bar's cable; true plugs it back)
     {"cmd": "plc_opcua", "on": false} (the PLC's OPC UA server goes down; true restarts it on the same port)
+    {"cmd": "plc_link", "on": false}  (pull the PLC's network cable: Modbus side down, the PLC scans on; true: back)
     {"cmd": "target", "on": true, "x_mm": 15, "y_mm": 0, "angle_deg": 0}   (lay the camera calibration target)
     {"cmd": "camera_trigger", "mode": "free_run", "fps": 15}   ("encoder" again for production; "camera": one only)
     {"cmd": "camera_focus", "camera": "cam1", "blur_px": 3}   (defocus a lens; 0 = sharp)
@@ -109,6 +110,12 @@ async def run_sim(
                         continue
                     try:
                         await line.plc_opcua.set_reachable(bool(msg.get("on", True)))
+                    except OSError as exc:  # the port was taken meanwhile: report it, keep the channel alive
+                        _emit("error", detail=str(exc))
+                        continue
+                elif cmd == "plc_link":
+                    try:
+                        await line.plc.set_reachable(bool(msg.get("on", True)))
                     except OSError as exc:  # the port was taken meanwhile: report it, keep the channel alive
                         _emit("error", detail=str(exc))
                         continue

@@ -66,7 +66,7 @@ def flood_main() -> None:
 
 
 async def _flood(service: Any, sim: Any, seconds: float, into: dict[str, Any]) -> None:
-    while service.opcua is None or service.opcua._loop is None:
+    while service.opcua is None or not service.opcua.listening:
         await asyncio.sleep(0.1)
     url = service.opcua.endpoint_url
     procs = [

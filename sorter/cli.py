@@ -371,11 +371,86 @@ def bench_opcua(
     typer.echo(json.dumps(asyncio.run(run_bench_opcua(_load(config), duration, seed, run_dir)), indent=2))
 
 
+@app.command("bench-hmi")
+def bench_hmi(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    duration: Annotated[float, typer.Option(help="seconds of feed per run")] = 30.0,
+    seed: Annotated[int, typer.Option(help="feed seed")] = 7,
+    browser_nice: Annotated[
+        int, typer.Option(help="niceness of the browsers (19: they stand in for panel PCs; 0: full priority)")
+    ] = 19,
+    repeat: Annotated[int, typer.Option(min=1, help="pairs of runs; p99 pooled over them (single runs vary)")] = 1,
+    out: Annotated[Path | None, typer.Option(help="folder for the runs (default runs/bench-hmi-<time>)")] = None,
+) -> None:
+    """Decision latency p99 with two headless browsers on the live HMI vs none, same seed."""
+    from sorter.bench_hmi import run_bench_hmi
+
+    setup_logging("warning")
+    run_dir = out or Path("runs") / time.strftime("bench-hmi-%Y%m%d-%H%M%S")
+    result = asyncio.run(run_bench_hmi(_load(config), duration, seed, run_dir, nice=browser_nice, repeat=repeat))
+    typer.echo(json.dumps(result, indent=2))
+
+
 @app.command("check-config")
 def check_config(config: Annotated[Path, typer.Argument(help="line config (YAML)")]) -> None:
     """Validate a line config; exit status 2 with file, key path and line on error."""
     cfg = _load(config)
     typer.echo(f"{config}: ok ({len(cfg.cameras)} cameras, fractions {cfg.fractions})")
+
+
+@app.command("report")
+def shift_report(
+    config: ConfigOpt,
+    out: Annotated[Path, typer.Option("--out", help="HTML file to write (self-contained)")],
+    from_: Annotated[
+        str | None, typer.Option("--from", help="start, ISO 8601 (naive: local time), e.g. 2026-11-28T06:00")
+    ] = None,
+    to: Annotated[str | None, typer.Option("--to", help="end (exclusive), ISO 8601")] = None,
+    run_id: Annotated[str | None, typer.Option("--run", help="only this run of the service (a batch)")] = None,
+    pdf: Annotated[Path | None, typer.Option("--pdf", help="also write a PDF")] = None,
+    csv: Annotated[Path | None, typer.Option("--csv", help="also export the range's records as CSV")] = None,
+    report_json: Annotated[
+        Path | None, typer.Option("--report-json", help="a `sorter demo --json` report of this run to cross-check")
+    ] = None,
+    summary_json: Annotated[Path | None, typer.Option("--json", help="also write the numbers as JSON")] = None,
+    db: Annotated[
+        Path | None, typer.Option("--db", help="records database (default: the config's records.path)")
+    ] = None,
+) -> None:
+    """Shift or batch report from the piece records: throughput, composition, mass balance, alarms and stops.
+
+    Exit 2 on bad input (no records in range, missing database, --from not before --to);
+    exit 1 if a --report-json cross-check finds a difference in figures both count from the same records."""
+    from sorter.shiftreport import ReportError, make_report
+
+    cfg = _load(config)
+    try:
+        s = make_report(
+            cfg,
+            out,
+            db=db,
+            t_from=from_,
+            t_to=to,
+            run=run_id,
+            pdf=pdf,
+            csv_path=csv,
+            demo_report=report_json,
+            summary_json=summary_json,
+        )
+    except ReportError as exc:
+        raise _fail(str(exc)) from None
+    b = s["mass_balance"]
+    typer.echo(
+        f"{out}: {s['pieces']} pieces, {s['mass_est_kg']:.2f} kg estimated, "
+        f"mass balance {'closes' if b['closes'] else 'does NOT close'} "
+        f"(in {b['in_count']}, out {b['out_count']})"
+    )
+    check = s.get("demo_check")
+    if check is not None:
+        bad = [k for k, c in check["exact"].items() if not c["equal"]]
+        typer.echo("cross-check with the demo report: " + ("equal" if not bad else f"DIFFERENT: {', '.join(bad)}"))
+        if bad:
+            raise typer.Exit(1)
 
 
 def main() -> None:

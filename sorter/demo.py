@@ -43,6 +43,7 @@ def free_port() -> int:
 
 def demo_config(cfg: LineConfig, run_dir: Path, seed: int) -> LineConfig:
     """The config both sides use for this run: free ports, this run's records and bar link, this seed."""
+    run_dir = run_dir.resolve()  # the written config resolves paths against its own folder, not the cwd
     cams = [
         c.model_copy(update={"source": c.source.model_copy(update={"address": f"127.0.0.1:{free_port()}"})})
         if c.source.type == "sim"
@@ -226,6 +227,10 @@ async def run_demo(
             )
 
         await _wait_until(line_ready, 30, "the line to start (PLC online, belt running, cameras streaming)")
+        if service.hmi is not None and service.hmi.listening:
+            # whatever the log level: where the operator's panel is (log in with the config's users)
+            log.info("operator HMI", url=service.hmi.url)
+            print(f"operator HMI: {service.hmi.url}", file=sys.stderr, flush=True)
         log.info("line running, feeding", duration_s=duration)
         await sim.send(cmd="feed", on=True)
         t_feed = time.monotonic()
@@ -282,6 +287,7 @@ async def run_demo(
             "batches_failed": service.counts["batches_failed"] if service else 0,
             "magnetometer": summary.get("magnetometer"),
             "field_states": service.field_states() if service else {},
+            "hmi_url": service.hmi.url if service and service.hmi else None,
         }
     )
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))

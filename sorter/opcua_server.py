@@ -1,13 +1,25 @@
 """The line's own OPC UA server: state, counts and alarms for SCADA/MES, PackML commands from them.
 
-The server runs in its own thread with its own asyncio loop: a client that floods reads, holds many
-subscriptions or sends garbage costs that thread's time, never a turn of the sorting loop. The two
-loops meet at two points only:
+The server runs in its own process (multiprocessing, "spawn"), at a lower OS priority (nice +10),
+with its own asyncio loop and its own heap: a client that floods reads, holds many subscriptions
+or sends garbage costs that process's CPU time - which the OS gives it only when the sorting loop
+does not need it - and never holds the service's GIL. asyncua's address space (~400 000 objects)
+lives there too, not in the service's heap. The two processes meet at two pipes only:
 
-* `publish(snapshot)` (service loop -> server thread): queues the snapshot and wakes the server
-  thread, which writes the values that changed and raises alarm events;
-* a PackML method call (server thread -> service loop): forwarded with
-  `asyncio.run_coroutine_threadsafe` to the `command` coroutine and awaited there.
+* parent -> child: snapshots from `publish(snapshot)`, the results of PackML commands, "stop".
+  The service loop never writes to the pipe itself: `publish` puts the snapshot in `_Outbox` (a
+  lock held for microseconds) and a sender thread does the (possibly blocking) write. While the
+  child does not read (busy, stopped), snapshots pile up in the outbox coalesced: one that shows
+  the same state and alarms as the one before it replaces it (counts, rate, purity: only the
+  latest matters), so every state and every alarm list still reaches the server in order (alarm
+  events for an alarm that came and went meanwhile) and the outbox stays small.
+* child -> parent: "ready"/"failed" at start, then PackML command requests (id, command, user).
+  The parent reads them with `loop.add_reader` on the pipe (never a blocking read on the service
+  loop), runs `command(Command(name), user)` there and sends the result back; the child maps it
+  to the method's status code (5 s without an answer: BadTimeout).
+
+If the process dies, the parent sees the pipe's end-of-file, logs `ALARM OPC UA server process
+died` once and `listening` turns False; the line keeps sorting, `publish` does nothing.
 
 Security (docs/opcua-server.md): Basic256Sha256 Sign and SignAndEncrypt endpoints (None only when
 configured), client certificates must be in the trust folder, users from the config with argon2
@@ -17,17 +29,24 @@ hashes; viewers read, operators and technicians may also call the PackML methods
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import contextvars
+import gc
+import itertools
 import logging
 import math
+import multiprocessing
+import os
+import pickle
+import signal
 import socket
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -46,6 +65,7 @@ from cryptography import x509
 
 from sorter.config import OpcUaServerConfig, Role, UserConfig
 from sorter.linestate import LineSnapshot
+from sorter.logs import setup_logging
 from sorter.opcua_pki import PkiError, application_uri, load_certificate
 from sorter.packml import Command, InvalidState
 from sorter.users import authenticate, may_operate
@@ -56,7 +76,16 @@ DEFAULT_APPLICATION_URI = "urn:magnet-sorter:line-server"
 COMMAND_TIMEOUT_S = 5.0  # a PackML command only starts a transition; longer means the service loop is stuck
 ALARM_SEVERITY = 700
 CLEARED_SEVERITY = 100
-_PENDING_MAX = 1000  # snapshots queued for the server thread; past this the oldest go (the thread is stuck anyway)
+CHILD_NICE = 10  # the server process's niceness above the service's: SCADA gets the CPU the line leaves
+START_TIMEOUT_S = 60.0  # spawn + imports + address space take a few s; far longer means it hangs
+STOP_TIMEOUT_S = 10.0  # to close the sessions and the socket; then the process is killed
+_PENDING_MAX = 1000  # state/alarm changes waiting for the server process; past this the oldest go (it is stuck)
+
+# what goes through the pipes (tuples of plain values, pickled):
+#   parent -> child, a list per write: ("snap", LineSnapshot), ("result", id, kind, detail), ("stop",)
+#   child -> parent, one per write: ("ready", url), ("failed", OpcUaServerError), ("cmd", id, command, user)
+# result kinds: "ok", "invalid_state", "timeout", "error", "halted"
+_Msg = tuple[Any, ...]
 
 
 class OpcUaServerError(Exception):
@@ -153,7 +182,7 @@ class _Users(UserManager):
     def get_user(
         self, iserver: Any, username: str | None = None, password: str | None = None, certificate: Any = None
     ) -> User | None:
-        # called on the server thread; the argon2 verification (tens of ms) holds up only that thread
+        # called in the server process; the argon2 verification (tens of ms) holds up only that process
         if username is None and password is None:
             if self._allow_anonymous:
                 return LineUser(role=UserRole.User, name=None, line_role="viewer")
@@ -203,19 +232,11 @@ class _TrustValidator:
             raise
 
 
-@dataclass
-class _Nodes:
-    state: Node
-    state_current: Node
-    ppm: Node
-    model_version: Node
-    alarms: Node
-    counts: dict[str, Node]
-    purity: dict[str, Node]
-
-
 class LineOpcUaServer:
-    """The line's OPC UA server, in its own thread; see the module docstring."""
+    """The line's OPC UA server, in its own process; see the module docstring. Used from the service loop."""
+
+    # tests: the server process writes its log as JSON lines to this file instead of stderr
+    _child_log_file: Path | None = None
 
     def __init__(
         self,
@@ -230,126 +251,438 @@ class LineOpcUaServer:
         self.fractions = list(dict.fromkeys(fractions))
         self._command = command
         self.log = log if log is not None else structlog.get_logger("opcua_server")
-        self._service_loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._started: concurrent.futures.Future[None] | None = None
-        self._stop_requested = threading.Event()
-        # deque.append/popleft are atomic: publish() appends from the service loop, the server thread pops
-        self._pending: deque[LineSnapshot] = deque(maxlen=_PENDING_MAX)
-        # the server thread's loop: set before `_started` resolves, None again once the thread ends
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake: asyncio.Event | None = None
-        self._server: Server | None = None
-        self._nodes: _Nodes | None = None
-        self._line_id: ua.NodeId | None = None
-        self._events: list[Any] = []
-        self._written: dict[ua.NodeId, Any] = {}
-        self._alarms: list[str] = []
         self._url = cfg.endpoint
-
-    # --- the service loop's side ---
+        self._outbox = _Outbox()  # snapshots published before start() wait here
+        self._proc: BaseProcess | None = None
+        self._from_child: Connection | None = None
+        self._sender: threading.Thread | None = None
+        self._service_loop: asyncio.AbstractEventLoop | None = None
+        self._ready: asyncio.Future[str] | None = None
+        self._listening = False
+        self._stopping = False
+        self._commands: set[asyncio.Task[None]] = set()
 
     @property
     def endpoint_url(self) -> str:
         """The URL clients connect to: the configured one with the port really bound (config port 0 picks one)."""
         return self._url
 
+    @property
+    def listening(self) -> bool:
+        """True from a successful start() until stop() or the server process's death."""
+        return self._listening
+
+    @property
+    def pid(self) -> int | None:
+        """The server process's id while it runs."""
+        return self._proc.pid if self._proc is not None else None
+
     async def start(self) -> None:
-        """Start the server thread and wait until it listens; OpcUaServerError if it cannot."""
-        if self._thread is not None:
+        """Start the server process and wait until it listens; OpcUaServerError if it cannot."""
+        if self._proc is not None:
             raise RuntimeError("the OPC UA server is already running")
-        self._service_loop = asyncio.get_running_loop()
-        self._stop_requested.clear()
-        self._started = concurrent.futures.Future()
-        self._thread = threading.Thread(target=self._thread_main, name="opcua-server", daemon=True)
-        self._thread.start()
+        loop = self._service_loop = asyncio.get_running_loop()
+        self._stopping = False
+        level, json_logs, context = _log_settings(self.log)
+        spec = _ChildSpec(
+            cfg=self.cfg,
+            users=self.users,
+            fractions=self.fractions,
+            log_level=level,
+            json_logs=json_logs,
+            log_context=context,
+            log_file=str(self._child_log_file) if self._child_log_file is not None else None,
+        )
+        # spawn, not fork: the service has threads (onnxruntime, cameras) whose locks a fork would copy held
+        ctx = multiprocessing.get_context("spawn")
+        child_in, to_child = ctx.Pipe(duplex=False)
+        from_child, child_out = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_child_main, args=(spec, child_in, child_out), name="opcua-server", daemon=True)
         try:
-            await asyncio.wrap_future(self._started)
+            proc.start()
+        except BaseException:
+            to_child.close()
+            from_child.close()
+            raise
+        finally:
+            # the child has its own copies now; closing ours lets each side see the other's end-of-file
+            child_in.close()
+            child_out.close()
+        self._proc, self._from_child = proc, from_child
+        self._ready = loop.create_future()
+        loop.add_reader(from_child.fileno(), self._on_child_message)
+        self._sender = threading.Thread(
+            target=_send_loop, args=(to_child, self._outbox, self.log), name="opcua-sender", daemon=True
+        )
+        self._sender.start()
+        try:
+            url = await asyncio.wait_for(asyncio.shield(self._ready), START_TIMEOUT_S)
+        except TimeoutError:
+            await self.stop()
+            raise OpcUaServerError(f"the OPC UA server process did not start within {START_TIMEOUT_S:.0f} s") from None
         except BaseException:
             await self.stop()
             raise
+        self._url = url
+        self._listening = True
         self.log.info(
             "opcua server listening",
             endpoint=self.endpoint_url,
             none_security=self.cfg.allow_none_security,
             anonymous=self.cfg.allow_anonymous,
+            pid=proc.pid,
         )
 
     async def stop(self) -> None:
-        """Close all sessions and the listening socket, and end the server thread."""
-        thread = self._thread
-        if thread is None:
+        """Close all sessions and the listening socket, and end the server process (killed if it hangs)."""
+        proc = self._proc
+        if proc is None:
             return
-        self._stop_requested.set()
-        self._wake_server()
-        await asyncio.to_thread(thread.join)
-        self._thread = None
+        self._stopping = True
+        self._listening = False
+        self._outbox.put(("stop",))
+        self._outbox.close()  # the sender thread writes what is queued, "stop" last, and ends
+        self._drop_reader()
+        await asyncio.to_thread(proc.join, STOP_TIMEOUT_S)
+        if proc.exitcode is None:
+            self.log.warning("opcua server process did not stop; killing it", pid=proc.pid)
+            proc.kill()
+            await asyncio.to_thread(proc.join, 5.0)
+        if self._sender is not None:  # its write fails at once now that the reading end is gone
+            await asyncio.to_thread(self._sender.join, 5.0)
+            self._sender = None
+        if self._ready is not None and self._ready.done() and not self._ready.cancelled():
+            self._ready.exception()  # raised by start() already, if any
+        self._ready = None
+        with contextlib.suppress(ValueError):  # closed already
+            proc.close()
+        self._proc = None
+        self._outbox = _Outbox()  # for a later start(); publish() meanwhile only queues
         self.log.info("opcua server stopped")
 
     def publish(self, snap: LineSnapshot) -> None:
-        """Show a new snapshot (thread-safe, never blocks): values that changed, alarm events."""
-        self._pending.append(snap)
-        self._wake_server()
-
-    def _wake_server(self) -> None:
-        loop, wake = self._loop, self._wake
-        if loop is None or wake is None:
-            return  # not started yet: the snapshot waits in the queue
-        with contextlib.suppress(RuntimeError):  # the server loop has just closed
-            loop.call_soon_threadsafe(wake.set)
-
-    # --- the server thread ---
-
-    def _thread_main(self) -> None:
-        assert self._started is not None
-        started = self._started
+        """Show a new snapshot: values that changed, alarm events. Never blocks, never raises (see _Outbox)."""
         try:
-            asyncio.run(self._serve())
-        except BaseException as exc:
-            if not started.done():
-                started.set_exception(exc)
+            self._outbox.add_snapshot(snap)
+        except Exception:  # the line must go on whatever happens here
+            with contextlib.suppress(Exception):
+                self.log.exception("opcua publish failed")
+
+    # --- the child's messages, on the service loop ---
+
+    def _on_child_message(self, *_: Any) -> None:
+        conn = self._from_child
+        if conn is None:
+            return
+        try:
+            while conn.poll():  # only whole, small messages come this way: recv() returns at once
+                self._handle(conn.recv())
+        except (EOFError, OSError):
+            self._child_gone()
+        except Exception:
+            self.log.exception("opcua server message not understood")
+
+    def _handle(self, msg: _Msg) -> None:
+        kind = msg[0]
+        if kind == "cmd":
+            _, req_id, name, user = msg
+            task = asyncio.get_running_loop().create_task(self._run_command(req_id, name, user))
+            self._commands.add(task)
+            task.add_done_callback(self._commands.discard)
+        elif kind in ("ready", "failed") and self._ready is not None and not self._ready.done():
+            if kind == "ready":
+                self._ready.set_result(str(msg[1]))
             else:
-                self.log.exception("opcua server thread failed")
-        finally:
-            if not started.done():
-                started.set_exception(OpcUaServerError("the OPC UA server stopped while starting"))
+                exc = msg[1]
+                self._ready.set_exception(exc if isinstance(exc, OpcUaServerError) else OpcUaServerError(str(exc)))
 
-    async def _serve(self) -> None:
-        self._loop = asyncio.get_running_loop()
+    async def _run_command(self, req_id: int, name: str, user: str) -> None:
+        kind, detail = "ok", ""
+        try:
+            cmd = Command(name)
+            await asyncio.wait_for(self._command(cmd, user), COMMAND_TIMEOUT_S)
+        except InvalidState as exc:
+            kind, detail = "invalid_state", str(exc)
+        except TimeoutError:
+            kind, detail = "timeout", f"the line service did not answer within {COMMAND_TIMEOUT_S} s"
+        except Exception as exc:
+            self.log.exception("opcua command failed", command=name, user=user)
+            kind, detail = "error", f"{type(exc).__name__}: {exc}"
+        self._outbox.put(("result", req_id, kind, detail))
+
+    def _drop_reader(self) -> None:
+        conn, self._from_child = self._from_child, None
+        if conn is None:
+            return
+        loop = self._service_loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(Exception):
+                loop.remove_reader(conn.fileno())
+        conn.close()
+
+    def _child_gone(self) -> None:
+        """The child's pipe reached end-of-file: the server process has ended (or is ending)."""
+        was_listening = self._listening
+        self._listening = False
+        self._outbox.close()  # publish() is a no-op from now on
+        self._drop_reader()
+        proc = self._proc
+        if self._ready is not None and not self._ready.done():
+            code = proc.exitcode if proc is not None else None
+            self._ready.set_exception(
+                OpcUaServerError(f"the OPC UA server process ended while starting (exit code {code})")
+            )
+        if was_listening and not self._stopping and proc is not None:
+            task = asyncio.get_running_loop().create_task(self._report_death(proc))
+            self._commands.add(task)
+            task.add_done_callback(self._commands.discard)
+
+    async def _report_death(self, proc: BaseProcess) -> None:
+        # reap it (exitcode polls waitpid without blocking) and say how it ended, once
+        pid = proc.pid
+        for _ in range(50):
+            if self._proc is not proc or proc.exitcode is not None:
+                break
+            await asyncio.sleep(0.02)
+        code = None
+        with contextlib.suppress(ValueError):  # stop() closed it meanwhile
+            code = proc.exitcode
+        self.log.error(
+            "ALARM OPC UA server process died",
+            pid=pid,
+            exitcode=code,
+            action="SCADA cannot see or command the line; restart the service to bring the server back",
+        )
+
+
+class _Outbox:
+    """What the service has for the server process, until the sender thread writes it to the pipe.
+
+    Snapshots are coalesced (_coalesce): while the pipe is full they collapse to one per state/alarm
+    change. Results and "stop" are kept as they are. Once closed (stop, or the process died) it takes nothing.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._snaps: deque[LineSnapshot] = deque(maxlen=_PENDING_MAX)
+        self._msgs: list[_Msg] = []
+        self._closed = False
+
+    def add_snapshot(self, snap: LineSnapshot) -> None:
+        with self._cond:
+            if not self._closed:
+                _coalesce(self._snaps, snap)
+                self._cond.notify()
+
+    def put(self, msg: _Msg) -> None:
+        with self._cond:
+            if not self._closed:
+                self._msgs.append(msg)
+                self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def take(self) -> tuple[list[_Msg], bool]:
+        """Wait for something to send; returns it all and whether the outbox is closed (nothing more comes)."""
+        with self._cond:
+            while not (self._snaps or self._msgs or self._closed):
+                self._cond.wait()
+            batch: list[_Msg] = [("snap", s) for s in self._snaps]
+            batch += self._msgs
+            self._snaps.clear()
+            self._msgs = []
+            return batch, self._closed
+
+
+def _coalesce(pending: deque[LineSnapshot], snap: LineSnapshot) -> None:
+    """Queue a snapshot; it replaces the last queued one if that shows the same state and alarms.
+
+    Values are written only as they are at the latest snapshot anyway; what must not be lost is a state
+    or alarm list that lasted a single snapshot (subscriptions on State, alarm events).
+    """
+    if pending and pending[-1].state == snap.state and pending[-1].alarms == snap.alarms:
+        pending[-1] = snap
+    else:
+        pending.append(snap)  # a full deque drops the oldest
+
+
+def _send_loop(conn: Connection, outbox: _Outbox, log: Any) -> None:
+    """The sender thread: outbox -> pipe. Only this thread ever blocks on a full pipe, never the service loop."""
+    try:
+        while True:
+            batch, closed = outbox.take()
+            if batch:
+                try:
+                    data = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+                except Exception:  # one bad snapshot must not end publishing
+                    log.exception("opcua publish failed")
+                else:
+                    conn.send_bytes(data)
+            if closed:
+                return
+    except OSError:  # the server process is gone: the parent sees it on the other pipe
+        outbox.close()
+    finally:
+        conn.close()
+
+
+def _log_settings(log: Any) -> tuple[str, bool, dict[str, Any]]:
+    """The service's structlog level and format, and the logger's bound context, for the server process.
+
+    A spawned process starts with structlog unconfigured; it configures itself the same way
+    (sorter.logs.setup_logging) and binds the same context (e.g. part=opcua), so its lines look like the
+    service's own on the same stderr.
+    """
+    config = structlog.get_config()
+    level = "info"
+    get_level = getattr(config.get("wrapper_class"), "get_effective_level", None)
+    if callable(get_level):
+        with contextlib.suppress(Exception):
+            name = str(logging.getLevelName(int(get_level(None))))
+            if name in logging.getLevelNamesMapping():
+                level = name.lower()
+    json_logs = any(isinstance(p, structlog.processors.JSONRenderer) for p in config.get("processors", []))
+    try:
+        bound = dict(structlog.get_context(log))
+    except Exception:  # not a structlog logger
+        bound = {}
+    context = {k: v for k, v in bound.items() if v is None or isinstance(v, str | int | float | bool)}
+    return level, json_logs, context
+
+
+# --- the server process ---
+
+
+@dataclass(frozen=True)
+class _ChildSpec:
+    cfg: OpcUaServerConfig
+    users: list[UserConfig]
+    fractions: list[str]
+    log_level: str = "info"
+    json_logs: bool = False
+    log_context: dict[str, Any] = field(default_factory=dict)
+    log_file: str | None = None
+
+
+def _child_main(spec: _ChildSpec, inbox: Connection, outbox: Connection) -> None:
+    """The server process's entry point (spawned: a fresh interpreter, nothing inherited but these arguments)."""
+    with contextlib.suppress(OSError):
+        os.nice(CHILD_NICE)
+    # Ctrl-C and a closed terminal reach the whole process group: the service decides when this process
+    # stops (stop(), or its pipe's end-of-file when the service is gone). SIGTERM still ends it.
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    if spec.log_file is not None:
+        setup_logging(spec.log_level, json_logs=True)
+        log_file = open(spec.log_file, "a", encoding="utf-8")  # noqa: SIM115 - open as long as the process
+        structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=log_file))
+    else:
+        setup_logging(spec.log_level, json_logs=spec.json_logs)
+    log = structlog.get_logger("opcua_server").bind(**spec.log_context)
+    try:
+        asyncio.run(_ServerProcess(spec, inbox, outbox, log).run())
+    finally:
+        inbox.close()
+        outbox.close()
+
+
+@dataclass
+class _Nodes:
+    state: Node
+    state_current: Node
+    ppm: Node
+    model_version: Node
+    alarms: Node
+    counts: dict[str, Node]
+    purity: dict[str, Node]
+
+
+class _ServerProcess:
+    """asyncua's server with the line's address space, users and hardening; runs in the server process."""
+
+    def __init__(self, spec: _ChildSpec, inbox: Connection, outbox: Connection, log: Any) -> None:
+        self.cfg = spec.cfg
+        self.users = list(spec.users)
+        self.fractions = list(spec.fractions)
+        self.log = log
+        self._inbox = inbox
+        self._outbox = outbox
+        self._pending: deque[LineSnapshot] = deque(maxlen=_PENDING_MAX)
         self._wake = asyncio.Event()
-        try:
-            await self._serve_until_stopped()
-        finally:
-            self._loop = self._wake = None  # publish() from now on only queues, for a later start()
+        self._stop = False
+        self._replies: dict[int, asyncio.Future[tuple[str, str]]] = {}
+        self._ids = itertools.count(1)
+        self._server: Server | None = None
+        self._nodes: _Nodes | None = None
+        self._line_id: ua.NodeId | None = None
+        self._events: list[Any] = []
+        self._written: dict[ua.NodeId, Any] = {}
+        self._alarms: list[str] = []
 
-    async def _serve_until_stopped(self) -> None:
-        server = await self._build()
+    async def run(self) -> None:
         try:
-            await server.start()
-        except OSError as exc:
-            raise OpcUaServerError(f"cannot listen on {self.cfg.endpoint}: {exc.strerror or exc}") from exc
+            server = await self._build()
+            try:
+                await server.start()
+            except OSError as exc:
+                raise OpcUaServerError(f"cannot listen on {self.cfg.endpoint}: {exc.strerror or exc}") from exc
+        except Exception as exc:
+            if not isinstance(exc, OpcUaServerError):
+                self.log.exception("opcua server failed to start")
+                exc = OpcUaServerError(f"the OPC UA server failed to start: {type(exc).__name__}: {exc}")
+            with contextlib.suppress(OSError):
+                self._outbox.send(("failed", OpcUaServerError(str(exc))))
+            return
         self._server = server
+        loop = asyncio.get_running_loop()
         try:
-            self._url = self._real_url(server)
-            assert self._started is not None
-            self._started.set_result(None)
+            # the address space lives as long as this process: keep it out of the cyclic GC's full collections
+            gc.freeze()
+            self._outbox.send(("ready", self._real_url(server)))
+            loop.add_reader(self._inbox.fileno(), self._on_inbox)
             await self._pump()
+        except OSError:  # the service is gone
+            pass
         finally:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(self._inbox.fileno())
+            self._halt_commands()
             self._server = None
             await server.stop()
 
+    def _on_inbox(self) -> None:
+        try:
+            while self._inbox.poll():
+                for msg in self._inbox.recv():
+                    kind = msg[0]
+                    if kind == "snap":
+                        _coalesce(self._pending, msg[1])
+                    elif kind == "result":
+                        fut = self._replies.get(msg[1])
+                        if fut is not None and not fut.done():
+                            fut.set_result((msg[2], msg[3]))
+                    elif kind == "stop":
+                        self._stop = True
+        except (EOFError, OSError):  # the service has ended: nothing left to serve
+            self._stop = True
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._inbox.fileno())
+        self._wake.set()
+
     async def _pump(self) -> None:
-        # every snapshot in order (not just the latest): a state or alarm that lasted one snapshot is still
-        # seen by subscriptions and raises its events; unchanged values cost a comparison only
-        assert self._wake is not None
+        # the snapshots in order (coalesced as _coalesce says): a state or alarm that lasted one snapshot is
+        # still seen by subscriptions and raises its events; unchanged values cost a comparison only
         while True:
-            while self._pending and not self._stop_requested.is_set():
+            while self._pending and not self._stop:
                 snap = self._pending.popleft()
                 try:
                     await self._apply(snap)
                 except Exception:  # one bad snapshot must not end publishing
                     self.log.exception("opcua publish failed")
-            if self._stop_requested.is_set():
+            if self._stop:
                 return
             await self._wake.wait()
             self._wake.clear()
@@ -388,7 +721,7 @@ class LineOpcUaServer:
 
         iserver = _LineInternalServer(_Users(self.users, cfg.allow_anonymous, self.log), cfg.allow_none_security)
         # a line server has a handful of clients: tighter than asyncua's defaults, so that a misbehaving
-        # client cannot pile up connections or subscriptions in the server thread
+        # client cannot pile up connections or subscriptions in the server process
         iserver.max_connections = 64
         iserver.max_subscriptions = 256
         iserver.max_pending_activation_seconds = 10.0
@@ -479,7 +812,7 @@ class LineOpcUaServer:
             await server.get_event_generator(_base_event(line.nodeid), ua.ObjectIds.Server),
         ]
 
-    # --- publishing (server thread) ---
+    # --- publishing (server process) ---
 
     async def _apply(self, snap: LineSnapshot) -> None:
         n = self._nodes
@@ -524,7 +857,7 @@ class LineOpcUaServer:
             gen.event.Severity = severity
             await gen.trigger(message=message)
 
-    # --- PackML methods (server thread) ---
+    # --- PackML methods (server process) ---
 
     def _method(self, cmd: Command) -> Callable[..., Awaitable[Any]]:
         # an `async def` so that asyncua awaits it in the request's task (where _CALLER is set) instead
@@ -553,26 +886,34 @@ class LineOpcUaServer:
         return [] if result.is_good() else result
 
     async def _forward(self, cmd: Command, who: str) -> tuple[int, str]:
-        loop = self._service_loop
-        if loop is None or loop.is_closed():
-            return ua.StatusCodes.BadServerHalted, "the line service is not running"
-        coro = self._command(cmd, who)
+        """Have the service run the command (on its loop) and wait for the result."""
+        halted = ua.StatusCodes.BadServerHalted, "the line service is not running"
+        if self._stop:
+            return halted
+        req_id = next(self._ids)
+        fut: asyncio.Future[tuple[str, str]] = asyncio.get_running_loop().create_future()
+        self._replies[req_id] = fut
         try:
-            fut = asyncio.run_coroutine_threadsafe(coro, loop)
-        except RuntimeError:  # the service loop closed meanwhile
-            coro.close()
-            return ua.StatusCodes.BadServerHalted, "the line service is not running"
-        try:
-            await asyncio.wait_for(asyncio.wrap_future(fut), COMMAND_TIMEOUT_S)
-        except InvalidState as exc:
-            return ua.StatusCodes.BadInvalidState, str(exc)
+            self._outbox.send(("cmd", req_id, cmd.value, who))
+            kind, detail = await asyncio.wait_for(fut, COMMAND_TIMEOUT_S)
+        except OSError:
+            return halted
         except TimeoutError:
-            fut.cancel()
             return ua.StatusCodes.BadTimeout, f"the line service did not answer within {COMMAND_TIMEOUT_S} s"
-        except Exception as exc:
-            self.log.exception("opcua command failed", command=cmd.value, user=who)
-            return ua.StatusCodes.BadInternalError, f"{type(exc).__name__}: {exc}"
-        return ua.StatusCodes.Good, ""
+        finally:
+            self._replies.pop(req_id, None)
+        status = {
+            "ok": ua.StatusCodes.Good,
+            "invalid_state": ua.StatusCodes.BadInvalidState,
+            "timeout": ua.StatusCodes.BadTimeout,
+            "halted": ua.StatusCodes.BadServerHalted,
+        }.get(kind, ua.StatusCodes.BadInternalError)
+        return status, detail
+
+    def _halt_commands(self) -> None:
+        for fut in self._replies.values():
+            if not fut.done():
+                fut.set_result(("halted", "the line service is not running"))
 
 
 _UNSET = object()

@@ -13,7 +13,8 @@ import asyncio
 import gc
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,14 +27,16 @@ from sorter.alarms import AlarmBoard, Condition
 from sorter.capture import CameraCapture, CaptureClosed
 from sorter.classify import Classifier, ModelError
 from sorter.clock import ClockModel
-from sorter.config import LineConfig
+from sorter.config import LineConfig, RoutingConfig
 from sorter.control import LineControl
 from sorter.crop_capture import CropCapture
 from sorter.decide import decide
 from sorter.geometry import camera_geometries, unwrap, wrap32
 from sorter.hallbar import FieldMap, HallBar
+from sorter.hmi import HmiError, HmiServer
 from sorter.linestate import LineSnapshot, LiveStats
 from sorter.messages import NO_BAR, Decision, FieldReading, Frame, Piece
+from sorter.metrics import ServiceMetrics
 from sorter.modelcheck import check_model
 from sorter.opcua_server import LineOpcUaServer, OpcUaServerError
 from sorter.packml import State
@@ -50,6 +53,7 @@ PLC_ALARM_ACTIONS = {
     "watchdog_tripped": "the PLC stopped hearing the PC; Reset once the link is stable",
     "eject_queue_overflow": "the PC sent more commands than the PLC queue holds; Reset",
 }
+LATENCY_WINDOW = 10_000  # decision latencies kept in memory (LineService.latencies_ms)
 
 
 @dataclass
@@ -58,10 +62,13 @@ class StageTimes:
 
     total: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     n: Counter[str] = field(default_factory=Counter)
+    on_add: Callable[[str, float], None] | None = None  # the metrics' stage histograms (sorter/metrics.py)
 
     def add(self, stage: str, seconds: float) -> None:
         self.total[stage] += seconds
         self.n[stage] += 1
+        if self.on_add is not None:
+            self.on_add(stage, seconds)
 
     def mean_ms(self) -> dict[str, float]:
         return {k: 1000 * v / self.n[k] for k, v in self.total.items() if self.n[k]}
@@ -105,7 +112,10 @@ class LineService:
         self._ref_count: int | None = None
         self.times = StageTimes()
         self.counts: Counter[str] = Counter()
-        self.latencies_ms: list[float] = []
+        # the latest decision latencies (every one goes into the metrics' histogram and the records)
+        self.latencies_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.metrics = ServiceMetrics(self)
+        self.times.on_add = self.metrics.observe_stage
         self.hallbar: HallBar | None = None
         self.fieldmap: FieldMap | None = None
         if cfg.magnetometer is not None:
@@ -119,6 +129,11 @@ class LineService:
         self.alarm_board = AlarmBoard()
         self.opcua: LineOpcUaServer | None = None
         self._opcua_error: str | None = None
+        self._opcua_started = False
+        # the operator's web HMI (sorter/hmi, docs/hmi.md): its own thread; here only references are handed over
+        self.hmi: HmiServer | None = None
+        if cfg.hmi is not None and cfg.hmi.enabled:
+            self.hmi = HmiServer(self, cfg.hmi, log=self.log.bind(part="hmi"))
         if cfg.opcua_server is not None and cfg.opcua_server.enabled:
             self.opcua = LineOpcUaServer(
                 cfg.opcua_server, cfg.users, cfg.fractions, self.control.command, log=self.log.bind(part="opcua")
@@ -165,6 +180,8 @@ class LineService:
             return
         self._ref_count = count
         blobs = await loop.run_in_executor(self._vision, self._segment, frame)
+        if self.hmi is not None:
+            self.hmi.tap.frame(name, frame, count, blobs)  # a reference for the live view, no copy
         t0 = time.perf_counter()
         dets = to_detections(
             blobs, self.geoms[name], name, count, self.cfg.belt.counts_per_mm, frame.seq, frame.t_capture
@@ -217,6 +234,8 @@ class LineService:
             default = self.cfg.routing.default_fraction
             held = {d.piece.id for d in decisions if d.fraction != default}
             decisions = [replace(d, fraction=default) if d.piece.id in held else d for d in decisions]
+        if self.hmi is not None:
+            self.hmi.tap.decided(decisions)
         if self.capture:
             for d in decisions:
                 self.capture.add(d)
@@ -238,7 +257,8 @@ class LineService:
         self.counts[f"class_{d.cls}"] += 1
         self.counts[f"fraction_{d.fraction}"] += 1
         self.counts["pieces"] += 1
-        self.live.add(d, d.fraction)
+        if not cmd:  # no air: it ends in the default fraction (an ejected one is counted when the PLC took it)
+            self.live.add(d, self.cfg.routing.default_fraction)
         outcome = "pending" if cmd else plan.outcome
         if not cmd:
             self.counts[f"eject_{plan.outcome}"] += 1
@@ -280,13 +300,18 @@ class LineService:
         try:
             result = await self.plc.send(cmd, self.cfg.ejection.min_lead_ms / 1000)
         except asyncio.CancelledError:
+            self.live.add(plan.decision, self.cfg.routing.default_fraction)
             self.records.update_outcome(cmd.piece_id, "cancelled", None, None, None)
             raise
         self.times.add("plc_send", time.perf_counter() - t0)
+        # where it ends: the product only if the PLC took the command (counted as the line shows it)
+        ended = plan.decision.fraction if result.outcome == "accepted" else self.cfg.routing.default_fraction
+        self.live.add(plan.decision, ended)
         latency = None
         if result.outcome == "accepted" and result.t_accepted is not None:
             latency = 1000 * (result.t_accepted - plan.decision.piece.t_last_capture)
             self.latencies_ms.append(latency)
+            self.metrics.observe_latency_ms(latency)
         self.counts[f"eject_{result.outcome}"] += 1
         self.records.update_outcome(cmd.piece_id, result.outcome, result.seq, result.t_accepted, latency)
 
@@ -400,6 +425,37 @@ class LineService:
             },
         }
 
+    async def _start_hmi(self) -> bool:
+        """Start the operator's web HMI; one that cannot start (port in use) is an alarm and retries by itself."""
+        assert self.hmi is not None
+        try:
+            await self.hmi.start()
+        except HmiError as exc:
+            self.log.error("ALARM HMI not started: the operator panel is unavailable", error=str(exc))
+            return False
+        return True
+
+    def set_routing_thresholds(self, user: str, **changes: float) -> RoutingConfig:
+        """Change routing.min_confidence / fallback_min_confidence on the running line (HMI, technician).
+
+        Validated as the config is (ValueError, nothing changed), then the routing and the config
+        are replaced whole: the next decision batch uses the new thresholds, none sees half of them.
+        """
+        unknown = set(changes) - {"min_confidence", "fallback_min_confidence"}
+        if unknown:
+            raise ValueError(f"only the thresholds can change on a running line, not {sorted(unknown)}")
+        old = self.cfg.routing
+        routing = RoutingConfig.model_validate({**old.model_dump(), **changes})
+        self.cfg = self.cfg.model_copy(update={"routing": routing})
+        self.log.info("routing thresholds changed", user=user, **changes)
+        self.records.event(
+            "routing_thresholds",
+            user=user,
+            old={k: getattr(old, k) for k in changes},
+            new={k: getattr(routing, k) for k in changes},
+        )
+        return routing
+
     async def _start_opcua(self) -> bool:
         """Start the line's OPC UA server (a few s: asyncua builds its address space).
 
@@ -412,6 +468,7 @@ class LineService:
             self._opcua_error = str(exc)
             self.log.error("ALARM OPC UA server not started: SCADA cannot see the line", error=str(exc))
             return False
+        self._opcua_started = True
         return True
 
     async def _serve_opcua(self) -> None:
@@ -474,6 +531,12 @@ class LineService:
             )
         if self._opcua_error is not None:
             out.append(Condition("opcua_server_down", self._opcua_error, "fix the OPC UA server's config; restart"))
+        elif self.opcua is not None and self._opcua_started and not self.opcua.listening:
+            out.append(
+                Condition("opcua_server_down", "the OPC UA server process ended", "SCADA is blind: restart the service")
+            )
+        if self.hmi is not None and (hmi_down := self.hmi.condition()) is not None:
+            out.append(hmi_down)
         return out
 
     def _watch_alarms(self) -> None:
@@ -498,9 +561,10 @@ class LineService:
         )
         self.records.event("start", model=self.classifier.version)
         serving = self.opcua is not None and await self._start_opcua()
-        # Everything built so far lives as long as the service (the model, asyncua's ~400 000-object
-        # address space): exempt it from the cyclic GC, whose full collections would otherwise stop
-        # this loop for ~200 ms each time (frames dropped, commands expired).
+        if self.hmi is not None:
+            await self._start_hmi()
+        # Everything built so far lives as long as the service (the model, the libraries): exempt it
+        # from the cyclic GC, whose full collections would otherwise stop this loop for tens of ms.
         gc.freeze()
         tasks = [asyncio.create_task(self.plc.run(), name="plc")]
         if self.hallbar is not None:
@@ -546,6 +610,8 @@ class LineService:
         if self.opcua is not None:
             self._publish()
             await self.opcua.stop()
+        if self.hmi is not None:
+            await self.hmi.stop()
         if self.hallbar is not None:
             await asyncio.to_thread(self.hallbar.stop)
         for t in tasks:

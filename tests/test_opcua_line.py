@@ -60,7 +60,7 @@ async def test_scada_drives_the_packml_state_machine_over_signandencrypt(tmp_pat
     async def scada(service: Any, sim: Any) -> None:
         cert, key = make_certificate(tmp_path / "scada.der", tmp_path / "scada.pem", application_uri=CLIENT_URI)
         trust(cert, service.cfg.opcua_server.trust_dir)  # as `sorter opcua trust` does
-        await _until(lambda: service.opcua._loop is not None and service.live.counts["ndfeb"] > 0, 30, "server up")
+        await _until(lambda: service.opcua.listening and service.live.counts["ndfeb"] > 0, 30, "server up")
         sl = ["SortingLine"]
         got["operator"] = await arun_node_client(
             scada_script(

@@ -1,17 +1,23 @@
 """The line's OPC UA server, end to end with asyncua's client: security, users and roles, PackML methods,
-published values, alarm events, and a misbehaving client that must not disturb the service loop.
+published values, alarm events, a misbehaving client that must not disturb the service loop, and the
+server's own process (lower priority, never blocking the service, its death noticed).
 
-One server (SignAndEncrypt/Sign, no anonymous) serves most tests: its address-space start-up takes
-seconds, and a real PackMLMachine behind a small command coroutine stands in for the line service.
+One server (SignAndEncrypt/Sign, no anonymous) serves most tests: its start-up (a spawned process
+building the address space) takes seconds, and a real PackMLMachine behind a small command coroutine
+stands in for the line service.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import signal
 import socket
 import threading
+import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +33,7 @@ from typer.testing import CliRunner
 from sorter.config import OpcUaServerConfig, UserConfig
 from sorter.linestate import LineSnapshot
 from sorter.opcua_pki import PkiError, load_certificate, make_certificate, trust
-from sorter.opcua_server import LineOpcUaServer, OpcUaServerError
+from sorter.opcua_server import CHILD_NICE, LineOpcUaServer, OpcUaServerError, _coalesce
 from sorter.packml import Command, PackMLMachine, State
 from sorter.users import authenticate, hash_password, may_configure, may_operate, verify_password
 
@@ -39,14 +45,19 @@ CLIENT_URI = "urn:magnet-sorter:test-client"
 FRACTIONS = ["ndfeb", "ferrite", "residue"]
 PASSWORDS = {"olga": "olga-pw-1", "tom": "tom-pw-2", "vic": "vic-pw-3"}
 HOSTS = [socket.gethostname(), "localhost", "127.0.0.1"]
+PARENT_PID = os.getpid()
 
 
 class RecLog:
-    """Stands in for the structlog logger: keeps (level, event, fields), from any thread."""
+    """Stands in for the structlog logger: keeps (level, event, fields), from any thread.
 
-    def __init__(self) -> None:
+    With a path, it also reads what the server process logs (LineOpcUaServer._child_log_file: JSON lines).
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
         self.records: list[tuple[str, str, dict[str, Any]]] = []
         self._lock = threading.Lock()
+        self.path = path
 
     def _add(self, level: str, event: str, **kw: Any) -> None:
         with self._lock:
@@ -67,9 +78,29 @@ class RecLog:
     def exception(self, event: str, **kw: Any) -> None:
         self._add("exception", event, **kw)
 
-    def find(self, event: str) -> list[dict[str, Any]]:
+    def child_records(self) -> list[tuple[str, str, dict[str, Any]]]:
+        if self.path is None or not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            rec = json.loads(line)
+            level, event = rec.pop("level"), rec.pop("event")
+            rec.pop("timestamp", None)
+            out.append((level, event, rec))
+        return out
+
+    def all_records(self) -> list[tuple[str, str, dict[str, Any]]]:
         with self._lock:
-            return [kw for _, e, kw in self.records if e == event]
+            return [*self.records, *self.child_records()]
+
+    def find(self, event: str) -> list[dict[str, Any]]:
+        return [kw for _, e, kw in self.all_records() if e == event]
+
+    def text(self) -> str:
+        """Everything logged, on both sides, as text."""
+        with self._lock:
+            parent = repr(self.records)
+        return parent + (self.path.read_text() if self.path is not None and self.path.exists() else "")
 
 
 class Pki:
@@ -96,6 +127,7 @@ class Line:
 
     def __init__(self) -> None:
         self.server: LineOpcUaServer | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop the server was started from
         self.calls: list[tuple[Command, str, bool]] = []
         self.counts = dict.fromkeys(FRACTIONS, 0)
         self.alarms: list[str] = []
@@ -109,22 +141,25 @@ class Line:
         self.alarms = []
         self.publish()
 
+    def snapshot(self) -> LineSnapshot:
+        return LineSnapshot(
+            state=self.machine.state,
+            fraction_counts=dict(self.counts),
+            pieces_per_minute=120.0,
+            purity={"ndfeb": 0.995, "ferrite": 0.98},
+            model_version="test-model-3",
+            alarms=list(self.alarms),
+        )
+
     def publish(self) -> None:
         assert self.server is not None
-        self.server.publish(
-            LineSnapshot(
-                state=self.machine.state,
-                fraction_counts=dict(self.counts),
-                pieces_per_minute=120.0,
-                purity={"ndfeb": 0.995, "ferrite": 0.98},
-                model_version="test-model-3",
-                alarms=list(self.alarms),
-            )
-        )
+        self.server.publish(self.snapshot())
 
     async def command(self, cmd: Command, user: str) -> None:
         self.machine.command(cmd, why=user)  # InvalidState goes back to the server: BadInvalidState
-        self.calls.append((cmd, user, threading.current_thread() is threading.main_thread()))
+        # the command runs in this (the service's) process, on the loop that started the server
+        here = os.getpid() == PARENT_PID and asyncio.get_running_loop() is self.loop
+        self.calls.append((cmd, user, here and threading.current_thread() is threading.main_thread()))
         await asyncio.sleep(0)
         self.machine.complete()  # this stand-in line finishes every acting state at once
 
@@ -151,11 +186,13 @@ def server_config(pki: Pki, **kw: Any) -> OpcUaServerConfig:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def served(pki: Pki, users: list[UserConfig]) -> Any:
+async def served(pki: Pki, users: list[UserConfig], tmp_path_factory: pytest.TempPathFactory) -> Any:
     line = Line()
-    log = RecLog()
+    log = RecLog(tmp_path_factory.mktemp("log") / "opcua-server.jsonl")
     server = LineOpcUaServer(server_config(pki), users, FRACTIONS, line.command, log=log)
+    server._child_log_file = log.path
     line.server = server
+    line.loop = asyncio.get_running_loop()
     await server.start()
     yield line, server, log
     await server.stop()
@@ -208,7 +245,7 @@ async def line_node(client: Client) -> tuple[int, Any]:
 
 
 async def eventually(read: Any, expected: Any, timeout: float = 5.0) -> Any:
-    """Poll until read() == expected (published values reach the server thread asynchronously)."""
+    """Poll until read() == expected (published values reach the server process asynchronously)."""
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     while True:
@@ -332,7 +369,7 @@ async def test_address_space_and_commands(line: Line, server: LineOpcUaServer, p
         assert await current.read_value() == int(State.IDLE)
         await sl.call_method(f"{idx}:Start")
         assert await eventually(state.read_value, "Execute") == "Execute"
-        # the command ran on the service loop (the test's main thread), not on the server thread
+        # the command ran on the service loop (this process, the test's main thread), not in the server process
         assert line.calls == [(Command.RESET, "olga", True), (Command.START, "olga", True)]
 
         with pytest.raises(ua.uaerrors.BadInvalidState):
@@ -378,7 +415,7 @@ async def test_wrong_password_and_unknown_user_refused(
         await client.disconnect()  # tidy up the half-open session
     refused = [r["user"] for r in log.find("opcua login refused")]
     assert "olga" in refused and "mallory" in refused
-    text = repr(log.records)
+    text = log.text()
     assert "not-olgas" not in text and "whatever-pw" not in text
     assert all(pw not in text for pw in PASSWORDS.values())
     assert line.calls == []
@@ -667,3 +704,140 @@ async def test_start_errors_are_clear(pki: Pki, users: list[UserConfig], tmp_pat
         with pytest.raises(OpcUaServerError, match="cannot listen"):
             await srv.start()
         await srv.stop()  # harmless after a failed start
+
+
+# --- the server's own process ---
+
+
+def test_coalesce_keeps_every_state_and_alarm_list() -> None:
+    pending: deque[LineSnapshot] = deque(maxlen=4)
+
+    def snap(state: State, n: int, alarms: list[str] | None = None) -> LineSnapshot:
+        return LineSnapshot(state=state, fraction_counts={"ndfeb": n}, alarms=alarms or [])
+
+    for s in (
+        snap(State.EXECUTE, 1),
+        snap(State.EXECUTE, 2),  # replaces 1: only the count changed
+        snap(State.EXECUTE, 3, ["a"]),  # an alarm that lasts one snapshot
+        snap(State.EXECUTE, 4),
+        snap(State.HELD, 5),  # a state that lasts one snapshot
+        snap(State.EXECUTE, 6),
+        snap(State.EXECUTE, 7),
+    ):
+        _coalesce(pending, s)
+    # 4 kept (maxlen): the oldest went; each alarm list and state shown, with the latest counts
+    assert [(p.state, p.fraction_counts["ndfeb"], p.alarms) for p in pending] == [
+        (State.EXECUTE, 3, ["a"]),
+        (State.EXECUTE, 4, []),
+        (State.HELD, 5, []),
+        (State.EXECUTE, 7, []),
+    ]
+
+
+@in_module_loop
+async def test_server_runs_in_its_own_lower_priority_process(server: LineOpcUaServer) -> None:
+    pid = server.pid
+    assert server.listening and pid is not None and pid != os.getpid()
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    assert os.getpriority(os.PRIO_PROCESS, pid) == min(mine + CHILD_NICE, 19)
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists():  # a fresh interpreter (spawn), not a fork of the service
+        assert b"--multiprocessing-fork" in cmdline.read_bytes().split(b"\0")
+
+
+@in_module_loop
+async def test_publish_never_blocks_while_the_server_process_does_not_read(
+    line: Line, server: LineOpcUaServer, pki: Pki
+) -> None:
+    """The server process stopped (SIGSTOP) while the service publishes far more than a pipe holds:
+    publish() still returns at once; once it runs again the latest values and every alarm event arrive."""
+    events: asyncio.Queue[Any] = asyncio.Queue()
+
+    class Handler:
+        def event_notification(self, event: Any) -> None:
+            events.put_nowait(event)
+
+    async with await secure_client(server.endpoint_url, pki, "vic") as client:
+        idx, sl = await line_node(client)
+        count = await sl.get_child([f"{idx}:Fractions", f"{idx}:ferrite", f"{idx}:Count"])
+        sub = await client.create_subscription(20, Handler())
+        await sub.subscribe_events(sl, ua.ObjectIds.BaseEventType)
+        pid = server.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        # should publish() ever block, this lets the process (and the test) go on after 10 s
+        watchdog = threading.Timer(10.0, lambda: os.kill(pid, signal.SIGCONT))
+        watchdog.start()
+        worst = 0.0
+        try:
+            for n in range(1, 101):  # 100 snapshots of ~20 kB, 5 ms apart: 2 MB, a pipe holds 64 kB
+                line.counts["ferrite"] = n
+                line.alarms = ["belt: slipping"] if n == 50 else []  # an alarm lasting one snapshot
+                snap = line.snapshot()
+                big = LineSnapshot(**{**{f: getattr(snap, f) for f in snap.__slots__}, "model_version": "m" * 20_000})
+                t0 = time.perf_counter()
+                server.publish(big)
+                worst = max(worst, time.perf_counter() - t0)
+                await asyncio.sleep(0.005)
+            # the sender thread is stuck on the full pipe; what is left waits, coalesced, in the outbox
+            assert 1 <= len(server._outbox._snaps) <= 3
+        finally:
+            watchdog.cancel()
+            os.kill(pid, signal.SIGCONT)
+        assert worst < 0.5, worst  # blocked, it would have waited for the watchdog (10 s); the margin is for load
+        assert await eventually(count.read_value, 100, timeout=15) == 100
+        texts = [(await asyncio.wait_for(events.get(), 10)).Message.Text for _ in range(2)]
+        assert texts == ["belt: slipping", "cleared: belt: slipping"]
+        await sub.delete()
+
+
+@in_module_loop
+async def test_command_failure_in_the_service(line: Line, server: LineOpcUaServer, pki: Pki, log: RecLog) -> None:
+    async def broken(cmd: Command, user: str) -> None:
+        raise RuntimeError("record store gone")
+
+    command, server._command = server._command, broken
+    try:
+        async with await secure_client(server.endpoint_url, pki, "olga") as client:
+            idx, sl = await line_node(client)
+            with pytest.raises(ua.uaerrors.BadInternalError):
+                await sl.call_method(f"{idx}:Reset")
+    finally:
+        server._command = command
+    assert {"command": "Reset", "user": "olga"} in log.find("opcua command failed")  # logged by the service
+    assert any(
+        r["result"] == "BadInternalError" and "record store gone" in r["detail"] for r in log.find("opcua command")
+    )
+
+
+@in_module_loop
+async def test_killed_server_process_is_noticed(pki: Pki, users: list[UserConfig]) -> None:
+    line = Line()
+    log = RecLog()
+    server = LineOpcUaServer(server_config(pki), users, FRACTIONS, line.command, log=log)
+    line.server = server
+    line.loop = asyncio.get_running_loop()
+    assert not server.listening
+    await server.start()
+    try:
+        line.fresh()
+        pid = server.pid
+        assert server.listening and pid is not None
+        os.kill(pid, signal.SIGKILL)
+        async with asyncio.timeout(5):
+            while server.listening:
+                await asyncio.sleep(0.01)
+        for _ in range(3):
+            line.publish()  # a no-op now, never an exception
+        async with asyncio.timeout(5):
+            while not log.find("ALARM OPC UA server process died"):
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+        died = log.find("ALARM OPC UA server process died")
+        assert len(died) == 1 and died[0]["pid"] == pid and died[0]["exitcode"] == -signal.SIGKILL
+        with pytest.raises(ChildProcessError):  # reaped: no zombie left
+            os.waitpid(pid, os.WNOHANG)
+    finally:
+        await server.stop()
+    assert not server.listening and server.pid is None
+    assert len(log.find("ALARM OPC UA server process died")) == 1

@@ -1,0 +1,386 @@
+// The operator's panel: one WebSocket for live state (JSON) and camera images (binary), REST for commands.
+// No framework, no build step. Server data goes into the page as text only (textContent), never as HTML.
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+// only touch the page where something changed: every write costs the panel a style/layout/paint pass
+const setText = (node, text) => { if (node.textContent !== text) node.textContent = text; };
+const setData = (node, key, value) => { if (node.dataset[key] !== value) node.dataset[key] = value; };
+const el = (tag, attrs = {}, text) => {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  if (text !== undefined) e.textContent = text;
+  return e;
+};
+
+let session = null;
+let ws = null;
+let reconnectTimer = null;
+let reconnectDelay = 500;
+let lastActivitySent = 0;
+let lastAlarmsKey = "";
+let pendingThresholds = {};
+let chosenModel = null;
+let toastTimer = null;
+// what arrived, for people and tests: state messages, images per camera, the last state
+const hmiStats = { states: 0, frames: {}, last: null };
+window.hmiStats = hmiStats;
+
+// --- REST ---
+
+async function api(method, path, body) {
+  const opts = { method, headers: {}, credentials: "same-origin" };
+  if (session) opts.headers["X-CSRF-Token"] = session.csrf;
+  if (body !== undefined) {
+    opts.headers["Content-Type"] = "application/json";
+    opts.body = JSON.stringify(body);
+  }
+  let r;
+  try {
+    r = await fetch(path, opts);
+  } catch (e) {
+    toast("The line service does not answer", "error");
+    return { ok: false, status: 0, data: null };
+  }
+  let data = null;
+  try { data = await r.json(); } catch (e) { /* not JSON */ }
+  if (r.status === 401 && session) {
+    logoutLocally("Session expired - please log in again");
+  }
+  return { ok: r.ok, status: r.status, data };
+}
+
+function toast(text, kind = "info") {
+  const t = $("#toast");
+  t.textContent = text;
+  t.dataset.kind = kind;
+  t.hidden = false;
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(() => { t.hidden = true; }, kind === "error" ? 6000 : 2500);
+}
+
+// --- login ---
+
+function showLogin(message) {
+  $("#main").hidden = true;
+  $("#login").hidden = false;
+  $("#login-message").textContent = message || "";
+  $("#login-password").value = "";
+}
+
+function logoutLocally(message) {
+  session = null;
+  if (ws) { ws.onclose = null; ws.close(); ws = null; }
+  clearTimeout(reconnectTimer);
+  showLogin(message);
+}
+
+async function login(ev) {
+  ev.preventDefault();
+  const user = $("#login-user").value.trim();
+  const password = $("#login-password").value;
+  $("#login-submit").disabled = true;
+  const r = await api("POST", "/api/login", { user, password });
+  $("#login-submit").disabled = false;
+  $("#login-password").value = "";
+  if (!r.ok) {
+    $("#login-message").textContent = (r.data && r.data.detail) || `login failed (${r.status})`;
+    return;
+  }
+  session = r.data;
+  showMain();
+}
+
+async function logout() {
+  await api("POST", "/api/logout");
+  logoutLocally("");
+}
+
+// --- main screen ---
+
+function showMain() {
+  $("#login").hidden = true;
+  $("#main").hidden = false;
+  $("#line-name").textContent = session.line;
+  $("#who").textContent = `${session.user} (${session.role})`;
+  buildCameras();
+  buildControls();
+  $("#technician").hidden = !session.may_configure;
+  if (session.may_configure) loadModels();
+  lastAlarmsKey = "";
+  connect();
+}
+
+function buildCameras() {
+  const box = $("#cameras");
+  box.replaceChildren();
+  for (const name of session.cameras) {
+    const fig = el("figure", { class: "camera", id: `cam-${name}`, "data-online": "true" });
+    const img = el("img", { alt: `camera ${name}`, "data-frames": "0", "data-seq": "", decoding: "async" });
+    fig.append(img, el("figcaption", {}, name));
+    box.append(fig);
+    hmiStats.frames[name] = 0;
+  }
+}
+
+function buildControls() {
+  const box = $("#controls");
+  box.replaceChildren();
+  if (!session.may_operate) return; // a viewer gets no control buttons at all
+  for (const cmd of session.commands) {
+    const b = el("button", { type: "button", id: `btn-${cmd}`, "data-cmd": cmd }, cmd);
+    b.disabled = true;
+    b.addEventListener("click", () => command(cmd, b));
+    box.append(b);
+  }
+}
+
+async function command(cmd, button) {
+  button.disabled = true;
+  const r = await api("POST", `/api/command/${cmd}`);
+  if (r.ok) toast(`${cmd}: ${r.data.state}`);
+  else if (r.status !== 401) toast(`${cmd} refused: ${(r.data && r.data.detail) || r.status}`, "error");
+}
+
+// --- live updates ---
+
+function connect() {
+  clearTimeout(reconnectTimer);
+  const proto = location.protocol === "https:" ? "wss://" : "ws://";
+  const sock = new WebSocket(proto + location.host + "/ws");
+  sock.binaryType = "arraybuffer";
+  ws = sock;
+  sock.onopen = () => { reconnectDelay = 500; setLink(true); };
+  sock.onmessage = (ev) => {
+    if (typeof ev.data === "string") {
+      let msg;
+      try { msg = JSON.parse(ev.data); } catch (e) { return; }
+      if (msg.type === "state") render(msg);
+    } else {
+      showFrame(ev.data);
+    }
+  };
+  sock.onclose = (ev) => {
+    if (ws !== sock) return;
+    ws = null;
+    setLink(false);
+    if (ev.code === 4401) { logoutLocally("Session expired - please log in again"); return; }
+    reconnectTimer = setTimeout(connect, reconnectDelay);
+    reconnectDelay = Math.min(reconnectDelay * 2, 5000);
+  };
+}
+
+function setLink(ok) {
+  const l = $("#link");
+  l.dataset.ok = String(ok);
+  l.textContent = ok ? "live" : "no connection";
+}
+
+const decoder = new TextDecoder();
+
+function showFrame(buf) {
+  const n = new DataView(buf).getUint16(0);
+  let head;
+  try { head = JSON.parse(decoder.decode(new Uint8Array(buf, 2, n))); } catch (e) { return; }
+  const fig = document.getElementById(`cam-${head.camera}`);
+  if (!fig) return;
+  const img = fig.querySelector("img");
+  const url = URL.createObjectURL(new Blob([new Uint8Array(buf, 2 + n)], { type: "image/jpeg" }));
+  const old = img.dataset.url;
+  img.onload = () => { if (old) URL.revokeObjectURL(old); };
+  img.dataset.url = url;
+  img.src = url;
+  img.dataset.seq = String(head.seq);
+  hmiStats.frames[head.camera] = (hmiStats.frames[head.camera] || 0) + 1;
+  img.dataset.frames = String(hmiStats.frames[head.camera]);
+  setText(fig.querySelector("figcaption"),
+    `${head.camera} - ${head.age_s.toFixed(1)} s ago - ${head.decided}/${head.pieces} decided`);
+}
+
+function fmt(v, digits = 0) {
+  return v === null || v === undefined ? "-" : Number(v).toFixed(digits);
+}
+
+function render(s) {
+  hmiStats.states += 1;
+  hmiStats.last = s;
+  const st = $("#state");
+  setText(st, s.state);
+  setData(st, "state", s.state);
+  setText($("#belt"), `belt ${fmt(s.belt_mm_s / 1000, 2)} m/s`);
+  setText($("#throughput"), `${fmt(s.pieces_per_minute)} pieces/min`);
+  for (const b of document.querySelectorAll("#controls button")) {
+    const off = !s.allowed.includes(b.dataset.cmd);
+    if (b.disabled !== off) b.disabled = off;
+  }
+  renderFractions(s.fractions);
+  renderStatus(s);
+  renderAlarms(s.alarms);
+  renderThresholds(s.routing);
+  for (const cam of s.cameras) {
+    const fig = document.getElementById(`cam-${cam.name}`);
+    if (fig) setData(fig, "online", String(cam.online));
+  }
+}
+
+function renderFractions(fractions) {
+  const body = $("#fractions tbody");
+  if (body.children.length !== fractions.length) {
+    body.replaceChildren();
+    for (const f of fractions) {
+      const tr = el("tr", { id: `fraction-${f.name}` });
+      const name = el("td");
+      const sw = el("span", { class: "swatch" });
+      sw.style.background = f.colour;
+      name.append(sw, document.createTextNode(f.name));
+      tr.append(name, el("td", { class: "count", id: `count-${f.name}` }), el("td", { class: "rate" }),
+        el("td", { class: "purity" }));
+      body.append(tr);
+    }
+  }
+  fractions.forEach((f, i) => {
+    const tr = body.children[i];
+    setText(tr.querySelector(".count"), String(f.count));
+    setText(tr.querySelector(".rate"), fmt(f.rate_per_min));
+    setText(tr.querySelector(".purity"), f.purity === null ? "-" : `${(100 * f.purity).toFixed(1)} %`);
+  });
+}
+
+function tile(id, title, value, ok) {
+  let t = document.getElementById(id);
+  if (!t) {
+    t = el("div", { class: "tile", id });
+    t.append(el("div", { class: "t" }, title), el("div", { class: "v" }));
+    $("#status").append(t);
+  }
+  setData(t, "ok", String(ok));
+  setText(t.querySelector(".v"), value);
+}
+
+function renderStatus(s) {
+  const p = s.plc;
+  tile("tile-plc", `PLC (${p.protocol})`, p.online ? `online, ${fmt(p.rtt_ms, 1)} ms` : `offline: ${p.last_error || "no answer"}`,
+    p.online && p.alarms.length === 0);
+  tile("tile-belt", "Belt", p.belt_running ? `running ${fmt(s.belt_mm_s)} mm/s` : "stopped", p.online);
+  const off = s.cameras.filter((c) => !c.online);
+  tile("tile-cameras", "Cameras", off.length ? `offline: ${off.map((c) => c.name).join(", ")}` :
+    `${s.cameras.length} online`, off.length === 0);
+  const m = s.magnetometer;
+  tile("tile-mag", "Magnetometer", m === null ? "none on this line" : (m.online ? "online" : `offline: ${m.reason || ""}`),
+    m === null || m.online);
+  tile("tile-model", "Model", `${s.model.version} (${s.model.provider.replace("ExecutionProvider", "")})`, true);
+  tile("tile-latency", "Decision latency p99", s.latency_ms_p99 === null ? "-" : `${fmt(s.latency_ms_p99)} ms`, true);
+}
+
+function timeOf(t) {
+  return new Date(t * 1000).toLocaleTimeString();
+}
+
+function renderAlarms(alarms) {
+  setText($("#alarm-count"), alarms.length ? `(${alarms.filter((a) => a.active).length} active)` : "");
+  const key = JSON.stringify(alarms.map((a) => [a.name, a.raised_at, a.cleared_at, a.acked_by, a.cause]));
+  if (key === lastAlarmsKey) return; // unchanged: keep the buttons under the operator's finger
+  lastAlarmsKey = key;
+  const list = $("#alarms");
+  list.replaceChildren();
+  for (const a of alarms) {
+    const li = el("li", { "data-alarm": a.name, "data-active": String(a.active), "data-acked": String(!!a.acked_by) });
+    const head = el("div", { class: "head" });
+    head.append(el("span", { class: "name" }, a.name), el("span", { class: "time" }, timeOf(a.raised_at)));
+    li.append(head, el("div", { class: "cause" }, a.cause), el("div", { class: "action" }, a.action));
+    const row = el("div", { class: "row" });
+    const status = a.active ? (a.acked_by ? `active, acknowledged by ${a.acked_by}` : "active") :
+      `cleared ${timeOf(a.cleared_at)}`;
+    row.append(el("span", { class: "status" }, status));
+    if (session && session.may_operate && !a.acked_by) {
+      const b = el("button", { type: "button", class: "ack" }, "Acknowledge");
+      b.addEventListener("click", async () => {
+        b.disabled = true;
+        const r = await api("POST", `/api/alarms/${encodeURIComponent(a.name)}/ack`);
+        if (!r.ok && r.status !== 401) toast(`acknowledge refused: ${(r.data && r.data.detail) || r.status}`, "error");
+      });
+      row.append(b);
+    }
+    li.append(row);
+    list.append(li);
+  }
+}
+
+// --- technician ---
+
+function renderThresholds(routing) {
+  if (!session || !session.may_configure) return;
+  for (const key of ["min_confidence", "fallback_min_confidence"]) {
+    const v = key in pendingThresholds ? pendingThresholds[key] : routing[key];
+    const span = document.getElementById(`thr-${key}`);
+    setText(span, v.toFixed(2));
+    setData(span, "changed", String(key in pendingThresholds));
+    setData(span, "current", String(routing[key]));
+  }
+}
+
+function step(ev) {
+  const box = ev.target.closest(".stepper");
+  const key = box.dataset.key;
+  const span = document.getElementById(`thr-${key}`);
+  const base = key in pendingThresholds ? pendingThresholds[key] : Number(span.dataset.current);
+  const v = Math.min(1, Math.max(0, Math.round((base + Number(ev.target.dataset.delta)) * 100) / 100));
+  pendingThresholds[key] = v;
+  span.textContent = v.toFixed(2);
+  span.dataset.changed = "true";
+}
+
+async function applyThresholds() {
+  if (!Object.keys(pendingThresholds).length) { toast("no change"); return; }
+  const r = await api("PUT", "/api/routing/thresholds", pendingThresholds);
+  if (r.ok) {
+    pendingThresholds = {};
+    toast(`thresholds: ${r.data.min_confidence.toFixed(2)} / ${r.data.fallback_min_confidence.toFixed(2)}`);
+  } else if (r.status !== 401) {
+    toast(`thresholds refused: ${(r.data && r.data.detail) || r.status}`, "error");
+  }
+}
+
+async function loadModels() {
+  const r = await api("GET", "/api/models");
+  const box = $("#models");
+  box.replaceChildren();
+  if (!r.ok) return;
+  for (const path of r.data.models) {
+    const b = el("button", { type: "button", "aria-pressed": "false", "data-path": path }, path.split("/").pop());
+    b.addEventListener("click", () => {
+      chosenModel = path;
+      for (const o of box.children) o.setAttribute("aria-pressed", String(o === b));
+    });
+    box.append(b);
+  }
+}
+
+async function swapModel() {
+  if (!chosenModel) { toast("choose a model first"); return; }
+  toast("checking the model ...");
+  const r = await api("POST", "/api/model", { path: chosenModel });
+  if (r.ok) toast(`model ${r.data.version} running`);
+  else if (r.status !== 401) toast((r.data && r.data.detail) || `refused (${r.status})`, "error");
+}
+
+// --- start ---
+
+document.addEventListener("pointerdown", () => {
+  // a touch on the panel is activity: it keeps the session from expiring while someone is there
+  const now = Date.now();
+  if (ws && ws.readyState === WebSocket.OPEN && now - lastActivitySent > 5000) {
+    lastActivitySent = now;
+    ws.send(JSON.stringify({ type: "activity" }));
+  }
+}, { passive: true });
+
+window.addEventListener("DOMContentLoaded", async () => {
+  $("#login-form").addEventListener("submit", login);
+  $("#logout").addEventListener("click", logout);
+  for (const b of document.querySelectorAll(".stepper .step")) b.addEventListener("click", step);
+  $("#thr-apply").addEventListener("click", applyThresholds);
+  $("#model-swap").addEventListener("click", swapModel);
+  const r = await api("GET", "/api/session");
+  if (r.ok) { session = r.data; showMain(); } else { showLogin(""); }
+});
