@@ -112,7 +112,8 @@ async def test_calibration_from_wrong_defaults_restores_the_sorting(tmp_path: Pa
     assert calibrated.ejection.valve_open_delay_ms == pytest.approx(TRUE_OPEN_MS, abs=1.0)
     after = figures(await run_demo(calibrated, 15, SEED, tmp_path / "after"))
     print(f"uncalibrated: {before}\ncalibrated:   {after}")
-    assert before["ndfeb_recovery"] < 0.5  # the wrong encoder and valve timing miss most pieces
+    # the wrong encoder and valve timing blow beside the pieces
+    assert before["eject_error_p99_mm"] > 5.0 and before["ndfeb_recovery"] < after["ndfeb_recovery"] - 0.1
     # calibrated: the demo's figures again (README, seed 7)
     assert after["ndfeb_purity"] >= 0.99 and after["ferrite_smco_purity"] >= 0.99
     assert after["ndfeb_recovery"] >= 0.93 and after["ferrite_smco_recovery"] >= 0.93

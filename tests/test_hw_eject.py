@@ -160,7 +160,8 @@ def test_no_plc_is_a_clear_message_and_the_config_is_untouched(tmp_path: Path) -
         timeout=60,
     )
     assert done.returncode == 2, done.stderr
-    assert f"PLC at 127.0.0.1:{port} not reachable" in done.stderr and "check:" in done.stderr
+    said = " ".join(done.stderr.split())  # rich wraps long lines
+    assert f"PLC at 127.0.0.1:{port} (Modbus TCP) not reachable" in said and "check:" in said
     assert "Traceback" not in done.stderr and config.read_text() == before
 
 

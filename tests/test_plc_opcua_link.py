@@ -127,8 +127,7 @@ async def test_a_full_queue_times_out_and_recovers(plant: Plant) -> None:
         assert not link.status.queue_overflow  # the PC never overfilled the PLC
         plant.plc.set_estop(True)  # flush, then carry on
         plant.plc.set_estop(False)
-        await link.command(PlcCommand.RESET)
-        await link.command(PlcCommand.START_BELT)
+        await started(link)  # belt on again, and the clock model locked on it before predicting counts
         assert (await link.send(EjectCommand(51, 0, 1, ahead(link, 0.3), 100), LEAD)).outcome == "accepted"
 
 
