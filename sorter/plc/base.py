@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Any, Literal
@@ -201,6 +202,19 @@ class PlcLinkBase:
             self._set_offline("stopped", stopping=True)
             if not self._run_done.done():
                 self._run_done.set_result(None)
+
+    async def _every_poll(self, step: Callable[[], Awaitable[None]]) -> None:
+        """Run step() every plc.poll_interval_ms (late: skip ahead rather than burst) until it raises."""
+        interval = self.cfg.poll_interval_ms / 1000.0
+        next_t = time.monotonic()
+        while True:
+            next_t += interval
+            wait = next_t - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            else:
+                next_t = time.monotonic()
+            await step()
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

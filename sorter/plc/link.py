@@ -88,17 +88,11 @@ class PlcLink(PlcLinkBase):
 
     # --- polling and heartbeat ---
     async def _poll_loop(self) -> None:
-        interval = self.cfg.poll_interval_ms / 1000.0
-        next_t = time.monotonic()
-        while True:
-            next_t += interval
-            wait = next_t - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            else:
-                next_t = time.monotonic()  # late: skip ahead rather than burst
+        async def step() -> None:
             regs, t_req, t_resp = await self._client.read_input_registers_timed(self._ir_lo, self._ir_count)
             self._apply_poll(regs, t_req, t_resp)
+
+        await self._every_poll(step)
 
     async def _heartbeat_loop(self) -> None:
         interval = self.cfg.heartbeat_interval_ms / 1000.0

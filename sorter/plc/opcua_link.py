@@ -109,17 +109,11 @@ class OpcUaPlcLink(PlcLinkBase):
         self._rtt_ms, self._t_polled = (t_resp - t_req) * 1000.0, t_resp
 
     async def _clock_loop(self) -> None:
-        interval = self.cfg.poll_interval_ms / 1000.0
-        next_t = time.monotonic()
-        while True:
-            next_t += interval
-            wait = next_t - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            else:
-                next_t = time.monotonic()  # late: skip ahead rather than burst
+        async def step() -> None:
             await self._sync_clock()
             self._update()  # fresh rtt and t_polled even when nothing subscribed has changed
+
+        await self._every_poll(step)
 
     async def _heartbeat_loop(self) -> None:
         interval = self.cfg.heartbeat_interval_ms / 1000.0
