@@ -191,3 +191,33 @@ def test_frame_is_dark_belt_and_pieces_are_clipped_at_the_border() -> None:
         renderer.render([(piece, sprite)], y, frame)
     with pytest.raises(ValueError):
         renderer.render([], 0.0, np.empty((10, 10, 3), np.uint8))
+
+
+def test_segment_separates_the_feeds_touching_pieces() -> None:
+    """Half the feed touching a neighbour (by a hair, as the simulator places them): nearly every piece is
+    still found on its own, at its centroid, and hardly any blob is a fragment."""
+    geom = CameraGeometry(2480, 720, (300.0, 0.0), MM_PER_PX)  # the whole belt width in one view
+    renderer = FrameRenderer(geom, noise_sigma=3.0, seed=3)
+    frame = np.empty((720, 2480, 3), np.uint8)
+    pieces = FeedGenerator(SimFeedConfig(touching_share=0.5), 600, 2500, seed=21).pieces_until(24_000)
+    n = found = fragments = 0
+    step = 120.0
+    for pos in np.arange(pieces[0].s_mm, pieces[-1].s_mm, step):
+        near = [p for p in pieces if -130 <= pos - p.s_mm <= 130]
+        if not near:
+            continue
+        renderer.render([(p, render_sprite(p, MM_PER_PX)) for p in near], float(pos), frame, gain=1.0)
+        xy = np.array([geom.px_to_mm(b.cu, b.cv) for b in segment(frame, VisionConfig(), MM_PER_PX, None)]).reshape(
+            -1, 2
+        )
+        truth = np.array([(p.x_mm, pos - p.s_mm) for p in near])
+        # a blob's nearest piece, and each judged piece's nearest blob
+        d = np.hypot(xy[:, None, 0] - truth[None, :, 0], xy[:, None, 1] - truth[None, :, 1])
+        judged = np.abs(truth[:, 1]) < step / 2
+        n += int(judged.sum())
+        found += int((d[:, judged].min(axis=0, initial=np.inf) <= 6.0).sum())
+        fragments += int(((d.min(axis=1, initial=np.inf) > 6.0) & (np.abs(xy[:, 1]) < step / 2)).sum())
+    print(f"found {found} of {n}, fragments {fragments}")
+    assert n > 100
+    assert found >= 0.96 * n, (found, n)
+    assert fragments <= 0.02 * n, (fragments, n)

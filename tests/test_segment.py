@@ -56,3 +56,16 @@ def test_centroid_extent_and_partial_views():
     assert abs((whole.u1 - whole.u0) - 80) <= 2 and abs((whole.v1 - whole.v0) - 40) <= 2
     assert not whole.touches_top_bottom and whole.crop is not None and whole.crop.shape == (64, 64, 3)
     assert cut.touches_top_bottom and cut.crop is None  # partial views are not classified
+
+
+def test_a_small_piece_pressed_against_a_big_one_is_cut_off_at_the_contact():
+    img = frame()
+    cv2.circle(img, (400, 300), 90, (170, 170, 170), -1)  # a bright disc
+    block = cv2.boxPoints(((502.0, 300.0), (24.0, 24.0), 45.0))  # a small matte block, a corner against its side
+    cv2.fillPoly(img, [np.round(block).astype(np.int32)], (90, 95, 100))
+    cv2.circle(img, (800, 300), 60, (150, 150, 150), -1)  # two discs of one grey touching by a hair
+    cv2.circle(img, (800, 391), 30, (150, 150, 150), -1)
+    a = areas(img)
+    assert len(a) == 4
+    assert abs(a[0] - 24 * 24) < 150 and abs(a[1] - np.pi * 30**2) < 200
+    assert abs(a[2] - np.pi * 60**2) < 300 and abs(a[3] - np.pi * 90**2) < 400

@@ -195,6 +195,78 @@ def _split_touching(comp: np.ndarray, colour: np.ndarray) -> list[np.ndarray]:
     return parts or [comp]
 
 
+# Two touching pieces leave a pair of concavities in the outline, one at each end of the contact, with a
+# short gap between them for how deep the deeper one reaches into the blob; one piece's own concavities
+# (an arc's inside, a bracket's corner) are far apart for their depth. Measured on the simulated feed
+# (seeds 7 and 8, 3,800 pieces): a single piece's best pair spans at least 1.55 x its deeper depth; of
+# the touching pairs 86 % span less than 0.8 x, 98 % less than 1.3 x. A screw with a wide head looks like
+# a disc touching a bar, though: between CUT_SURE and CUT_RATIO the two sides must also differ in colour.
+CUT_SURE = 0.8
+CUT_RATIO = 1.3
+CUT_DEPTH_MM = 1.0  # concavities shallower than this are outline roughness
+CUT_MIN_PX = 12  # (segmentation pixels) each side of a cut must be at least this big
+CUT_LEVELS = 3  # a blob is cut at most this many times over (four pieces in a row)
+
+
+def _concavity_cut(part: np.ndarray, min_depth_px: float) -> tuple[float, tuple[int, int], tuple[int, int]] | None:
+    """(gap / depth, end, end) of the shortest cut between two deep concavities of the outline, relative
+    to the deeper one; None if there is none below CUT_RATIO."""
+    contours, _ = cv2.findContours(part, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if len(contours) != 1 or len(contours[0]) < 8:
+        return None
+    c = contours[0]
+    try:
+        defects = cv2.convexityDefects(c, cv2.convexHull(c, returnPoints=False))
+    except cv2.error:  # a self-touching outline ("hull indices are not monotonous"): leave it whole
+        return None
+    if defects is None:
+        return None
+    d = defects.reshape(-1, 4)
+    deep = d[d[:, 3] >= min_depth_px * 256]  # fixed point: 8 fractional bits
+    best: tuple[float, tuple[int, int], tuple[int, int]] | None = None
+    for i in range(len(deep)):
+        for j in range(i):
+            pa, pb = c[deep[i, 2], 0], c[deep[j, 2], 0]
+            ratio = float(np.hypot(*(pa - pb))) * 256 / max(deep[i, 3], deep[j, 3])
+            if ratio < CUT_RATIO and (best is None or ratio < best[0]):
+                best = (ratio, (int(pa[0]), int(pa[1])), (int(pb[0]), int(pb[1])))
+    return best
+
+
+def _mean_colour(colour: np.ndarray, side: np.ndarray) -> np.ndarray:
+    """Mean BGR over a side's inside (its outline ring is darker on every piece)."""
+    inner = cv2.erode(side, np.ones((3, 3), np.uint8))
+    px = colour[(inner if cv2.countNonZero(inner) else side) > 0]
+    return px.reshape(-1, 3).astype(np.float64).mean(axis=0)
+
+
+def _cut_concavities(
+    part: np.ndarray, colour: np.ndarray, min_depth_px: float, levels: int = CUT_LEVELS
+) -> list[np.ndarray]:
+    """Cut a mask between paired concavities (see CUT_RATIO), again on each side; one mask per piece."""
+    cut = _concavity_cut(part, min_depth_px) if levels > 0 else None
+    if cut is None:
+        return [part]
+    ratio, end_a, end_b = cut
+    cut_mask = part.copy()
+    cv2.line(cut_mask, end_a, end_b, 0, 1, cv2.LINE_8)  # an 8-connected line parts 4-connected regions
+    n, lab = cv2.connectedComponents(cut_mask, connectivity=4)
+    sizes = np.bincount(lab.ravel(), minlength=n)[1:]
+    if n < 3 or np.sort(sizes)[-2] < CUT_MIN_PX:
+        return [part]
+    # the line's pixels (and any crumbs) go back to the side they touch, so areas and centroids stay whole
+    keep = np.flatnonzero(sizes >= CUT_MIN_PX) + 1
+    lab16 = np.where(np.isin(lab, keep), lab, 0).astype(np.uint16)
+    grown = cv2.dilate(lab16, np.ones((3, 3), np.uint8), iterations=2)
+    lab16 = np.where((part > 0) & (lab16 == 0), grown, lab16)
+    sides = [((lab16 == k) & (part > 0)).astype(np.uint8) * 255 for k in keep]
+    if ratio >= CUT_SURE:
+        means = [_mean_colour(colour, side) for side in sides]
+        if max(float(np.linalg.norm(m - means[0])) for m in means[1:]) < COLOUR_STEP:
+            return [part]
+    return [piece for side in sides for piece in _cut_concavities(side, colour, min_depth_px, levels - 1)]
+
+
 def crop_piece(
     image: np.ndarray,
     mask_full: np.ndarray,
@@ -269,7 +341,11 @@ def segment(
         comp: np.ndarray = np.zeros((bh, bw), np.uint8)
         cv2.drawContours(comp, [contour], -1, 255, thickness=cv2.FILLED, offset=(-x, -y))
         comp = cv2.bitwise_and(comp, mask[y : y + bh, x : x + bw])  # keep holes (rings, washers) as holes
-        parts = _split_touching(comp, small[y : y + bh, x : x + bw]) if cfg.split_touching else [comp]
+        parts = [comp]
+        if cfg.split_touching:
+            depth_px = CUT_DEPTH_MM / (mm_per_px * ds)
+            colour = small[y : y + bh, x : x + bw]
+            parts = [cut for part in _split_touching(comp, colour) for cut in _cut_concavities(part, colour, depth_px)]
         for part in parts:
             m = cv2.moments(part, binaryImage=True)
             if m["m00"] < min_px:
