@@ -7,8 +7,8 @@ at the current belt speed. The PLC fires at those counts, so PC jitter never
 moves the ejection point.
 
 It also protects product purity: if the air window would also hit a piece of
-another fraction that is still on the belt at that bank, the edge valves over
-that neighbour are dropped, and if the target is then no longer covered the
+another fraction that is still on the belt at that bank, the window gives up its
+margins or the edge valves over that neighbour, and if the target is then no longer covered the
 ejection is skipped (the target goes to the default fraction instead).
 """
 
@@ -110,9 +110,13 @@ class EjectPlanner:
             if q.u > p.u and q.u_lead - gap >= earliest_close and not hits(q, open_u, min(close_u, q.u_lead - gap)):
                 close_u = min(close_u, q.u_lead - gap)
                 continue
-            # beside it: drop the valves over the neighbour
-            hit = set(valves_covering(cfg, q.x0, q.x1))
-            valves = [v for v in valves if v not in hit]
+            # beside it: drop valves over the neighbour, the one most over it first, until the air barely
+            # touches it (an edge valve grazing it may stay: the target keeps more of its air)
+            over = sorted(valves, key=lambda v: -self._coverage([v], q.x0, q.x1))
+            for v in over:
+                if not hits(q, open_u, close_u) or self._coverage([v], q.x0, q.x1) <= 0:
+                    break
+                valves.remove(v)
         if not valves or self._coverage(valves, p.x0, p.x1) < cfg.min_valve_coverage:
             if cfg.protect_purity:
                 return Plan(d, None, "conflict")
