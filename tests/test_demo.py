@@ -37,7 +37,7 @@ def test_demo_sorts_and_accounts_for_every_piece(tmp_path):
     assert report["records_unmatched"] <= 0.015 * report["records"]
     # a CI machine is shared: allow a stall, never a backlog (the 60 s demo figures are in the README)
     assert report["frames_dropped"] <= 0.01 * report["frames_captured"]
-    assert report["ejects_late"] <= 2
+    assert report["ejects_late"] <= 3 + 0.02 * report["ejects_sent"]  # a stall, never a broken clock (tens late)
     nd = report["fractions"]["ndfeb"]
     assert (
         nd["purity"] >= 0.98 and nd["recovery"] >= 0.8
