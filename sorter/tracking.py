@@ -20,6 +20,8 @@ from sorter.geometry import CameraGeometry
 from sorter.messages import Detection, Piece
 from sorter.vision.segment import Blob
 
+AREA_SLACK = 1.3  # views of one piece differ in area by segmentation noise (a few %), far less than this
+
 
 def to_detections(
     blobs: Iterable[Blob],
@@ -120,7 +122,18 @@ class _Track:
         c = self.centre()
         if c is not None and _whole(d):
             return abs(d.u - c[0]) <= gate and abs(d.x - c[1]) <= gate_mm
-        return _same_piece(d, self.u, self.u_lead, self.u_trail, self.x0, self.x1, gate, margin_mm)
+        return self._area_fits(d) and _same_piece(
+            d, self.u, self.u_lead, self.u_trail, self.x0, self.x1, gate, margin_mm
+        )
+
+    def _area_fits(self, d: Detection) -> bool:
+        """A view cut by an edge shows part of its piece: never much more than a whole view of it. (A small
+        piece lying in the bounding box of a big one that no camera sees whole is not a view of it.)"""
+        if _whole(d):
+            parts = [v.area_mm2 for v in self.views if not _whole(v)]
+            return not parts or d.area_mm2 * AREA_SLACK >= max(parts)
+        whole = [v.area_mm2 for v in self.views if _whole(v)]
+        return not whole or d.area_mm2 <= AREA_SLACK * float(median(whole))
 
     def to_piece(self, max_views: int) -> Piece:
         # the best views available: whole, else whole along the belt (cut by a camera's side), else any

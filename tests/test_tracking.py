@@ -19,10 +19,11 @@ CAMS = {
 STEP = 833  # counts between triggers: 41.65 mm
 
 
-def blobs_in_view(geom: CameraGeometry, pieces: list[tuple[float, float, float, float]], count: int) -> list[Blob]:
-    """Rectangles (u_centre counts, x mm, length mm, width mm) as the camera would see them, clipped."""
+def blobs_in_view(geom: CameraGeometry, pieces: list[tuple[float, ...]], count: int) -> list[Blob]:
+    """Rectangles (u_centre counts, x mm, length mm, width mm[, share of the box filled: 0.5 for a
+    diamond]) as the camera would see them, clipped."""
     out = []
-    for u, x, length, width in pieces:
+    for u, x, length, width, *fill in pieces:
         y = (count - u) / CPM
         (u0, u1), (v0, v1) = geom.mm_to_px(
             np.array([x - width / 2, x + width / 2]), np.array([y - length / 2, y + length / 2])
@@ -39,7 +40,7 @@ def blobs_in_view(geom: CameraGeometry, pieces: list[tuple[float, float, float, 
                 u1=cu1,
                 v0=cv0,
                 v1=cv1,
-                area_px=(cu1 - cu0) * (cv1 - cv0),
+                area_px=(cu1 - cu0) * (cv1 - cv0) * (fill[0] if fill else 1.0),
                 touches_top_bottom=cv0 <= 1 or cv1 >= geom.height - 2,
                 touches_left_right=cu0 <= 1 or cu1 >= geom.width - 2,
                 crop=None,
@@ -155,3 +156,14 @@ def test_a_piece_waits_for_a_long_neighbour_its_air_could_reach():
 
     assert batches((0.0, 0.0)) == [[100, 400], [104]]  # without the reach the short piece goes alone
     assert batches((6.0, 18.75)) == [[400], [100, 104]]  # with it, it waits and goes with the plate
+
+
+def test_a_small_piece_beside_a_big_one_cut_by_both_cameras_is_a_piece_of_its_own():
+    # a 60 mm diamond across the overlap (x 270..330, cut by cam0's right and cam1's left edge: no camera
+    # sees it whole) and a small piece inside its bounding box, by one of its corners
+    pieces = [(20000.0, 300.0, 60.0, 60.0, 0.5), (20000.0 + 18 * CPM, 278.0, 8.0, 8.0)]
+    decided, _ = run_tracker(pieces)
+    assert len(decided) == 2
+    big, small = sorted(decided, key=lambda p: -(p.x1 - p.x0))
+    assert abs((big.x0 + big.x1) / 2 - 300.0) < 0.5 and abs((big.x1 - big.x0) - 60.0) < 0.5
+    assert abs(small.x - 278.0) < 0.5 and abs(small.u - (20000.0 + 18 * CPM)) / CPM < 0.5
