@@ -8,8 +8,8 @@ moves the ejection point.
 
 It also protects product purity: if the air window would also hit a piece of
 another fraction that is still on the belt at that bank, the window gives up its
-margins or the edge valves over that neighbour, and if the target is then no longer covered the
-ejection is skipped (the target goes to the default fraction instead).
+margins or the edge valves over that neighbour, and if the target is then no
+longer covered the ejection is skipped (the target goes to the default fraction).
 """
 
 from __future__ import annotations

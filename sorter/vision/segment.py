@@ -205,7 +205,7 @@ CUT_SURE = 0.8
 CUT_RATIO = 1.3
 CUT_DEPTH_MM = 1.0  # concavities shallower than this are outline roughness
 CUT_MIN_PX = 12  # (segmentation pixels) each side of a cut must be at least this big
-CUT_LEVELS = 3  # a blob is cut at most this many times over (four pieces in a row)
+CUT_LEVELS = 3  # cuts nest at most this deep (each side of a cut may be cut again)
 
 
 def _concavity_cut(part: np.ndarray, min_depth_px: float) -> tuple[float, tuple[int, int], tuple[int, int]] | None:
