@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import time
 from pathlib import Path
 
 import pytest
@@ -13,15 +12,9 @@ import pytest
 from sorter.config import load_config
 from sorter.demo import run_demo
 from sorter.records import load_pieces
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-async def _until(cond, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.slow
@@ -30,13 +23,13 @@ async def test_unplugged_bar_raises_an_alarm_and_falls_back_to_the_camera(tmp_pa
     seen: dict[str, object] = {}
 
     async def pull_and_replug(service, sim) -> None:
-        await _until(lambda: service.counts["field_ok"] > 20, 15)
+        await wait_until(lambda: service.counts["field_ok"] > 20, 15)
         await sim.send(cmd="hallbar", on=False)
-        await _until(lambda: not service.hallbar.online, 5)
+        await wait_until(lambda: not service.hallbar.online, 5)
         seen["offline_at"] = service.counts["pieces"]
         await asyncio.sleep(2.0)
         await sim.send(cmd="hallbar", on=True)
-        await _until(lambda: service.hallbar.online, 10)
+        await wait_until(lambda: service.hallbar.online, 10)
         seen["online_at"] = service.counts["pieces"]
 
     report = await run_demo(cfg, duration=9, seed=3, run_dir=tmp_path, during=pull_and_replug)

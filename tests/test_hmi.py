@@ -34,6 +34,7 @@ from sorter.hmi.app import COOKIE
 from sorter.hmi.server import RESTART_S
 from sorter.packml import State
 from sorter.service import LineService
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "sorter-cnn.onnx"
@@ -143,14 +144,6 @@ async def line(tmp_path: Path) -> AsyncIterator[Line]:
         yield ln
 
 
-async def _until(cond: Any, timeout: float, what: str) -> float:
-    t0 = time.monotonic()
-    while not cond():
-        assert time.monotonic() - t0 < timeout, f"{what} not within {timeout} s"
-        await asyncio.sleep(0.02)
-    return time.monotonic() - t0
-
-
 # --- login, sessions, roles, forged requests ---
 
 
@@ -159,8 +152,11 @@ async def test_wrong_password_and_malformed_logins_change_nothing_and_are_logged
         for body in ({"user": "operator", "password": "nope"}, {"user": "nobody", "password": "demo-operator"}):
             r = await c.post("/api/login", json=body)
             assert r.status_code == 401 and COOKIE not in r.cookies
-        r = await c.post("/api/login", content=b"user=operator&password=secret-typo", headers={
-            "content-type": "application/x-www-form-urlencoded"})
+        r = await c.post(
+            "/api/login",
+            content=b"user=operator&password=secret-typo",
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
         assert r.status_code == 401
         r = await c.post("/api/login", json={"user": "operator", "password": "hunter2", "role": "technician"})
         assert r.status_code == 422  # unknown field: refused, not ignored
@@ -238,7 +234,7 @@ async def test_operator_commands_need_the_csrf_token_and_the_same_origin(line: L
         assert r.status_code == 409 and "not allowed in state Stopped" in r.json()["detail"]
         r = await c.post("/api/command/Abort", headers={"X-CSRF-Token": csrf, "Origin": line.url})
         assert r.status_code == 200 and r.json()["state"] in ("Aborting", "Aborted")
-    await _until(lambda: svc.control.state is State.ABORTED, 5, "aborted")
+    await wait_until(lambda: svc.control.state is State.ABORTED, 5, "aborted")
     reasons = [r["reason"] for r in line.log.find("hmi request refused")]
     assert reasons[:4] == ["csrf", "csrf", "cross_site", "cross_site"]
     assert line.log.find("hmi command", user="operator", command="Abort")
@@ -362,7 +358,9 @@ async def test_a_port_in_use_is_an_alarm_and_the_hmi_comes_up_when_it_is_free(tm
         assert cond is not None and cond.name == "hmi_down" and "in use" in cond.cause
         assert "hmi_down" in [c.name for c in svc._conditions()]
         blocker.close()
-        await _until(lambda: svc.hmi is not None and svc.hmi.listening, RESTART_S + 3, "HMI up once the port is free")
+        await wait_until(
+            lambda: svc.hmi is not None and svc.hmi.listening, RESTART_S + 3, "HMI up once the port is free"
+        )
         assert svc.hmi.url.endswith(f":{port}/") and svc.hmi.condition() is None
         async with httpx.AsyncClient(base_url=svc.hmi.url) as c:
             assert (await c.get("/")).status_code == 200
@@ -377,8 +375,8 @@ async def test_a_crashed_hmi_raises_an_alarm_and_restarts_on_the_same_port(line:
     assert hmi is not None and hmi._uvicorn is not None
     url = hmi.url
     hmi._uvicorn.should_exit = True  # uvicorn ends as if it had failed
-    await _until(lambda: not hmi.listening, 5, "HMI down")
-    await _until(lambda: hmi.listening, RESTART_S + 5, "HMI back")
+    await wait_until(lambda: not hmi.listening, 5, "HMI down")
+    await wait_until(lambda: hmi.listening, RESTART_S + 5, "HMI back")
     assert hmi.url == url
     assert line.log.find("ALARM hmi down: the operator panel is unavailable")
     async with line.client() as c:
@@ -513,17 +511,27 @@ async def test_operator_and_viewer_in_a_headless_browser_on_the_running_line(tmp
         assert svc.hmi._uvicorn is not None
         pieces = svc.counts["pieces"]
         svc.hmi._uvicorn.should_exit = True
-        await _until(lambda: svc.hmi is not None and not svc.hmi.listening, 5, "HMI down")
-        await _until(lambda: "hmi_down" in [a.name for a in svc.alarm_board.active], 5, "hmi_down alarm")
+        await wait_until(lambda: svc.hmi is not None and not svc.hmi.listening, 5, "HMI down")
+        await wait_until(lambda: "hmi_down" in [a.name for a in svc.alarm_board.active], 5, "hmi_down alarm")
         after["pieces_while_down"] = svc.counts["pieces"] - pieces
         after["state_while_down"] = svc.control.state
-        await _until(lambda: svc.hmi is not None and svc.hmi.listening, RESTART_S + 5, "HMI back")
+        await wait_until(lambda: svc.hmi is not None and svc.hmi.listening, RESTART_S + 5, "HMI back")
         after["acked"] = [a for a in svc.alarm_board.history if a.name == "plc_offline"]
 
     report = await run_demo_with(tmp_path, panels)
     print("browser:", {k: v for k, v in out.items() if k != "dir"}, after)
-    keys = ("pieces_fed", "pieces_binned", "pieces_accounted", "records", "frames_captured", "frames_dropped",
-            "ejects_late", "merged_views", "decision_latency_ms", "pieces_fed_late")
+    keys = (
+        "pieces_fed",
+        "pieces_binned",
+        "pieces_accounted",
+        "records",
+        "frames_captured",
+        "frames_dropped",
+        "ejects_late",
+        "merged_views",
+        "decision_latency_ms",
+        "pieces_fed_late",
+    )
     print("report:", {k: report.get(k) for k in keys})
     assert out["counts"][1] > out["counts"][0]
     assert all(s for s in out["seqs"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from sorter.opcua_pki import trust
 from sorter.packml import State
 from sorter.records import load_pieces
 from tests.nodeclient import arun_node_client, make_certificate, require_node, step
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT_URI = "urn:magnet-sorter:test:scada"
@@ -25,14 +25,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 def opcua_config() -> Any:
     cfg = load_config(ROOT / "config" / "sim.yaml")
     return cfg.model_copy(update={"plc": cfg.plc.model_copy(update={"protocol": "opcua"})})
-
-
-async def _until(cond: Any, timeout: float, what: str) -> float:
-    t0 = time.monotonic()
-    while not cond():
-        assert time.monotonic() - t0 < timeout, f"{what} not within {timeout} s"
-        await asyncio.sleep(0.02)
-    return time.monotonic() - t0
 
 
 def scada_script(service: Any, cert: Path, key: Path, user: str, steps: list[dict[str, Any]]) -> dict[str, Any]:
@@ -66,7 +58,7 @@ async def test_scada_drives_the_packml_state_machine_over_signandencrypt(tmp_pat
     async def scada(service: Any, sim: Any) -> None:
         cert, key = make_certificate(tmp_path / "scada.der", tmp_path / "scada.pem", application_uri=CLIENT_URI)
         trust(cert, service.cfg.opcua_server.trust_dir)  # as `sorter opcua trust` does
-        await _until(lambda: service.opcua.listening and service.live.counts["ndfeb"] > 0, 30, "server up")
+        await wait_until(lambda: service.opcua.listening and service.live.counts["ndfeb"] > 0, 30, "server up")
         sl = ["SortingLine"]
         got["operator"] = await arun_node_client(
             scada_script(
@@ -131,12 +123,12 @@ async def test_plc_opcua_restart_holds_the_line_and_loses_nothing(tmp_path: Path
     seen: dict[str, float] = {}
 
     async def restart_plc_opcua(service: Any, sim: Any) -> None:
-        await _until(lambda: service.counts["eject_accepted"] > 30, 20, "ejects accepted")
+        await wait_until(lambda: service.counts["eject_accepted"] > 30, 20, "ejects accepted")
         await sim.send(cmd="plc_opcua", on=False)
-        seen["to_held_s"] = await _until(lambda: service.control.state is State.HELD, 5, "line held")
+        seen["to_held_s"] = await wait_until(lambda: service.control.state is State.HELD, 5, "line held")
         await asyncio.sleep(2.0)
         await sim.send(cmd="plc_opcua", on=True)
-        seen["back_s"] = await _until(lambda: service.control.state is State.EXECUTE, 10, "line executing again")
+        seen["back_s"] = await wait_until(lambda: service.control.state is State.EXECUTE, 10, "line executing again")
         seen["reconnects"] = 1
 
     report = await run_demo(opcua_config(), duration=12, seed=6, run_dir=tmp_path, during=restart_plc_opcua)
