@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +27,6 @@ from sorter.opcua_pki import make_certificate, trust
 from sorter.plc.base import PlcCommand, PlcError
 from sorter.plc.opcua_link import OpcUaPlcLink
 from sorter.users import hash_password
-from tests.waiting import wait_until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -35,6 +34,14 @@ CPMM, SPEED = 20.0, 2500.0
 RATE = CPMM * SPEED
 LEAD = 0.03
 QUEUE = 8
+
+
+async def wait_until(cond: Callable[[], bool], timeout: float = 3.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.005)
 
 
 @dataclass
