@@ -25,6 +25,7 @@ from sorter.config import PlcConfig
 from sorter.messages import EjectCommand
 
 VALVES_PER_BANK = 32
+CANCEL_RETRY_S = 0.1  # a session loop still running this long after a cancel is cancelled again
 
 Outcome = Literal["accepted", "expired", "offline", "timeout"]
 
@@ -227,9 +228,16 @@ class PlcLinkBase:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            # on Python 3.11 wait_for() (asyncua wraps every request in it) loses a cancellation that lands as
+            # the request completes (gh-86296), and that loop would run on: cancel again until each has ended
+            pending = set(tasks)
+            while pending:
+                for t in pending:
+                    t.cancel()
+                _, pending = await asyncio.wait(pending, timeout=CANCEL_RETRY_S)
             for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+                if not t.cancelled():
+                    t.exception()  # retrieved: a loop that failed while being stopped is not an error to report
         for t in done:
             if t.get_name() != "plc-stop" and (exc := t.exception()) is not None:
                 raise exc
