@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sorter.config import LineConfig
+from sorter.report import headline
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -48,9 +49,7 @@ def panel_browser(folder: Path, nice: int = 19) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "panel-chromium"
     path.write_text(
-        "#!/bin/sh\n"
-        f"{{ echo {nice} > /proc/self/autogroup; }} 2>/dev/null\n"
-        f'exec nice -n {nice} {CHROMIUM} "$@"\n'
+        f'#!/bin/sh\n{{ echo {nice} > /proc/self/autogroup; }} 2>/dev/null\nexec nice -n {nice} {CHROMIUM} "$@"\n'
     )
     path.chmod(0o755)
     return path
@@ -170,15 +169,7 @@ async def _pair(cfg: LineConfig, duration: float, seed: int, run_dir: Path, nice
     ]
 
     def figures(r: dict[str, Any], cpu: float) -> dict[str, Any]:
-        return {
-            "latency_ms": r["decision_latency_ms"],
-            "ejects_late": r["ejects_late"],
-            "frames_dropped": r["frames_dropped"],
-            "ndfeb_purity": r["fractions"]["ndfeb"]["purity"],
-            "ndfeb_recovery": r["fractions"]["ndfeb"]["recovery"],
-            "service_cpu_s": round(cpu, 1),
-            "feed_s": r["duration_s"],
-        }
+        return {**headline(r), "service_cpu_s": round(cpu, 1), "feed_s": r["duration_s"]}
 
     return {
         "lat_none": lat_none,

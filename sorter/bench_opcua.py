@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sorter.config import LineConfig
+from sorter.report import headline
 
 
 async def _read_flood(url: str, seconds: float) -> int:
@@ -98,19 +99,10 @@ async def run_bench_opcua(cfg: LineConfig, duration: float, seed: int, run_dir: 
         cfg, duration, seed, run_dir / "flooded", during=lambda svc, sim: _flood(svc, sim, duration, flood)
     )
 
-    def figures(r: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "latency_ms": r["decision_latency_ms"],
-            "ejects_late": r["ejects_late"],
-            "frames_dropped": r["frames_dropped"],
-            "ndfeb_purity": r["fractions"]["ndfeb"]["purity"],
-            "ndfeb_recovery": r["fractions"]["ndfeb"]["recovery"],
-        }
-
     q, f = quiet["decision_latency_ms"]["p99"], flooded["decision_latency_ms"]["p99"]
     return {
-        "quiet": figures(quiet),
-        "flooded": {**figures(flooded), **flood},
+        "quiet": headline(quiet),
+        "flooded": {**headline(flooded), **flood},
         "p99_ratio": round(f / q, 3) if q else None,
         "duration_s": duration,
         "seed": seed,

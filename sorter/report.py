@@ -132,3 +132,14 @@ def build_report(
         "eject_outcomes": outcomes,
         "classes_fed": {c: sum(1 for t in truth if t["cls"] == c) for c in sorted({t["cls"] for t in truth})},
     }
+
+
+def headline(report: dict[str, Any]) -> dict[str, Any]:
+    """The figures a benchmark sets side by side for each of its demo runs."""
+    return {
+        "latency_ms": report["decision_latency_ms"],
+        "ejects_late": report["ejects_late"],
+        "frames_dropped": report["frames_dropped"],
+        "ndfeb_purity": report["fractions"]["ndfeb"]["purity"],
+        "ndfeb_recovery": report["fractions"]["ndfeb"]["recovery"],
+    }

@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import socket
-import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,63 +27,20 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin
 
 from sorter.alarms import Condition
-from sorter.bench_hmi import panel_browser
+from sorter.bench_hmi import CHROMIUM as BROWSER
+from sorter.bench_hmi import CHROMIUM_ARGS, panel_browser
 from sorter.config import HmiConfig, LineConfig, load_config
 from sorter.hmi.app import COOKIE
 from sorter.hmi.server import RESTART_S
 from sorter.packml import State
 from sorter.service import LineService
+from tests.reclog import RecLog
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "sorter-cnn.onnx"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+CHROMIUM = Path(BROWSER)
 PASSWORD = {u: f"demo-{u}" for u in ("viewer", "operator", "technician")}  # config/sim.yaml's demo users
-
-
-class RecLog:
-    """Stands in for the structlog logger: keeps (level, event, fields), from any thread."""
-
-    def __init__(self) -> None:
-        self.records: list[tuple[str, str, dict[str, Any]]] = []
-        self._lock = threading.Lock()
-
-    def _add(self, level: str, event: str, **kw: Any) -> None:
-        with self._lock:
-            self.records.append((level, event, kw))
-
-    def debug(self, event: str, **kw: Any) -> None:
-        self._add("debug", event, **kw)
-
-    def info(self, event: str, **kw: Any) -> None:
-        self._add("info", event, **kw)
-
-    def warning(self, event: str, **kw: Any) -> None:
-        self._add("warning", event, **kw)
-
-    def error(self, event: str, **kw: Any) -> None:
-        self._add("error", event, **kw)
-
-    def exception(self, event: str, **kw: Any) -> None:
-        self._add("exception", event, **kw)
-
-    def find(self, event: str, **match: Any) -> list[dict[str, Any]]:
-        with self._lock:
-            recs = list(self.records)
-        return [kw for _, e, kw in recs if e == event and all(kw.get(k) == v for k, v in match.items())]
-
-    def text(self) -> str:
-        with self._lock:
-            return repr(self.records)
 
 
 def line_config(tmp_path: Path, **hmi: Any) -> LineConfig:

@@ -36,6 +36,7 @@ from sorter.opcua_pki import PkiError, load_certificate, make_certificate, trust
 from sorter.opcua_server import CHILD_NICE, LineOpcUaServer, OpcUaServerError, _coalesce
 from sorter.packml import Command, PackMLMachine, State
 from sorter.users import authenticate, hash_password, may_configure, may_operate, verify_password
+from tests.reclog import RecLog as BaseRecLog
 
 # every server test shares the module's loop, the one the module-scoped server was started from
 in_module_loop = pytest.mark.asyncio(loop_scope="module")
@@ -48,35 +49,12 @@ HOSTS = [socket.gethostname(), "localhost", "127.0.0.1"]
 PARENT_PID = os.getpid()
 
 
-class RecLog:
-    """Stands in for the structlog logger: keeps (level, event, fields), from any thread.
-
-    With a path, it also reads what the server process logs (LineOpcUaServer._child_log_file: JSON lines).
-    """
+class RecLog(BaseRecLog):
+    """With a path, it also reads what the server process logs (LineOpcUaServer._child_log_file: JSON lines)."""
 
     def __init__(self, path: Path | None = None) -> None:
-        self.records: list[tuple[str, str, dict[str, Any]]] = []
-        self._lock = threading.Lock()
+        super().__init__()
         self.path = path
-
-    def _add(self, level: str, event: str, **kw: Any) -> None:
-        with self._lock:
-            self.records.append((level, event, kw))
-
-    def debug(self, event: str, **kw: Any) -> None:
-        self._add("debug", event, **kw)
-
-    def info(self, event: str, **kw: Any) -> None:
-        self._add("info", event, **kw)
-
-    def warning(self, event: str, **kw: Any) -> None:
-        self._add("warning", event, **kw)
-
-    def error(self, event: str, **kw: Any) -> None:
-        self._add("error", event, **kw)
-
-    def exception(self, event: str, **kw: Any) -> None:
-        self._add("exception", event, **kw)
 
     def child_records(self) -> list[tuple[str, str, dict[str, Any]]]:
         if self.path is None or not self.path.exists():
@@ -92,9 +70,6 @@ class RecLog:
     def all_records(self) -> list[tuple[str, str, dict[str, Any]]]:
         with self._lock:
             return [*self.records, *self.child_records()]
-
-    def find(self, event: str) -> list[dict[str, Any]]:
-        return [kw for _, e, kw in self.all_records() if e == event]
 
     def text(self) -> str:
         """Everything logged, on both sides, as text."""
