@@ -69,3 +69,27 @@ def test_a_small_piece_pressed_against_a_big_one_is_cut_off_at_the_contact():
     assert len(a) == 4
     assert abs(a[0] - 24 * 24) < 150 and abs(a[1] - np.pi * 30**2) < 200
     assert abs(a[2] - np.pi * 60**2) < 300 and abs(a[3] - np.pi * 90**2) < 400
+
+
+def test_an_arc_touching_a_bar_at_both_ends_is_parted_but_a_necked_ring_stays_whole():
+    img = frame()
+    # a dark ferrite arc whose two tips rest on a bright steel bar: the pair encloses a hole
+    cv2.rectangle(img, (200, 280), (520, 310), (190, 190, 190), -1)
+    outer = cv2.ellipse2Poly((360, 277), (150, 120), 0, 20, 160, 5)
+    inner = cv2.ellipse2Poly((360, 277), (124, 94), 0, 20, 160, 5)
+    cv2.fillPoly(img, [np.vstack([outer, inner[::-1]])], (90, 90, 90))  # its tips' inner corners rest on the bar
+    # a ring of one colour, thinner on one side (a worn washer): it has a neck and a hole, and is one piece
+    cv2.circle(img, (900, 400), 70, (150, 150, 150), -1)
+    cv2.circle(img, (915, 400), 45, (18, 18, 18), -1)
+    ring = np.zeros(img.shape[:2], np.uint8)
+    cv2.circle(ring, (900, 400), 70, 255, -1)
+    cv2.circle(ring, (915, 400), 45, 0, -1)
+    shine = np.zeros_like(ring)  # a specular highlight across it, bright as the bar
+    cv2.ellipse(shine, (900, 400), (90, 78), 0, 110, 250, 255, -1)
+    img[(ring > 0) & (shine > 0)] = (200, 200, 200)
+    a = areas(img)
+    assert len(a) == 3
+    bar = 321 * 31
+    ring = np.pi * (70**2 - 45**2)
+    assert any(abs(v - bar) < 0.1 * bar for v in a)
+    assert any(abs(v - ring) < 0.1 * ring for v in a)
