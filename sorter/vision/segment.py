@@ -154,7 +154,7 @@ def _split_touching(comp: np.ndarray, colour: np.ndarray) -> list[np.ndarray]:
     hull_area = cv2.contourArea(cv2.convexHull(np.vstack(contours)))
     convex = hull_area <= 0 or cv2.countNonZero(filled) / hull_area > 0.97
     parts = [comp] if convex else _split_at_necks(comp, filled, colour, colour_only=False)
-    if len(parts) == 1 and cv2.countNonZero(filled) > cv2.countNonZero(comp):
+    if len(parts) == 1 and cv2.countNonZero(filled) > cv2.countNonZero(comp) and _may_hold_two_colours(comp, colour):
         opened = _split_at_necks(comp, comp, colour, colour_only=True)
         if len(opened) > 1 and _encloses_between(opened, filled & ~comp, colour):
             parts = opened
@@ -170,6 +170,14 @@ def _split_touching(comp: np.ndarray, colour: np.ndarray) -> list[np.ndarray]:
 HOLE_MIN_SHARE = 0.15
 HOLE_COLOUR_STEP = 2 * COLOUR_STEP
 HOLE_RIM_MAX_SHARE = 0.8
+
+
+def _may_hold_two_colours(comp: np.ndarray, colour: np.ndarray) -> bool:
+    """A cheap necessary condition for `_encloses_between`: sides of shares w and 1 - w whose means differ
+    by d spread the blob's colour by at least d * sqrt(w (1 - w)) (most holed blobs are one material)."""
+    _, sd = cv2.meanStdDev(colour, mask=comp)
+    least = HOLE_COLOUR_STEP * np.sqrt(HOLE_MIN_SHARE * (1 - HOLE_MIN_SHARE))
+    return float(np.sqrt((sd**2).sum())) >= least
 
 
 def _encloses_between(parts: list[np.ndarray], hole: np.ndarray, colour: np.ndarray) -> bool:
