@@ -145,8 +145,7 @@ def _split_touching(comp: np.ndarray, colour: np.ndarray) -> list[np.ndarray]:
     `colour` is the BGR image under `comp` (same shape), used to tell materials apart at moderate necks.
     Holes are filled first so that a ring or washer stays one piece. A blob with a hole that stays whole
     gets a second look with its hole open: pieces touching at both ends (an arc leaning on a screw)
-    enclose a hole too, and are parted there, but only where the sides differ in colour (a ring's own
-    sides never do).
+    enclose a hole too, and are parted there by colour alone, under the strict terms of HOLE_MIN_SHARE.
     """
     filled = comp.copy()
     contours, _ = cv2.findContours(comp, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
