@@ -88,6 +88,9 @@ class _Track:
             return None
         return float(median([d.u for d in whole])), float(median([d.x for d in whole]))
 
+    def n_whole(self) -> int:
+        return sum(1 for d in self.views if _whole(d))
+
     def contains(self, u: float, x: float) -> bool:
         return self.u_lead < u < self.u_trail and self.x0 < x < self.x1
 
@@ -250,15 +253,20 @@ class Tracker:
 
     def _drop_merged(self, ready: list[_Track]) -> list[_Track]:
         """A track whose extent holds the centres of two or more other tracks is a view of touching
-        pieces that other frames did split: the split tracks stand for those pieces."""
-        centres: list[tuple[object, tuple[float, float]]] = [
+        pieces that other frames did split: the split tracks stand for those pieces. Only tracks seen
+        whole at least half as often count: a fragment that one frame cut off a piece (seen whole in
+        four frames) is no evidence that the piece was two."""
+        centres: list[tuple[_Track | None, tuple[float, float]]] = [
             (t, c) for t in ready + self._tracks if (c := t.centre()) is not None
         ]
         centres += [(None, (u, (x0 + x1) / 2)) for u, _, _, x0, x1 in self._done]
         whole = [t for t in ready + self._tracks if t.centre() is not None]
         keep = []
         for t in ready:
-            inside = sum(1 for o, (u, x) in centres if o is not t and t.contains(u, x))
+            seen = t.n_whole()
+            inside = sum(
+                1 for o, (u, x) in centres if o is not t and t.contains(u, x) and (o is None or 2 * o.n_whole() >= seen)
+            )
             if inside >= 2:
                 self.merged_views += len(t.views)
                 continue

@@ -167,3 +167,26 @@ def test_a_small_piece_beside_a_big_one_cut_by_both_cameras_is_a_piece_of_its_ow
     big, small = sorted(decided, key=lambda p: -(p.x1 - p.x0))
     assert abs((big.x0 + big.x1) / 2 - 300.0) < 0.5 and abs((big.x1 - big.x0) - 60.0) < 0.5
     assert abs(small.x - 278.0) < 0.5 and abs(small.u - (20000.0 + 18 * CPM)) / CPM < 0.5
+
+
+def test_a_fragment_cut_off_in_one_frame_does_not_make_its_piece_a_merged_view():
+    # a diagonal screw (a diamond in its box) with a small ring in a corner of its box; in one frame segmentation
+    # cuts a fragment off the screw. The screw, seen whole in the other frames, keeps its own record.
+    screw, ring = (10000.0, 200.0, 30.0, 30.0, 0.5), (10000.0 + 4 * CPM, 192.0, 8.0, 8.0)
+    rest, fragment = (10000.0 - 3 * CPM, 198.0, 24.0, 24.0, 0.5), (10000.0 + 9 * CPM, 205.0, 7.0, 6.0)
+    tracker = Tracker({n: g.field_mm()[3] for n, g in CAMS.items()}, TrackingConfig(), CPM, max_views=4)
+    decided, cut = [], False
+    for k in range(40):
+        c = STEP * k
+        shown = [screw, ring]
+        whole = [b for b in blobs_in_view(CAMS["cam0"], [screw], c) if not b.touches_top_bottom]
+        if whole and not cut:
+            shown, cut = [rest, fragment, ring], True
+        tracker.add("cam0", c, to_detections(blobs_in_view(CAMS["cam0"], shown, c), CAMS["cam0"], "cam0", c, CPM, k, 0))
+        tracker.add("cam1", c, [])
+        decided += tracker.finalise(["cam0", "cam1"])
+    decided += tracker.flush()
+    assert cut
+    assert any(abs(p.u - screw[0]) < 2 * CPM and abs(p.x - screw[1]) < 2 and p.area_mm2 > 400 for p in decided)
+    assert any(abs(p.u - ring[0]) < 2 * CPM and abs(p.x - ring[1]) < 2 for p in decided)
+    assert tracker.merged_views == 0
