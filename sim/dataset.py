@@ -141,7 +141,7 @@ def write_dataset(
     cropper = CropRenderer(mm_per_px, vision, crop_size, noise_sigma, seed)
     rng = cropper.rng
     sensor_rng = np.random.default_rng([seed, _SENSOR_SALT])
-    readings: dict[str, list[str]] = {split: ["file,field_mT"] for split in SPLITS}
+    readings: dict[str, list[str]] = {split: ["file,field_mT,area_mm2"] for split in SPLITS}
     for split in SPLITS:
         for cls in CLASSES:
             (out / split / cls).mkdir(parents=True, exist_ok=True)
@@ -162,7 +162,8 @@ def write_dataset(
                 if crop is not None:
                     name = f"{split}/{cls}/{k:05d}.png"
                     cv2.imwrite(str(out / name), crop)
-                    readings[split].append(f"{cls}/{k:05d}.png,{sensor_reading(piece, sensor_rng):.2f}")
+                    field = sensor_reading(piece, sensor_rng)
+                    readings[split].append(f"{cls}/{k:05d}.png,{field:.2f},{piece.area_mm2:.1f}")
                     manifest.append(f"{name},{cls},{variant},{piece.shape},{piece.size_mm:.2f},{piece.area_mm2:.1f}")
                     variants[cls][variant] = variants[cls].get(variant, 0) + 1
                     break

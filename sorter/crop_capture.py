@@ -1,7 +1,7 @@
 """`sorter run --capture DIR`: crops and field readings of the running line, saved as a dataset.
 
 The layout is the one `sorter model train` reads: DIR/{train,val,test}/<class>/*.png
-plus a `sensors.csv` (file,field_mT) per split. The class folder is the line's
+plus a `sensors.csv` (file,field_mT,area_mm2) per split. The class folder is the line's
 decision, for a technician to review and relabel by moving files; the split is
 a hash of the file name, so captures of many shifts merge into one dataset with
 stable splits. On a line with a Hall-sensor bar every saved crop has its field
@@ -49,7 +49,7 @@ class CropCapture:
         self.dropped = 0
         self.failed = 0
         self.log = structlog.get_logger("capture").bind(dir=str(self.root))
-        self._queue: queue.Queue[tuple[str, str, np.ndarray, float | None] | None] = queue.Queue(QUEUE_SIZE)
+        self._queue: queue.Queue[tuple[str, str, np.ndarray, float | None, float] | None] = queue.Queue(QUEUE_SIZE)
         self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
         self._thread.start()
 
@@ -63,13 +63,13 @@ class CropCapture:
         crop = materialise(d.piece.crops[0])
         name = f"{self.run_id}-{d.piece.id:07d}.png"
         try:
-            self._queue.put_nowait((name, d.cls, crop, d.field.field_mT))
+            self._queue.put_nowait((name, d.cls, crop, d.field.field_mT, d.piece.area_mm2))
         except queue.Full:
             self.dropped += 1
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            name, cls, crop, field = item
+            name, cls, crop, field, area = item
             split = split_of(name)
             folder = self.root / split / cls
             try:
@@ -77,7 +77,7 @@ class CropCapture:
                 if not cv2.imwrite(str(folder / name), crop):
                     raise OSError(f"cannot write {folder / name}")
                 if field is not None:
-                    self._append_sensor(self.root / split / "sensors.csv", f"{cls}/{name}", field)
+                    self._append_sensor(self.root / split / "sensors.csv", f"{cls}/{name}", field, area)
                 self.saved += 1
             except OSError as exc:
                 self.failed += 1
@@ -85,13 +85,17 @@ class CropCapture:
                     self.log.error("capture write failed", error=str(exc), failed=self.failed)
 
     @staticmethod
-    def _append_sensor(path: Path, file: str, field: float) -> None:
+    def _append_sensor(path: Path, file: str, field: float, area_mm2: float) -> None:
         new = not path.exists()
+        with_area = True
+        if not new:  # a file begun by a version without the area column keeps its two columns
+            with path.open() as f:
+                with_area = "area_mm2" in f.readline()
         with path.open("a", newline="") as f:
             w = csv.writer(f)
             if new:
-                w.writerow(["file", "field_mT"])
-            w.writerow([file, f"{field:.1f}"])
+                w.writerow(["file", "field_mT", "area_mm2"])
+            w.writerow([file, f"{field:.1f}", f"{area_mm2:.1f}"] if with_area else [file, f"{field:.1f}"])
 
     def close(self) -> None:
         self._queue.put(None)

@@ -3,7 +3,9 @@
     DIR/{train,val,test}/<class>/*.png        (.jpg/.jpeg/.bmp/.tif too; any size: resized to the model's input)
     DIR/<split>/sensors.csv                   optional: `file,field_mT` per image, `file` relative to the split
                                               folder (e.g. `ndfeb/0001.png`); the peak field (mT) the bar saw,
-                                              signed or not (only |B| is used)
+                                              signed or not (only |B| is used); optionally a column `area_mm2`,
+                                              the piece's area seen from above (blank: unknown), so that the
+                                              field likelihood is fitted per size band (sorter.fusion)
 
 Used by training (`sorter model train`) and evaluation (`sorter model evaluate`). Everything
 wrong with a dataset is a `DatasetError` whose message names the file or folder at fault:
@@ -30,6 +32,7 @@ SPLITS = ("train", "val", "test")
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 SENSORS_FILE = "sensors.csv"
 FIELD_COLUMN = "field_mT"
+AREA_COLUMN = "area_mm2"
 
 
 class DatasetError(ValueError):
@@ -65,6 +68,7 @@ class Split:
     y: np.ndarray  # int64 (N,): index into `labels`
     fields: np.ndarray | None  # float64 (N,) from sensors.csv, None without one
     sensors_file: Path | None
+    areas: np.ndarray | None = None  # float64 (N,) mm² from sensors.csv's optional area column (NaN: blank)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -122,10 +126,12 @@ def read_image(path: Path) -> np.ndarray:
     return img
 
 
-def _read_sensors(csv_path: Path, split_dir: Path, files: Sequence[Path]) -> np.ndarray:
-    """The reading of every image in `files` from the split's sensors.csv (same order)."""
+def _read_sensors(csv_path: Path, split_dir: Path, files: Sequence[Path]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The reading of every image in `files` from the split's sensors.csv (same order), and the pieces'
+    areas when the file has an area column."""
     index = {p.relative_to(split_dir).as_posix(): i for i, p in enumerate(files)}
     fields = np.full(len(files), np.nan)
+    areas = np.full(len(files), np.nan)
     seen: dict[str, int] = {}
     try:
         text = csv_path.read_text(encoding="utf-8-sig")
@@ -137,6 +143,7 @@ def _read_sensors(csv_path: Path, split_dir: Path, files: Sequence[Path]) -> np.
     if "file" not in cols or FIELD_COLUMN.lower() not in cols:
         raise DatasetError(f"{csv_path}: line 1 must be a header with columns 'file,{FIELD_COLUMN}', got {header}")
     fi, vi = cols.index("file"), cols.index(FIELD_COLUMN.lower())
+    ai = cols.index(AREA_COLUMN.lower()) if AREA_COLUMN.lower() in cols else None
     for lineno, row in enumerate(rows, start=2):
         if not row or all(not c.strip() for c in row):
             continue
@@ -158,11 +165,22 @@ def _read_sensors(csv_path: Path, split_dir: Path, files: Sequence[Path]) -> np.
         if not math.isfinite(value):
             raise DatasetError(f"{csv_path}: line {lineno}: {FIELD_COLUMN} of {name!r} is {raw!r}, not a finite number")
         fields[index[name]] = value
+        raw_area = row[ai].strip() if ai is not None and ai < len(row) else ""
+        if raw_area:
+            try:
+                area = float(raw_area)
+            except ValueError:
+                area = math.nan
+            if not (math.isfinite(area) and area > 0):
+                raise DatasetError(
+                    f"{csv_path}: line {lineno}: {AREA_COLUMN} of {name!r} is {raw_area!r}, not a positive number"
+                )
+            areas[index[name]] = area
     missing = [p for p in files if p.relative_to(split_dir).as_posix() not in seen]
     if missing:
         more = f" (and {len(missing) - 1} more images)" if len(missing) > 1 else ""
         raise DatasetError(f"{missing[0]}: no row in {csv_path}{more}")
-    return fields
+    return fields, areas if ai is not None else None
 
 
 def _scan_split(split_dir: Path, labels: Sequence[str], reference: str | None) -> Split:
@@ -184,7 +202,7 @@ def _scan_split(split_dir: Path, labels: Sequence[str], reference: str | None) -
         files.extend(imgs)
         ys.extend([i] * len(imgs))
     sensors = split_dir / SENSORS_FILE
-    fields = _read_sensors(sensors, split_dir, files) if sensors.is_file() else None
+    fields, areas = _read_sensors(sensors, split_dir, files) if sensors.is_file() else (None, None)
     return Split(
         name=split_dir.name,
         root=split_dir,
@@ -193,6 +211,7 @@ def _scan_split(split_dir: Path, labels: Sequence[str], reference: str | None) -
         y=np.asarray(ys, np.int64),
         fields=fields,
         sensors_file=sensors if fields is not None else None,
+        areas=areas,
     )
 
 
@@ -263,6 +282,7 @@ def scan_dataset(
                 np.asarray([labels.index(sp.labels[i]) for i in sp.y], np.int64),
                 sp.fields,
                 sp.sensors_file,
+                sp.areas,
             )
             for s, sp in scanned.items()
         }

@@ -49,7 +49,7 @@ def decide(
         return Decision(piece, {}, "unknown", 0.0, routing.default_fraction, field=reading, model=model)
     image = fuse_views(probs)
     use_field = reading.state == "ok" and reading.field_mT is not None and likelihood is not None
-    final = fuse(image, reading.field_mT, likelihood) if use_field else image
+    final = fuse(image, reading.field_mT, likelihood, area_mm2=piece.area_mm2) if use_field else image
     threshold = threshold_for(reading, routing, use_field)
     k = int(final.argmax())
     cls, conf = labels[k], float(final[k])

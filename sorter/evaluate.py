@@ -225,7 +225,7 @@ def evaluate_model(
     fused = None
     note = None
     if sp.fields is not None and field_model is not None:
-        fused = fuse(probs, sp.fields, field_model, labels=clf.labels)
+        fused = fuse(probs, sp.fields, field_model, labels=clf.labels, area_mm2=sp.areas)
     elif sp.fields is not None:
         note = "the split has sensors.csv but the model carries no field likelihood: image-only figures"
     elif field_model is not None:

@@ -274,20 +274,28 @@ def _export(torch: Any, model: Any, size: int, path: Path) -> str:
 
 
 def _fit_contamination(
-    labels: list[str], fields: np.ndarray, y: np.ndarray, probs: np.ndarray, f_check: np.ndarray, y_check: np.ndarray
+    labels: list[str],
+    fields: np.ndarray,
+    y: np.ndarray,
+    areas: np.ndarray | None,
+    probs: np.ndarray,
+    f_check: np.ndarray,
+    y_check: np.ndarray,
+    a_check: np.ndarray | None,
 ) -> tuple[Any, float]:
-    """The field likelihood fitted on (fields, y), its contamination share minimising fused NLL on the check set."""
+    """The field likelihood fitted on (fields, y[, areas]), its contamination share minimising fused NLL on
+    the check set."""
     from sorter.fusion import FieldLikelihood, fuse
 
     best: tuple[float, float] | None = None
     for eps in (0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2):
-        fl = FieldLikelihood.fit(labels, fields, y, contamination=eps)
-        post = fuse(probs, f_check, fl)
+        fl = FieldLikelihood.fit(labels, fields, y, contamination=eps, area_mm2=areas)
+        post = fuse(probs, f_check, fl, area_mm2=a_check)
         nll = float(-np.log(np.clip(post[np.arange(len(y_check)), y_check], 1e-12, None)).mean())
         if best is None or nll < best[0] - 1e-9:
             best = (nll, eps)
     assert best is not None
-    return FieldLikelihood.fit(labels, fields, y, contamination=best[1]), best[1]
+    return FieldLikelihood.fit(labels, fields, y, contamination=best[1], area_mm2=areas), best[1]
 
 
 def _split_report(probs: np.ndarray, y: np.ndarray, labels: list[str], fused: np.ndarray | None) -> dict[str, Any]:
@@ -491,21 +499,27 @@ def train(
     fusion_info: dict[str, Any] = {}
     f_train, f_val = ds["train"].fields, ds["val"].fields
     if f_train is not None or f_val is not None:
-        fit_f, fit_y, fit_on = (f_train, y_train, "train") if f_train is not None else (f_val, yv, "val")
+        fit_split = "train" if f_train is not None else "val"
+        fit_f, fit_y, fit_a = ds[fit_split].fields, ds[fit_split].y, ds[fit_split].areas
         assert fit_f is not None
         if f_val is not None:
-            field_model, eps = _fit_contamination(labels, fit_f, fit_y, val_probs, f_val, yv)
+            field_model, eps = _fit_contamination(labels, fit_f, fit_y, fit_a, val_probs, f_val, yv, ds["val"].areas)
         else:
             from sorter.fusion import FieldLikelihood
 
-            field_model, eps = FieldLikelihood.fit(labels, fit_f, fit_y), None
-        fusion_info = {"fitted_on": fit_on, "contamination": field_model.contamination, "chosen_on_val": eps}
-        console.print(f"field likelihood fitted on {fit_on}: {field_model!r}")
+            field_model, eps = FieldLikelihood.fit(labels, fit_f, fit_y, area_mm2=fit_a), None
+        fusion_info = {
+            "fitted_on": fit_split,
+            "contamination": field_model.contamination,
+            "chosen_on_val": eps,
+            "size_edges_mm2": field_model.size_edges_mm2 or None,
+        }
+        console.print(f"field likelihood fitted on {fit_split}: {field_model!r}")
 
     def fused_of(split: str, probs: np.ndarray | None) -> np.ndarray | None:
         if field_model is None or probs is None or split not in ds or ds[split].fields is None:
             return None
-        return fuse(probs, ds[split].fields, field_model)
+        return fuse(probs, ds[split].fields, field_model, area_mm2=ds[split].areas)
 
     metrics: dict[str, Any] = {
         "labels": labels,

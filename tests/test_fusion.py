@@ -144,3 +144,63 @@ def test_shape_errors(lik: FieldLikelihood) -> None:
         fuse(np.full((3, 5), 0.2), [1.0, 2.0], lik)
     with pytest.raises(FieldModelError):
         FieldLikelihood.fit(LABELS, [1.0, 2.0], [0])
+
+
+def _sized_readings(seed: int = 1, n: int = 300) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Readings that grow with the piece (as the square root of its area): ferrite a fifth of NdFeB,
+    steel and other ~0; areas 10-400 mm² for every class."""
+    rng = np.random.default_rng(seed)
+    area = rng.uniform(10, 400, 5 * n)
+    y = np.repeat(np.arange(5), n)
+    scale = np.array([12.0, 2.4, 10.0, 0.0, 0.0])[y]
+    f = scale * np.sqrt(area) * rng.lognormal(0, 0.15, y.size) + np.abs(rng.normal(0, 0.8, y.size))
+    return f, y, area
+
+
+def test_size_bands_judge_a_reading_among_pieces_of_that_size() -> None:
+    f, y, area = _sized_readings()
+    overall = FieldLikelihood.fit(LABELS, f, y)
+    sized = FieldLikelihood.fit(LABELS, f, y, area_mm2=area)
+    assert len(sized.size_edges_mm2) == 2 and overall.size_edges_mm2 == []
+    # 45 mT: typical of a small NdFeB bit (15 mm²) and of a big ferrite piece (350 mm²)
+    small, big = sized.log_likelihood(45.0, 15.0), sized.log_likelihood(45.0, 350.0)
+    assert np.argmax(small[:2]) == 0 and np.argmax(big[:2]) == 1
+    assert np.argmax(overall.log_likelihood(45.0)[:2]) == 1  # overall, 45 mT looks like ferrite
+    # without an area (or with a bad one) the overall densities decide, as in a model fitted without areas
+    assert np.allclose(sized.log_likelihood(45.0), overall.log_likelihood(45.0))
+    assert np.allclose(sized.log_likelihood([45.0, 45.0], [None, -1.0]), overall.log_likelihood([45.0, 45.0]))
+    image = np.array([0.5, 0.5, 0.0, 0.0, 0.0]) + 1e-3
+    both = np.tile(image, (2, 1))
+    assert np.argmax(fuse(both, [45.0, 45.0], sized, area_mm2=[15.0, 350.0]), axis=1).tolist() == [0, 1]
+
+
+def test_size_bands_survive_json_and_reordering() -> None:
+    f, y, area = _sized_readings()
+    lik = FieldLikelihood.fit(LABELS, f, y, area_mm2=area)
+    back = FieldLikelihood.from_json(lik.to_json())
+    grid, areas = np.linspace(-300, 300, 61), np.linspace(5, 500, 61)
+    assert back.size_edges_mm2 == lik.size_edges_mm2
+    assert np.allclose(back.log_likelihood(grid, areas), lik.log_likelihood(grid, areas), atol=1e-5)
+    r = lik.reordered(LABELS[::-1])
+    assert np.allclose(r.log_likelihood(grid, areas), lik.log_likelihood(grid, areas)[:, ::-1])
+    # a version-1 reader's view (no size keys) is the overall likelihood
+    import json
+
+    d = json.loads(lik.to_json())
+    del d["size_edges_mm2"], d["density_by_size"]
+    assert np.allclose(
+        FieldLikelihood.from_json(json.dumps(d)).log_likelihood(grid), lik.log_likelihood(grid), atol=1e-5
+    )
+
+
+def test_a_band_with_few_readings_of_a_class_uses_its_overall_density() -> None:
+    f, y, area = _sized_readings()
+    keep = ~((y == 1) & (area < 200))  # no small ferrite
+    lik = FieldLikelihood.fit(LABELS, f[keep], y[keep], area_mm2=area[keep])
+    overall = FieldLikelihood.fit(LABELS, f[keep], y[keep])
+    small = lik.log_likelihood(np.linspace(0, 300, 31), 12.0)
+    assert np.allclose(small[:, 1], overall.log_likelihood(np.linspace(0, 300, 31))[:, 1])
+    with pytest.raises(FieldModelError):
+        FieldLikelihood.fit(LABELS, f, y, area_mm2=area[:10])
+    with pytest.raises(FieldModelError):
+        FieldLikelihood(LABELS, np.ones((5, 8)), size_edges_mm2=[50.0, 20.0], density_by_size=np.ones((3, 5, 8)))

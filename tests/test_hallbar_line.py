@@ -65,7 +65,9 @@ async def test_capture_writes_a_dataset_of_the_running_line(tmp_path):
     assert train.has_sensors and len(train) > 0.6 * report["pieces_fed"]
     # each saved crop sits under its piece's decided class, with the field the decision used
     by_name = {f"{r['id']:07d}": r for r in rows}
-    for path, y, field in zip(train.files, train.y, train.fields, strict=True):
+    assert train.areas is not None
+    for path, y, field, area in zip(train.files, train.y, train.fields, train.areas, strict=True):
         r = by_name[path.stem.rsplit("-", 1)[1]]
         assert ds.labels[y] == r["cls"] == path.parent.name
         assert field == pytest.approx(r["field_mT"], abs=0.05)
+        assert area == pytest.approx(r["area_mm2"], abs=0.051)  # the size the likelihood used (1 decimal)

@@ -161,6 +161,21 @@ def test_bad_sensors_header_and_duplicates_are_refused(tmp_path: Path) -> None:
     _refused(root, str(csv), "again")
 
 
+def test_area_column_is_optional_per_row_and_checked(tmp_path: Path) -> None:
+    root = _toy(tmp_path / "ds")
+    csv = root / "train" / "sensors.csv"
+    lines = csv.read_text().splitlines()
+    rows = [lines[0] + ",area_mm2"] + [f"{line},{40.5 + i}" for i, line in enumerate(lines[1:])]
+    rows[1] = lines[1] + ","  # blank: unknown
+    csv.write_text("\n".join(rows) + "\n")
+    ds = scan_dataset(root)
+    areas = ds["train"].areas
+    assert areas is not None and np.isnan(areas).sum() == 1 and np.nanmin(areas) == 41.5
+    assert ds["val"].areas is None  # no area column there
+    csv.write_text("\n".join([*rows[:2], rows[2].rsplit(",", 1)[0] + ",-3", *rows[3:]]) + "\n")
+    _refused(root, str(csv), "line 3", "not a positive number")
+
+
 def test_missing_split_is_refused(tmp_path: Path) -> None:
     root = _toy(tmp_path / "ds")
     with pytest.raises(DatasetError, match="missing split folder"):
@@ -328,6 +343,8 @@ def test_sim_dataset_writes_sensors_and_keeps_its_crops(tmp_path: Path) -> None:
     f = np.concatenate([s.fields for s in ds.splits.values() if s.fields is not None])
     y = np.concatenate([s.y for s in ds.splits.values()])
     assert np.all(np.abs(f[y == ds.labels.index("other")]) < 5)  # non-magnetic: only the bar's noise
+    areas = np.concatenate([s.areas for s in ds.splits.values() if s.areas is not None])
+    assert areas.shape == f.shape and np.all(areas > 0)  # the pieces' areas, for a size-banded likelihood
 
 
 def test_lookalike_dataset_is_valid(tmp_path: Path) -> None:
