@@ -207,21 +207,35 @@ class Tracker:
         return len(self._tracks)
 
     def add(self, camera: str, count: int, detections: Iterable[Detection]) -> None:
+        """One frame's detections. A frame shows each piece once, so each track takes at most one of them,
+        the nearest first: two small pieces side by side within the gate of one track (a disc beside a
+        wire, seen as one blob in the frame before) do not both join it."""
         self.watermark[camera] = max(count, self.watermark.get(camera, count))
+        fresh = []
         for d in detections:
             if any(_same_piece(d, *done, self._gate, 0.0) for done in self._done):
                 self.late_views += 1
-                continue
-            best = min(
-                (t for t in self._tracks if t.matches(d, self._gate, self._gate_mm, 2.0)),
-                key=lambda t: abs(t.u - d.u),
-                default=None,
-            )
-            if best is None:
-                best = _Track(self._next_id)
+            else:
+                fresh.append(d)
+        pairs = sorted(
+            (abs(t.u - d.u), i, k)
+            for i, d in enumerate(fresh)
+            for k, t in enumerate(self._tracks)
+            if t.matches(d, self._gate, self._gate_mm, 2.0)
+        )
+        assigned: dict[int, _Track] = {}
+        taken: set[int] = set()
+        for _, i, k in pairs:
+            if i not in assigned and k not in taken:
+                assigned[i] = self._tracks[k]
+                taken.add(k)
+        for i, d in enumerate(fresh):
+            track = assigned.get(i)
+            if track is None:
+                track = _Track(self._next_id)
                 self._next_id += 1
-                self._tracks.append(best)
-            best.views.append(d)
+                self._tracks.append(track)
+            track.views.append(d)
 
     def finalise(self, active_cameras: Iterable[str]) -> list[Piece]:
         """Pieces that no active camera can see again, in belt order (leading first)."""
