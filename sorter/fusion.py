@@ -178,8 +178,8 @@ class FieldLikelihood:
         yy = np.asarray(y).ravel()
         if f.shape != yy.shape:
             raise FieldModelError(f"{f.size} readings but {yy.size} labels")
-        areas = np.asarray(area_mm2, np.float64).ravel() if area_mm2 is not None else None
-        if areas is not None and areas.shape != f.shape:
+        areas = np.asarray(area_mm2, np.float64).ravel() if area_mm2 is not None else np.full(f.shape, np.nan)
+        if areas.shape != f.shape:
             raise FieldModelError(f"{f.size} readings but {areas.size} areas")
         if yy.size and (yy.min() < 0 or yy.max() >= len(labels)):
             raise FieldModelError(f"class indices must be in 0..{len(labels) - 1}")
@@ -203,8 +203,8 @@ class FieldLikelihood:
             medians.append(round(float(np.median(np.abs(v))), 3))
         edges: list[float] = []
         by_size = None
-        sized = np.isfinite(f) & (np.isfinite(areas) & (areas > 0) if areas is not None else False)
-        if areas is not None and size_bands > 1 and sized.sum() >= size_bands * min_per_band:
+        sized = np.isfinite(f) & np.isfinite(areas) & (areas > 0)
+        if size_bands > 1 and sized.sum() >= size_bands * min_per_band:
             qs = np.quantile(areas[sized], np.arange(1, size_bands) / size_bands)
             edges = sorted({round(float(q), 3) for q in qs})
             band = np.digitize(areas, edges)
