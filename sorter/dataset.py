@@ -126,6 +126,14 @@ def read_image(path: Path) -> np.ndarray:
     return img
 
 
+def _number(raw: str) -> float:
+    """A CSV cell as a float; NaN for text that is not a number."""
+    try:
+        return float(raw)
+    except ValueError:
+        return math.nan
+
+
 def _read_sensors(csv_path: Path, split_dir: Path, files: Sequence[Path]) -> tuple[np.ndarray, np.ndarray | None]:
     """The reading of every image in `files` from the split's sensors.csv (same order), and the pieces'
     areas when the file has an area column."""
@@ -158,19 +166,13 @@ def _read_sensors(csv_path: Path, split_dir: Path, files: Sequence[Path]) -> tup
             raise DatasetError(f"{csv_path}: line {lineno}: {name!r} again (first on line {seen[name]})")
         seen[name] = lineno
         raw = row[vi].strip()
-        try:
-            value = float(raw)
-        except ValueError:
-            value = math.nan
+        value = _number(raw)
         if not math.isfinite(value):
             raise DatasetError(f"{csv_path}: line {lineno}: {FIELD_COLUMN} of {name!r} is {raw!r}, not a finite number")
         fields[index[name]] = value
         raw_area = row[ai].strip() if ai is not None and ai < len(row) else ""
         if raw_area:
-            try:
-                area = float(raw_area)
-            except ValueError:
-                area = math.nan
+            area = _number(raw_area)
             if not (math.isfinite(area) and area > 0):
                 raise DatasetError(
                     f"{csv_path}: line {lineno}: {AREA_COLUMN} of {name!r} is {raw_area!r}, not a positive number"

@@ -151,9 +151,10 @@ def _split_touching(comp: np.ndarray, colour: np.ndarray) -> list[np.ndarray]:
     contours, _ = cv2.findContours(comp, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(filled, contours, -1, 255, thickness=cv2.FILLED)
     hull_area = cv2.contourArea(cv2.convexHull(np.vstack(contours)))
-    convex = hull_area <= 0 or cv2.countNonZero(filled) / hull_area > 0.97
+    n_filled = cv2.countNonZero(filled)
+    convex = hull_area <= 0 or n_filled / hull_area > 0.97
     parts = [comp] if convex else _split_at_necks(comp, filled, colour, colour_only=False)
-    if len(parts) == 1 and cv2.countNonZero(filled) > cv2.countNonZero(comp) and _may_hold_two_colours(comp, colour):
+    if len(parts) == 1 and n_filled > cv2.countNonZero(comp) and _may_hold_two_colours(comp, colour):
         opened = _split_at_necks(comp, comp, colour, colour_only=True)
         if len(opened) > 1 and _encloses_between(opened, filled & ~comp, colour):
             parts = opened
