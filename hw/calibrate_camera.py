@@ -1,6 +1,6 @@
 """hw.calibrate_camera: each camera's pixel -> belt-mm mapping from a ChArUco target lying across the belt.
 
-The product maps pixels to the belt with a similarity transform per camera (`sorter.geometry.
+The product maps pixels to the belt with a similarity transform per camera (`sorter.core.geometry.
 CameraGeometry`: image centre on the belt, mm per pixel, rotation). This script finds the target's
 corners in every camera, fits that transform to the corners' known belt positions by least squares,
 and writes `cameras[i].mapping`. All cameras are fitted to the one target, so they share its frame;
@@ -38,7 +38,7 @@ from hw.common import (
 )
 from hw.target import ChArUcoTarget
 from sorter.config import CameraConfig
-from sorter.geometry import CameraGeometry
+from sorter.core.geometry import CameraGeometry
 from sorter.logs import setup_logging
 
 MIN_CORNERS = 12

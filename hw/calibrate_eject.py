@@ -10,7 +10,7 @@ would see each piece's deflection, but it is another camera with its own trigger
 calibration, and what it sees (a piece nudged, a piece blown) still has to be turned into hit or
 miss; the barrier says exactly that.
 
-So the script runs the line's own pipeline (sorter.service.LineService: cameras, tracking,
+So the script runs the line's own pipeline (sorter.line.service.LineService: cameras, tracking,
 planner, PLC link) with a calibration variant of the config - every test piece routed to the
 bank, the air window deliberately narrow (no lead/trail margins: exactly the piece's length) -
 and sends groups of test pieces through at candidate timing offsets, shifting the whole air
@@ -58,14 +58,14 @@ from hw.common import (
     yes_option,
 )
 from hw.plc import connected_plc, describe_plc, plc_check
-from sorter.classify import ModelError
 from sorter.config import LineConfig
+from sorter.core.messages import Decision
+from sorter.core.packml import State
+from sorter.core.planner import EjectPlanner, Plan
+from sorter.drivers.plc.base import PlcError, chute_delta
+from sorter.line.service import LineService
 from sorter.logs import setup_logging
-from sorter.messages import Decision
-from sorter.packml import State
-from sorter.planner import EjectPlanner, Plan
-from sorter.plc.base import PlcError, chute_delta
-from sorter.service import LineService
+from sorter.vision.classify import ModelError
 
 SCRIPT = "calibrate_eject"
 COARSE_MS = 2.0

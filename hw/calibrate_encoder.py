@@ -48,11 +48,11 @@ from hw.common import (
     yes_option,
 )
 from hw.plc import connected_plc, run_belt, stop_belt
-from sorter.capture import CameraCapture, CaptureClosed
 from sorter.config import CameraConfig, LineConfig, QueueConfig
-from sorter.geometry import unwrap
+from sorter.core.geometry import unwrap
+from sorter.core.messages import Frame
+from sorter.drivers.cameras.capture import CameraCapture, CaptureClosed
 from sorter.logs import setup_logging
-from sorter.messages import Frame
 from sorter.vision.segment import segment
 
 SCRIPT = "calibrate_encoder"

@@ -1,7 +1,7 @@
 """Calibrate the Hall-sensor bar: each channel's zero offset and gain, written to `magnetometer:`.
 
 The service turns a raw reading into mT as B = (raw - offsets_mT) * gains
-(sorter/hallbar/link.py). A sensor reads raw = g * B + o, so the config needs
+(sorter/drivers/hallbar/link.py). A sensor reads raw = g * B + o, so the config needs
 offsets_mT = o and gains = 1 / g.
 
 Offsets, with an empty belt: the bar does not report samples but, per line, the
@@ -46,7 +46,7 @@ from hw.common import (
     yes_option,
 )
 from sorter.config import MagnetometerConfig
-from sorter.hallbar.protocol import DataLine, InfoLine, LineError, LineSplitter, parse_line
+from sorter.drivers.hallbar.protocol import DataLine, InfoLine, LineError, LineSplitter, parse_line
 
 NO_VALID_LINE_S = 3.0  # an open port with no valid data line for this long is not a working bar
 MIN_ZERO_LINES = 100

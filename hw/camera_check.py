@@ -22,7 +22,7 @@ from rich.table import Table
 from hw.cameras import Grabbed, describe_source, grab
 from hw.common import HwError, config_option, console, load, prompt, run_app, script_errors
 from sorter.config import LineConfig
-from sorter.geometry import diff32
+from sorter.core.geometry import diff32
 from sorter.logs import setup_logging
 
 MIN_CONTENT = 0.001  # a frame judges focus only if this share of it shows something brighter than the belt

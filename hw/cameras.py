@@ -1,7 +1,7 @@
 """Frames from the line's cameras for commissioning, through the service's own capture.
 
-Each configured camera is opened exactly as the line service opens it (`sorter.capture.CameraCapture`
-over `sorter.sources`), so what a script sees is what the line will see. A camera that delivers
+Each configured camera is opened exactly as the line service opens it (`sorter.drivers.cameras.capture.CameraCapture`
+over `sorter.drivers.cameras`), so what a script sees is what the line will see. A camera that delivers
 nothing becomes one `HwError` naming every silent camera, its address and what to check.
 """
 
@@ -16,9 +16,9 @@ import structlog
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from hw.common import HwError, console
-from sorter.capture import CameraCapture, CaptureClosed
 from sorter.config import CameraConfig, LineConfig, SimCameraSource
-from sorter.messages import Frame
+from sorter.core.messages import Frame
+from sorter.drivers.cameras.capture import CameraCapture, CaptureClosed
 
 _POLL_S = 0.05
 

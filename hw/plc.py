@@ -1,4 +1,4 @@
-"""The line's PLC for commissioning, through the service's own link (`sorter.plc.make_plc_link`).
+"""The line's PLC for commissioning, through the service's own link (`sorter.drivers.plc.make_plc_link`).
 
 The link heartbeats and reconnects exactly as it does for the line service; a PLC that is absent,
 busy or answering garbage becomes one `HwError` naming it and what to check, never a traceback.
@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator
 import structlog
 
 from hw.common import HwError
-from sorter.clock import ClockModel
 from sorter.config import LineConfig, PlcConfig
-from sorter.plc import make_plc_link
-from sorter.plc.base import PlcCommand, PlcError, PlcLinkBase
+from sorter.core.clock import ClockModel
+from sorter.drivers.plc import make_plc_link
+from sorter.drivers.plc.base import PlcCommand, PlcError, PlcLinkBase
 
 _POLL_S = 0.05
 

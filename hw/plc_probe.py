@@ -1,7 +1,7 @@
 """Probe the PLC over the config's protocol: read and explain its interface, time the link, prove the watchdog,
 and (on request, belt stopped) click each valve. Writes nothing to the config.
 
-It talks through the line service's own link (sorter.plc.make_plc_link), so what
+It talks through the line service's own link (sorter.drivers.plc.make_plc_link), so what
 it sees is what the service will see: the same polling, heartbeat, commands and
 manual valve writes, over Modbus TCP or OPC UA as `plc.protocol` says.
 """
@@ -32,11 +32,11 @@ from hw.common import (
     script_errors,
 )
 from hw.plc import plc_check, where
-from sorter.clock import ClockModel
 from sorter.config import LineConfig
+from sorter.core.clock import ClockModel
+from sorter.drivers.plc import make_plc_link
+from sorter.drivers.plc.base import PlcCommand, PlcError, PlcLinkBase, PlcStatus
 from sorter.logs import setup_logging
-from sorter.plc import make_plc_link
-from sorter.plc.base import PlcCommand, PlcError, PlcLinkBase, PlcStatus
 
 Result = Literal["PASS", "FAIL", "WARN", "SKIP", "INFO"]
 STYLE = {"PASS": "green", "FAIL": "bold red", "WARN": "yellow", "SKIP": "dim", "INFO": "cyan"}

@@ -1,5 +1,5 @@
-"""`python -m sim --config FILE`: the simulated line on its own (same as `sorter sim run`)."""
+"""`python -m sim --config FILE`: the simulated line on its own (same as `sorter sim`)."""
 
-from sorter.cli import sim_main
+from sim.cli import sim_main
 
 sim_main()

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sorter.geometry import wrap32
+from sorter.core.geometry import wrap32
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ later, in order. This server does the same against the simulated `Belt`:
 - an accept thread serves one client at a time (a new connection replaces the
   old one, so a client that reconnects after a stall is never locked out).
 
-The wire protocol and ring layout live in `sorter.sources.simcam`, the
+The wire protocol and ring layout live in `sorter.drivers.cameras.simcam`, the
 service's side of this seam.
 """
 
@@ -38,8 +38,8 @@ import numpy as np
 import structlog
 
 from sim.belt import Belt
-from sorter.geometry import wrap32
-from sorter.sources.simcam import FRAME_HEADER, ShmLayout, pack_hello
+from sorter.core.geometry import wrap32
+from sorter.drivers.cameras.simcam import FRAME_HEADER, ShmLayout, pack_hello
 
 _MAX_WAIT_S = 0.02  # re-predict the trigger time at least this often: the belt may stop or change speed
 _ACCEPT_POLL_S = 0.1  # how quickly the accept thread notices stop()

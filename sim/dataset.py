@@ -15,12 +15,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from sim.config import SimFeedConfig, SimHallBarConfig
 from sim.feed import VARIANTS, SimPiece, class_size_range, make_piece
 from sim.magnet import field_at_mT
 from sim.render import FrameRenderer, render_sprite
-from sorter.config import CLASSES, MagnetometerConfig, SimFeedConfig, SimHallBarConfig, VisionConfig
-from sorter.dataset import SPLITS
-from sorter.geometry import CameraGeometry
+from sorter.config import CLASSES, MagnetometerConfig, VisionConfig
+from sorter.core.geometry import CameraGeometry
+from sorter.ml.dataset import SPLITS
 from sorter.vision.segment import materialise, segment
 
 PATCH_MM = 100.0  # holds the largest piece (50 mm, any rotation) with room for its crop margin

@@ -19,7 +19,8 @@ from functools import cached_property
 
 import numpy as np
 
-from sorter.config import CLASSES, SimFeedConfig
+from sim.config import SimFeedConfig
+from sorter.config import CLASSES
 
 Poly = np.ndarray  # (K, 2) float64, mm
 

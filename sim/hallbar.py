@@ -45,10 +45,11 @@ import numpy as np
 import structlog
 
 from sim.belt import Belt
+from sim.config import SimHallBarConfig
 from sim.feed import SimPiece
 from sim.magnet import field_at_mT
-from sorter.config import LineConfig, MagnetometerConfig, SimHallBarConfig
-from sorter.hallbar.protocol import SEQ_MOD, T_MOD, VALUE_MAX, VALUE_MIN, format_data, format_info, wire_seconds
+from sorter.config import LineConfig, MagnetometerConfig
+from sorter.drivers.hallbar.protocol import SEQ_MOD, T_MOD, VALUE_MAX, VALUE_MIN, format_data, format_info, wire_seconds
 
 FW = "sim-1.0"
 SAMPLE_HZ = 1000.0  # the board's per-channel sampling rate

@@ -17,6 +17,7 @@ import structlog
 
 from sim.belt import Belt
 from sim.camera import SimCameraServer
+from sim.config import SimConfig
 from sim.feed import FeedGenerator
 from sim.hallbar import SimHallBar
 from sim.physics import EjectionPhysics
@@ -25,8 +26,8 @@ from sim.plc_opcua import PlcOpcUaServer
 from sim.render import FrameRenderer, render_sprite
 from sim.target import SimTarget
 from sim.truth import TruthStore
-from sorter.config import LineConfig, SimCameraSource, SimConfig
-from sorter.geometry import CameraGeometry
+from sorter.config import LineConfig, SimCameraSource
+from sorter.core.geometry import CameraGeometry
 
 # pieces land this far upstream of the cameras' centre line: far enough that a simulator starved of CPU
 # for a moment (2 cores shared with the service) still places them before the cameras can see them

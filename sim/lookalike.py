@@ -39,7 +39,7 @@ import numpy as np
 
 from sim.magnet import axial_field_mT
 from sorter.config import CLASSES
-from sorter.dataset import SPLITS
+from sorter.ml.dataset import SPLITS
 
 SS = 4  # supersampling of the shape masks
 

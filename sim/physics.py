@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sorter.config import EjectionConfig, SimConfig, valve_span
+from sim.config import SimConfig
+from sorter.config import EjectionConfig
+from sorter.core.geometry import valve_span
 
 DEFLECT_SHARE = 0.3  # share of the piece's footprint the air must hit to deflect it
 

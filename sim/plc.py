@@ -40,8 +40,9 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from sim.belt import Belt
-from sorter.config import ModbusMap, SimConfig
-from sorter.geometry import diff32, unwrap, wrap32
+from sim.config import SimConfig
+from sorter.config import ModbusMap
+from sorter.core.geometry import diff32, unwrap, wrap32
 
 VALVES_PER_BANK = 32  # coil layout: bank b, valve v -> coil_valves + 32 * b + v
 CMD_START, CMD_STOP, CMD_RESET = 1, 2, 3

@@ -42,8 +42,9 @@ from asyncua.crypto.truststore import TrustStore
 from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
 from cryptography import x509
 
+from sim.config import SimPlcOpcUaConfig
 from sim.plc import VirtualPlc
-from sorter.config import PlcOpcUaConfig, SimPlcOpcUaConfig
+from sorter.config import PlcOpcUaConfig
 
 DEFAULT_PORT = 4840
 SPEED_GATE_S = 0.1

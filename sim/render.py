@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from sim.feed import SimPiece
-from sorter.geometry import CameraGeometry
+from sorter.core.geometry import CameraGeometry
 
 BODY_FLOOR = 48.0  # the darkest a body pixel may be (max channel): the segmenter cuts at 34
 _PAD_PX = 3

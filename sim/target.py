@@ -20,7 +20,7 @@ import numpy as np
 
 from hw.target import ChArUcoTarget
 from sim.render import BELT_LEVEL
-from sorter.geometry import CameraGeometry
+from sorter.core.geometry import CameraGeometry
 
 PAPER = 215.0  # grey level of the lit white plate: bright, but well below clipping
 INK = 28.0  # printed black, a little brighter than the rubber belt

@@ -24,7 +24,7 @@ import numpy as np
 
 from sim.feed import SimPiece, make_piece
 from sorter.config import CLASSES
-from sorter.geometry import CameraGeometry
+from sorter.core.geometry import CameraGeometry
 
 MARK_LEVEL = 225.0  # grey level of a lit white dot (below clipping, far above the belt)
 MARK_DIAMETER_MM = 10.0

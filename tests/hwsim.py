@@ -17,8 +17,9 @@ from pathlib import Path
 
 import yaml
 
-from sorter.config import LineConfig, load_config
-from sorter.demo import SimProcess, demo_config
+from sim.config import load_sim_config
+from sim.demo import SimProcess, demo_config
+from sorter.config import LineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +59,7 @@ async def simulated_line(
 ) -> AsyncIterator[SimLine]:
     """Start the simulator (belt stopped, no feed) serving a config written to run_dir/line.yaml."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = demo_config(cfg or load_config(ROOT / "config" / "sim.yaml"), run_dir, seed)
+    cfg = demo_config(cfg or load_sim_config(ROOT / "config" / "sim.yaml"), run_dir, seed)
     if not hallbar:
         cfg = cfg.model_copy(update={"magnetometer": None})
     path = write_config(cfg, run_dir / "line.yaml")

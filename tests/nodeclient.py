@@ -207,7 +207,7 @@ def make_certificate(
 
     node-opcua compares the certificate's URI subjectAltName with the client's applicationUri.
     """
-    from sorter.opcua_pki import make_certificate as make
+    from sorter.north.opcua.pki import make_certificate as make
 
     cert_path, key_path = Path(cert_path), Path(key_path)
     make(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sorter.alarms import AlarmBoard, Condition
+from sorter.core.alarms import AlarmBoard, Condition
 
 PLC = Condition("plc_offline", "no answer", "check the PLC's cable")
 BAR = Condition("hallbar_offline", "port failed", "check the bar's cable")

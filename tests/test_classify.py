@@ -11,8 +11,8 @@ import pytest
 
 from sim.dataset import CropRenderer, write_dataset
 from sim.feed import VARIANTS, make_piece
-from sorter.classify import Classifier, ModelError
 from sorter.config import CLASSES
+from sorter.vision.classify import Classifier, ModelError
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "sorter-cnn.onnx"
 needs_model = pytest.mark.skipif(not SHIPPED.is_file(), reason="models/sorter-cnn.onnx not built")
@@ -110,7 +110,7 @@ def test_model_without_metadata(tmp_path: Path) -> None:
 
 @needs_torch
 def test_train_smoke(tmp_path: Path) -> None:
-    from sorter.train import data_hash, train
+    from sorter.ml.train import data_hash, train
 
     data = tmp_path / "ds"
     write_dataset(data, per_class=10, seed=3)

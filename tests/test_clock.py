@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from sorter.clock import ClockModel
+from sorter.core.clock import ClockModel
 
 WRAP = 1 << 32
 V = 50_000.0  # counts/s: 2.5 m/s at 20 counts/mm

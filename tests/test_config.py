@@ -8,16 +8,24 @@ from pathlib import Path
 
 import pytest
 
+from sim.config import load_sim_config
 from sorter.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_config_loads():
-    cfg = load_config(ROOT / "config/sim.yaml")
+    cfg = load_sim_config(ROOT / "config/sim.yaml")
     assert cfg.fractions == ["ndfeb", "ferrite_smco", "residue"]
     assert cfg.classifier.model.is_absolute()
     assert cfg.simulator is not None and cfg.simulator.encoder_start > 2**32 - 10**6
+
+
+def test_the_service_skips_the_simulators_section_unread():
+    """The same file drives both sides; the service's schema has no `simulator` and never validates it."""
+    cfg = load_config(ROOT / "config/sim.yaml")
+    assert not hasattr(cfg, "simulator")
+    assert cfg.fractions == ["ndfeb", "ferrite_smco", "residue"]
 
 
 def _bad(tmp_path: Path, old: str, new: str) -> Path:
@@ -68,7 +76,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_plant_template_is_secure_by_default() -> None:
     """The production template loads, and its OPC UA server offers no None policy and no anonymous access."""
     cfg = load_config(Path(__file__).parent.parent / "config" / "line.example.yaml")
-    assert cfg.simulator is None and cfg.opcua_server is not None
+    assert not hasattr(cfg, "simulator") and cfg.opcua_server is not None
     assert not cfg.opcua_server.allow_none_security and not cfg.opcua_server.allow_anonymous
     sec = cfg.plc.opcua.security
     assert cfg.plc.protocol == "opcua" and sec.mode == "SignAndEncrypt" and sec.password_env

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
+from sim.config import SimFeedConfig
 from sim.feed import (
     CLASS_SIZE_MM,
     DENSITY,
@@ -20,8 +21,8 @@ from sim.feed import (
     outlines_intersect,
 )
 from sim.render import BODY_FLOOR, FrameRenderer, render_sprite
-from sorter.config import CLASSES, SimFeedConfig, VisionConfig
-from sorter.geometry import CameraGeometry
+from sorter.config import CLASSES, VisionConfig
+from sorter.core.geometry import CameraGeometry
 from sorter.vision.segment import segment
 
 MM_PER_PX = 0.25

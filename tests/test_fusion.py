@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from sorter.fusion import FieldLikelihood, FieldModelError, fuse
+from sorter.core.fusion import FieldLikelihood, FieldModelError, fuse
 
 LABELS = ("ndfeb", "ferrite", "smco", "steel", "other")
 

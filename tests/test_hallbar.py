@@ -15,14 +15,15 @@ import pytest
 from structlog.testing import capture_logs
 
 from sim.belt import Belt
+from sim.config import load_sim_config
 from sim.feed import SimPiece, make_piece
 from sim.hallbar import SimHallBar, garble
 from sim.line import SimLine
 from sim.magnet import field_at_mT, remanence_t
-from sorter.config import LineConfig, MagnetometerConfig, load_config
-from sorter.hallbar import BarReading, BoardClock, DataLine, FieldMap, HallBar, InfoLine, LineError, parse_line
-from sorter.hallbar.protocol import LineSplitter, checksum, format_data, format_info, wire_seconds
-from sorter.hallbar.sync import lower_envelope
+from sorter.config import LineConfig, MagnetometerConfig
+from sorter.drivers.hallbar import BarReading, BoardClock, DataLine, FieldMap, HallBar, InfoLine, LineError, parse_line
+from sorter.drivers.hallbar.protocol import LineSplitter, checksum, format_data, format_info, wire_seconds
+from sorter.drivers.hallbar.sync import lower_envelope
 
 ROOT = Path(__file__).resolve().parents[1]
 CPMM = 20.0
@@ -181,7 +182,7 @@ def test_board_clock_resets_on_a_board_restart() -> None:
 
 def fast_cfg(link: Path, **hb: float) -> tuple[LineConfig, MagnetometerConfig]:
     """The demo config with a fast serial line so a test sees thousands of lines in seconds."""
-    base = load_config(ROOT / "config/sim.yaml")
+    base = load_sim_config(ROOT / "config/sim.yaml")
     mag = MagnetometerConfig(
         port=str(link), baudrate=921_600, stall_timeout_s=0.3, reconnect_min_s=0.05, reconnect_max_s=0.2
     )
@@ -411,7 +412,7 @@ def test_fieldmap_gaps_and_channel_choice() -> None:
 
 
 def test_simline_runs_the_bar_when_given_a_link(tmp_path: Path) -> None:
-    cfg = load_config(ROOT / "config/sim.yaml")
+    cfg = load_sim_config(ROOT / "config/sim.yaml")
     link = tmp_path / "hb"
     line = SimLine(cfg, hallbar_link=link)
     assert line.hallbar is not None

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from sim.demo import run_demo
 from sorter.config import load_config
-from sorter.demo import run_demo
-from sorter.records import load_pieces
+from sorter.line.records import load_pieces
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ async def test_unplugged_bar_raises_an_alarm_and_falls_back_to_the_camera(tmp_pa
 
 @pytest.mark.slow
 async def test_capture_writes_a_dataset_of_the_running_line(tmp_path):
-    from sorter.dataset import scan_dataset
+    from sorter.ml.dataset import scan_dataset
 
     cfg = load_config(ROOT / "config" / "sim.yaml")
     out = tmp_path / "captured"

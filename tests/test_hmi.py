@@ -26,14 +26,15 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin
 
-from sorter.alarms import Condition
-from sorter.bench_hmi import CHROMIUM as BROWSER
-from sorter.bench_hmi import CHROMIUM_ARGS, panel_browser
-from sorter.config import HmiConfig, LineConfig, load_config
-from sorter.hmi.app import COOKIE
-from sorter.hmi.server import RESTART_S
-from sorter.packml import State
-from sorter.service import LineService
+from sim.bench_hmi import CHROMIUM as BROWSER
+from sim.bench_hmi import CHROMIUM_ARGS, panel_browser
+from sim.config import load_sim_config
+from sorter.config import HmiConfig, LineConfig
+from sorter.core.alarms import Condition
+from sorter.core.packml import State
+from sorter.line.service import LineService
+from sorter.north.hmi.app import COOKIE
+from sorter.north.hmi.server import RESTART_S
 from tests.reclog import RecLog
 from tests.waiting import wait_until
 
@@ -44,7 +45,7 @@ PASSWORD = {u: f"demo-{u}" for u in ("viewer", "operator", "technician")}  # con
 
 
 def line_config(tmp_path: Path, **hmi: Any) -> LineConfig:
-    cfg = load_config(ROOT / "config" / "sim.yaml")
+    cfg = load_sim_config(ROOT / "config" / "sim.yaml")
     return cfg.model_copy(
         update={
             "records": cfg.records.model_copy(update={"path": tmp_path / "records.sqlite"}),
@@ -164,7 +165,7 @@ async def test_viewer_sees_the_line_but_every_control_endpoint_refuses_403(line:
         r = await c.get("/api/camera/cam0")  # no frame yet on a line that does not run
         assert r.status_code == 404
         assert (await c.get("/api/camera/../../etc/passwd")).status_code == 404
-    async with line.client() as c:  # Prometheus scrapes without a session (sorter/metrics.py)
+    async with line.client() as c:  # Prometheus scrapes without a session (sorter/north/metrics.py)
         r = await c.get("/metrics")
         assert r.status_code == 200 and "sorter_" in r.text
     assert svc.control.state is State.STOPPED
@@ -378,7 +379,7 @@ def _run_browser(url: str, loop: asyncio.AbstractEventLoop, svc: LineService, si
             time.sleep(0.1)
 
     with sync_playwright() as p:
-        # at low priority, as the stand-in for panel PCs it is (sorter.bench_hmi.panel_browser)
+        # at low priority, as the stand-in for panel PCs it is (sim.bench_hmi.panel_browser)
         browser = p.chromium.launch(executable_path=str(panel_browser(out["dir"])), args=CHROMIUM_ARGS)
         try:
             op = browser.new_context(viewport={"width": 1280, "height": 800}, has_touch=True).new_page()
@@ -503,7 +504,7 @@ async def test_operator_and_viewer_in_a_headless_browser_on_the_running_line(tmp
 
 
 async def run_demo_with(tmp_path: Path, during: Any) -> dict[str, Any]:
-    from sorter.demo import run_demo
+    from sim.demo import run_demo
 
-    cfg = load_config(ROOT / "config" / "sim.yaml").model_copy(update={"opcua_server": None})
+    cfg = load_sim_config(ROOT / "config" / "sim.yaml").model_copy(update={"opcua_server": None})
     return await run_demo(cfg, duration=6, seed=11, run_dir=tmp_path / "run", during=during)

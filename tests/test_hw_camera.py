@@ -17,15 +17,16 @@ import pytest
 from hw.calibrate_camera import belt_xy, find_corners, fit_mapping
 from hw.cameras import Grabbed
 from hw.target import ChArUcoTarget
+from sim.config import SimCameraTruth, load_sim_config
+from sim.demo import free_port
 from sim.render import FrameRenderer
 from sim.target import SimTarget
-from sorter.clock import ClockModel
-from sorter.config import LineConfig, SimCameraTruth, load_config
-from sorter.demo import free_port
-from sorter.geometry import CameraGeometry
-from sorter.messages import Frame
-from sorter.plc import make_plc_link
-from sorter.plc.base import PlcCommand
+from sorter.config import LineConfig
+from sorter.core.clock import ClockModel
+from sorter.core.geometry import CameraGeometry
+from sorter.core.messages import Frame
+from sorter.drivers.plc import make_plc_link
+from sorter.drivers.plc.base import PlcCommand
 from tests.hwsim import ROOT, SimLine, simulated_line, write_config
 
 
@@ -77,7 +78,7 @@ WRONG = {"cam0": ((150.0, 4.0), 0.262, -1.5), "cam1": ((452.0, -3.0), 0.24, 1.2)
 
 
 def miscalibrated() -> LineConfig:
-    cfg = load_config(ROOT / "config" / "sim.yaml")
+    cfg = load_sim_config(ROOT / "config" / "sim.yaml")
     assert cfg.simulator is not None
     cams = [
         c.model_copy(
@@ -106,7 +107,7 @@ async def test_calibration_recovers_the_true_camera_geometry(tmp_path: Path) -> 
         await line.send(cmd="camera_focus", camera="cam1", blur_px=1.0)
         args = ("--min-fps", "10", "--max-delay-ms", "1000", "--seconds", "1.5", "--out", str(tmp_path / "c"))
         check = await line.script("camera_check", *args)  # free-run at 15 fps; only focus is judged here
-    cfg = load_config(line.config)
+    cfg = load_sim_config(line.config)
     found = {}
     for cam in cfg.cameras:
         truth, m = TRUTH[cam.name], cam.mapping
@@ -137,7 +138,7 @@ async def test_calibration_recovers_the_true_camera_geometry(tmp_path: Path) -> 
 
 @pytest.mark.parametrize("script", ["camera_check", "calibrate_camera"])
 def test_an_absent_camera_is_named_without_a_traceback(tmp_path: Path, script: str) -> None:
-    cfg = load_config(ROOT / "config" / "sim.yaml")
+    cfg = load_sim_config(ROOT / "config" / "sim.yaml")
     # nothing listens at cam1's address (the camera is unplugged); cam0 is absent too
     cams = [
         c.model_copy(update={"source": c.source.model_copy(update={"address": f"127.0.0.1:{free_port()}"})})
@@ -158,7 +159,7 @@ def test_an_absent_camera_is_named_without_a_traceback(tmp_path: Path, script: s
 
 def test_the_fit_finds_a_camera_from_the_target_it_renders() -> None:
     """In-process, no simulator: the target drawn through a true geometry, found and fitted back."""
-    cfg = load_config(ROOT / "config" / "sim.yaml")
+    cfg = load_sim_config(ROOT / "config" / "sim.yaml")
     cam, spec = cfg.cameras[1], ChArUcoTarget()
     truth = CameraGeometry(cam.width, cam.height, (441.8, -1.1), 0.2521, -0.45)
     renderer = FrameRenderer(truth, noise_sigma=3.0, seed=1)

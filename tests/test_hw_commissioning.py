@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 
+from sim.config import SimCameraTruth, load_sim_config
+from sim.demo import run_demo
+from sim.report import match_records
 from sim.truth import load_truth
-from sorter.config import LineConfig, SimCameraTruth, load_config
-from sorter.demo import run_demo
-from sorter.records import load_pieces
-from sorter.report import match_records
+from sorter.config import LineConfig
+from sorter.line.records import load_pieces
 from tests.hwsim import ROOT, SimLine, simulated_line
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -30,7 +31,7 @@ SEED = 7  # the simulated bar's true offsets and gains are drawn from the seed: 
 
 
 def the_plant() -> LineConfig:
-    cfg = load_config(ROOT / "config" / "sim.yaml")
+    cfg = load_sim_config(ROOT / "config" / "sim.yaml")
     assert cfg.simulator is not None
     sim = cfg.simulator.model_copy(
         update={
@@ -72,9 +73,9 @@ async def calibrate(run_dir: Path, cfg: LineConfig) -> LineConfig:
         nonlocal cfg
         async with simulated_line(run_dir / name, cfg, seed=SEED, hallbar=hallbar) as line:
             await act(line)
-            cfg = load_config(line.config).model_copy(update={"magnetometer": cfg.magnetometer})
+            cfg = load_sim_config(line.config).model_copy(update={"magnetometer": cfg.magnetometer})
             if hallbar:
-                cfg = load_config(line.config)
+                cfg = load_sim_config(line.config)
 
     async def camera(line: SimLine) -> None:
         await line.send(cmd="target", on=True)

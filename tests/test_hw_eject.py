@@ -15,14 +15,15 @@ import pytest
 from hw.calibrate_eject import Chute, Point, Scan, ScanPlanner, calibration_config, find_edges
 from hw.common import HwError, history_path
 from sim.belt import Belt
+from sim.config import SimConfig, SimPlcOpcUaConfig, load_sim_config
+from sim.demo import free_port
 from sim.plc import VirtualPlc
 from sim.plc_opcua import PlcOpcUaServer
-from sorter.clock import ClockModel
-from sorter.config import ModbusMap, PlcConfig, PlcNodeNames, PlcOpcUaConfig, SimConfig, SimPlcOpcUaConfig, load_config
-from sorter.demo import free_port
-from sorter.messages import Decision, Piece
-from sorter.plc import make_plc_link
-from sorter.plc.base import PlcError
+from sorter.config import ModbusMap, PlcConfig, PlcNodeNames, PlcOpcUaConfig
+from sorter.core.clock import ClockModel
+from sorter.core.messages import Decision, Piece
+from sorter.drivers.plc import make_plc_link
+from sorter.drivers.plc.base import PlcError
 from tests.hwsim import ROOT, simulated_line, write_config
 
 TRUE_OPEN_MS, TRUE_CLOSE_MS = 9.0, 8.0  # the simulated valves: 5 ms slower than the config's 4 / 3 ms
@@ -69,7 +70,7 @@ def _decision(pid: int, u_mm: float, fraction: str = "ndfeb") -> Decision:
 
 
 def test_groups_of_pieces_each_get_one_offset_and_stay_apart_on_the_belt() -> None:
-    cfg = load_config(ROOT / "config" / "sim.yaml")
+    cfg = load_sim_config(ROOT / "config" / "sim.yaml")
     cal = calibration_config(cfg, 0, Path("unused.sqlite"))
     assert set(cal.routing.classes.values()) == {"ndfeb"} and cal.ejection.margin_lead_mm == 0
     scan = Scan(centre_ms=4.0, range_ms=4.0)  # offsets 0, 2, 4, 6, 8
@@ -146,7 +147,7 @@ async def test_chute_counters_read_through_the_line_links(protocol: str) -> None
 
 
 def test_no_plc_is_a_clear_message_and_the_config_is_untouched(tmp_path: Path) -> None:
-    cfg = load_config(ROOT / "config" / "sim.yaml")
+    cfg = load_sim_config(ROOT / "config" / "sim.yaml")
     port = free_port()  # nobody listens there
     config = write_config(
         cfg.model_copy(update={"plc": cfg.plc.model_copy(update={"port": port})}), tmp_path / "l.yaml"
@@ -167,7 +168,7 @@ def test_no_plc_is_a_clear_message_and_the_config_is_untouched(tmp_path: Path) -
 
 @pytest.mark.slow
 async def test_valve_delay_recovered_from_test_pieces_and_chute_counts(tmp_path: Path) -> None:
-    cfg = load_config(ROOT / "config" / "sim.yaml")
+    cfg = load_sim_config(ROOT / "config" / "sim.yaml")
     assert cfg.simulator is not None and cfg.ejection.valve_open_delay_ms == 4.0
     sim = cfg.simulator.model_copy(
         update={"valve_open_delay_ms": TRUE_OPEN_MS, "valve_close_delay_ms": TRUE_CLOSE_MS, "speed_drift": 0.02}
@@ -180,7 +181,7 @@ async def test_valve_delay_recovered_from_test_pieces_and_chute_counts(tmp_path:
         done = await line.script("calibrate_eject", "--pieces", "6", "--gap-mm", "400", timeout=85)
         st = await line.send(cmd="status")
     assert done.returncode == 0, done.stderr
-    found = load_config(line.config).ejection
+    found = load_sim_config(line.config).ejection
     print(done.stderr)
     print(f"valve open delay: true {TRUE_OPEN_MS}, found {found.valve_open_delay_ms} ms; chutes {st['plc']['chutes']}")
     assert found.valve_open_delay_ms == pytest.approx(TRUE_OPEN_MS, abs=1.0)

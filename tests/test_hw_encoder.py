@@ -12,8 +12,9 @@ import pytest
 
 from hw.calibrate_encoder import Sighting, along_distance, combine, fit_camera, group_marks
 from hw.common import HwError, history_path
-from sorter.config import CameraConfig, CameraMapping, SimCameraSource, load_config
-from sorter.demo import free_port
+from sim.config import load_sim_config
+from sim.demo import free_port
+from sorter.config import CameraConfig, CameraMapping, SimCameraSource
 from tests.hwsim import ROOT, simulated_line, write_config
 
 TRUE_CPM = 20.46  # the simulated encoder; the config says 20
@@ -65,7 +66,7 @@ def test_cameras_that_disagree_widen_the_uncertainty() -> None:
 
 @pytest.mark.slow
 async def test_counts_per_mm_recovered_from_a_target_on_the_belt(tmp_path: Path) -> None:
-    cfg = load_config(ROOT / "config" / "sim.yaml")
+    cfg = load_sim_config(ROOT / "config" / "sim.yaml")
     assert cfg.simulator is not None and cfg.belt.counts_per_mm == 20
     cfg = cfg.model_copy(update={"simulator": cfg.simulator.model_copy(update={"encoder_counts_per_mm": TRUE_CPM})})
     async with simulated_line(tmp_path, cfg, hallbar=False) as line:
@@ -73,7 +74,7 @@ async def test_counts_per_mm_recovered_from_a_target_on_the_belt(tmp_path: Path)
         await line.send(cmd="encoder_target", distance_mm=300, x_mm=292, angle_deg=1.0)
         done = await line.script("calibrate_encoder", "--distance-mm", "300", timeout=60)
     assert done.returncode == 0, done.stderr
-    found = load_config(line.config).belt.counts_per_mm
+    found = load_sim_config(line.config).belt.counts_per_mm
     print(f"counts/mm: true {TRUE_CPM}, found {found} ({1e6 * (found - TRUE_CPM) / TRUE_CPM:+.0f} ppm)")
     print(done.stderr)
     assert found == pytest.approx(TRUE_CPM, rel=0.002)
@@ -83,20 +84,20 @@ async def test_counts_per_mm_recovered_from_a_target_on_the_belt(tmp_path: Path)
 
 @pytest.mark.slow
 async def test_counts_per_mm_recovered_from_a_mark_on_the_belt_loop(tmp_path: Path) -> None:
-    cfg = load_config(ROOT / "config" / "sim.yaml")
+    cfg = load_sim_config(ROOT / "config" / "sim.yaml")
     assert cfg.simulator is not None
     cfg = cfg.model_copy(update={"simulator": cfg.simulator.model_copy(update={"encoder_counts_per_mm": TRUE_CPM})})
     async with simulated_line(tmp_path, cfg, hallbar=False) as line:
         await line.send(cmd="belt_mark", belt_length_mm=2500, x_mm=150)
         done = await line.script("calibrate_encoder", "--belt-length-mm", "2500", "--passes", "2", timeout=60)
     assert done.returncode == 0, done.stderr
-    found = load_config(line.config).belt.counts_per_mm
+    found = load_sim_config(line.config).belt.counts_per_mm
     print(f"counts/mm (belt loop): true {TRUE_CPM}, found {found}")
     assert found == pytest.approx(TRUE_CPM, rel=0.002)
 
 
 def test_no_plc_is_a_clear_message(tmp_path: Path) -> None:
-    cfg = load_config(ROOT / "config" / "sim.yaml")
+    cfg = load_sim_config(ROOT / "config" / "sim.yaml")
     config = write_config(
         cfg.model_copy(update={"plc": cfg.plc.model_copy(update={"port": free_port()})}), tmp_path / "line.yaml"
     )

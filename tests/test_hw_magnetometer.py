@@ -18,15 +18,16 @@ import pytest
 
 from hw.calibrate_magnetometer import fit_offsets
 from sim.belt import Belt
+from sim.config import load_sim_config
 from sim.hallbar import SimHallBar
-from sorter.config import LineConfig, load_config
+from sorter.config import LineConfig
 from tests.hwsim import ROOT, simulated_line, write_config
 
 REFERENCE_MT = 300.0
 
 
 def sim_yaml() -> LineConfig:
-    return load_config(ROOT / "config" / "sim.yaml")
+    return load_sim_config(ROOT / "config" / "sim.yaml")
 
 
 def test_the_peak_hold_fit_recovers_the_offsets_a_median_misses(tmp_path: Path) -> None:
@@ -136,7 +137,7 @@ async def test_offsets_and_gains_recovered_from_the_simulated_bar(tmp_path: Path
     truth = answer["ref_magnet"]
     assert isinstance(truth, dict)
     true_offsets, true_gains = np.array(truth["true_offsets_mT"]), np.array(truth["true_gains"])
-    mag = load_config(line.config).magnetometer
+    mag = load_sim_config(line.config).magnetometer
     assert mag is not None and mag.offsets_mT is not None and mag.gains is not None
     offset_err = np.abs(np.array(mag.offsets_mT) - true_offsets)
     gain_err = np.abs(np.array(mag.gains) * true_gains - 1.0)  # the service multiplies: config gain = 1 / true

@@ -12,15 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from sorter.config import LineConfig, load_config
-from sorter.demo import free_port
+from sim.config import load_sim_config
+from sim.demo import free_port
+from sorter.config import LineConfig
 from tests.hwsim import ROOT, simulated_line, write_config
 
 WATCHDOG_MS = 300.0  # the simulated PLC's true watchdog time (the interface asks for 500)
 
 
 def sim_yaml() -> LineConfig:
-    return load_config(ROOT / "config" / "sim.yaml")
+    return load_sim_config(ROOT / "config" / "sim.yaml")
 
 
 def with_protocol(cfg: LineConfig, protocol: str) -> LineConfig:

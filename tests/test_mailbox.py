@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sorter.plc.mailbox import SEQ_MAX, Mailbox, MailboxDesync, MailboxFull, next_seq
+from sorter.drivers.plc.mailbox import SEQ_MAX, Mailbox, MailboxDesync, MailboxFull, next_seq
 
 
 class ModelPlc:

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the line service (sorter/metrics.py): scraped mid-run and parsed back."""
+"""Prometheus metrics of the line service (sorter/north/metrics.py): scraped mid-run and parsed back."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sorter.config import load_config
-from sorter.demo import run_demo
-from sorter.metrics import render
-from sorter.service import LineService
+from sim.config import load_sim_config
+from sim.demo import run_demo
+from sorter.line.service import LineService
+from sorter.north.metrics import render
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ async def test_metrics_scraped_mid_run(tmp_path):
         scraped["service"] = service
         scraped["mid"] = render(service)
 
-    cfg = load_config(ROOT / "config" / "sim.yaml")
+    cfg = load_sim_config(ROOT / "config" / "sim.yaml")
     report = await run_demo(cfg, duration=6, seed=3, run_dir=tmp_path / "run", during=scrape)
     body, ctype = scraped["mid"]
     assert ctype.startswith("text/plain")
@@ -104,7 +104,7 @@ async def test_metrics_scraped_mid_run(tmp_path):
 
 
 def test_each_service_has_its_own_registry(tmp_path):
-    cfg = load_config(ROOT / "config" / "sim.yaml")
+    cfg = load_sim_config(ROOT / "config" / "sim.yaml")
     services = []
     try:
         for i in range(2):

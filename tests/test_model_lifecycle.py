@@ -14,14 +14,14 @@ import pytest
 from typer.testing import CliRunner
 
 from sorter.cli import app
-from sorter.dataset import DatasetError, data_hash, scan_dataset
-from sorter.evaluate import (
+from sorter.ml.dataset import DatasetError, data_hash, scan_dataset
+from sorter.ml.evaluate import (
     compute_report,
     coverage_at,
     coverage_curve,
     expected_calibration_error,
 )
-from sorter.modelcheck import check_model
+from sorter.vision.modelcheck import check_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "sorter-cnn.onnx"
@@ -305,8 +305,8 @@ def test_check_refuses_missing_metadata(tmp_path: Path) -> None:
 
 @needs_model
 def test_check_validates_the_field_likelihood(tmp_path: Path) -> None:
-    from sorter.classify import Classifier
-    from sorter.fusion import FieldLikelihood
+    from sorter.core.fusion import FieldLikelihood
+    from sorter.vision.classify import Classifier
 
     rng = np.random.default_rng(0)
     labels = ["ndfeb", "ferrite", "smco", "steel", "other"]
@@ -386,7 +386,7 @@ def test_evaluate_json_on_sim_crops(tmp_path: Path) -> None:
 
 
 def test_time_budget_plan_follows_the_machines_pace() -> None:
-    from sorter.train import _replan
+    from sorter.ml.train import _replan
 
     # a slow first epoch (warm-up, a neighbour's job) shrinks the plan...
     assert _replan([10.0], 10.0, 210.0, 60, 60) == 41
@@ -402,8 +402,8 @@ def test_time_budget_plan_follows_the_machines_pace() -> None:
 @needs_torch
 def test_train_fits_the_field_likelihood(tmp_path: Path) -> None:
     from sim.lookalike import write_lookalike
-    from sorter.classify import Classifier
-    from sorter.train import train
+    from sorter.ml.train import train
+    from sorter.vision.classify import Classifier
 
     root = tmp_path / "studio"
     write_lookalike(root, per_class=8, seed=4, splits=(4, 2, 2))

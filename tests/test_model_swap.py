@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from sorter.classify import ModelError
-from sorter.config import load_config
-from sorter.demo import run_demo
-from sorter.records import load_pieces
+from sim.config import load_sim_config
+from sim.demo import run_demo
+from sorter.line.records import load_pieces
+from sorter.vision.classify import ModelError
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "sorter-cnn.onnx"
@@ -42,7 +42,7 @@ async def test_model_swaps_on_the_running_line(tmp_path):
         outcome["after_refusal"] = service.classifier.version
         outcome["swapped_to"] = await service.swap_model(new_model)
 
-    cfg = load_config(ROOT / "config" / "sim.yaml")
+    cfg = load_sim_config(ROOT / "config" / "sim.yaml")
     report = await run_demo(cfg, duration=7, seed=5, run_dir=tmp_path / "run", during=act)
     assert outcome["after_refusal"] != "swap-test-2"  # the refused file changed nothing
     assert outcome["swapped_to"] == "swap-test-2" == report["model_version"]

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from sorter.config import load_config
-from sorter.demo import run_demo
-from sorter.opcua_pki import trust
-from sorter.packml import State
-from sorter.records import load_pieces
+from sim.config import load_sim_config
+from sim.demo import run_demo
+from sorter.core.packml import State
+from sorter.line.records import load_pieces
+from sorter.north.opcua.pki import trust
 from tests.nodeclient import arun_node_client, make_certificate, require_node, step
 from tests.waiting import wait_until
 
@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 
 def opcua_config() -> Any:
-    cfg = load_config(ROOT / "config" / "sim.yaml")
+    cfg = load_sim_config(ROOT / "config" / "sim.yaml")
     return cfg.model_copy(update={"plc": cfg.plc.model_copy(update={"protocol": "opcua"})})
 
 

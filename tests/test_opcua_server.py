@@ -31,11 +31,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from typer.testing import CliRunner
 
 from sorter.config import OpcUaServerConfig, UserConfig
-from sorter.linestate import LineSnapshot
-from sorter.opcua_pki import PkiError, load_certificate, make_certificate, trust
-from sorter.opcua_server import CHILD_NICE, LineOpcUaServer, OpcUaServerError, _coalesce
-from sorter.packml import Command, PackMLMachine, State
-from sorter.users import authenticate, hash_password, may_configure, may_operate, verify_password
+from sorter.core.linestate import LineSnapshot
+from sorter.core.packml import Command, PackMLMachine, State
+from sorter.north.opcua.pki import PkiError, load_certificate, make_certificate, trust
+from sorter.north.opcua.server import CHILD_NICE, LineOpcUaServer, OpcUaServerError, _coalesce
+from sorter.north.users import authenticate, hash_password, may_configure, may_operate, verify_password
 from tests.reclog import RecLog as BaseRecLog
 
 # every server test shares the module's loop, the one the module-scoped server was started from

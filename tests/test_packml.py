@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sorter.packml import Command, InvalidState, PackMLMachine, State
+from sorter.core.packml import Command, InvalidState, PackMLMachine, State
 
 
 def test_packtags_numbering_and_names() -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from sorter.config import BankConfig, EjectionConfig, RoutingConfig, valve_span
-from sorter.decide import decide
-from sorter.messages import Decision, Piece
-from sorter.planner import EjectPlanner
+from sorter.config import BankConfig, EjectionConfig, RoutingConfig
+from sorter.core.decide import decide
+from sorter.core.geometry import valve_span
+from sorter.core.messages import Decision, Piece
+from sorter.core.planner import EjectPlanner
 
 CPM = 20.0
 EJ = EjectionConfig(

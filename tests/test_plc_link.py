@@ -12,13 +12,14 @@ import pytest
 from structlog.testing import capture_logs
 
 from sim.belt import Belt
+from sim.config import SimConfig
 from sim.plc import ExecutedEject, VirtualPlc
-from sorter.clock import ClockModel
-from sorter.config import ModbusMap, PlcConfig, SimConfig
-from sorter.geometry import wrap32
-from sorter.messages import EjectCommand
-from sorter.plc.link import EjectResult, PlcCommand, PlcLink
-from sorter.plc.modbus import ModbusClient, PlcError
+from sorter.config import ModbusMap, PlcConfig
+from sorter.core.clock import ClockModel
+from sorter.core.geometry import wrap32
+from sorter.core.messages import EjectCommand
+from sorter.drivers.plc.link import EjectResult, PlcCommand, PlcLink
+from sorter.drivers.plc.modbus import ModbusClient, PlcError
 
 CPMM = 20.0
 SPEED = 2500.0

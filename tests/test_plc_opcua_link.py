@@ -18,15 +18,16 @@ import pytest
 import pytest_asyncio
 
 from sim.belt import Belt
+from sim.config import SimConfig, SimPlcOpcUaConfig
 from sim.plc import ExecutedEject, VirtualPlc
 from sim.plc_opcua import PlcOpcUaServer
-from sorter.clock import ClockModel
-from sorter.config import ModbusMap, OpcUaSecurity, PlcConfig, PlcOpcUaConfig, SimConfig, SimPlcOpcUaConfig
-from sorter.messages import EjectCommand
-from sorter.opcua_pki import make_certificate, trust
-from sorter.plc.base import PlcCommand, PlcError
-from sorter.plc.opcua_link import OpcUaPlcLink
-from sorter.users import hash_password
+from sorter.config import ModbusMap, OpcUaSecurity, PlcConfig, PlcOpcUaConfig
+from sorter.core.clock import ClockModel
+from sorter.core.messages import EjectCommand
+from sorter.drivers.plc.base import PlcCommand, PlcError
+from sorter.drivers.plc.opcua_link import OpcUaPlcLink
+from sorter.north.opcua.pki import make_certificate, trust
+from sorter.north.users import hash_password
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from sorter.records import RecordStore, load_pieces
+from sorter.line.records import RecordStore, load_pieces
 
 
 def _row(i: int) -> dict:

@@ -1,4 +1,4 @@
-"""`sorter report`: shift and batch reports from the piece records alone (sorter/shiftreport.py)."""
+"""`sorter report`: shift and batch reports from the piece records alone (sorter/reports/shift.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from sorter import records as records_mod
 from sorter.cli import app
 from sorter.config import load_config
-from sorter.records import RecordStore
-from sorter.shiftreport import ReportError, estimate_mass_g, iso, load_range, make_report
+from sorter.line import records as records_mod
+from sorter.line.records import RecordStore
+from sorter.reports.shift import ReportError, estimate_mass_g, iso, load_range, make_report
 from tests.hwsim import write_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,6 +1,6 @@
 """`sorter run` under systemd: SIGTERM stops it gracefully, and it logs JSON when not on a terminal.
 
-The service runs as a subprocess against the simulator (as deploy/magnet-sorter.service runs it against
+The service runs as a subprocess against the simulator (as deploy/magnet-sorter.line.service runs it against
 the plant), its stderr a pipe like journald's. After SIGTERM: exit code 0, a `service stopped` JSON line,
 the records flushed (a `stop` event, every piece recorded) and the PLC told to stop the belt.
 """
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from sorter.demo import make_server_certificate
+from sim.demo import make_server_certificate
 from tests.hwsim import ROOT, simulated_line
 
 pytestmark = pytest.mark.slow

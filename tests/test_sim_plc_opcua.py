@@ -24,11 +24,12 @@ from asyncua.ua.uaerrors import UaError
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from sim.belt import Belt
+from sim.config import SimConfig, SimPlcOpcUaConfig
 from sim.plc import CMD_RESET, CMD_START, CMD_STOP, ST_RUNNING, ST_WATCHDOG, ExecutedEject, VirtualPlc
 from sim.plc_opcua import PlcOpcUaServer
-from sorter.config import ModbusMap, PlcOpcUaConfig, SimConfig, SimPlcOpcUaConfig
-from sorter.geometry import diff32, wrap32
-from sorter.plc.modbus import ModbusClient
+from sorter.config import ModbusMap, PlcOpcUaConfig
+from sorter.core.geometry import diff32, wrap32
+from sorter.drivers.plc.modbus import ModbusClient
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

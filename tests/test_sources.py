@@ -25,13 +25,14 @@ import structlog
 
 from sim.belt import Belt
 from sim.camera import SimCameraServer
-from sorter.capture import CameraCapture, CaptureClosed
 from sorter.config import CameraConfig, CameraMapping, OpenCVSource, QueueConfig, SimCameraSource
-from sorter.geometry import diff32, unwrap
-from sorter.messages import Frame
-from sorter.sources.base import FrameSource, SourceError, make_source
-from sorter.sources.opencv import OpenCVCaptureSource
-from sorter.sources.simcam import SimCameraClient
+from sorter.core.geometry import diff32, unwrap
+from sorter.core.messages import Frame
+from sorter.drivers.cameras.base import FrameSource, SourceError
+from sorter.drivers.cameras.capture import CameraCapture, CaptureClosed
+from sorter.drivers.cameras.opencv import OpenCVCaptureSource
+from sorter.drivers.cameras.registry import make_source
+from sorter.drivers.cameras.simcam import SimCameraClient
 
 CPM = 20.0  # counts per mm
 SPEED = 2500.0  # mm/s

@@ -9,8 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sorter.config import TrackingConfig
-from sorter.geometry import CameraGeometry
-from sorter.tracking import Tracker, to_detections
+from sorter.core.geometry import CameraGeometry
+from sorter.core.tracking import Tracker
+from sorter.vision.detections import to_detections
 from sorter.vision.segment import Blob
 
 CPM = 20.0

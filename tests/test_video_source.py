@@ -8,21 +8,23 @@ from pathlib import Path
 
 import numpy as np
 
+from sim.config import load_sim_config
+from sim.demo import demo_config
 from sim.line import SimLine
 from sim.truth import load_truth
-from sorter.clock import ClockModel
-from sorter.config import TrackingConfig, load_config
-from sorter.demo import demo_config
-from sorter.geometry import CameraGeometry
-from sorter.sources.opencv import OpenCVCaptureSource
-from sorter.tracking import Tracker, to_detections
+from sorter.config import TrackingConfig
+from sorter.core.clock import ClockModel
+from sorter.core.geometry import CameraGeometry
+from sorter.core.tracking import Tracker
+from sorter.drivers.cameras.opencv import OpenCVCaptureSource
+from sorter.vision.detections import to_detections
 from sorter.vision.segment import segment
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 async def test_opencv_file_source_through_clock_model_finds_every_piece(tmp_path):
-    cfg = load_config(ROOT / "config/sim.yaml")
+    cfg = load_sim_config(ROOT / "config/sim.yaml")
     cfg = demo_config(cfg, tmp_path, seed=3)
     assert cfg.simulator is not None
     cfg = cfg.model_copy(

@@ -1,0 +1,243 @@
+"""The simulator's commands on the `sorter` command line: `demo`, `sim`, `sim dataset`, `bench*`.
+
+Registered through the `sorter.commands` entry point (pyproject.toml), so the product's CLI
+(sorter/cli.py) never imports the simulator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sim.config import SimLineConfig, load_sim_config
+from sorter.cli_common import LogOpt, fail, stderr_console
+from sorter.config import ConfigError
+from sorter.logs import setup_logging
+
+DEFAULT_CONFIG = Path("config/sim.yaml")
+SimConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="line config with a `simulator:` section (YAML)")]
+
+sim_app = typer.Typer(help="The simulated line: run it, render datasets, record videos.")
+
+
+def _load(path: Path) -> SimLineConfig:
+    try:
+        return load_sim_config(path)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+
+
+def register(app: typer.Typer) -> None:
+    """Add the simulator's commands to the `sorter` app (the `sorter.commands` entry point)."""
+    app.command()(demo)
+    app.add_typer(sim_app, name="sim")
+    app.command()(bench)
+    app.command("bench-opcua")(bench_opcua)
+    app.command("bench-hmi")(bench_hmi)
+
+
+def demo(
+    config: SimConfigOpt = DEFAULT_CONFIG,
+    duration: Annotated[float, typer.Option(help="seconds of feed")] = 60.0,
+    seed: Annotated[int, typer.Option(help="feed seed (deterministic scrap mix)")] = 7,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as one JSON object")] = False,
+    out: Annotated[Path | None, typer.Option(help="run folder (default runs/demo-<time>)")] = None,
+    camera_only: Annotated[
+        bool, typer.Option("--camera-only", help="a line without the Hall-sensor bar: decide on the camera alone")
+    ] = False,
+    capture: Annotated[
+        Path | None, typer.Option(help="save each piece's crop (and field) as a dataset under DIR, as `run` does")
+    ] = None,
+    plc: Annotated[
+        str | None,
+        typer.Option(help="PLC protocol for this run, modbus or opcua (the virtual PLC serves both); default: config"),
+    ] = None,
+    log_level: LogOpt = "warning",
+) -> None:
+    """Run the simulated line sorted by the real line service and print the report."""
+    from sim.demo import DemoError, run_demo
+    from sorter.vision.classify import ModelError
+
+    setup_logging(log_level)
+    cfg = _load(config)
+    if cfg.simulator is None:
+        raise fail(f"{config}: the demo needs a `simulator:` section")
+    if camera_only:
+        cfg = cfg.model_copy(update={"magnetometer": None})
+    if plc not in (None, "modbus", "opcua"):
+        raise fail(f"--plc must be modbus or opcua, not {plc!r}")
+    if plc is not None:
+        cfg = cfg.model_copy(update={"plc": cfg.plc.model_copy(update={"protocol": plc})})
+    run_dir = out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    try:
+        show = not as_json and sys.stderr.isatty()
+        report = asyncio.run(run_demo(cfg, duration, seed, run_dir, progress=show, capture=capture))
+    except (ModelError, DemoError) as exc:
+        raise fail(str(exc), 1) from None
+    if as_json:
+        typer.echo(json.dumps(report))
+    else:
+        _print_report(report)
+
+
+def _print_report(report: dict) -> None:  # type: ignore[type-arg]
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    t = Table(title=f"Demo report ({report['duration_s']} s of feed, seed {report['seed']})")
+    for col in ("fraction", "count", "purity", "recovery", "purity (mass)", "recovery (mass)"):
+        t.add_column(col, justify="right")
+    for name, f in report["fractions"].items():
+        t.add_row(
+            name,
+            str(f["count"]),
+            *(
+                f"{f[k]:.4f}" if f[k] is not None else "-"
+                for k in ("purity", "recovery", "purity_mass", "recovery_mass")
+            ),
+        )
+    con.print(t)
+    con.print(
+        f"pieces fed {report['pieces_fed']}, accounted {report['pieces_accounted']}; "
+        f"frames captured {report['frames_captured']}, dropped {report['frames_dropped']}; "
+        f"ejects late {report['ejects_late']}"
+    )
+    con.print(f"decision latency ms {report['decision_latency_ms']}; eject error mm {report['eject_error_mm']}")
+    con.print(f"run folder: {report['run_dir']}")
+
+
+@sim_app.callback(invoke_without_command=True)
+def sim(
+    ctx: typer.Context,
+    config: SimConfigOpt = DEFAULT_CONFIG,
+    truth: Annotated[Path | None, typer.Option(help="write ground truth to this SQLite file")] = None,
+    control: Annotated[str, typer.Option(help="'stdio' to take JSON-line commands on stdin")] = "none",
+    seed: Annotated[int | None, typer.Option(help="override simulator.seed")] = None,
+    feed: Annotated[bool, typer.Option(help="start feeding scrap at once")] = True,
+    record: Annotated[Path | None, typer.Option(help="record each camera to DIR/<camera>.avi")] = None,
+    duration: Annotated[float | None, typer.Option(help="stop after this many seconds")] = None,
+    start_belt: Annotated[
+        bool, typer.Option(help="run the belt at once instead of waiting for the PLC command")
+    ] = False,
+    hallbar_link: Annotated[
+        Path | None, typer.Option(help="simulate the Hall bar on a pty and point this symlink at it")
+    ] = None,
+    log_level: LogOpt = "info",
+) -> None:
+    """Run the simulated line (PLC on Modbus TCP, camera streams) until Ctrl-C."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from sim.runner import run_sim
+
+    setup_logging(log_level, json_logs=True if control == "stdio" else None)
+    cfg = _load(config)
+    if cfg.simulator is None:
+        raise fail(f"{config}: no `simulator:` section")
+    asyncio.run(run_sim(cfg, truth, control, seed, feed, record, duration, start_belt, hallbar_link))
+
+
+@sim_app.command("dataset")
+def sim_dataset(
+    out: Annotated[Path, typer.Option(help="dataset folder (ImageFolder layout)")],
+    per_class: Annotated[int, typer.Option(help="crops per class over all splits")] = 800,
+    seed: int = 0,
+    crop_size: Annotated[int | None, typer.Option(help="crop side in px (default: 64 line, 128 studio)")] = None,
+    look: Annotated[
+        str,
+        typer.Option(
+            help="'line': the simulated line's own crops (what its model trains on); 'studio': deliberately "
+            "different-looking crops (other belts, lighting, scale, shapes, Hall bar; sim/lookalike.py) "
+            "to prove that training generalises, belt, light and scale varying per crop; 'studio-plant': "
+            "the same with one belt, one light and one camera scale"
+        ),
+    ] = "line",
+    sensors: Annotated[bool, typer.Option(help="write each split's sensors.csv (file,field_mT)")] = True,
+) -> None:
+    """Render a labelled crop dataset: OUT/{train,val,test}/<class>/*.png and OUT/<split>/sensors.csv."""
+    from rich.progress import Progress
+
+    setup_logging("info")
+    with Progress(transient=True, console=stderr_console()) as bar:
+        task = bar.add_task(f"rendering ({look})", total=per_class * 5)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        if look == "line":
+            from sim.dataset import write_dataset
+
+            summary = write_dataset(
+                out, per_class=per_class, seed=seed, crop_size=crop_size or 64, sensors=sensors, progress=progress
+            )
+        elif look in ("studio", "studio-plant"):
+            from sim.lookalike import write_lookalike
+
+            summary = write_lookalike(
+                out,
+                per_class=per_class,
+                seed=seed,
+                size=crop_size or 128,
+                sensors=sensors,
+                progress=progress,
+                style="plant" if look == "studio-plant" else "mixed",
+            )
+        else:
+            raise fail(f"--look must be 'line', 'studio' or 'studio-plant', got {look!r}")
+    typer.echo(json.dumps(summary, default=str))
+
+
+def bench(
+    config: SimConfigOpt = DEFAULT_CONFIG,
+    frames: Annotated[int, typer.Option(help="frames per camera to measure")] = 240,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Per-stage cost per frame, whole-pipeline cost, and the highest feed rate this machine keeps up with."""
+    from sim.bench import run_bench
+
+    setup_logging("warning")
+    result = run_bench(_load(config), frames)
+    typer.echo(json.dumps(result, indent=None if as_json else 2))
+
+
+def bench_opcua(
+    config: SimConfigOpt = DEFAULT_CONFIG,
+    duration: Annotated[float, typer.Option(help="seconds of feed per run")] = 30.0,
+    seed: Annotated[int, typer.Option(help="feed seed")] = 7,
+    out: Annotated[Path | None, typer.Option(help="folder for both runs (default runs/bench-opcua-<time>)")] = None,
+) -> None:
+    """Decision latency p99 with the line's OPC UA server flooded (reads + garbage) vs quiet, same seed."""
+    from sim.bench_opcua import run_bench_opcua
+
+    setup_logging("warning")
+    run_dir = out or Path("runs") / time.strftime("bench-opcua-%Y%m%d-%H%M%S")
+    typer.echo(json.dumps(asyncio.run(run_bench_opcua(_load(config), duration, seed, run_dir)), indent=2))
+
+
+def bench_hmi(
+    config: SimConfigOpt = DEFAULT_CONFIG,
+    duration: Annotated[float, typer.Option(help="seconds of feed per run")] = 30.0,
+    seed: Annotated[int, typer.Option(help="feed seed")] = 7,
+    browser_nice: Annotated[
+        int, typer.Option(help="niceness of the browsers (19: they stand in for panel PCs; 0: full priority)")
+    ] = 19,
+    repeat: Annotated[int, typer.Option(min=1, help="pairs of runs; p99 pooled over them (single runs vary)")] = 1,
+    out: Annotated[Path | None, typer.Option(help="folder for the runs (default runs/bench-hmi-<time>)")] = None,
+) -> None:
+    """Decision latency p99 with two headless browsers on the live HMI vs none, same seed."""
+    from sim.bench_hmi import run_bench_hmi
+
+    setup_logging("warning")
+    run_dir = out or Path("runs") / time.strftime("bench-hmi-%Y%m%d-%H%M%S")
+    result = asyncio.run(run_bench_hmi(_load(config), duration, seed, run_dir, nice=browser_nice, repeat=repeat))
+    typer.echo(json.dumps(result, indent=2))
+
+
+def sim_main() -> None:
+    typer.main.get_command(sim_app)(prog_name="python -m sim")

@@ -1,0 +1,313 @@
+"""`sorter demo`: the simulated line sorted by the real line service, with a report.
+
+The simulator runs as its own process (as the plant would be), on free
+loopback ports; the service runs here, unchanged, against its Modbus PLC and
+camera streams. The report joins the service's piece records with the
+simulator's ground truth. Ctrl-C stops the feed, drains the belt, and still
+writes the report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import structlog
+import yaml
+
+from sim.report import build_report
+from sim.truth import load_truth
+from sorter.config import LineConfig, OpcUaServerConfig
+from sorter.core.packml import State
+from sorter.line.records import load_pieces
+from sorter.line.service import LineService
+
+
+class DemoError(Exception):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def demo_config(cfg: LineConfig, run_dir: Path, seed: int) -> LineConfig:
+    """The config both sides use for this run: free ports, this run's records and bar link, this seed."""
+    run_dir = run_dir.resolve()  # the written config resolves paths against its own folder, not the cwd
+    cams = [
+        c.model_copy(update={"source": c.source.model_copy(update={"address": f"127.0.0.1:{free_port()}"})})
+        if c.source.type == "sim"
+        else c
+        for c in cfg.cameras
+    ]
+    assert cfg.simulator is not None
+    return cfg.model_copy(
+        update={
+            "cameras": cams,
+            "plc": cfg.plc.model_copy(
+                update={
+                    "host": "127.0.0.1",
+                    "port": free_port(),
+                    "opcua": cfg.plc.opcua.model_copy(update={"endpoint": f"opc.tcp://127.0.0.1:{free_port()}"}),
+                }
+            ),
+            "records": cfg.records.model_copy(update={"path": run_dir / "records.sqlite"}),
+            "magnetometer": cfg.magnetometer.model_copy(update={"port": str(run_dir / "hallbar.tty")})
+            if cfg.magnetometer
+            else None,
+            "simulator": cfg.simulator.model_copy(update={"seed": seed}),
+            "opcua_server": cfg.opcua_server.model_copy(
+                update={
+                    "endpoint": f"opc.tcp://127.0.0.1:{free_port()}",
+                    "certificate": run_dir / "pki" / "line-server-cert.der",
+                    "private_key": run_dir / "pki" / "line-server-key.pem",
+                    "trust_dir": run_dir / "pki" / "trusted",
+                }
+            )
+            if cfg.opcua_server
+            else None,
+        }
+    )
+
+
+def make_server_certificate(srv: OpcUaServerConfig) -> None:
+    """This run's line-server certificate (what `sorter opcua certs` makes for a plant), and its trust folder."""
+    from sorter.north.opcua.pki import make_certificate
+    from sorter.north.opcua.server import DEFAULT_APPLICATION_URI
+
+    srv.trust_dir.mkdir(parents=True, exist_ok=True)
+    make_certificate(
+        srv.certificate,
+        srv.private_key,
+        common_name="magnet-sorter demo line server",
+        application_uri=DEFAULT_APPLICATION_URI,
+        hostnames=[socket.gethostname(), "localhost", "127.0.0.1"],
+    )
+
+
+class SimProcess:
+    """The simulator subprocess, driven over its JSON-line stdio control channel."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.status: dict[str, Any] = {}
+        self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def start(cls, config_path: Path, truth: Path, log_path: Path, hallbar_link: str | None) -> SimProcess:
+        log = log_path.open("wb")
+        bar = ["--hallbar-link", hallbar_link] if hallbar_link else []
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "sim",
+            "--config",
+            str(config_path),
+            "--truth",
+            str(truth),
+            "--control",
+            "stdio",
+            "--no-feed",
+            *bar,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log,
+            start_new_session=True,  # Ctrl-C goes to the demo, which stops the simulator in order
+        )
+        return cls(proc)
+
+    async def _read(self) -> None:
+        assert self.proc.stdout
+        while line := await self.proc.stdout.readline():
+            with contextlib.suppress(ValueError):
+                ev = json.loads(line)
+                if ev.get("event") in ("status", "stopped"):
+                    self.status = ev
+                await self._events.put(ev)
+        await self._events.put({"event": "exited"})
+
+    async def wait_for(self, event: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            ev = await asyncio.wait_for(self._events.get(), max(0.01, deadline - time.monotonic()))
+            if ev["event"] == event:
+                return ev
+            if ev["event"] == "exited":
+                raise DemoError("the simulator exited unexpectedly (see sim.log in the run folder)")
+
+    async def send(self, **cmd: Any) -> dict[str, Any]:
+        assert self.proc.stdin
+        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
+        await self.proc.stdin.drain()
+        if cmd["cmd"] == "stop":
+            return await self.wait_for("stopped", 15)
+        return await self.wait_for("status", 5)
+
+    async def close(self) -> None:
+        if self.proc.returncode is None:
+            with contextlib.suppress(Exception):
+                await self.send(cmd="stop")
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        self._reader.cancel()
+
+
+async def _wait_until(cond, timeout: float, what: str, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not await cond():
+        if time.monotonic() > deadline:
+            raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def run_demo(
+    cfg: LineConfig,
+    duration: float,
+    seed: int,
+    run_dir: Path,
+    progress: bool = False,
+    during: Callable[[LineService, SimProcess], Coroutine[Any, Any, None]] | None = None,
+    capture: Path | None = None,
+) -> dict[str, Any]:
+    """Run the simulated line sorted by the service for `duration` s of feed; returns the report.
+
+    `during` runs beside the feed (tests use it to act on the running line: swap a model, pull a cable).
+    """
+    log = structlog.get_logger("demo")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = demo_config(cfg, run_dir, seed)
+    if cfg.opcua_server is not None and cfg.opcua_server.enabled:
+        make_server_certificate(cfg.opcua_server)
+    cfg_path = run_dir / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    truth_path = run_dir / "truth.sqlite"
+
+    interrupted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    loop.add_signal_handler(signal.SIGTERM, interrupted.set)
+
+    bar = cfg.magnetometer.port if cfg.magnetometer else None
+    sim = await SimProcess.start(cfg_path, truth_path, run_dir / "sim.log", bar)
+    service: LineService | None = None
+    stop = asyncio.Event()
+    svc_task: asyncio.Task[None] | None = None
+    t_feed = t_end = None
+    try:
+        ready = await sim.wait_for("ready", 30)
+        bar_simulated = bool(ready.get("hallbar"))  # simulator.hallbar.enabled: false leaves the port dead
+        service = LineService(cfg, capture=capture)
+        svc_task = asyncio.create_task(service.run(stop))
+
+        async def line_ready() -> bool:
+            if svc_task.done():
+                svc_task.result()  # re-raise what stopped the service
+            st = await sim.send(cmd="status")
+            return bool(
+                st["belt_mm_s"] > 0
+                and service.control.state is State.EXECUTE
+                and service.plc.status.online
+                and service.clock.ready
+                and all(c.online for c in service.captures.values())
+                and (service.hallbar is None or service.hallbar.online or not bar_simulated)
+            )
+
+        await _wait_until(line_ready, 30, "the line to start (PLC online, belt running, cameras streaming)")
+        if service.hmi is not None and service.hmi.listening:
+            # whatever the log level: where the operator's panel is (log in with the config's users)
+            log.info("operator HMI", url=service.hmi.url)
+            print(f"operator HMI: {service.hmi.url}", file=sys.stderr, flush=True)
+        log.info("line running, feeding", duration_s=duration)
+        await sim.send(cmd="feed", on=True)
+        t_feed = time.monotonic()
+        acting = asyncio.create_task(during(service, sim)) if during else None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(_progress(interrupted, duration, progress, service), duration)
+        if acting is not None:
+            await acting  # its failure is the caller's to see
+        await sim.send(cmd="feed", on=False)
+        t_end = time.monotonic()
+        log.info("feed stopped, draining the belt", interrupted=interrupted.is_set())
+
+        async def drained() -> bool:
+            st = await sim.send(cmd="status")
+            return bool(
+                st["on_belt"] == 0
+                and service.tracker.open_tracks == 0
+                and not service._sends
+                and service._pieces.empty()
+            )
+
+        await _wait_until(drained, 20, "the belt to empty", 0.1)
+    finally:
+        stop.set()
+        if svc_task is not None:
+            try:
+                await asyncio.wait_for(svc_task, 30)
+            except TimeoutError:
+                log.error("the service did not stop within 30 s; cancelling it")
+            except Exception:
+                log.exception("the service failed")
+        await sim.close()
+        loop.remove_signal_handler(signal.SIGINT)
+        loop.remove_signal_handler(signal.SIGTERM)
+
+    truth, windows, meta = load_truth(truth_path)
+    records = load_pieces(cfg.records.path, service.run_id) if service else []
+    summary = service.summary() if service else {}
+    report = build_report(cfg, truth, windows, records, summary, sim.status or meta.get("status", {}))
+    report.update(
+        {
+            "duration_s": round((t_end or time.monotonic()) - (t_feed or time.monotonic()), 2),
+            "seed": seed,
+            "interrupted": interrupted.is_set(),
+            "run_dir": str(run_dir),
+            "model": str(cfg.classifier.model.name),
+            "model_version": service.classifier.version if service else None,
+            "stage_ms": {k: round(v, 3) for k, v in service.times.mean_ms().items()} if service else {},
+            "late_views": service.tracker.late_views if service else 0,
+            "merged_views": service.tracker.merged_views if service else 0,
+            "partial_views": service.tracker.partial_views if service else 0,
+            "cameras": summary.get("cameras", {}),
+            "frames_failed": service.counts["frames_failed"] if service else 0,
+            "batches_failed": service.counts["batches_failed"] if service else 0,
+            "magnetometer": summary.get("magnetometer"),
+            "field_states": service.field_states() if service else {},
+            "hmi_url": service.hmi.url if service and service.hmi else None,
+        }
+    )
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+async def _progress(interrupted: asyncio.Event, duration: float, show: bool, service: LineService) -> None:
+    if not show:
+        await interrupted.wait()
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("sorting", total=duration)
+        t0 = time.monotonic()
+        while not interrupted.is_set():
+            s = service.summary()
+            bar.update(
+                task,
+                completed=time.monotonic() - t0,
+                description=f"sorting: {s['pieces']} pieces, {s['ejects_accepted']} ejects",
+            )
+            await asyncio.sleep(0.25)

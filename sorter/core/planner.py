@@ -1,0 +1,135 @@
+"""Ejection planning in encoder counts.
+
+For each decided piece the planner picks the valves that cover its width and
+the open/close counts at its bank from its leading and trailing edges plus
+margins, centred on its centroid, with the valves' response delays taken off
+at the current belt speed. The PLC fires at those counts, so PC jitter never
+moves the ejection point.
+
+It also protects product purity: if the air window would also hit a piece of
+another fraction that is still on the belt at that bank, the window gives up its
+margins or the edge valves over that neighbour, and if the target is then no
+longer covered the ejection is skipped (the target goes to the default fraction).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sorter.core.geometry import valve_span, valves_covering
+from sorter.core.messages import Decision, EjectCommand, Piece
+
+if TYPE_CHECKING:
+    from sorter.config import EjectionConfig, LineConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    decision: Decision
+    command: EjectCommand | None
+    outcome: str  # 'planned', 'no_eject', 'conflict', 'no_speed'
+
+
+def mask_of(valves: list[int]) -> int:
+    m = 0
+    for v in valves:
+        m |= 1 << v
+    return m
+
+
+class EjectPlanner:
+    @classmethod
+    def for_line(cls, cfg: LineConfig) -> EjectPlanner:
+        return cls(cfg.ejection, [b.fraction for b in cfg.ejection.banks], cfg.belt.counts_per_mm)
+
+    def __init__(self, cfg: EjectionConfig, fractions_by_bank: list[str], counts_per_mm: float) -> None:
+        self._cfg = cfg
+        self._cpm = counts_per_mm
+        self._bank_of = {f: i for i, f in enumerate(fractions_by_bank)}
+        self._recent: deque[Decision] = deque(maxlen=256)
+        self._leaves_at: dict[int, int | None] = {}  # piece id -> bank its command goes to (None: stays on)
+
+    def _coverage(self, valves: list[int], x0: float, x1: float) -> float:
+        if x1 <= x0:
+            return 1.0
+        covered = sum(max(0.0, min(x1, b) - max(x0, a)) for a, b in (valve_span(self._cfg, v) for v in valves))
+        return covered / (x1 - x0)
+
+    def _stays_to(self, d: Decision, bank: int) -> bool:
+        """Is this neighbour still on the belt when it reaches `bank`?
+
+        Judged by its own plan where it has one: a magnet whose ejection was skipped rides on past its
+        bank, and must not be blown into a later fraction with its neighbour.
+        """
+        own = self._leaves_at[d.piece.id] if d.piece.id in self._leaves_at else self._bank_of.get(d.fraction)
+        return own is None or own >= bank
+
+    def plan(self, decisions: list[Decision], speed_mm_s: float) -> list[Plan]:
+        """Plan a batch of decisions (neighbours decided in the same batch are known)."""
+        self._recent.extend(decisions)
+        # upstream banks first: whether a piece really leaves at bank A decides conflicts at bank B
+        order = sorted(range(len(decisions)), key=lambda i: self._bank_of.get(decisions[i].fraction, 99))
+        by_index: dict[int, Plan] = {}
+        for i in order:
+            d = decisions[i]
+            by_index[i] = plan = self._plan_one(d, speed_mm_s)
+            self._leaves_at[d.piece.id] = plan.command.bank if plan.command else None
+        plans = [by_index[i] for i in range(len(decisions))]
+        if len(self._leaves_at) > 1024:
+            recent = {n.piece.id for n in self._recent}
+            self._leaves_at = {k: v for k, v in self._leaves_at.items() if k in recent}
+        return plans
+
+    def _plan_one(self, d: Decision, speed_mm_s: float) -> Plan:
+        cfg, cpm, p = self._cfg, self._cpm, d.piece
+        bank = self._bank_of.get(d.fraction)
+        if bank is None:
+            return Plan(d, None, "no_eject")
+        if speed_mm_s <= 0:
+            return Plan(d, None, "no_speed")
+        half = max(p.u - p.u_lead + cfg.margin_lead_mm * cpm, p.u_trail - p.u + cfg.margin_trail_mm * cpm)
+        open_u, close_u = p.u - half, p.u + half
+        valves = valves_covering(cfg, p.x0 - cfg.margin_side_mm, p.x1 + cfg.margin_side_mm)
+        # the window may give up its margins (never the piece itself) to spare a neighbour: the air then
+        # still covers the whole piece and its centre moves by at most half a margin
+        latest_open, earliest_close = p.u_lead, p.u_trail
+        gap = 0.5 * cpm
+
+        def hits(q: Piece, lo: float, hi: float) -> bool:
+            along = max(0.0, min(q.u_trail, hi) - max(q.u_lead, lo)) / max(q.u_trail - q.u_lead, 1.0)
+            return along * self._coverage(valves, q.x0, q.x1) > cfg.neighbour_hit_share
+
+        for n in self._recent:
+            if n is d or n.fraction == d.fraction or not self._stays_to(n, bank):
+                continue
+            q = n.piece
+            if not hits(q, open_u, close_u):
+                continue  # the air barely touches it: it stays on the belt
+            # a neighbour ahead or behind: open later / close earlier (the centre shifts a little)
+            if q.u < p.u and q.u_trail + gap <= latest_open and not hits(q, max(open_u, q.u_trail + gap), close_u):
+                open_u = max(open_u, q.u_trail + gap)
+                continue
+            if q.u > p.u and q.u_lead - gap >= earliest_close and not hits(q, open_u, min(close_u, q.u_lead - gap)):
+                close_u = min(close_u, q.u_lead - gap)
+                continue
+            # beside it: drop valves over the neighbour, the one most over it first, until the air barely
+            # touches it (an edge valve grazing it may stay: the target keeps more of its air)
+            over = sorted(valves, key=lambda v: -self._coverage([v], q.x0, q.x1))
+            for v in over:
+                if not hits(q, open_u, close_u) or self._coverage([v], q.x0, q.x1) <= 0:
+                    break
+                valves.remove(v)
+        if not valves or self._coverage(valves, p.x0, p.x1) < cfg.min_valve_coverage:
+            if cfg.protect_purity:
+                return Plan(d, None, "conflict")
+            valves = valves_covering(cfg, p.x0 - cfg.margin_side_mm, p.x1 + cfg.margin_side_mm)
+        counts_per_ms = speed_mm_s * cpm / 1000.0
+        row = cfg.banks[bank].distance_mm * cpm
+        open_at = round(open_u + row - cfg.valve_open_delay_ms * counts_per_ms)
+        close_at = round(close_u + row - cfg.valve_close_delay_ms * counts_per_ms)
+        cmd = EjectCommand(
+            piece_id=p.id, bank=bank, valve_mask=mask_of(valves), open_at=open_at, open_for=max(1, close_at - open_at)
+        )
+        return Plan(d, cmd, "planned")

@@ -1,0 +1,270 @@
+"""Tracking by belt displacement: every physical piece becomes exactly one Piece.
+
+A piece rides the belt, so its belt-fixed coordinate u (the encoder count at
+which it crosses the cameras' centre line) stays the same in every view, from
+either camera. Views are grouped by u and across-belt overlap; a track is
+finalised once every active camera has seen the belt move past the piece's
+trailing edge by `settle_mm`, so all its views (and its neighbours) are in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from statistics import median
+from typing import TYPE_CHECKING
+
+from sorter.core.geometry import CameraGeometry
+from sorter.core.messages import Detection, Piece
+
+if TYPE_CHECKING:
+    from sorter.config import LineConfig, TrackingConfig
+
+AREA_SLACK = 1.3  # views of one piece differ in area by segmentation noise (a few %), far less than this
+
+
+def _same_piece(
+    d: Detection, u: float, u_lead: float, u_trail: float, x0: float, x1: float, gate: float, margin_mm: float
+) -> bool:
+    """Across extents overlap, and the along centres agree or the along extents mostly overlap.
+
+    The extent test catches views cut by a frame or camera edge, whose centres shift.
+    """
+    if d.x0 > x1 + margin_mm or d.x1 < x0 - margin_mm:
+        return False
+    if abs(d.u - u) <= gate:
+        return True
+    overlap = min(d.u_trail, u_trail) - max(d.u_lead, u_lead)
+    return overlap > 0.5 * min(d.u_trail - d.u_lead, u_trail - u_lead)
+
+
+def _whole(d: Detection) -> bool:
+    return not d.cut_along and not d.cut_across
+
+
+@dataclass
+class _Track:
+    id: int
+    views: list[Detection] = field(default_factory=list)
+
+    def centre(self) -> tuple[float, float] | None:
+        """(u, x) from the views that show the whole piece, None before there is one."""
+        whole = [d for d in self.views if _whole(d)]
+        if not whole:
+            return None
+        return float(median([d.u for d in whole])), float(median([d.x for d in whole]))
+
+    def n_whole(self) -> int:
+        return sum(1 for d in self.views if _whole(d))
+
+    def contains(self, u: float, x: float) -> bool:
+        return self.u_lead < u < self.u_trail and self.x0 < x < self.x1
+
+    def _full(self) -> list[Detection]:
+        full = [d for d in self.views if not d.cut_along]
+        return full or self.views
+
+    @property
+    def u(self) -> float:
+        return float(median([d.u for d in self._full()]))
+
+    @property
+    def u_trail(self) -> float:
+        return max(d.u_trail for d in self.views)
+
+    @property
+    def x0(self) -> float:
+        return min(d.x0 for d in self.views)
+
+    @property
+    def x1(self) -> float:
+        return max(d.x1 for d in self.views)
+
+    @property
+    def u_lead(self) -> float:
+        return min(d.u_lead for d in self.views)
+
+    def matches(self, d: Detection, gate: float, gate_mm: float, margin_mm: float) -> bool:
+        """Whole views match by centre (so a view of two touching pieces that segmentation failed to
+        split starts a track of its own instead of gluing two pieces together); partial views, whose
+        centres shift, match by overlapping extents."""
+        c = self.centre()
+        if c is not None and _whole(d):
+            return abs(d.u - c[0]) <= gate and abs(d.x - c[1]) <= gate_mm
+        return self._area_fits(d) and _same_piece(
+            d, self.u, self.u_lead, self.u_trail, self.x0, self.x1, gate, margin_mm
+        )
+
+    def _area_fits(self, d: Detection) -> bool:
+        """A view cut by an edge shows part of its piece: never much more than a whole view of it. (A small
+        piece lying in the bounding box of a big one that no camera sees whole is not a view of it.)"""
+        if _whole(d):
+            parts = [v.area_mm2 for v in self.views if not _whole(v)]
+            return not parts or d.area_mm2 * AREA_SLACK >= max(parts)
+        whole = [v.area_mm2 for v in self.views if _whole(v)]
+        return not whole or d.area_mm2 <= AREA_SLACK * float(median(whole))
+
+    def to_piece(self, max_views: int) -> Piece:
+        # the best views available: whole, else whole along the belt (cut by a camera's side), else any
+        best = [d for d in self.views if _whole(d)] or self._full()
+        whole_across = any(not d.cut_across for d in best)
+        crops_from = sorted(best, key=lambda d: -d.area_mm2)[:max_views]
+        return Piece(
+            id=self.id,
+            u=float(median([d.u for d in best])),
+            u_lead=float(median([d.u_lead for d in best])),
+            u_trail=float(median([d.u_trail for d in best])),
+            # a piece in the overlap may be cut by both cameras' edges: then only the union is whole
+            x=float(median([d.x for d in best])) if whole_across else (self.x0 + self.x1) / 2,
+            x0=self.x0,
+            x1=self.x1,
+            area_mm2=float(median([d.area_mm2 for d in best])),
+            cameras=tuple(sorted({d.camera for d in self.views})),
+            n_views=len(self.views),
+            crops=[d.crop for d in crops_from if d.crop is not None],
+            t_first_capture=min(d.t_capture for d in self.views),
+            t_last_capture=max(d.t_capture for d in self.views),
+        )
+
+
+class Tracker:
+    @classmethod
+    def for_line(cls, cfg: LineConfig, geoms: dict[str, CameraGeometry]) -> Tracker:
+        return cls(
+            {n: g.field_mm()[3] for n, g in geoms.items()},
+            cfg.tracking,
+            cfg.belt.counts_per_mm,
+            cfg.classifier.max_views,
+            # how far an ejection window reaches beyond its piece: along by the margins, across by a valve
+            neighbour_mm=(cfg.ejection.margin_lead_mm + cfg.ejection.margin_trail_mm, cfg.ejection.valve_pitch_mm),
+        )
+
+    def __init__(
+        self,
+        fields_y_max_mm: dict[str, float],
+        cfg: TrackingConfig,
+        counts_per_mm: float,
+        max_views: int,
+        neighbour_mm: tuple[float, float] = (0.0, 0.0),
+    ) -> None:
+        """`fields_y_max_mm`: per camera, the most downstream belt y (mm) it sees.
+        `neighbour_mm`: (along, across) reach of a piece's ejection window beyond the piece; a piece is
+        not finalised while a piece within that reach is still being tracked."""
+        self._field_end = fields_y_max_mm
+        self._cpm = counts_per_mm
+        self._gate = cfg.gate_mm * counts_per_mm
+        self._gate_mm = cfg.gate_mm
+        self._settle = cfg.settle_mm * counts_per_mm
+        self._max_views = max_views
+        self._reach_along = neighbour_mm[0] * counts_per_mm
+        self._reach_across = neighbour_mm[1]
+        self._tracks: list[_Track] = []
+        self._done: list[
+            tuple[float, float, float, float, float]
+        ] = []  # (u, u_lead, u_trail, x0, x1) of decided pieces
+        self._next_id = 1
+        self.watermark: dict[str, int] = {}
+        self.late_views = 0  # views that arrived after their piece was decided
+        self.partial_views = 0  # edge slivers of pieces tracked whole elsewhere, dropped
+        self.merged_views = 0  # views of touching pieces seen as one blob, dropped in favour of the split views
+
+    @property
+    def open_tracks(self) -> int:
+        return len(self._tracks)
+
+    def add(self, camera: str, count: int, detections: Iterable[Detection]) -> None:
+        """One frame's detections. A frame shows each piece once, so each track takes at most one of them,
+        the nearest first: two small pieces side by side within the gate of one track (a disc beside a
+        wire, seen as one blob in the frame before) do not both join it."""
+        self.watermark[camera] = max(count, self.watermark.get(camera, count))
+        fresh = []
+        for d in detections:
+            if any(_same_piece(d, *done, self._gate, 0.0) for done in self._done):
+                self.late_views += 1
+            else:
+                fresh.append(d)
+        pairs = sorted(
+            (abs(t.u - d.u), i, k)
+            for i, d in enumerate(fresh)
+            for k, t in enumerate(self._tracks)
+            if t.matches(d, self._gate, self._gate_mm, 2.0)
+        )
+        assigned: dict[int, _Track] = {}
+        taken: set[int] = set()
+        for _, i, k in pairs:
+            if i not in assigned and k not in taken:
+                assigned[i] = self._tracks[k]
+                taken.add(k)
+        for i, d in enumerate(fresh):
+            track = assigned.get(i)
+            if track is None:
+                track = _Track(self._next_id)
+                self._next_id += 1
+                self._tracks.append(track)
+            track.views.append(d)
+
+    def finalise(self, active_cameras: Iterable[str]) -> list[Piece]:
+        """Pieces that no active camera can see again, in belt order (leading first)."""
+        active = list(active_cameras)
+        if not active or any(c not in self.watermark for c in active):
+            return []  # an active camera has not reported yet: it may still see these pieces
+        limits = [self.watermark[c] - self._field_end[c] * self._cpm for c in active]
+        passed = min(limits)  # belt-fixed u that every active camera has seen leave its field
+        ready = [t for t in self._tracks if t.u_trail + self._settle < passed]
+        waiting = [t for t in self._tracks if t.u_trail + self._settle >= passed]
+        # a piece whose air window could reach a neighbour still being tracked (a long piece right behind
+        # it) waits for that neighbour, so that the planner knows both when it plans either
+        while blocked := [t for t in ready if any(self._within_reach(t, q) for q in waiting)]:
+            ready = [t for t in ready if t not in blocked]
+            waiting += blocked
+        if not ready:
+            return []
+        self._tracks = waiting
+        ready = self._drop_merged(ready)
+        pieces = sorted((t.to_piece(self._max_views) for t in ready), key=lambda p: p.u)
+        self._done.extend((p.u, p.u_lead, p.u_trail, p.x0, p.x1) for p in pieces)
+        horizon = passed - 4 * self._settle - 400 * self._cpm
+        self._done = [r for r in self._done if r[2] > horizon]
+        return pieces
+
+    def _within_reach(self, t: _Track, q: _Track) -> bool:
+        r, a = self._reach_along, self._reach_across
+        return q.u_lead < t.u_trail + r and q.u_trail > t.u_lead - r and q.x0 < t.x1 + a and q.x1 > t.x0 - a
+
+    def _drop_merged(self, ready: list[_Track]) -> list[_Track]:
+        """A track whose extent holds the centres of two or more other tracks is a view of touching
+        pieces that other frames did split: the split tracks stand for those pieces. Only tracks seen
+        whole at least half as often count: a fragment that one frame cut off a piece (seen whole in
+        four frames) is no evidence that the piece was two."""
+        centres: list[tuple[_Track | None, tuple[float, float]]] = [
+            (t, c) for t in ready + self._tracks if (c := t.centre()) is not None
+        ]
+        centres += [(None, (u, (x0 + x1) / 2)) for u, _, _, x0, x1 in self._done]
+        whole = [t for t in ready + self._tracks if t.centre() is not None]
+        keep = []
+        for t in ready:
+            seen = t.n_whole()
+            inside = sum(
+                1 for o, (u, x) in centres if o is not t and t.contains(u, x) and (o is None or 2 * o.n_whole() >= seen)
+            )
+            if inside >= 2:
+                self.merged_views += len(t.views)
+                continue
+            if t.centre() is None:
+                # only ever seen cut by a camera's edge, inside a piece some camera saw whole: a sliver
+                # of that piece that did not join its track, not a piece of its own
+                u = float(median([d.u for d in t.views]))
+                x = float(median([d.x for d in t.views]))
+                if any(o.contains(u, x) for o in whole) or any(
+                    lead < u < trail and x0 < x < x1 for _, lead, trail, x0, x1 in self._done
+                ):
+                    self.partial_views += len(t.views)
+                    continue
+            keep.append(t)
+        return keep
+
+    def flush(self) -> list[Piece]:
+        """Finalise everything (at shutdown): a piece that was seen is never silently lost."""
+        pieces = sorted((t.to_piece(self._max_views) for t in self._tracks), key=lambda p: p.u)
+        self._tracks = []
+        return pieces

@@ -1,5 +1,0 @@
-"""The operator's web HMI, served by the line service on its own thread (docs/hmi.md)."""
-
-from sorter.hmi.server import HmiError, HmiServer
-
-__all__ = ["HmiError", "HmiServer"]

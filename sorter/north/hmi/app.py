@@ -1,0 +1,501 @@
+"""The HMI's web application (FastAPI): login, the live page's WebSocket, control endpoints.
+
+Every request that changes something passes four checks, in this order, and a refusal changes
+nothing and is logged (`hmi request refused`, with the reason, never a password or token):
+
+1. same origin: a browser's Origin (or Sec-Fetch-Site) must be this server - a page elsewhere
+   cannot drive the line through an operator's browser;
+2. a live session: the HttpOnly, SameSite=Strict session cookie, not idle for `hmi.session_idle_s`
+   and younger than `hmi.session_max_s` (401);
+3. the role: operator or technician for PackML commands and alarm acknowledgement, technician
+   for routing thresholds and models (403);
+4. the CSRF token of the session in the X-CSRF-Token header (403).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from sorter.core.packml import Command, InvalidState
+from sorter.north.hmi.live import ViewBuilder
+from sorter.north.hmi.sessions import Session
+from sorter.north.users import authenticate, may_configure, may_operate
+from sorter.vision.classify import ModelError
+
+if TYPE_CHECKING:
+    from sorter.north.hmi.server import Client, HmiServer
+
+COOKIE = "sorter_hmi"
+CSRF_HEADER = "x-csrf-token"
+STATIC = Path(__file__).parent / "static"
+COMMANDS = {c.lower(): Command(c) for c in ViewBuilder.COMMANDS}
+MAX_BODY = 8192
+MAX_WS_TEXT = 4096
+BAD_WS_CLOSE = 200  # malformed messages on one WebSocket before it is closed (1008)
+ROLES = ("viewer", "operator", "technician")
+
+_HEADERS = [
+    (
+        b"content-security-policy",
+        b"default-src 'self'; img-src 'self' blob: data:; connect-src 'self'; style-src 'self'; "
+        b"script-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    ),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+]
+
+
+class _SecurityHeaders:
+    """Headers on every HTTP response: no framing (a hidden frame cannot trick a touch), no caching."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(msg: Message) -> None:
+            if msg["type"] == "http.response.start":
+                msg = {**msg, "headers": [*msg.get("headers", []), *_HEADERS]}
+            await send(msg)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class LoginBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=256)
+
+
+class ThresholdsBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    min_confidence: float | None = Field(None, ge=0, le=1)
+    fallback_min_confidence: float | None = Field(None, ge=0, le=1)
+
+
+class ModelBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(min_length=1, max_length=4096)
+
+
+def printable(text: object, limit: int = 64) -> str:
+    """Client-chosen text, safe for a log line."""
+    s = str(text)
+    out = "".join(c if c.isprintable() else "?" for c in s[:limit])
+    return out + ("..." if len(s) > limit else "")
+
+
+def _client(conn: Request | WebSocket) -> str:
+    return conn.client.host if conn.client else "?"
+
+
+def same_origin(conn: Request | WebSocket) -> bool:
+    """A browser's request from this server's own page (requests without Origin: not a browser's cross-site one)."""
+    h = conn.headers
+    if h.get("sec-fetch-site") == "cross-site":
+        return False
+    origin = h.get("origin")
+    if origin is None:
+        return True
+    host = h.get("host", "")
+    return origin in (f"http://{host}", f"https://{host}")
+
+
+def create_app(hmi: HmiServer) -> FastAPI:
+    svc = hmi.svc
+    app = FastAPI(title="magnet-sorter HMI", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_SecurityHeaders)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    def refuse(conn: Request | WebSocket, status: int, reason: str, detail: str, **kw: Any) -> HTTPException:
+        hmi.log.warning(
+            "hmi request refused",
+            reason=reason,
+            status=status,
+            method=getattr(conn, "method", "WS"),
+            path=printable(conn.url.path, 120),
+            client=_client(conn),
+            **kw,
+        )
+        return HTTPException(status, detail)
+
+    def guard(request: Request, need: str = "viewer", csrf: bool = True) -> Session:
+        """The checks of the module docstring; touches the session (activity) when they pass."""
+        unsafe = request.method not in ("GET", "HEAD")
+        if unsafe and not same_origin(request):
+            raise refuse(request, 403, "cross_site", "cross-site request refused", origin=request.headers.get("origin"))
+        sess, why = hmi.sessions.get(request.cookies.get(COOKIE))
+        if sess is None and why == "none" and request.url.path == "/api/session":
+            raise HTTPException(401, "not logged in")  # the page asking on load whether it has a session
+        if sess is None:
+            detail = "session expired, log in again" if why == "expired" else "not logged in"
+            raise refuse(request, 401, f"session_{why}", detail)
+        allowed = {"viewer": True, "operator": may_operate(sess.role), "technician": may_configure(sess.role)}[need]
+        if not allowed:
+            raise refuse(request, 403, "role", f"a {sess.role} may not do this", user=sess.user, role=sess.role)
+        if unsafe and csrf and not sess.csrf_ok(request.headers.get(CSRF_HEADER)):
+            raise refuse(request, 403, "csrf", "missing or wrong CSRF token", user=sess.user, role=sess.role)
+        hmi.sessions.touch(sess)
+        return sess
+
+    async def body_json(request: Request) -> Any:
+        raw = await request.body()
+        if len(raw) > MAX_BODY:
+            raise refuse(request, 413, "too_large", "request too large")
+        try:
+            return json.loads(raw or b"null")
+        except ValueError:
+            raise refuse(request, 400, "not_json", "the body must be JSON") from None
+
+    def invalid(request: Request, exc: ValidationError, **kw: Any) -> HTTPException:
+        # field names and messages only: the input itself may hold what should not be logged
+        errors = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        hmi.log.warning(
+            "hmi request refused",
+            reason="invalid",
+            status=422,
+            method=request.method,
+            path=printable(request.url.path, 120),
+            client=_client(request),
+            errors=errors[:5],
+            **kw,
+        )
+        return HTTPException(422, "; ".join(errors[:5]))
+
+    async def on_service(request: Request, fn: Any, timeout: float = 5.0) -> Any:
+        try:
+            return await hmi.on_service(fn, timeout)
+        except TimeoutError:
+            raise refuse(request, 504, "timeout", f"the line service did not answer within {timeout:g} s") from None
+        except RuntimeError as exc:
+            if "not running" in str(exc):
+                raise refuse(request, 503, "service_down", "the line service is not running") from None
+            raise
+
+    # --- pages ---
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    # --- sessions ---
+
+    @app.post("/api/login")
+    async def login(request: Request) -> Response:
+        client = _client(request)
+        if not same_origin(request):
+            raise refuse(request, 403, "cross_site", "cross-site request refused", origin=request.headers.get("origin"))
+        wait = hmi.throttle.locked(client)
+        if wait > 0:
+            hmi.log.warning("hmi login refused", reason="throttled", client=client, wait_s=round(wait, 1))
+            raise HTTPException(
+                429, f"too many wrong passwords: wait {math.ceil(wait)} s", {"Retry-After": str(math.ceil(wait))}
+            )
+        raw = await request.body()
+        if len(raw) > MAX_BODY:
+            raise refuse(request, 413, "too_large", "request too large")
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        try:
+            if ctype == "application/x-www-form-urlencoded":
+                form = parse_qs(raw.decode("utf-8", "replace"), keep_blank_values=True)
+                data: Any = {k: v[0] for k, v in form.items()}
+            else:
+                data = json.loads(raw or b"null")
+            body = LoginBody.model_validate(data)
+        except (ValueError, ValidationError):
+            # the body may carry a password: its content is never logged
+            hmi.log.warning("hmi login refused", reason="malformed", client=client, content_type=printable(ctype))
+            raise HTTPException(422, "send user and password") from None
+        assert hmi._login_lock is not None
+        async with hmi._login_lock:  # one argon2 verification at a time (CPU the sorting line needs)
+            user = await asyncio.get_running_loop().run_in_executor(
+                None, authenticate, svc.cfg.users, body.user, body.password
+            )
+        if user is None:
+            hmi.throttle.failed(client)
+            hmi.log.warning(
+                "hmi login refused", reason="wrong user or password", user=printable(body.user), client=client
+            )
+            raise HTTPException(401, "wrong user name or password")
+        hmi.throttle.succeeded(client)
+        sess = hmi.sessions.create(user.name, user.role)
+        hmi.log.info("hmi login", user=user.name, role=user.role, client=client)
+        resp = JSONResponse(_session_info(sess))
+        resp.set_cookie(
+            COOKIE,
+            sess.token,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            path="/",
+        )
+        return resp
+
+    def _session_info(sess: Session) -> dict[str, Any]:
+        return {
+            "user": sess.user,
+            "role": sess.role,
+            "csrf": sess.csrf,
+            "may_operate": may_operate(sess.role),
+            "may_configure": may_configure(sess.role),
+            "idle_s": hmi.sessions.idle_s,
+            "max_s": hmi.sessions.max_s,
+            "line": svc.cfg.line,
+            "cameras": [c.name for c in svc.cfg.cameras],
+            "commands": list(ViewBuilder.COMMANDS),
+        }
+
+    @app.get("/api/session")
+    async def session(request: Request) -> dict[str, Any]:
+        return _session_info(guard(request))
+
+    @app.post("/api/logout")
+    async def logout(request: Request) -> Response:
+        sess = guard(request)
+        hmi.sessions.drop(sess.token)
+        hmi.log.info("hmi logout", user=sess.user, client=_client(request))
+        resp = JSONResponse({"ok": True})
+        resp.delete_cookie(COOKIE, path="/")
+        return resp
+
+    # --- what the page shows ---
+
+    @app.get("/api/state")
+    async def state(request: Request) -> Any:
+        guard(request)
+        if hmi.view is None:
+            raise HTTPException(503, "no state yet")
+        return hmi.view
+
+    @app.get("/api/camera/{name}")
+    async def camera(request: Request, name: str) -> Response:
+        guard(request)
+        jpg = await hmi.camera_jpeg(name)
+        if jpg is None:
+            raise HTTPException(404, f"no image of camera {printable(name)}")
+        return Response(jpg, media_type="image/jpeg")
+
+    # --- control ---
+
+    @app.post("/api/command/{name}")
+    async def command(request: Request, name: str) -> dict[str, Any]:
+        sess = guard(request, "operator")
+        cmd = COMMANDS.get(name.lower())
+        if cmd is None:
+            raise refuse(request, 404, "unknown_command", f"no command {printable(name)}", user=sess.user)
+        try:
+            new = await on_service(request, lambda: svc.control.command(cmd, sess.user))
+        except InvalidState as exc:
+            hmi.log.warning("hmi command refused", user=sess.user, role=sess.role, command=cmd.value, error=str(exc))
+            raise HTTPException(409, str(exc)) from None
+        hmi.log.info("hmi command", user=sess.user, role=sess.role, command=cmd.value, state=new.label)
+        return {"command": cmd.value, "state": new.label}
+
+    @app.post("/api/alarms/{name}/ack")
+    async def acknowledge(request: Request, name: str) -> dict[str, Any]:
+        sess = guard(request, "operator")
+
+        async def ack() -> Any:
+            a = svc.alarm_board.acknowledge(name, sess.user)
+            if a is not None:
+                svc.records.event("alarm_ack", alarm=a.name, user=sess.user)
+            return a
+
+        a = await on_service(request, ack)
+        if a is None:
+            raise refuse(request, 404, "no_alarm", f"no alarm {printable(name)} on the board", user=sess.user)
+        hmi.log.info("hmi alarm acknowledged", user=sess.user, alarm=a.name, active=a.active)
+        return {"alarm": a.name, "acked_by": a.acked_by, "active": a.active}
+
+    @app.put("/api/routing/thresholds")
+    async def thresholds(request: Request) -> dict[str, Any]:
+        sess = guard(request, "technician")
+        try:
+            body = ThresholdsBody.model_validate(await body_json(request))
+        except ValidationError as exc:
+            raise invalid(request, exc, user=sess.user) from None
+        changes = body.model_dump(exclude_none=True)
+        if not changes:
+            raise refuse(request, 422, "invalid", "give min_confidence and/or fallback_min_confidence", user=sess.user)
+
+        async def apply() -> Any:
+            return svc.set_routing_thresholds(sess.user, **changes)
+
+        try:
+            routing = await on_service(request, apply)
+        except ValueError as exc:
+            raise refuse(request, 422, "invalid", str(exc), user=sess.user) from None
+        hmi.log.info("hmi routing thresholds", user=sess.user, **changes)
+        return {
+            "min_confidence": routing.min_confidence,
+            "fallback_min_confidence": routing.fallback_min_confidence,
+        }
+
+    @app.get("/api/models")
+    async def models(request: Request) -> dict[str, Any]:
+        guard(request, "technician")
+        folder = Path(svc.cfg.classifier.model).parent
+        files = sorted(str(p) for p in folder.glob("*.onnx") if p.is_file()) if folder.is_dir() else []
+        return {"folder": str(folder), "models": files, "version": svc.classifier.version}
+
+    @app.post("/api/model")
+    async def swap_model(request: Request) -> dict[str, Any]:
+        sess = guard(request, "technician")
+        try:
+            body = ModelBody.model_validate(await body_json(request))
+        except ValidationError as exc:
+            raise invalid(request, exc, user=sess.user) from None
+        path = Path(body.path)
+        if path.suffix.lower() != ".onnx" or not path.is_file():
+            raise refuse(
+                request,
+                422,
+                "no_model_file",
+                f"{printable(body.path, 200)} is not an .onnx file on the line PC",
+                user=sess.user,
+            )
+        try:
+            version = await on_service(request, lambda: svc.swap_model(path), timeout=120.0)
+        except ModelError as exc:
+            hmi.log.warning("hmi model refused", user=sess.user, path=str(path), error=str(exc))
+            raise HTTPException(422, f"model refused: {exc}") from None
+        hmi.log.info("hmi model swapped", user=sess.user, path=str(path), version=version)
+        return {"version": version, "path": str(path)}
+
+    _mount_metrics(app, hmi)
+
+    # --- live updates ---
+
+    @app.websocket("/ws")
+    async def live(ws: WebSocket) -> None:
+        if not same_origin(ws):
+            refuse(ws, 403, "cross_site", "cross-site WebSocket refused", origin=ws.headers.get("origin"))
+            await ws.close(code=1008)  # before accept: the handshake is answered 403
+            return
+        sess, why = hmi.sessions.get(ws.cookies.get(COOKIE))
+        await ws.accept()
+        if sess is None:
+            refuse(ws, 401, f"session_{why}", "not logged in")
+            await ws.close(code=4401, reason="log in")
+            return
+        from sorter.north.hmi.server import Client
+
+        c = Client(ws, sess, _client(ws))
+        if hmi.view is not None:
+            c.state = json.dumps(hmi.view, separators=(",", ":"))
+            c.wake.set()
+        hmi.clients.add(c)
+        hmi.log.info("hmi browser connected", user=sess.user, client=c.address, clients=len(hmi.clients))
+        sender = asyncio.create_task(_send_loop(c))
+        try:
+            while True:
+                msg = await ws.receive()
+                if msg["type"] == "websocket.disconnect":
+                    break
+                if not _handle(hmi, c, msg) and c.bad_messages >= BAD_WS_CLOSE:
+                    await ws.close(code=1008, reason="too many malformed messages")
+                    break
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        finally:
+            hmi.clients.discard(c)
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+            hmi.log.info("hmi browser disconnected", user=sess.user, client=c.address, clients=len(hmi.clients))
+
+    return app
+
+
+async def _send_loop(c: Client) -> None:
+    ws = c.ws
+    try:
+        while True:
+            await c.wake.wait()
+            c.wake.clear()
+            if c.closing is not None:
+                await ws.close(code=c.closing, reason="session expired")
+                return
+            if c.state is not None:
+                text, c.state = c.state, None
+                await ws.send_text(text)
+                c.sent_states += 1
+            frames, c.frames = c.frames, {}
+            for data in frames.values():
+                await ws.send_bytes(data)
+                c.sent_frames += 1
+    except (WebSocketDisconnect, RuntimeError, OSError):
+        return  # gone: the receive side ends the connection
+    except Exception as exc:  # e.g. uvicorn's ClientDisconnected
+        if type(exc).__name__ != "ClientDisconnected":
+            raise
+
+
+def _handle(hmi: HmiServer, c: Client, msg: Mapping[str, Any]) -> bool:
+    """A message from the page: only {"type": "activity"} (a touch on the panel) means anything."""
+    text = msg.get("text")
+    reason = None
+    if text is None:
+        reason = "binary message"
+    elif len(text) > MAX_WS_TEXT:
+        reason = "too long"
+    else:
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+            reason = "not JSON"
+        if reason is None:
+            if not isinstance(data, dict):
+                reason = "not an object"
+            elif data.get("type") == "activity" and len(data) == 1:
+                if hmi.sessions.alive(c.session):
+                    hmi.sessions.touch(c.session)
+                return True
+            else:
+                reason = "unknown message"
+    c.bad_messages += 1
+    if c.bad_messages <= 5 or c.bad_messages % 100 == 0:
+        size = len(text) if text is not None else len(msg.get("bytes") or b"")
+        hmi.log.warning(
+            "hmi websocket message ignored",
+            reason=reason,
+            user=c.session.user,
+            client=c.address,
+            size=size,
+            count=c.bad_messages,
+        )
+    return False
+
+
+def _mount_metrics(app: FastAPI, hmi: HmiServer) -> None:
+    """GET /metrics (Prometheus text format) when sorter.north.metrics is there; rendered off the HMI's loop."""
+    try:
+        from sorter.north import metrics
+    except ImportError:  # pragma: no cover - the module ships with the service
+        return
+    render = getattr(metrics, "render", None)
+    if render is None:
+        return
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        body, ctype = await asyncio.to_thread(render, hmi.svc)
+        return Response(body, media_type=ctype)
