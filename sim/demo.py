@@ -82,8 +82,7 @@ def demo_config(cfg: LineConfig, run_dir: Path, seed: int) -> LineConfig:
 
 def make_server_certificate(srv: OpcUaServerConfig) -> None:
     """This run's line-server certificate (what `sorter opcua certs` makes for a plant), and its trust folder."""
-    from sorter.north.opcua.pki import make_certificate
-    from sorter.north.opcua.server import DEFAULT_APPLICATION_URI
+    from sorter.north.opcua.pki import DEFAULT_APPLICATION_URI, make_certificate
 
     srv.trust_dir.mkdir(parents=True, exist_ok=True)
     make_certificate(

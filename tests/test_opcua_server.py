@@ -34,7 +34,9 @@ from sorter.config import OpcUaServerConfig, UserConfig
 from sorter.core.linestate import LineSnapshot
 from sorter.core.packml import Command, PackMLMachine, State
 from sorter.north.opcua.pki import PkiError, load_certificate, make_certificate, trust
-from sorter.north.opcua.server import CHILD_NICE, LineOpcUaServer, OpcUaServerError, _coalesce
+from sorter.north.opcua.process import CHILD_NICE
+from sorter.north.opcua.protocol import coalesce as _coalesce
+from sorter.north.opcua.proxy import LineOpcUaServer, OpcUaServerError
 from sorter.north.users import authenticate, hash_password, may_configure, may_operate, verify_password
 from tests.reclog import RecLog as BaseRecLog
 

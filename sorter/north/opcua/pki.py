@@ -21,6 +21,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+# The application URI of the line server's certificate as `sorter opcua certs` makes it, and the server's
+# own when its certificate names none. Here rather than with the server so that making certificates
+# (the CLI, the demo) does not import asyncua.
+DEFAULT_APPLICATION_URI = "urn:magnet-sorter:line-server"
+
 
 class PkiError(Exception):
     """A certificate or key cannot be written or read; str() says which file and why."""
