@@ -241,3 +241,40 @@ def bench_hmi(
 
 def sim_main() -> None:
     typer.main.get_command(sim_app)(prog_name="python -m sim")
+
+
+@sim_app.command("crosscheck")
+def sim_crosscheck(
+    demo_report: Annotated[
+        Path, typer.Option("--demo-report", help="the run's `sorter demo --json` report (its folder's report.json)")
+    ],
+    config: SimConfigOpt = DEFAULT_CONFIG,
+    db: Annotated[Path | None, typer.Option(help="records database (default: the config's records.path)")] = None,
+    run_id: Annotated[str | None, typer.Option("--run", help="only this run of the service")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the cross-check as JSON")] = None,
+) -> None:
+    """Cross-check `sorter report`'s numbers from the records against the demo's report of the same run.
+
+    Exit 2 on bad input (missing database or report, no records);
+    exit 1 if a figure that both count from the same records differs (sim/crosscheck.py)."""
+    from sim.crosscheck import crosscheck_run, crosscheck_tables, differences
+    from sorter.reports.shift import ReportError
+    from sorter.reports.tables import text_lines
+
+    cfg = _load(config)
+    try:
+        check = crosscheck_run(cfg, demo_report, db=db, run=run_id)
+    except ReportError as exc:
+        raise fail(str(exc)) from None
+    for table in crosscheck_tables(check):
+        typer.echo("\n".join(text_lines(table)))
+    if json_out is not None:
+        try:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(check, indent=2, default=str))
+        except OSError as exc:
+            raise fail(f"cannot write {json_out}: {exc}") from None
+    bad = differences(check)
+    typer.echo("cross-check with the demo report: " + ("equal" if not bad else f"DIFFERENT: {', '.join(bad)}"))
+    if bad:
+        raise typer.Exit(1)

@@ -192,9 +192,6 @@ def shift_report(
     run_id: Annotated[str | None, typer.Option("--run", help="only this run of the service (a batch)")] = None,
     pdf: Annotated[Path | None, typer.Option("--pdf", help="also write a PDF")] = None,
     csv: Annotated[Path | None, typer.Option("--csv", help="also export the range's records as CSV")] = None,
-    report_json: Annotated[
-        Path | None, typer.Option("--report-json", help="a `sorter demo --json` report of this run to cross-check")
-    ] = None,
     summary_json: Annotated[Path | None, typer.Option("--json", help="also write the numbers as JSON")] = None,
     db: Annotated[
         Path | None, typer.Option("--db", help="records database (default: the config's records.path)")
@@ -202,8 +199,7 @@ def shift_report(
 ) -> None:
     """Shift or batch report from the piece records: throughput, composition, mass balance, alarms and stops.
 
-    Exit 2 on bad input (no records in range, missing database, --from not before --to);
-    exit 1 if a --report-json cross-check finds a difference in figures both count from the same records."""
+    Exit 2 on bad input (no records in range, missing database, --from not before --to)."""
     from sorter.reports.shift import ReportError, make_report
 
     cfg = _load(config)
@@ -217,7 +213,6 @@ def shift_report(
             run=run_id,
             pdf=pdf,
             csv_path=csv,
-            demo_report=report_json,
             summary_json=summary_json,
         )
     except ReportError as exc:
@@ -228,12 +223,6 @@ def shift_report(
         f"mass balance {'closes' if b['closes'] else 'does NOT close'} "
         f"(in {b['in_count']}, out {b['out_count']})"
     )
-    check = s.get("demo_check")
-    if check is not None:
-        bad = [k for k, c in check["exact"].items() if not c["equal"]]
-        typer.echo("cross-check with the demo report: " + ("equal" if not bad else f"DIFFERENT: {', '.join(bad)}"))
-        if bad:
-            raise typer.Exit(1)
 
 
 def main() -> None:

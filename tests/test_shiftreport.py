@@ -1,4 +1,5 @@
-"""`sorter report`: shift and batch reports from the piece records alone (sorter/reports/shift.py)."""
+"""`sorter report`: shift and batch reports from the piece records alone (sorter/reports/); and
+`sorter sim crosscheck` (sim/crosscheck.py), which compares them with the demo's report of the same run."""
 
 from __future__ import annotations
 
@@ -9,13 +10,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from sim.cli import sim_app
+from sim.config import load_sim_config
+from sim.crosscheck import crosscheck_run
 from sorter.cli import app
-from sorter.config import load_config
+from sorter.config import MassRule, ReportsConfig, load_config
 from sorter.line import records as records_mod
 from sorter.line.records import RecordStore
-from sorter.reports.shift import ReportError, estimate_mass_g, iso, load_range, make_report
+from sorter.reports.load import load_range
+from sorter.reports.mass import estimate_mass_g
+from sorter.reports.shift import ReportError, make_report
+from sorter.reports.times import iso
 from tests.hwsim import write_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +34,7 @@ CLASSES = list(ROUTE)
 
 @pytest.fixture
 def cfg(tmp_path):
-    c = load_config(ROOT / "config" / "sim.yaml")
+    c = load_sim_config(ROOT / "config" / "sim.yaml")
     return c.model_copy(update={"records": c.records.model_copy(update={"path": tmp_path / "records.sqlite"})})
 
 
@@ -119,10 +127,37 @@ def build_db(path: Path, monkeypatch) -> dict[str, Any]:
 
 def test_mass_estimate_is_area_times_nominal_thickness_times_density():
     # a 20 x 10 mm NdFeB block: width 10 mm -> 0.4 x 10 + 1 = 5 mm thick; 200 mm² x 5 mm x 7.5 g/cm³
+    model = ReportsConfig().mass_model  # the config's default
     row = {"cls": "ndfeb", "area_mm2": 200.0, "length_mm": 20.0, "x0_mm": 0.0, "x1_mm": 10.0}
-    assert estimate_mass_g(row) == pytest.approx(7.5)
-    assert estimate_mass_g({**row, "cls": "steel"}) == pytest.approx(200 * 3.0 * 7.85 / 1000)
-    assert estimate_mass_g({**row, "area_mm2": None}) == 0.0
+    assert estimate_mass_g(row, model) == pytest.approx(7.5)
+    assert estimate_mass_g({**row, "cls": "steel"}, model) == pytest.approx(200 * 3.0 * 7.85 / 1000)
+    assert estimate_mass_g({**row, "area_mm2": None}, model) == 0.0
+
+
+def test_mass_model_comes_from_the_line_config(tmp_path, cfg, monkeypatch):
+    # a plant's own rule in YAML (reports.mass_model); a class without a rule uses `other`'s
+    text = (ROOT / "config" / "sim.yaml").read_text()
+    own = "reports:\n  mass_model:\n    other: {density_g_cm3: 2.0, frac_of_width: 0, offset_mm: 2, max_mm: 5}\n"
+    (tmp_path / "line.yaml").write_text(text + "\n" + own)
+    model = load_config(tmp_path / "line.yaml").reports.mass_model
+    assert set(model) == {"other"}
+    row = {"cls": "ndfeb", "area_mm2": 200.0, "length_mm": 20.0, "x0_mm": 0.0, "x1_mm": 10.0}
+    assert estimate_mass_g(row, model) == pytest.approx(200 * 2.0 * 2.0 / 1000)
+    # the report reads cfg.reports.mass_model: twice the density, twice the estimated mass
+    build_db(cfg.records.path, monkeypatch)
+    s1 = make_report(cfg, tmp_path / "a.html", run="r2")
+    default = ReportsConfig().mass_model
+    doubled = {c: r.model_copy(update={"density_g_cm3": 2 * r.density_g_cm3}) for c, r in default.items()}
+    heavy = cfg.model_copy(update={"reports": ReportsConfig(mass_model=doubled)})
+    s2 = make_report(heavy, tmp_path / "b.html", run="r2")
+    assert s2["mass_est_kg"] == pytest.approx(2 * s1["mass_est_kg"], abs=0.002) and s1["mass_est_kg"] > 0
+    assert s2["mass_model"]["ndfeb"]["density_g_cm3"] == 15.0
+    # `other` is required (the fallback), unknown classes are refused
+    rule = MassRule(density_g_cm3=7.5, frac_of_width=0.4, offset_mm=1.0, max_mm=20.0)
+    with pytest.raises(ValidationError, match="a rule for `other` is needed"):
+        ReportsConfig(mass_model={"ndfeb": rule})
+    with pytest.raises(ValidationError, match="unknown classes"):
+        ReportsConfig(mass_model={"other": rule, "gold": rule})
 
 
 def test_report_counts_balance_and_outputs(tmp_path, cfg, monkeypatch):
@@ -194,8 +229,9 @@ def test_unknown_fraction_leaves_the_balance_open(tmp_path, cfg, monkeypatch):
     store = RecordStore(cfg.records.path, "r3")
     store.add_piece(piece(1, T0 + 3000, "ndfeb", "mystery_bin", "no_eject"))
     store.close()
-    s = make_report(cfg, tmp_path / "r.html", run="r3")
+    s = make_report(cfg, tmp_path / "r.html", run="r3", pdf=tmp_path / "r.pdf")  # no events: empty state table
     assert not s["mass_balance"]["closes"] and s["mass_balance"]["unaccounted"] == 1
+    assert s["state_s"] == {} and (tmp_path / "r.pdf").read_bytes()[:5] == b"%PDF-"
 
 
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, cfg, monkeypatch):
@@ -213,7 +249,7 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, cfg, monkeypatch):
         ("--run", "nope"): "no piece records run nope (runs in the database: r1, r2)",
         ("--from", "yesterday"): "is not an ISO 8601",
         ("--db", str(tmp_path / "missing.sqlite")): "missing.sqlite does not exist",
-        ("--report-json", str(tmp_path / "nope.json")): "cannot read the demo report",
+        ("--report-json", str(tmp_path / "nope.json")): "No such option",  # the cross-check moved to sim/
     }
     for args, message in cases.items():
         r = runner.invoke(app, [*base, *args])
@@ -226,8 +262,10 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, cfg, monkeypatch):
 
 
 def test_cross_check_with_a_demo_report(tmp_path, cfg, monkeypatch):
+    """`sorter sim crosscheck`: the report's numbers against a demo report (the product's report has none)."""
     build_db(cfg.records.path, monkeypatch)
     s = make_report(cfg, tmp_path / "a.html", run="r2")
+    assert "demo_check" not in s and "Cross-check with the demo" not in (tmp_path / "a.html").read_text()
     demo = {
         "records": s["pieces"],
         "eject_outcomes": s["outcomes"],
@@ -241,19 +279,25 @@ def test_cross_check_with_a_demo_report(tmp_path, cfg, monkeypatch):
         "pieces_binned": 123,
     }
     (tmp_path / "demo.json").write_text(json.dumps(demo))
-    s = make_report(cfg, tmp_path / "b.html", run="r2", demo_report=tmp_path / "demo.json")
-    check = s["demo_check"]
+    check = crosscheck_run(cfg, tmp_path / "demo.json", run="r2")
     assert check["all_equal"]
     assert all(b["difference"] == -1 for b in check["bins"].values())  # bins are truth: not required to be equal
-    assert "Cross-check with the demo" in (tmp_path / "b.html").read_text()
+    runner = CliRunner()
+    base = ["crosscheck", "--config", str(write_config(cfg, tmp_path / "line.yaml")), "--run", "r2", "--demo-report"]
+    r = runner.invoke(sim_app, [*base, str(tmp_path / "demo.json"), "--json", str(tmp_path / "check.json")])
+    assert r.exit_code == 0, r.output
+    assert "CROSS-CHECK WITH THE DEMO" in r.output and "cross-check with the demo report: equal" in r.output
+    assert json.loads((tmp_path / "check.json").read_text()) == check
     with pytest.raises(ReportError, match="not a `sorter demo --json` report"):
         (tmp_path / "bad.json").write_text("[1, 2]")
-        make_report(cfg, tmp_path / "c.html", run="r2", demo_report=tmp_path / "bad.json")
+        crosscheck_run(cfg, tmp_path / "bad.json", run="r2")
+    r = runner.invoke(sim_app, [*base, str(tmp_path / "nope.json")])
+    assert r.exit_code == 2 and "cannot read the demo report" in r.output, r.output
     demo["records"] += 1
     (tmp_path / "demo.json").write_text(json.dumps(demo))
-    assert not make_report(cfg, tmp_path / "d.html", run="r2", demo_report=tmp_path / "demo.json")["demo_check"][
-        "all_equal"
-    ]
+    assert not crosscheck_run(cfg, tmp_path / "demo.json", run="r2")["all_equal"]
+    r = runner.invoke(sim_app, [*base, str(tmp_path / "demo.json")])
+    assert r.exit_code == 1 and "cross-check with the demo report: DIFFERENT: records" in r.output, r.output
 
 
 def test_load_range_refuses_from_after_to(cfg):

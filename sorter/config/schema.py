@@ -321,6 +321,55 @@ class StateMachineConfig(Strict):
     start_timeout_s: float = Field(15.0, gt=0, description="Starting gives up (and stops) after this long")
 
 
+class MassRule(Strict):
+    """How `sorter report` estimates a piece's mass from its projected area (sorter/reports/mass.py).
+
+    Mass = area × nominal thickness × density; thickness (mm) = frac_of_width × the piece's mean width
+    + offset_mm, capped at max_mm.
+    """
+
+    density_g_cm3: float = Field(gt=0, description="density of the decided class's material, g/cm³")
+    frac_of_width: float = Field(ge=0, description="nominal thickness per mm of the piece's mean width")
+    offset_mm: float = Field(ge=0, description="nominal thickness added to the width share, mm")
+    max_mm: float = Field(gt=0, description="nominal thickness never exceeds this, mm")
+
+
+def _default_mass_model() -> dict[str, MassRule]:
+    # Handbook densities; thickness rules from the pieces' usual shapes: sintered magnets are chunky (blocks,
+    # arcs, discs: thickness grows with size), steel parts are mostly sheet/washers/screws, "other" is a mix
+    # (copper, brass, aluminium, plastic, PCB: a mixed density).
+    magnet = {"frac_of_width": 0.4, "offset_mm": 1.0, "max_mm": 20.0}
+    flat = {"frac_of_width": 0.15, "offset_mm": 1.5, "max_mm": 10.0}
+    return {
+        "ndfeb": MassRule(density_g_cm3=7.5, **magnet),
+        "ferrite": MassRule(density_g_cm3=4.9, **magnet),
+        "smco": MassRule(density_g_cm3=8.4, **magnet),
+        "steel": MassRule(density_g_cm3=7.85, **flat),
+        "other": MassRule(density_g_cm3=4.0, **flat),
+    }
+
+
+class ReportsConfig(Strict):
+    """Shift and batch reports from the piece records (`sorter report`, sorter/reports/)."""
+
+    mass_model: dict[str, MassRule] = Field(
+        default_factory=_default_mass_model,
+        description="mass estimate per decided class (the camera sees area, not volume): good for trends and "
+        "kg/h, not for invoicing; check it against weighed bins and adjust it here. A class without a rule "
+        "uses `other`'s, so `other` is required; a mass_model given here replaces the whole default",
+    )
+
+    @field_validator("mass_model")
+    @classmethod
+    def _known_classes_and_other(cls, model: dict[str, MassRule]) -> dict[str, MassRule]:
+        unknown = set(model) - set(CLASSES)
+        if unknown:
+            raise ValueError(f"unknown classes {sorted(unknown)}; known: {list(CLASSES)}")
+        if "other" not in model:
+            raise ValueError("a rule for `other` is needed: classes without a rule of their own use it")
+        return model
+
+
 class LineConfig(Strict):
     line: str = "line-1"
     belt: BeltConfig = BeltConfig()
@@ -334,6 +383,9 @@ class LineConfig(Strict):
     magnetometer: MagnetometerConfig | None = None
     queues: QueueConfig = QueueConfig()
     records: RecordsConfig = RecordsConfig()
+    reports: ReportsConfig = Field(
+        ReportsConfig(), description="shift and batch reports from the records (`sorter report`): the mass estimate"
+    )
     states: StateMachineConfig = StateMachineConfig()
     opcua_server: OpcUaServerConfig | None = None
     hmi: HmiConfig | None = None
