@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import pytest
+from pydantic import ValidationError
 
 from sorter.config import VisionConfig
 from sorter.vision.segment import segment
@@ -93,3 +95,69 @@ def test_an_arc_touching_a_bar_at_both_ends_is_parted_but_a_necked_ring_stays_wh
     ring = np.pi * (70**2 - 45**2)
     assert any(abs(v - bar) < 0.1 * bar for v in a)
     assert any(abs(v - ring) < 0.1 * ring for v in a)
+
+
+# --- the vision: settings reach segmentation -------------------------------------------------------------
+
+
+def _two_discs() -> np.ndarray:  # one grey, a narrow neck
+    img = frame()
+    cv2.circle(img, (300, 300), 40, (200, 200, 200), -1)
+    cv2.circle(img, (379, 300), 40, (200, 200, 200), -1)
+    return img
+
+
+def _block_on_disc() -> np.ndarray:  # two colours, parted between two notches of the outline
+    img = frame()
+    cv2.circle(img, (400, 300), 90, (170, 170, 170), -1)
+    block = cv2.boxPoints(((502.0, 300.0), (24.0, 24.0), 45.0))
+    cv2.fillPoly(img, [np.round(block).astype(np.int32)], (90, 95, 100))
+    return img
+
+
+def _arc_on_bar() -> np.ndarray:  # two colours touching at both ends: a blob with a hole
+    img = frame()
+    cv2.rectangle(img, (200, 280), (520, 310), (190, 190, 190), -1)
+    outer = cv2.ellipse2Poly((360, 277), (150, 120), 0, 20, 160, 5)
+    inner = cv2.ellipse2Poly((360, 277), (124, 94), 0, 20, 160, 5)
+    cv2.fillPoly(img, [np.vstack([outer, inner[::-1]])], (90, 90, 90))
+    return img
+
+
+def _screw() -> np.ndarray:  # one piece of one grey whose wide head looks like a disc on a bar
+    img = frame()
+    cv2.circle(img, (200, 200), 30, (150, 150, 150), -1)
+    cv2.rectangle(img, (200, 190), (330, 210), (150, 150, 150), -1)
+    return img
+
+
+@pytest.mark.parametrize(
+    ("picture", "setting", "pieces_by_default", "pieces_with_setting"),
+    [
+        (_two_discs, {"split_touching": False}, 2, 1),
+        (_two_discs, {"neck_sure": 0.05}, 2, 1),  # the neck no longer counts as narrow
+        (_arc_on_bar, {"neck_colour": 0.45}, 2, 1),
+        (_arc_on_bar, {"colour_step": 200.0}, 2, 1),
+        (_arc_on_bar, {"hole_min_share": 0.5}, 2, 1),
+        (_arc_on_bar, {"hole_colour_step": 200.0}, 2, 1),
+        (_arc_on_bar, {"hole_rim_max_share": 0.5}, 2, 1),
+        (_block_on_disc, {"cut_depth_mm": 5.0}, 2, 1),  # its notches are now roughness
+        (_block_on_disc, {"cut_sure": 0.5, "cut_ratio": 0.5}, 2, 1),
+        (_block_on_disc, {"cut_min_px": 5000}, 2, 1),
+        (_block_on_disc, {"cut_levels": 0}, 2, 1),
+        (_screw, {"cut_sure": 1.3}, 1, 2),  # cut without asking the colour
+    ],
+)
+def test_each_vision_setting_reaches_segmentation(picture, setting, pieces_by_default, pieces_with_setting):
+    img = picture()
+    assert len(segment(img, CFG, 0.25, crop_size=None)) == pieces_by_default
+    assert len(segment(img, VisionConfig(**setting), 0.25, crop_size=None)) == pieces_with_setting
+
+
+def test_vision_thresholds_must_be_ordered():
+    with pytest.raises(ValidationError, match="neck_sure"):
+        VisionConfig(neck_sure=0.9, neck_colour=0.8)
+    with pytest.raises(ValidationError, match="cut_sure"):
+        VisionConfig(cut_sure=1.5, cut_ratio=1.3)
+    with pytest.raises(ValidationError):
+        VisionConfig(cut_depth_mm=0)

@@ -19,9 +19,16 @@ class Strict(BaseModel):
 
 
 class BeltConfig(Strict):
-    width_mm: float = Field(600.0, gt=0)
-    counts_per_mm: float = Field(20.0, gt=0, description="encoder counts per mm of belt travel")
-    nominal_speed_mm_s: float = Field(2500.0, gt=0)
+    width_mm: float = Field(600.0, gt=0, description="usable belt width, mm; the valves must cover all of it")
+    counts_per_mm: float = Field(
+        20.0, gt=0, description="encoder counts per mm of belt travel (hw.calibrate_encoder measures it)"
+    )
+    nominal_speed_mm_s: float = Field(
+        2500.0,
+        gt=0,
+        description="the belt's set speed, mm/s: the simulator runs at it and the hw/ calibrations plan with it; "
+        "the service times everything from the encoder, never from this",
+    )
 
 
 class CameraMapping(Strict):
@@ -32,18 +39,24 @@ class CameraMapping(Strict):
     run across the belt, rows along it (downstream = increasing row).
     """
 
-    centre_mm: tuple[float, float] = Field(description="belt (x, y) of the image centre")
-    mm_per_px: float = Field(0.25, gt=0)
-    rotation_deg: float = 0.0
+    centre_mm: tuple[float, float] = Field(description="belt (x, y) of the image centre, mm (hw.calibrate_camera)")
+    mm_per_px: float = Field(0.25, gt=0, description="image scale: belt mm per pixel (hw.calibrate_camera)")
+    rotation_deg: float = Field(
+        0.0,
+        description="angle of the image's horizontal axis (increasing column) to the belt's x axis, degrees; "
+        "positive turns it downstream (hw.calibrate_camera)",
+    )
 
 
 class SimCameraSource(Strict):
-    type: Literal["sim"] = "sim"
+    type: Literal["sim"] = Field("sim", description="frames from the simulator's camera server (sim/camera.py)")
     address: str = Field(description="host:port of the simulator's camera stream")
 
 
 class OpenCVSource(Strict):
-    type: Literal["opencv"] = "opencv"
+    type: Literal["opencv"] = Field(
+        "opencv", description="frames through OpenCV: a camera device, a video file or a network stream"
+    )
     uri: str | int = Field(description="device index, video file, or RTSP/HTTP URL")
     realtime: bool = Field(True, description="pace video files at their frame rate")
     fps: float | None = Field(None, gt=0, description="frame rate to request from a device")
@@ -53,22 +66,118 @@ SourceConfig = Annotated[SimCameraSource | OpenCVSource, Field(discriminator="ty
 
 
 class CameraConfig(Strict):
-    name: str
-    source: SourceConfig
-    width: int = Field(1280, gt=0)
-    height: int = Field(720, gt=0)
-    mapping: CameraMapping
+    name: str = Field(description="the camera's name in logs, records, the HMI and `simulator.cameras`; unique")
+    source: SourceConfig = Field(description="where the frames come from, chosen by `type`")
+    width: int = Field(1280, gt=0, description="image width the camera delivers, px (frames are never resized)")
+    height: int = Field(720, gt=0, description="image height the camera delivers, px")
+    mapping: CameraMapping = Field(description="pixel -> belt mm (hw.calibrate_camera writes it)")
     stall_timeout_s: float = Field(2.0, gt=0, description="no frame for this long marks the camera offline")
 
 
 class VisionConfig(Strict):
+    """Segmentation of the camera images (sorter/vision/segment.py).
+
+    Touching pieces are parted two ways: at a narrow neck of the blob (`neck_*`, `colour_step`, `hole_*`) and
+    between two notches of its outline (`cut_*`). Colour distances are in grey levels: the distance between the
+    mean (B, G, R) of two sides of a blob, 0 .. 441. The defaults were measured on the simulated feed.
+    """
+
     threshold: int = Field(34, ge=1, le=254, description="grey level separating pieces from the dark belt")
     downscale: int = Field(2, ge=1, le=8, description="segment on an image this many times smaller")
-    min_area_mm2: float = Field(10.0, gt=0)
-    split_touching: bool = True
+    min_area_mm2: float = Field(10.0, gt=0, description="blobs smaller than this (mm²) are dirt or noise, not pieces")
+    split_touching: bool = Field(True, description="part blobs of touching pieces (every `neck_*`/`cut_*` setting)")
     edge_margin_px: int = Field(2, ge=0, description="blobs this close to the top/bottom edge are partial views")
     crop_min_mm: float = Field(24.0, gt=0, description="crops never cover less than this, so size stays visible")
-    crop_margin_mm: float = Field(3.0, ge=0)
+    crop_margin_mm: float = Field(3.0, ge=0, description="belt shown around a piece in its classifier crop, mm")
+    neck_sure: float = Field(
+        0.45,
+        gt=0,
+        le=1,
+        description="a blob narrowing below this share of its smaller side's half-width is always two pieces "
+        "(measured on the distance map). Raise it if touching pieces of one colour stay one blob; lower it if "
+        "single pieces with a waist (screws, brackets) are cut in two. At most `neck_colour`",
+    )
+    neck_colour: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="a blob narrowing below this share (but not below `neck_sure`) is two pieces only if the two "
+        "sides also differ in colour by `colour_step`. Raise it to part pieces of two materials touching along "
+        "a wide edge; lower it if single pieces with a highlight or two-tone coating are cut in two",
+    )
+    colour_step: float = Field(
+        28.0,
+        gt=0,
+        le=442,
+        description='colour distance (grey levels, mean B, G, R) that says "another material" at a moderate '
+        "neck (`neck_colour`) or a doubtful notch cut (`cut_sure`). Lower it if touching pieces of similar "
+        "colour stay together; raise it if single pieces with a highlight or a coating edge are split",
+    )
+    hole_min_share: float = Field(
+        0.15,
+        gt=0,
+        le=0.5,
+        description="a blob with a hole (two pieces touching at both ends, an arc on a screw) is parted by colour "
+        "alone only if its smaller side holds at least this share of the blob. Raise it if rings or plates "
+        "with bolt holes lose a sliver; lower it to part smaller pieces resting on bigger ones",
+    )
+    hole_colour_step: float = Field(
+        56.0,
+        gt=0,
+        le=442,
+        description="colour distance (grey levels) between the sides of a holed blob needed to part it by "
+        "colour alone: stricter than `colour_step`. Raise it if single holed pieces (rings with a highlight) "
+        "are parted; lower it if an arc resting on a screw or bar stays one blob",
+    )
+    hole_rim_max_share: float = Field(
+        0.8,
+        ge=0.5,
+        le=1,
+        description="a holed blob is parted by colour only if no side holds more than this share of the hole's "
+        "rim (the hole must lie between the pieces, not inside one, like a plate's bolt hole). Lower it if "
+        "plates with holes are parted; 1 switches this test off",
+    )
+    cut_sure: float = Field(
+        0.8,
+        gt=0,
+        description="two notches of a blob's outline closer than this × the deeper notch's depth are where two "
+        "pieces touch: the blob is cut between them. Raise it to cut more touching pairs without a colour "
+        "check; lower it if single pieces (arcs, brackets) are cut. At most `cut_ratio`",
+    )
+    cut_ratio: float = Field(
+        1.3,
+        gt=0,
+        description="notches closer than this × the deeper depth (but not closer than `cut_sure`) are cut only if "
+        "the two sides differ in colour by `colour_step` (a screw's wide head looks like a disc on a bar). "
+        "Single pieces measured at 1.55 and above: keep it below that",
+    )
+    cut_depth_mm: float = Field(
+        1.0,
+        gt=0,
+        description="outline notches shallower than this (mm) are roughness, never where pieces touch. Raise it "
+        "if rough or chipped pieces are cut at their chips; lower it if small touching pieces stay one blob",
+    )
+    cut_min_px: int = Field(
+        12,
+        ge=1,
+        description="each side of a notch cut must cover at least this many pixels of the segmentation image "
+        "(after `downscale`); smaller crumbs stay with the piece. Raise it if fragments are reported as pieces",
+    )
+    cut_levels: int = Field(
+        3,
+        ge=0,
+        le=8,
+        description="notch cuts nest at most this deep (each side of a cut may be cut again, and so on): raise it "
+        "if clusters of many touching pieces are left partly whole; 0 switches notch cutting off",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> VisionConfig:
+        if self.neck_sure > self.neck_colour:
+            raise ValueError(f"neck_sure ({self.neck_sure}) must not exceed neck_colour ({self.neck_colour})")
+        if self.cut_sure > self.cut_ratio:
+            raise ValueError(f"cut_sure ({self.cut_sure}) must not exceed cut_ratio ({self.cut_ratio})")
+        return self
 
 
 class TrackingConfig(Strict):
@@ -79,10 +188,14 @@ class TrackingConfig(Strict):
 
 
 class ClassifierConfig(Strict):
-    model: Path
-    batch_size: int = Field(16, ge=1)
-    max_views: int = Field(4, ge=1, description="views classified per piece (the sharpest are kept)")
-    threads: int = Field(1, ge=1)
+    model: Path = Field(description="the classifier's ONNX model file (relative to the config file)")
+    batch_size: int = Field(
+        16, ge=1, description="not used yet: the service classifies all pieces that are ready in one batch"
+    )
+    max_views: int = Field(
+        4, ge=1, description="views classified per piece (whole views first, the largest of them are kept)"
+    )
+    threads: int = Field(1, ge=1, description="CPU threads the model's inference may use")
 
 
 class RoutingConfig(Strict):
@@ -95,7 +208,10 @@ class RoutingConfig(Strict):
         description="threshold for a piece decided on the camera alone although the line has a Hall-sensor bar "
         "(bar offline, or no reading for that piece): stricter, so that purity holds",
     )
-    default_fraction: str = "residue"
+    default_fraction: str = Field(
+        "residue",
+        description="the fraction no bank ejects (it runs off the belt's end): unrouted, unsure and held pieces",
+    )
 
     @model_validator(mode="after")
     def _known_classes(self) -> RoutingConfig:
@@ -106,21 +222,29 @@ class RoutingConfig(Strict):
 
 
 class BankConfig(Strict):
-    name: str
+    name: str = Field(description="the bank's name in records, logs and valve tests (A, B, ...)")
     distance_mm: float = Field(gt=0, description="valve row distance downstream of the cameras' centre line")
-    fraction: str
+    fraction: str = Field(description="the output fraction this bank's valves blow pieces into")
 
 
 class EjectionConfig(Strict):
-    valves_per_bank: int = Field(32, ge=1, le=32)
-    valve_pitch_mm: float = Field(18.75, gt=0)
+    valves_per_bank: int = Field(32, ge=1, le=32, description="valves in each bank's row (one 32-bit mask)")
+    valve_pitch_mm: float = Field(18.75, gt=0, description="distance between neighbouring valves across the belt, mm")
     first_valve_x_mm: float = Field(0.0, description="belt x of the left edge of valve 0")
-    banks: list[BankConfig]
-    margin_lead_mm: float = Field(3.0, ge=0)
-    margin_trail_mm: float = Field(3.0, ge=0)
-    margin_side_mm: float = Field(2.0, ge=0)
+    banks: list[BankConfig] = Field(
+        description="the valve rows in the PLC's bank order: the first is bank 0 (A), the first row downstream"
+    )
+    margin_lead_mm: float = Field(
+        3.0, ge=0, description="air comes on this far ahead of a piece's leading edge, mm (less to spare a neighbour)"
+    )
+    margin_trail_mm: float = Field(
+        3.0, ge=0, description="air stays on this far past a piece's trailing edge, mm (less to spare a neighbour)"
+    )
+    margin_side_mm: float = Field(
+        2.0, ge=0, description="the valves opened cover the piece's width plus this much on each side, mm"
+    )
     valve_open_delay_ms: float = Field(4.0, ge=0, description="command -> air on at the valve row")
-    valve_close_delay_ms: float = Field(3.0, ge=0)
+    valve_close_delay_ms: float = Field(3.0, ge=0, description="command -> air off at the valve row")
     min_lead_ms: float = Field(30.0, ge=0, description="a command must reach the PLC this long before it fires")
     min_valve_coverage: float = Field(0.5, gt=0, le=1, description="share of a piece's width its valves must cover")
     protect_purity: bool = Field(True, description="skip an ejection that would also blow a piece of another fraction")
@@ -130,24 +254,26 @@ class EjectionConfig(Strict):
 
 
 class ModbusMap(Strict):
-    unit_id: int = Field(1, ge=0, le=247)
-    ir_encoder: int = 0
-    ir_speed: int = 2
-    ir_status: int = 3
-    ir_queue_free: int = 4
-    ir_last_seq: int = 5
-    ir_ejects_done: int = 6
-    ir_ejects_late: int = 7
-    hr_heartbeat: int = 0
-    hr_command: int = 1
-    hr_slots: int = 100
-    slot_stride: int = Field(8, ge=7)
-    slot_count: int = Field(16, ge=2)
-    coil_valves: int = 0
+    """The PLC's Modbus addresses: 0-based, as in the request (docs/plc-interface.md, sections 2-5)."""
+
+    unit_id: int = Field(1, ge=0, le=247, description="Modbus unit id of the PLC")
+    ir_encoder: int = Field(0, description="input registers: encoder count, high word (low word at the next one)")
+    ir_speed: int = Field(2, description="input register: belt speed, mm/s (display only)")
+    ir_status: int = Field(3, description="input register: status bits")
+    ir_queue_free: int = Field(4, description="input register: free entries in the PLC's eject queue")
+    ir_last_seq: int = Field(5, description="input register: seq of the last command the PLC accepted")
+    ir_ejects_done: int = Field(6, description="input register: commands executed (wrapping counter)")
+    ir_ejects_late: int = Field(7, description="input register: commands too late to execute (wrapping counter)")
+    hr_heartbeat: int = Field(0, description="holding register: the PC's heartbeat")
+    hr_command: int = Field(1, description="holding register: command (1 start, 2 stop, 3 reset faults)")
+    hr_slots: int = Field(100, description="holding registers: first eject-command slot")
+    slot_stride: int = Field(8, ge=7, description="registers per command slot")
+    slot_count: int = Field(16, ge=2, description="command slots in the mailbox")
+    coil_valves: int = Field(0, description="coil of valve 0 of bank A (valve v of bank b: + 32·b + v)")
     ir_chute_counts: int | None = Field(
         8,
         description="optional: first of one input register per bank counting the pieces that broke the bank's "
-        "chute light barrier (hw.calibrate_eject); None: the PLC has none",
+        "chute light barrier (hw.calibrate_eject); null: the PLC has none",
     )
 
     @property
@@ -168,17 +294,17 @@ class ModbusMap(Strict):
 class PlcNodeNames(Strict):
     """Browse names (in the PLC's namespace) below the line object: what a plant's PLC program calls them."""
 
-    encoder_count: str = "EncoderCount"
-    belt_speed: str = "BeltSpeed"
-    status: str = "Status"
-    eject_queue_free: str = "EjectQueueFree"
-    last_seq_accepted: str = "LastSeqAccepted"
-    ejects_done: str = "EjectsDone"
-    ejects_late: str = "EjectsLate"
-    heartbeat: str = "Heartbeat"
-    command: str = "Command"
-    schedule_eject: str = "ScheduleEject"
-    set_valve: str = "SetValve"
+    encoder_count: str = Field("EncoderCount", description="UInt32 variable: the encoder count")
+    belt_speed: str = Field("BeltSpeed", description="Float variable: belt speed, mm/s (display only)")
+    status: str = Field("Status", description="UInt16 variable: status bits")
+    eject_queue_free: str = Field("EjectQueueFree", description="UInt16 variable: free eject-queue entries")
+    last_seq_accepted: str = Field("LastSeqAccepted", description="UInt16 variable: seq of the last accepted command")
+    ejects_done: str = Field("EjectsDone", description="UInt32 variable: commands executed since power-up")
+    ejects_late: str = Field("EjectsLate", description="UInt32 variable: commands too late to execute")
+    heartbeat: str = Field("Heartbeat", description="UInt16 variable the PC changes as its heartbeat")
+    command: str = Field("Command", description="UInt16 variable: command (1 start, 2 stop, 3 reset faults)")
+    schedule_eject: str = Field("ScheduleEject", description="method: one eject command")
+    set_valve: str = Field("SetValve", description="method: switch one valve (manual valve test)")
     chute_counts: str = Field(
         "ChuteCounts", description="optional UInt32 array, one per bank: pieces through the bank's chute light barrier"
     )
@@ -187,12 +313,16 @@ class PlcNodeNames(Strict):
 class OpcUaSecurity(Strict):
     """Client-side OPC UA security: what the server demands decides what must be given here."""
 
-    policy: Literal["None", "Basic256Sha256"] = "None"
-    mode: Literal["None", "Sign", "SignAndEncrypt"] = "None"
+    policy: Literal["None", "Basic256Sha256"] = Field(
+        "None", description="security policy; Basic256Sha256 needs `certificate` and `private_key`"
+    )
+    mode: Literal["None", "Sign", "SignAndEncrypt"] = Field(
+        "None", description="message security mode: None exactly when `policy` is None"
+    )
     certificate: Path | None = Field(None, description="this client's certificate (DER or PEM)")
     private_key: Path | None = Field(None, description="this client's private key (PEM)")
     server_certificate: Path | None = Field(None, description="pin the server's certificate (DER or PEM)")
-    username: str | None = None
+    username: str | None = Field(None, description="user name to log in with (with `password_env`); none: anonymous")
     password_env: str | None = Field(
         None, description="name of the environment variable holding the password (never the password itself)"
     )
@@ -211,42 +341,50 @@ class OpcUaSecurity(Strict):
 class PlcOpcUaConfig(Strict):
     """The PLC as an OPC UA server (docs/plc-interface.md, OPC UA address space)."""
 
-    endpoint: str = "opc.tcp://127.0.0.1:4840"
-    namespace: str = "urn:magnet-sorter:plc"
+    endpoint: str = Field("opc.tcp://127.0.0.1:4840", description="the PLC's OPC UA endpoint URL")
+    namespace: str = Field("urn:magnet-sorter:plc", description="namespace URI of the PLC's browse names")
     line_path: list[str] = Field(["Line"], min_length=1, description="browse path below Objects to the line object")
-    nodes: PlcNodeNames = PlcNodeNames()
-    security: OpcUaSecurity = OpcUaSecurity()
+    nodes: PlcNodeNames = Field(PlcNodeNames(), description="browse names of the line object's variables and methods")
+    security: OpcUaSecurity = Field(OpcUaSecurity(), description="what the PLC's server demands")
     publishing_interval_ms: float = Field(10.0, gt=0, description="subscription publishing interval")
-    session_timeout_s: float = Field(10.0, gt=0)
+    session_timeout_s: float = Field(10.0, gt=0, description="OPC UA session timeout asked of the PLC, s")
 
 
 class PlcConfig(Strict):
-    protocol: Literal["modbus", "opcua"] = "modbus"
-    host: str = "127.0.0.1"
-    port: int = Field(5020, ge=1, le=65535)
-    timeout_s: float = Field(0.5, gt=0)
-    poll_interval_ms: float = Field(10.0, gt=0)
-    heartbeat_interval_ms: float = Field(50.0, gt=0, le=100)
-    reconnect_min_s: float = Field(0.2, gt=0)
-    reconnect_max_s: float = Field(5.0, gt=0)
-    registers: ModbusMap = ModbusMap()
-    opcua: PlcOpcUaConfig = PlcOpcUaConfig()
+    """The link to the PLC that runs the belt and fires the valves (docs/plc-interface.md)."""
+
+    protocol: Literal["modbus", "opcua"] = Field(
+        "modbus", description="Modbus TCP (`host`, `port`, `registers`) or OPC UA (`opcua`)"
+    )
+    host: str = Field("127.0.0.1", description="the PLC's address (Modbus)")
+    port: int = Field(5020, ge=1, le=65535, description="the PLC's Modbus TCP port (502 on most PLCs)")
+    timeout_s: float = Field(0.5, gt=0, description="no answer within this long breaks the connection")
+    poll_interval_ms: float = Field(
+        10.0, gt=0, description="the encoder count and status are read this often (OPC UA: the encoder count)"
+    )
+    heartbeat_interval_ms: float = Field(
+        50.0, gt=0, le=100, description="the PC changes its heartbeat this often (the PLC's watchdog watches it)"
+    )
+    reconnect_min_s: float = Field(0.2, gt=0, description="first wait before reconnecting; doubles on each failure")
+    reconnect_max_s: float = Field(5.0, gt=0, description="longest wait between reconnection attempts")
+    registers: ModbusMap = Field(ModbusMap(), description="Modbus addresses (protocol modbus)")
+    opcua: PlcOpcUaConfig = Field(PlcOpcUaConfig(), description="the PLC's OPC UA server (protocol opcua)")
 
 
 class MagnetometerConfig(Strict):
     """The Hall-sensor bar under the belt (see docs/hall-bar.md for its serial protocol)."""
 
     port: str = Field(description="serial device of the bar, e.g. /dev/ttyUSB0 (the simulator's pty link)")
-    baudrate: int = Field(115200, gt=0)
-    channels: int = Field(48, ge=1, le=256)
+    baudrate: int = Field(115200, gt=0, description="serial speed, baud (8N1, no flow control)")
+    channels: int = Field(48, ge=1, le=256, description="Hall sensors in the bar, one per channel")
     pitch_mm: float = Field(12.5, gt=0, description="distance between neighbouring channels across the belt")
     first_channel_x_mm: float = Field(6.25, description="belt x of channel 0's sensor")
     distance_mm: float = Field(200.0, gt=0, description="sensor row distance downstream of the cameras' centre line")
     offsets_mT: list[float] | None = Field(None, description="per-channel zero offsets (hw.calibrate_magnetometer)")
     gains: list[float] | None = Field(None, description="per-channel gains, applied after the offset")
     stall_timeout_s: float = Field(0.5, gt=0, description="no valid line for this long marks the bar offline")
-    reconnect_min_s: float = Field(0.2, gt=0)
-    reconnect_max_s: float = Field(5.0, gt=0)
+    reconnect_min_s: float = Field(0.2, gt=0, description="first wait before reopening the port; doubles each time")
+    reconnect_max_s: float = Field(5.0, gt=0, description="longest wait between attempts to reopen the port")
     wait_ms: float = Field(
         150.0, ge=0, description="how long a decision may wait for the bar's readings of a piece past the bar"
     )
@@ -261,22 +399,32 @@ class MagnetometerConfig(Strict):
 
 
 class QueueConfig(Strict):
-    frames_per_camera: int = Field(8, ge=1)
-    drop_policy: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
+    frames_per_camera: int = Field(
+        8, ge=1, description="frames waiting per camera for the vision stage; more are dropped (`drop_policy`)"
+    )
+    drop_policy: Literal["drop_oldest", "drop_newest"] = Field(
+        "drop_oldest", description="which frame a full queue drops: the oldest waiting, or the one arriving"
+    )
 
 
 class RecordsConfig(Strict):
-    path: Path = Path("runs/records.sqlite")
+    path: Path = Field(
+        Path("runs/records.sqlite"),
+        description="SQLite database with one row per piece (relative to the config file)",
+    )
 
 
 Role = Literal["viewer", "operator", "technician"]
 
 
 class UserConfig(Strict):
-    """A person (or SCADA account) allowed on the line's OPC UA server and, later, the HMI."""
+    """A person (or SCADA account) allowed on the line's OPC UA server and the HMI."""
 
-    name: str = Field(min_length=1)
-    role: Role
+    name: str = Field(min_length=1, description="user name to log in with")
+    role: Role = Field(
+        description="viewer: read only; operator: also commands the line (Start, Stop, ...); technician: also "
+        "configures"
+    )
     password_hash: str = Field(description="argon2 hash made by `sorter opcua hash-password`; never the password")
 
     @field_validator("password_hash")
@@ -290,11 +438,13 @@ class UserConfig(Strict):
 class OpcUaServerConfig(Strict):
     """The line's own OPC UA server for SCADA/MES (docs/opcua-server.md)."""
 
-    enabled: bool = True
-    endpoint: str = "opc.tcp://0.0.0.0:4841"
-    namespace: str = "urn:magnet-sorter:line"
-    certificate: Path = Field(Path("pki/line-server-cert.der"), description="made by `sorter opcua certs`")
-    private_key: Path = Path("pki/line-server-key.pem")
+    enabled: bool = Field(True, description="false: the service starts without its OPC UA server")
+    endpoint: str = Field("opc.tcp://0.0.0.0:4841", description="listen address and port")
+    namespace: str = Field("urn:magnet-sorter:line", description="namespace URI of the server's nodes")
+    certificate: Path = Field(
+        Path("pki/line-server-cert.der"), description="the server's certificate, made by `sorter opcua certs`"
+    )
+    private_key: Path = Field(Path("pki/line-server-key.pem"), description="the server's private key (PEM)")
     trust_dir: Path = Field(Path("pki/trusted"), description="folder of accepted client certificates (DER/PEM)")
     allow_none_security: bool = Field(False, description="also offer the unencrypted None endpoint (never in a plant)")
     allow_anonymous: bool = Field(False, description="let clients in without a user name, as viewers")
@@ -303,7 +453,7 @@ class OpcUaServerConfig(Strict):
 class HmiConfig(Strict):
     """The operator's web HMI, served by the line service (docs/hmi.md)."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: the service starts without its HMI")
     host: str = Field("127.0.0.1", description="listen address; 0.0.0.0 to reach it from a panel PC")
     port: int = Field(8080, ge=0, le=65535, description="0 picks a free port")
     session_idle_s: float = Field(900.0, gt=0, description="a session without activity for this long expires")
@@ -371,25 +521,29 @@ class ReportsConfig(Strict):
 
 
 class LineConfig(Strict):
-    line: str = "line-1"
-    belt: BeltConfig = BeltConfig()
-    cameras: list[CameraConfig]
-    vision: VisionConfig = VisionConfig()
-    tracking: TrackingConfig = TrackingConfig()
-    classifier: ClassifierConfig
-    routing: RoutingConfig
-    ejection: EjectionConfig
-    plc: PlcConfig = PlcConfig()
-    magnetometer: MagnetometerConfig | None = None
-    queues: QueueConfig = QueueConfig()
-    records: RecordsConfig = RecordsConfig()
+    line: str = Field("line-1", description="the line's name, shown on the HMI and in its status")
+    belt: BeltConfig = Field(BeltConfig(), description="the conveyor belt and its encoder")
+    cameras: list[CameraConfig] = Field(description="the cameras above the belt, at least one; names unique")
+    vision: VisionConfig = Field(VisionConfig(), description="finding the pieces in the camera images")
+    tracking: TrackingConfig = Field(TrackingConfig(), description="joining the views of one piece")
+    classifier: ClassifierConfig = Field(description="the image classifier (ONNX model)")
+    routing: RoutingConfig = Field(description="which class goes to which output fraction")
+    ejection: EjectionConfig = Field(description="the air valve banks and when they fire")
+    plc: PlcConfig = Field(PlcConfig(), description="the link to the PLC")
+    magnetometer: MagnetometerConfig | None = Field(
+        None, description="the Hall-sensor bar under the belt; absent: pieces are decided on the camera alone"
+    )
+    queues: QueueConfig = Field(QueueConfig(), description="frame queues between the cameras and the vision stage")
+    records: RecordsConfig = Field(RecordsConfig(), description="the database of every piece decided")
     reports: ReportsConfig = Field(
         ReportsConfig(), description="shift and batch reports from the records (`sorter report`): the mass estimate"
     )
-    states: StateMachineConfig = StateMachineConfig()
-    opcua_server: OpcUaServerConfig | None = None
-    hmi: HmiConfig | None = None
-    users: list[UserConfig] = []
+    states: StateMachineConfig = Field(StateMachineConfig(), description="the line's PackML state machine")
+    opcua_server: OpcUaServerConfig | None = Field(
+        None, description="the line's OPC UA server for SCADA/MES; absent: none is started"
+    )
+    hmi: HmiConfig | None = Field(None, description="the operator's web HMI; absent: none is served")
+    users: list[UserConfig] = Field([], description="who may log in to the line's OPC UA server and HMI")
 
     @field_validator("cameras")
     @classmethod

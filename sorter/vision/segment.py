@@ -16,10 +16,8 @@ import numpy as np
 
 from sorter.config import VisionConfig
 
-BELT_FILL = (20, 20, 20)
-Crop = (
-    np.ndarray | Callable[[], np.ndarray]
-)  # a crop, or a function that cuts it on demand  # what crops show outside their piece's mask (BGR)
+BELT_FILL = (20, 20, 20)  # what crops show outside their piece's mask (BGR)
+Crop = np.ndarray | Callable[[], np.ndarray]  # a crop, or a function that cuts it on demand
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,12 +42,9 @@ def _max_channel(img: np.ndarray) -> np.ndarray:
 
 
 # Two distance-map peaks are separate pieces when every path between them narrows below a share of the
-# smaller peak: below NECK_SURE always; below NECK_COLOUR only if the two sides also differ in colour
-# (a screw's head and shank have a moderate neck but one colour; a magnet touching a steel plate along
-# an edge has a moderate neck and two colours).
-NECK_SURE = 0.45
-NECK_COLOUR = 0.8
-COLOUR_STEP = 28.0  # mean BGR distance that says "another material"
+# smaller peak: below `vision.neck_sure` always; below `vision.neck_colour` only if the two sides also
+# differ in colour by `vision.colour_step` (a screw's head and shank have a moderate neck but one colour;
+# a magnet touching a steel plate along an edge has a moderate neck and two colours).
 
 
 def _peaks(dist: np.ndarray) -> list[tuple[int, int, float]]:
@@ -139,13 +134,13 @@ def _connect_peaks(dist: np.ndarray, seeds: list[tuple[int, int, float]], neck: 
     return groups
 
 
-def _split_touching(comp: np.ndarray, colour: np.ndarray) -> list[np.ndarray]:
+def _split_touching(comp: np.ndarray, colour: np.ndarray, cfg: VisionConfig) -> list[np.ndarray]:
     """Split one component mask where pieces touch; one mask per piece.
 
     `colour` is the BGR image under `comp` (same shape), used to tell materials apart at moderate necks.
     Holes are filled first so that a ring or washer stays one piece. A blob with a hole that stays whole
     gets a second look with its hole open: pieces touching at both ends (an arc leaning on a screw)
-    enclose a hole too, and are parted there by colour alone, under the strict terms of HOLE_MIN_SHARE.
+    enclose a hole too, and are parted there by colour alone, under the strict terms of `_encloses_between`.
     """
     filled = comp.copy()
     contours, _ = cv2.findContours(comp, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -153,10 +148,10 @@ def _split_touching(comp: np.ndarray, colour: np.ndarray) -> list[np.ndarray]:
     hull_area = cv2.contourArea(cv2.convexHull(np.vstack(contours)))
     n_filled = cv2.countNonZero(filled)
     convex = hull_area <= 0 or n_filled / hull_area > 0.97
-    parts = [comp] if convex else _split_at_necks(comp, filled, colour, colour_only=False)
-    if len(parts) == 1 and n_filled > cv2.countNonZero(comp) and _may_hold_two_colours(comp, colour):
-        opened = _split_at_necks(comp, comp, colour, colour_only=True)
-        if len(opened) > 1 and _encloses_between(opened, filled & ~comp, colour):
+    parts = [comp] if convex else _split_at_necks(comp, filled, colour, cfg, colour_only=False)
+    if len(parts) == 1 and n_filled > cv2.countNonZero(comp) and _may_hold_two_colours(comp, colour, cfg):
+        opened = _split_at_necks(comp, comp, colour, cfg, colour_only=True)
+        if len(opened) > 1 and _encloses_between(opened, filled & ~comp, colour, cfg):
             parts = opened
     return parts
 
@@ -167,34 +162,33 @@ def _split_touching(comp: np.ndarray, colour: np.ndarray) -> list[np.ndarray]:
 # the blob, differ by under 55 in mean BGR, leave the hole inside one side (a plate's bolt hole), or meet
 # where one side is darker than the seam (a ring cut along its highlight); an arc resting on a screw:
 # 25 % of the blob, 66 apart, the hole's rim shared about half and half, the seam at 0.83 x the darker side.
-HOLE_MIN_SHARE = 0.15
-HOLE_COLOUR_STEP = 2 * COLOUR_STEP
-HOLE_RIM_MAX_SHARE = 0.8
+# Hence the defaults of `vision.hole_min_share` (0.15), `vision.hole_colour_step` (56) and
+# `vision.hole_rim_max_share` (0.8).
 
 
-def _may_hold_two_colours(comp: np.ndarray, colour: np.ndarray) -> bool:
+def _may_hold_two_colours(comp: np.ndarray, colour: np.ndarray, cfg: VisionConfig) -> bool:
     """A cheap necessary condition for `_encloses_between`: sides of shares w and 1 - w whose means differ
     by d spread the blob's colour by at least d * sqrt(w (1 - w)) (most holed blobs are one material)."""
     _, sd = cv2.meanStdDev(colour, mask=comp)
-    least = HOLE_COLOUR_STEP * np.sqrt(HOLE_MIN_SHARE * (1 - HOLE_MIN_SHARE))
+    least = cfg.hole_colour_step * np.sqrt(cfg.hole_min_share * (1 - cfg.hole_min_share))
     return float(np.sqrt((sd**2).sum())) >= least
 
 
-def _encloses_between(parts: list[np.ndarray], hole: np.ndarray, colour: np.ndarray) -> bool:
-    """Whether colour-parted `parts` of a blob are separate pieces around `hole` (see HOLE_MIN_SHARE)."""
+def _encloses_between(parts: list[np.ndarray], hole: np.ndarray, colour: np.ndarray, cfg: VisionConfig) -> bool:
+    """Whether colour-parted `parts` of a blob are separate pieces around `hole` (see `vision.hole_*`)."""
     sizes = np.array([cv2.countNonZero(q) for q in parts], dtype=np.float64)
-    if sizes.min() < HOLE_MIN_SHARE * sizes.sum():
+    if sizes.min() < cfg.hole_min_share * sizes.sum():
         return False
     k = np.ones((3, 3), np.uint8)
     rim = cv2.dilate(hole, k)
     on_rim = np.array([cv2.countNonZero(rim & q) for q in parts], dtype=np.float64)
-    if on_rim.sum() == 0 or on_rim.max() > HOLE_RIM_MAX_SHARE * on_rim.sum():
+    if on_rim.sum() == 0 or on_rim.max() > cfg.hole_rim_max_share * on_rim.sum():
         return False
     means = [_mean_colour(colour, q) for q in parts]
     bright = _max_channel(colour)
     for a in range(len(parts)):
         for b in range(a):
-            if float(np.linalg.norm(means[a] - means[b])) < HOLE_COLOUR_STEP:
+            if float(np.linalg.norm(means[a] - means[b])) < cfg.hole_colour_step:
                 return False
             seam = (cv2.dilate(parts[a], k) & parts[b]) | (cv2.dilate(parts[b], k) & parts[a])
             faces = [cv2.erode(parts[i], k, iterations=2) for i in (a, b)]
@@ -206,14 +200,16 @@ def _encloses_between(parts: list[np.ndarray], hole: np.ndarray, colour: np.ndar
     return True
 
 
-def _split_at_necks(comp: np.ndarray, shape: np.ndarray, colour: np.ndarray, colour_only: bool) -> list[np.ndarray]:
+def _split_at_necks(
+    comp: np.ndarray, shape: np.ndarray, colour: np.ndarray, cfg: VisionConfig, colour_only: bool
+) -> list[np.ndarray]:
     """`_split_touching` on the distance map of `shape` (comp, or comp with its holes filled); with
     `colour_only`, peaks part only where their colours differ, however narrow the neck."""
     dist = cv2.distanceTransform(shape, cv2.DIST_L2, 5)
     seeds = sorted(_peaks(dist), key=lambda s: -s[2])
     if len(seeds) < 2:
         return [comp]
-    fine = _connect_peaks(dist, seeds, NECK_COLOUR)
+    fine = _connect_peaks(dist, seeds, cfg.neck_colour)
     roots = sorted({fine.root(i) for i in range(len(seeds))})
     if len(roots) < 2:
         return [comp]
@@ -231,12 +227,12 @@ def _split_at_necks(comp: np.ndarray, shape: np.ndarray, colour: np.ndarray, col
             y, x, _ = next(seeds[i] for i in range(len(seeds)) if roots.index(fine.root(i)) == k)
             px = colour[y : y + 1, x : x + 1].reshape(-1, 3)
         means.append(px.astype(np.float64).mean(axis=0))
-    sure = _connect_peaks(dist, seeds, NECK_SURE)
+    sure = _connect_peaks(dist, seeds, cfg.neck_sure)
     final = _Groups(len(roots))
     for a in range(len(roots)):
         for b in range(a):
             joined = colour_only or sure.root(roots[a]) == sure.root(roots[b])
-            if joined and np.linalg.norm(means[a] - means[b]) < COLOUR_STEP:
+            if joined and np.linalg.norm(means[a] - means[b]) < cfg.colour_step:
                 final.union(b, a)
     groups = sorted({final.root(k) for k in range(len(roots))})
     if len(groups) < 2:
@@ -259,18 +255,18 @@ def _split_at_necks(comp: np.ndarray, shape: np.ndarray, colour: np.ndarray, col
 # short gap between them for how deep the deeper one reaches into the blob; one piece's own concavities
 # (an arc's inside, a bracket's corner) are far apart for their depth. Measured on the simulated feed
 # (seeds 7 and 8, 3,800 pieces): a single piece's best pair spans at least 1.55 x its deeper depth; of
-# the touching pairs 86 % span less than 0.8 x, 98 % less than 1.3 x. A screw with a wide head looks like
-# a disc touching a bar, though: between CUT_SURE and CUT_RATIO the two sides must also differ in colour.
-CUT_SURE = 0.8
-CUT_RATIO = 1.3
-CUT_DEPTH_MM = 1.0  # concavities shallower than this are outline roughness
-CUT_MIN_PX = 12  # (segmentation pixels) each side of a cut must be at least this big
-CUT_LEVELS = 3  # cuts nest at most this deep (each side of a cut may be cut again)
+# the touching pairs 86 % span less than 0.8 x, 98 % less than 1.3 x (the defaults of `vision.cut_sure` and
+# `vision.cut_ratio`). A screw with a wide head looks like a disc touching a bar, though: between
+# `cut_sure` and `cut_ratio` the two sides must also differ in colour. Concavities shallower than
+# `vision.cut_depth_mm` are outline roughness; each side of a cut has at least `vision.cut_min_px`
+# (segmentation) pixels; cuts nest at most `vision.cut_levels` deep (each side of a cut may be cut again).
 
 
-def _concavity_cut(part: np.ndarray, min_depth_px: float) -> tuple[float, tuple[int, int], tuple[int, int]] | None:
+def _concavity_cut(
+    part: np.ndarray, min_depth_px: float, max_ratio: float
+) -> tuple[float, tuple[int, int], tuple[int, int]] | None:
     """(gap / depth, end, end) of the shortest cut between two deep concavities of the outline, relative
-    to the deeper one; None if there is none below CUT_RATIO."""
+    to the deeper one; None if there is none below `max_ratio` (`vision.cut_ratio`)."""
     contours, _ = cv2.findContours(part, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     if len(contours) != 1 or len(contours[0]) < 8:
         return None
@@ -288,7 +284,7 @@ def _concavity_cut(part: np.ndarray, min_depth_px: float) -> tuple[float, tuple[
         for j in range(i):
             pa, pb = c[deep[i, 2], 0], c[deep[j, 2], 0]
             ratio = float(np.hypot(*(pa - pb))) * 256 / max(deep[i, 3], deep[j, 3])
-            if ratio < CUT_RATIO and (best is None or ratio < best[0]):
+            if ratio < max_ratio and (best is None or ratio < best[0]):
                 best = (ratio, (int(pa[0]), int(pa[1])), (int(pb[0]), int(pb[1])))
     return best
 
@@ -301,10 +297,11 @@ def _mean_colour(colour: np.ndarray, side: np.ndarray) -> np.ndarray:
 
 
 def _cut_concavities(
-    part: np.ndarray, colour: np.ndarray, min_depth_px: float, levels: int = CUT_LEVELS
+    part: np.ndarray, colour: np.ndarray, min_depth_px: float, cfg: VisionConfig, levels: int
 ) -> list[np.ndarray]:
-    """Cut a mask between paired concavities (see CUT_RATIO), again on each side; one mask per piece."""
-    cut = _concavity_cut(part, min_depth_px) if levels > 0 else None
+    """Cut a mask between paired concavities (see `vision.cut_ratio`), again on each side, at most `levels`
+    deep; one mask per piece."""
+    cut = _concavity_cut(part, min_depth_px, cfg.cut_ratio) if levels > 0 else None
     if cut is None:
         return [part]
     ratio, end_a, end_b = cut
@@ -312,19 +309,19 @@ def _cut_concavities(
     cv2.line(cut_mask, end_a, end_b, 0, 1, cv2.LINE_8)  # an 8-connected line parts 4-connected regions
     n, lab = cv2.connectedComponents(cut_mask, connectivity=4)
     sizes = np.bincount(lab.ravel(), minlength=n)[1:]
-    if n < 3 or np.sort(sizes)[-2] < CUT_MIN_PX:
+    if n < 3 or np.sort(sizes)[-2] < cfg.cut_min_px:
         return [part]
     # the line's pixels (and any crumbs) go back to the side they touch, so areas and centroids stay whole
-    keep = np.flatnonzero(sizes >= CUT_MIN_PX) + 1
+    keep = np.flatnonzero(sizes >= cfg.cut_min_px) + 1
     lab16 = np.where(np.isin(lab, keep), lab, 0).astype(np.uint16)
     grown = cv2.dilate(lab16, np.ones((3, 3), np.uint8), iterations=2)
     lab16 = np.where((part > 0) & (lab16 == 0), grown, lab16)
     sides = [((lab16 == k) & (part > 0)).astype(np.uint8) * 255 for k in keep]
-    if ratio >= CUT_SURE:
+    if ratio >= cfg.cut_sure:
         means = [_mean_colour(colour, side) for side in sides]
-        if max(float(np.linalg.norm(m - means[0])) for m in means[1:]) < COLOUR_STEP:
+        if max(float(np.linalg.norm(m - means[0])) for m in means[1:]) < cfg.colour_step:
             return [part]
-    return [piece for side in sides for piece in _cut_concavities(side, colour, min_depth_px, levels - 1)]
+    return [piece for side in sides for piece in _cut_concavities(side, colour, min_depth_px, cfg, levels - 1)]
 
 
 def crop_piece(
@@ -403,9 +400,13 @@ def segment(
         comp = cv2.bitwise_and(comp, mask[y : y + bh, x : x + bw])  # keep holes (rings, washers) as holes
         parts = [comp]
         if cfg.split_touching:
-            depth_px = CUT_DEPTH_MM / (mm_per_px * ds)
+            depth_px = cfg.cut_depth_mm / (mm_per_px * ds)
             colour = small[y : y + bh, x : x + bw]
-            parts = [cut for part in _split_touching(comp, colour) for cut in _cut_concavities(part, colour, depth_px)]
+            parts = [
+                cut
+                for part in _split_touching(comp, colour, cfg)
+                for cut in _cut_concavities(part, colour, depth_px, cfg, cfg.cut_levels)
+            ]
         for part in parts:
             m = cv2.moments(part, binaryImage=True)
             if m["m00"] < min_px:
