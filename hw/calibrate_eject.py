@@ -58,6 +58,7 @@ from hw.common import (
     yes_option,
 )
 from hw.plc import connected_plc, describe_plc, plc_check
+from sorter.app import build_line
 from sorter.config import LineConfig
 from sorter.core.messages import Decision
 from sorter.core.packml import State
@@ -388,12 +389,13 @@ async def run_scan(cfg: LineConfig, bank: int, size: int, gap_mm: float, range_m
     with tempfile.TemporaryDirectory(prefix="calibrate-eject-") as tmp:
         records = Path(tmp) / "records.sqlite"
         cal = calibration_config(cfg, bank, records)
+        planner = ScanPlanner(cal, bank, size, gap_mm, scan)
         try:
-            service = LineService(cal, run_id=f"{SCRIPT}-{time.strftime('%Y%m%d-%H%M%S')}")
+            # the line's own wiring with this script's planner: it plans every piece from the first on
+            line = build_line(cal, run_id=f"{SCRIPT}-{time.strftime('%Y%m%d-%H%M%S')}", planner=planner, north=False)
         except ModelError as exc:
             raise HwError(f"the line's classifier cannot be loaded: {exc}", "check classifier.model") from None
-        planner = ScanPlanner(cal, bank, size, gap_mm, scan)
-        service.planner = planner  # the service plans through it from the first piece on
+        service = line.service
         stop = asyncio.Event()
         task = asyncio.create_task(service.run(stop), name="line-service")
         try:

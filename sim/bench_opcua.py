@@ -66,10 +66,10 @@ def flood_main() -> None:
     print(json.dumps(out))
 
 
-async def _flood(service: Any, sim: Any, seconds: float, into: dict[str, Any]) -> None:
-    while service.opcua is None or not service.opcua.listening:
+async def _flood(line: Any, sim: Any, seconds: float, into: dict[str, Any]) -> None:
+    while line.scada is None or not line.scada.listening:
         await asyncio.sleep(0.1)
-    url = service.opcua.endpoint_url
+    url = line.scada.endpoint_url
     procs = [
         await asyncio.create_subprocess_exec(
             "nice",

@@ -25,6 +25,7 @@ import yaml
 
 from sim.report import build_report
 from sim.truth import load_truth
+from sorter.app import Line, build_line
 from sorter.config import LineConfig, OpcUaServerConfig
 from sorter.core.packml import State
 from sorter.line.records import load_pieces
@@ -179,12 +180,13 @@ async def run_demo(
     seed: int,
     run_dir: Path,
     progress: bool = False,
-    during: Callable[[LineService, SimProcess], Coroutine[Any, Any, None]] | None = None,
+    during: Callable[[Line, SimProcess], Coroutine[Any, Any, None]] | None = None,
     capture: Path | None = None,
 ) -> dict[str, Any]:
     """Run the simulated line sorted by the service for `duration` s of feed; returns the report.
 
     `during` runs beside the feed (tests use it to act on the running line: swap a model, pull a cable).
+    The line is built by the product's wiring (sorter/app.py), as `sorter run` builds it.
     """
     log = structlog.get_logger("demo")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -202,6 +204,7 @@ async def run_demo(
 
     bar = cfg.magnetometer.port if cfg.magnetometer else None
     sim = await SimProcess.start(cfg_path, truth_path, run_dir / "sim.log", bar)
+    line: Line | None = None
     service: LineService | None = None
     stop = asyncio.Event()
     svc_task: asyncio.Task[None] | None = None
@@ -209,7 +212,8 @@ async def run_demo(
     try:
         ready = await sim.wait_for("ready", 30)
         bar_simulated = bool(ready.get("hallbar"))  # simulator.hallbar.enabled: false leaves the port dead
-        service = LineService(cfg, capture=capture)
+        line = build_line(cfg, capture=capture)
+        service = line.service
         svc_task = asyncio.create_task(service.run(stop))
 
         async def line_ready() -> bool:
@@ -226,14 +230,17 @@ async def run_demo(
             )
 
         await _wait_until(line_ready, 30, "the line to start (PLC online, belt running, cameras streaming)")
-        if service.hmi is not None and service.hmi.listening:
-            # whatever the log level: where the operator's panel is (log in with the config's users)
-            log.info("operator HMI", url=service.hmi.url)
-            print(f"operator HMI: {service.hmi.url}", file=sys.stderr, flush=True)
+        # whatever the log level: where the operator's panel and SCADA's endpoint are (the config's users)
+        if line.hmi is not None and line.hmi.listening:
+            log.info("operator HMI", url=line.hmi.url)
+            print(f"operator HMI: {line.hmi.url}", file=sys.stderr, flush=True)
+        if line.scada is not None and line.scada.listening:
+            log.info("OPC UA server", endpoint=line.scada.endpoint_url)
+            print(f"OPC UA server: {line.scada.endpoint_url}", file=sys.stderr, flush=True)
         log.info("line running, feeding", duration_s=duration)
         await sim.send(cmd="feed", on=True)
         t_feed = time.monotonic()
-        acting = asyncio.create_task(during(service, sim)) if during else None
+        acting = asyncio.create_task(during(line, sim)) if during else None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(_progress(interrupted, duration, progress, service), duration)
         if acting is not None:
@@ -244,12 +251,7 @@ async def run_demo(
 
         async def drained() -> bool:
             st = await sim.send(cmd="status")
-            return bool(
-                st["on_belt"] == 0
-                and service.tracker.open_tracks == 0
-                and not service._sends
-                and service._pieces.empty()
-            )
+            return bool(st["on_belt"] == 0 and service.idle)
 
         await _wait_until(drained, 20, "the belt to empty", 0.1)
     finally:
@@ -282,11 +284,13 @@ async def run_demo(
             "merged_views": service.tracker.merged_views if service else 0,
             "partial_views": service.tracker.partial_views if service else 0,
             "cameras": summary.get("cameras", {}),
-            "frames_failed": service.counts["frames_failed"] if service else 0,
-            "batches_failed": service.counts["batches_failed"] if service else 0,
+            "frames_failed": service.counters.frames_failed if service else 0,
+            "batches_failed": service.counters.batches_failed if service else 0,
+            "field_wait_timeouts": service.counters.field_wait_timeouts if service else 0,
             "magnetometer": summary.get("magnetometer"),
-            "field_states": service.field_states() if service else {},
-            "hmi_url": service.hmi.url if service and service.hmi else None,
+            "field_states": {k.value: v for k, v in service.counters.field_states.items()} if service else {},
+            "hmi_url": line.hmi.url if line and line.hmi else None,
+            "opcua_endpoint": line.scada.endpoint_url if line and line.scada else None,
         }
     )
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))

@@ -51,39 +51,13 @@ def run(
     SIGHUP re-reads the config's classifier.model and swaps to it without stopping the line
     (after `sorter model check`; a model that fails is refused and the running one stays).
     """
-    from sorter.line.service import LineService
+    from sorter.app import run_line
     from sorter.vision.classify import ModelError
 
     setup_logging(log_level)
     cfg = _load(config)
-
-    async def main() -> None:
-        import signal
-
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        service = LineService(cfg, auto_start=start, capture=capture)
-        reloads: set[asyncio.Task[None]] = set()
-
-        async def reload_model() -> None:
-            try:
-                path = load_config(config).classifier.model
-                await service.swap_model(path)
-            except (ConfigError, ModelError) as exc:
-                service.log.error("model reload refused", error=str(exc))
-
-        def on_hup() -> None:
-            task = asyncio.create_task(reload_model())
-            reloads.add(task)
-            task.add_done_callback(reloads.discard)
-
-        loop.add_signal_handler(signal.SIGHUP, on_hup)
-        await service.run(stop)
-
     try:
-        asyncio.run(main())
+        asyncio.run(run_line(config, cfg, auto_start=start, capture=capture))
     except ModelError as exc:
         raise fail(str(exc)) from None
 
@@ -268,8 +242,7 @@ def opcua_certs(
     client certificates (the config's opcua_server.trust_dir)."""
     import socket
 
-    from sorter.north.opcua.pki import PkiError, make_certificate, trust
-    from sorter.north.opcua.server import DEFAULT_APPLICATION_URI
+    from sorter.north.opcua.pki import DEFAULT_APPLICATION_URI, PkiError, make_certificate, trust
 
     files = [out / SERVER_CERT, out / SERVER_KEY, out / CLIENT_CERT, out / CLIENT_KEY]
     existing = [str(p) for p in files if p.exists()]

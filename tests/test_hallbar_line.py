@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from sim.config import load_sim_config
 from sim.demo import run_demo
-from sorter.config import load_config
+from sorter.core.messages import FieldState
 from sorter.line.records import load_pieces
 from tests.waiting import wait_until
 
@@ -19,18 +20,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 async def test_unplugged_bar_raises_an_alarm_and_falls_back_to_the_camera(tmp_path):
-    cfg = load_config(ROOT / "config" / "sim.yaml")
+    cfg = load_sim_config(ROOT / "config" / "sim.yaml")
     seen: dict[str, object] = {}
 
-    async def pull_and_replug(service, sim) -> None:
-        await wait_until(lambda: service.counts["field_ok"] > 20, 15)
+    async def pull_and_replug(line, sim) -> None:
+        service = line.service
+        await wait_until(lambda: service.counters.field_states[FieldState.OK] > 20, 15)
         await sim.send(cmd="hallbar", on=False)
         await wait_until(lambda: not service.hallbar.online, 5)
-        seen["offline_at"] = service.counts["pieces"]
+        seen["offline_at"] = service.counters.pieces
         await asyncio.sleep(2.0)
         await sim.send(cmd="hallbar", on=True)
         await wait_until(lambda: service.hallbar.online, 10)
-        seen["online_at"] = service.counts["pieces"]
+        seen["online_at"] = service.counters.pieces
 
     report = await run_demo(cfg, duration=9, seed=3, run_dir=tmp_path, during=pull_and_replug)
     rows = load_pieces(tmp_path / "records.sqlite")
@@ -56,7 +58,7 @@ async def test_unplugged_bar_raises_an_alarm_and_falls_back_to_the_camera(tmp_pa
 async def test_capture_writes_a_dataset_of_the_running_line(tmp_path):
     from sorter.ml.dataset import scan_dataset
 
-    cfg = load_config(ROOT / "config" / "sim.yaml")
+    cfg = load_sim_config(ROOT / "config" / "sim.yaml")
     out = tmp_path / "captured"
     report = await run_demo(cfg, duration=4, seed=4, run_dir=tmp_path / "run", capture=out)
     rows = load_pieces(tmp_path / "run" / "records.sqlite")

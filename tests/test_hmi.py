@@ -29,10 +29,11 @@ from websockets.typing import Origin
 from sim.bench_hmi import CHROMIUM as BROWSER
 from sim.bench_hmi import CHROMIUM_ARGS, panel_browser
 from sim.config import load_sim_config
+from sorter.app import Line as BuiltLine
+from sorter.app import build_line
 from sorter.config import HmiConfig, LineConfig
 from sorter.core.alarms import Condition
 from sorter.core.packml import State
-from sorter.line.service import LineService
 from sorter.north.hmi.app import COOKIE
 from sorter.north.hmi.server import RESTART_S
 from tests.reclog import RecLog
@@ -58,11 +59,12 @@ def line_config(tmp_path: Path, **hmi: Any) -> LineConfig:
 class Line:
     """A built (not running) line service with its HMI serving, and HTTP helpers."""
 
-    def __init__(self, svc: LineService, log: RecLog) -> None:
-        self.svc = svc
+    def __init__(self, built: BuiltLine, log: RecLog) -> None:
+        self.svc = built.service
+        assert built.hmi is not None
+        self.hmi = built.hmi
         self.log = log
-        assert svc.hmi is not None
-        self.url = svc.hmi.url.rstrip("/")
+        self.url = built.hmi.url.rstrip("/")
 
     def client(self, **kw: Any) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.url, timeout=10, **kw)
@@ -80,16 +82,17 @@ class Line:
 
 @contextlib.asynccontextmanager
 async def serving(tmp_path: Path, **hmi: Any) -> AsyncIterator[Line]:
-    svc = LineService(line_config(tmp_path, **hmi), auto_start=False)
-    log = RecLog()
-    assert svc.hmi is not None
-    svc.hmi.log = log
+    built = build_line(line_config(tmp_path, **hmi), auto_start=False)
+    svc, log = built.service, RecLog()
+    assert built.hmi is not None
+    built.hmi.log = log
     try:
-        await svc.hmi.start()
-        yield Line(svc, log)
+        await built.hmi.start()
+        svc._publish()  # the line is built, not run: its first stats, as run() would publish them
+        yield Line(built, log)
     finally:
         await svc.control.shutdown()
-        await svc.hmi.stop()
+        await built.hmi.stop()
         for pool in (svc._vision, svc._infer, svc._writer):
             pool.shutdown(wait=True)
         svc.records.close()
@@ -145,6 +148,7 @@ async def test_viewer_sees_the_line_but_every_control_endpoint_refuses_403(line:
     svc = line.svc
     svc.alarm_board.update([Condition("plc_offline", "no answer", "check the cable")], now=0.0)
     svc.alarm_board.update([Condition("plc_offline", "no answer", "check the cable")], now=2.0)
+    svc._publish()
     routing_before = svc.cfg.routing
     await asyncio.sleep(0.3)  # a view is built
     async with line.client() as c:
@@ -306,30 +310,28 @@ async def test_a_port_in_use_is_an_alarm_and_the_hmi_comes_up_when_it_is_free(tm
     blocker.bind(("127.0.0.1", 0))
     blocker.listen(1)
     port = blocker.getsockname()[1]
-    svc = LineService(line_config(tmp_path, port=port), auto_start=False)
-    assert svc.hmi is not None
-    svc.hmi.log = RecLog()
+    built = build_line(line_config(tmp_path, port=port), auto_start=False)
+    svc, hmi = built.service, built.hmi
+    assert hmi is not None and hmi in svc.parts.companions
+    hmi.log = RecLog()
     try:
-        assert await svc._start_hmi() is False  # logged, not raised: the line would sort on
-        cond = svc.hmi.condition()
+        await svc._start_companion(hmi)  # logged, not raised: the line would sort on
+        cond = hmi.condition()  # what the service's alarm board gets from its companions
         assert cond is not None and cond.name == "hmi_down" and "in use" in cond.cause
-        assert "hmi_down" in [c.name for c in svc._conditions()]
         blocker.close()
-        await wait_until(
-            lambda: svc.hmi is not None and svc.hmi.listening, RESTART_S + 3, "HMI up once the port is free"
-        )
-        assert svc.hmi.url.endswith(f":{port}/") and svc.hmi.condition() is None
-        async with httpx.AsyncClient(base_url=svc.hmi.url) as c:
+        await wait_until(lambda: hmi.listening, RESTART_S + 3, "HMI up once the port is free")
+        assert hmi.url.endswith(f":{port}/") and hmi.condition() is None
+        async with httpx.AsyncClient(base_url=hmi.url) as c:
             assert (await c.get("/")).status_code == 200
     finally:
         blocker.close()
-        await svc.hmi.stop()
+        await hmi.stop()
         svc.records.close()
 
 
 async def test_a_crashed_hmi_raises_an_alarm_and_restarts_on_the_same_port(line: Line) -> None:
-    hmi = line.svc.hmi
-    assert hmi is not None and hmi._uvicorn is not None
+    hmi = line.hmi
+    assert hmi._uvicorn is not None
     url = hmi.url
     hmi._uvicorn.should_exit = True  # uvicorn ends as if it had failed
     await wait_until(lambda: not hmi.listening, 5, "HMI down")
@@ -357,7 +359,7 @@ def _require_browser() -> None:
         pytest.skip(problem)
 
 
-def _run_browser(url: str, loop: asyncio.AbstractEventLoop, svc: LineService, sim: Any, out: dict[str, Any]) -> None:
+def _run_browser(url: str, loop: asyncio.AbstractEventLoop, sim: Any, out: dict[str, Any]) -> None:
     """What an operator and a viewer do at their panels (sync Playwright, on a thread of its own)."""
     from playwright.sync_api import expect, sync_playwright
 
@@ -461,18 +463,19 @@ async def test_operator_and_viewer_in_a_headless_browser_on_the_running_line(tmp
     out: dict[str, Any] = {"dir": tmp_path}
     after: dict[str, Any] = {}
 
-    async def panels(svc: LineService, sim: Any) -> None:
-        assert svc.hmi is not None and svc.hmi.listening
-        await asyncio.to_thread(_run_browser, svc.hmi.url, asyncio.get_running_loop(), svc, sim, out)
+    async def panels(built: BuiltLine, sim: Any) -> None:
+        svc, hmi = built.service, built.hmi
+        assert hmi is not None and hmi.listening
+        await asyncio.to_thread(_run_browser, hmi.url, asyncio.get_running_loop(), sim, out)
         # the HMI goes down: the line sorts on, the alarm shows, the HMI comes back by itself
-        assert svc.hmi._uvicorn is not None
-        pieces = svc.counts["pieces"]
-        svc.hmi._uvicorn.should_exit = True
-        await wait_until(lambda: svc.hmi is not None and not svc.hmi.listening, 5, "HMI down")
+        assert hmi._uvicorn is not None
+        pieces = svc.counters.pieces
+        hmi._uvicorn.should_exit = True
+        await wait_until(lambda: not hmi.listening, 5, "HMI down")
         await wait_until(lambda: "hmi_down" in [a.name for a in svc.alarm_board.active], 5, "hmi_down alarm")
-        after["pieces_while_down"] = svc.counts["pieces"] - pieces
+        after["pieces_while_down"] = svc.counters.pieces - pieces
         after["state_while_down"] = svc.control.state
-        await wait_until(lambda: svc.hmi is not None and svc.hmi.listening, RESTART_S + 5, "HMI back")
+        await wait_until(lambda: hmi.listening, RESTART_S + 5, "HMI back")
         after["acked"] = [a for a in svc.alarm_board.history if a.name == "plc_offline"]
 
     report = await run_demo_with(tmp_path, panels)

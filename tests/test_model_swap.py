@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from sim.config import load_sim_config
+from sorter.core.messages import SwapModel
 from sim.demo import run_demo
 from sorter.line.records import load_pieces
 from sorter.vision.classify import ModelError
@@ -35,12 +36,13 @@ async def test_model_swaps_on_the_running_line(tmp_path):
     broken.write_bytes(MODEL.read_bytes()[:5000])
     outcome: dict[str, object] = {}
 
-    async def act(service, sim) -> None:
+    async def act(line, sim) -> None:
+        service = line.service
         await asyncio.sleep(3)
         with pytest.raises(ModelError):
-            await service.swap_model(broken)
+            await service.handle(SwapModel(broken, "test"))
         outcome["after_refusal"] = service.classifier.version
-        outcome["swapped_to"] = await service.swap_model(new_model)
+        outcome["swapped_to"] = await service.handle(SwapModel(new_model, "test"))
 
     cfg = load_sim_config(ROOT / "config" / "sim.yaml")
     report = await run_demo(cfg, duration=7, seed=5, run_dir=tmp_path / "run", during=act)

@@ -27,10 +27,10 @@ def opcua_config() -> Any:
     return cfg.model_copy(update={"plc": cfg.plc.model_copy(update={"protocol": "opcua"})})
 
 
-def scada_script(service: Any, cert: Path, key: Path, user: str, steps: list[dict[str, Any]]) -> dict[str, Any]:
-    assert service.opcua is not None
+def scada_script(line: Any, cert: Path, key: Path, user: str, steps: list[dict[str, Any]]) -> dict[str, Any]:
+    assert line.scada is not None
     return {
-        "endpoint": service.opcua.endpoint_url,
+        "endpoint": line.scada.endpoint_url,
         "securityMode": "SignAndEncrypt",
         "securityPolicy": "Basic256Sha256",
         "certificate": str(cert),
@@ -55,14 +55,15 @@ async def test_scada_drives_the_packml_state_machine_over_signandencrypt(tmp_pat
     require_node()
     got: dict[str, Any] = {}
 
-    async def scada(service: Any, sim: Any) -> None:
+    async def scada(line: Any, sim: Any) -> None:
+        service = line.service
         cert, key = make_certificate(tmp_path / "scada.der", tmp_path / "scada.pem", application_uri=CLIENT_URI)
         trust(cert, service.cfg.opcua_server.trust_dir)  # as `sorter opcua trust` does
-        await wait_until(lambda: service.opcua.listening and service.live.counts["ndfeb"] > 0, 30, "server up")
+        await wait_until(lambda: line.scada.listening and service.live.counts["ndfeb"] > 0, 30, "server up")
         sl = ["SortingLine"]
         got["operator"] = await arun_node_client(
             scada_script(
-                service,
+                line,
                 cert,
                 key,
                 "operator",
@@ -89,7 +90,7 @@ async def test_scada_drives_the_packml_state_machine_over_signandencrypt(tmp_pat
             timeout=90,
         )
         got["viewer"] = await arun_node_client(
-            scada_script(service, cert, key, "viewer", [{"op": "call", "path": sl, "method": "Hold"}])
+            scada_script(line, cert, key, "viewer", [{"op": "call", "path": sl, "method": "Hold"}])
         )
         got["state_after"] = service.control.state
 
@@ -122,8 +123,9 @@ async def test_plc_opcua_restart_holds_the_line_and_loses_nothing(tmp_path: Path
     """The PLC's OPC UA server restarts mid-run: held meanwhile, back within 5 s, every piece recorded."""
     seen: dict[str, float] = {}
 
-    async def restart_plc_opcua(service: Any, sim: Any) -> None:
-        await wait_until(lambda: service.counts["eject_accepted"] > 30, 20, "ejects accepted")
+    async def restart_plc_opcua(line: Any, sim: Any) -> None:
+        service = line.service
+        await wait_until(lambda: service.counters.outcomes["accepted"] > 30, 20, "ejects accepted")
         await sim.send(cmd="plc_opcua", on=False)
         seen["to_held_s"] = await wait_until(lambda: service.control.state is State.HELD, 5, "line held")
         await asyncio.sleep(2.0)

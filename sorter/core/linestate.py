@@ -1,14 +1,21 @@
-"""What the line shows to the outside (OPC UA server, later the HMI): live figures and one immutable snapshot."""
+"""What the line shows to the outside: its counters, live figures, and one immutable snapshot of it all.
+
+The service counts into `LineCounters` and `LiveStats` on its loop only; several times a second it
+builds a `LineStats` there (copies, nothing shared) and hands it to whoever shows the line: the HMI,
+the OPC UA server (its `LineSnapshot` part), the Prometheus metrics, the log. Readers on other threads
+therefore never see state that the loop is changing.
+"""
 
 from __future__ import annotations
 
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sorter.core.messages import Decision
+from sorter.core.alarms import Alarm
+from sorter.core.messages import Decision, FieldState, Outcome, PlcStatus
 from sorter.core.packml import State
 
 if TYPE_CHECKING:
@@ -68,3 +75,160 @@ class LiveStats:
 
     def purity(self) -> dict[str, float]:
         return {f: (self._belongs[f] / n if (n := self.counts[f]) else math.nan) for f in self.fractions}
+
+
+@dataclass
+class LineCounters:
+    """Everything the service counts, by name and type (changed on the service loop only)."""
+
+    pieces: int = 0  # decided and recorded
+    frames_processed: int = 0  # segmented and tracked
+    frames_unplaced: int = 0  # no latched count and no clock model yet
+    frames_failed: int = 0  # processing raised
+    batches_failed: int = 0  # a decision batch raised
+    records_flush_failed: int = 0  # a commit of the records database failed (retried)
+    field_wait_timeouts: int = 0  # a decision stopped waiting for the Hall bar
+    by_class: Counter[str] = field(default_factory=Counter)  # decided class
+    by_fraction: Counter[str] = field(default_factory=Counter)  # decided fraction
+    outcomes: Counter[Outcome] = field(default_factory=Counter)  # final outcome of each piece's ejection
+    field_states: Counter[FieldState] = field(default_factory=Counter)  # what the bar gave each decision
+
+    def copy(self) -> LineCounters:
+        return LineCounters(
+            self.pieces,
+            self.frames_processed,
+            self.frames_unplaced,
+            self.frames_failed,
+            self.batches_failed,
+            self.records_flush_failed,
+            self.field_wait_timeouts,
+            Counter(self.by_class),
+            Counter(self.by_fraction),
+            Counter(self.outcomes),
+            Counter(self.field_states),
+        )
+
+    def flat(self) -> dict[str, int]:
+        """One flat mapping (the records' `stop` event, logs): class_*, fraction_*, eject_*, field_* keys."""
+        out = {
+            k: getattr(self, k)
+            for k in (
+                "pieces",
+                "frames_processed",
+                "frames_unplaced",
+                "frames_failed",
+                "batches_failed",
+                "records_flush_failed",
+                "field_wait_timeouts",
+            )
+        }
+        out |= {f"class_{k}": v for k, v in self.by_class.items()}
+        out |= {f"fraction_{k}": v for k, v in self.by_fraction.items()}
+        out |= {f"eject_{k.value}": v for k, v in self.outcomes.items()}
+        out |= {f"field_{k.value}": v for k, v in self.field_states.items()}
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class CameraStats:
+    name: str
+    online: bool
+    reason: str | None  # why it is offline
+    captured: int
+    dropped: int  # the capture queue overflowed
+    torn: int  # a shared-memory slot was overwritten while read
+    source_dropped: int  # lost at the source's hand-off
+    queued: int  # frames waiting for the vision thread
+    stalls: int
+    reconnects: int
+
+    @property
+    def lost(self) -> int:
+        """Every frame lost anywhere between the camera and the vision thread."""
+        return self.dropped + self.torn + self.source_dropped
+
+
+@dataclass(frozen=True, slots=True)
+class BarStats:
+    online: bool
+    reason: str | None
+    counters: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class LineStats:
+    """The whole line at one moment, built on the service loop: what every outside reader gets."""
+
+    line: str
+    run_id: str
+    t: float  # PC monotonic seconds when built
+    state: State
+    allowed: tuple[str, ...]  # PackML commands the state accepts now
+    counters: LineCounters  # a copy: never changed after the build
+    cameras: tuple[CameraStats, ...]
+    plc: PlcStatus
+    plc_protocol: str
+    hallbar: BarStats | None  # None: the line has no bar
+    pieces_queued: int  # batches of finalised pieces waiting for a decision
+    ejects_in_flight: int  # commands sent, not yet answered
+    open_tracks: int
+    records_pending: int  # rows waiting for the records thread
+    model_version: str
+    model_provider: str
+    model_labels: tuple[str, ...]
+    fractions: tuple[str, ...]  # bank order, then the default fraction
+    default_fraction: str
+    min_confidence: float
+    fallback_min_confidence: float
+    fraction_counts: dict[str, int]  # where pieces ended (ejected only if the PLC took the command)
+    pieces_per_minute: float
+    purity: dict[str, float]  # live estimate from decision confidences; nan until a fraction has a piece
+    latency_ms_p99: float | None  # decision latency over the latest commands
+    alarms_active: tuple[Alarm, ...]
+    alarms_shown: tuple[Alarm, ...]  # active, and cleared but not yet acknowledged; newest first
+
+    @property
+    def frames_captured(self) -> int:
+        return sum(c.captured for c in self.cameras)
+
+    @property
+    def frames_dropped(self) -> int:
+        return sum(c.lost for c in self.cameras)
+
+    @property
+    def snapshot(self) -> LineSnapshot:
+        """The small part the OPC UA server shows (sent to its process through a pipe)."""
+        return LineSnapshot(
+            state=self.state,
+            fraction_counts=dict(self.fraction_counts),
+            pieces_per_minute=self.pieces_per_minute,
+            purity=dict(self.purity),
+            model_version=self.model_version,
+            alarms=[a.text() for a in self.alarms_active],
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The one-line summary the service logs every few seconds (and at stop)."""
+        return {
+            "state": self.state.label,
+            "pieces": self.counters.pieces,
+            "open_tracks": self.open_tracks,
+            "frames_captured": self.frames_captured,
+            "frames_dropped": self.frames_dropped,
+            "plc_online": self.plc.online,
+            "belt_mm_s": self.plc.speed_mm_s,
+            "plc_alarms": list(self.plc.alarms),
+            "ejects_accepted": self.counters.outcomes[Outcome.ACCEPTED],
+            "magnetometer": self.hallbar.counters if self.hallbar else None,
+            "cameras": {
+                c.name: {
+                    "captured": c.captured,
+                    "dropped": c.dropped,
+                    "torn": c.torn,
+                    "source_dropped": c.source_dropped,
+                    "stalls": c.stalls,
+                    "reconnects": c.reconnects,
+                }
+                for c in self.cameras
+            },
+        }

@@ -10,8 +10,47 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
 
 import numpy as np
+
+
+class Outcome(StrEnum):
+    """What became of a piece's ejection: the `outcome` of its record, and the name it is counted by."""
+
+    # a command went to the PLC link
+    ACCEPTED = "accepted"  # the PLC took the command: the piece goes to its fraction
+    EXPIRED = "expired"  # too late to reach the PLC before the valves: not sent
+    OFFLINE = "offline"  # the PLC link was down
+    TIMEOUT = "timeout"  # sent, but no answer in time
+    # no command
+    NO_EJECT = "no_eject"  # the default fraction: no air
+    CONFLICT = "conflict"  # the air would also hit a piece of another fraction: skipped for purity
+    NO_SPEED = "no_speed"  # the belt stood still (or the PLC was offline) when it was planned
+    HELD = "held"  # the line was not ejecting (Held, Stopping, ...): the piece went to the default fraction
+    # record states of a command in flight
+    PLANNED = "planned"  # the planner made a command (before it is sent)
+    PENDING = "pending"  # sent, waiting for the PLC's answer
+    CANCELLED = "cancelled"  # the service stopped before the PLC answered
+
+    @property
+    def ejected(self) -> bool:
+        return self is Outcome.ACCEPTED
+
+
+COMMAND_OUTCOMES = (Outcome.ACCEPTED, Outcome.EXPIRED, Outcome.OFFLINE, Outcome.TIMEOUT)
+NO_COMMAND_OUTCOMES = (Outcome.NO_EJECT, Outcome.CONFLICT, Outcome.NO_SPEED, Outcome.HELD)
+
+
+class FieldState(StrEnum):
+    """What the Hall-sensor bar contributed to a decision."""
+
+    OK = "ok"  # a complete reading
+    INCOMPLETE = "incomplete"  # a bar line in the piece's window was lost
+    MISSING = "missing"  # no reading in time
+    OFFLINE = "offline"  # the bar is offline
+    NO_BAR = "no_bar"  # the line has none
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,17 +104,13 @@ class Piece:
 
 @dataclass(frozen=True, slots=True)
 class FieldReading:
-    """What the Hall-sensor bar read under one piece.
-
-    state: ok (a complete reading), incomplete (a bar line in the piece's window was lost),
-    missing (no reading in time), offline (the bar is offline), no_bar (the line has none).
-    """
+    """What the Hall-sensor bar read under one piece (`state`: see FieldState)."""
 
     field_mT: float | None
-    state: str
+    state: FieldState
 
 
-NO_BAR = FieldReading(None, "no_bar")
+NO_BAR = FieldReading(None, FieldState.NO_BAR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,3 +133,62 @@ class EjectCommand:
     valve_mask: int
     open_at: int  # unwrapped count at which the valves are commanded open
     open_for: int  # counts
+
+
+@dataclass(frozen=True, slots=True)
+class PlcStatus:
+    """The PLC as the link last saw it (published whole by the link: readers never see half an update)."""
+
+    online: bool = False
+    belt_running: bool = False
+    air_ok: bool = False
+    estop: bool = False
+    watchdog_tripped: bool = False
+    queue_overflow: bool = False
+    queue_free: int = 0
+    last_seq: int = 0
+    ejects_done: int = 0  # running totals across the PLC's counter wraps
+    ejects_late: int = 0
+    speed_mm_s: float = 0.0
+    rtt_ms: float = 0.0
+    last_error: str | None = None
+    alarms: list[str] = field(default_factory=list)
+    t_polled: float = 0.0  # PC monotonic time of the last status update
+
+
+# --- requests into the line's loop (from the HMI, OPC UA, the CLI): handled by LineService.handle ---
+
+
+@dataclass(frozen=True, slots=True)
+class PackMLRequest:
+    """A PackML command (Start, Stop, Hold, ...) by a user; answered with the new state or InvalidState."""
+
+    command: str
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class AckAlarm:
+    """Acknowledge an alarm on the board; answered with the Alarm, or None if there is no such alarm."""
+
+    name: str
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetThresholds:
+    """Change routing.min_confidence / fallback_min_confidence; answered with the new RoutingConfig or ValueError."""
+
+    user: str
+    changes: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SwapModel:
+    """Switch the classifier between two batches; answered with the new version, or ModelError (nothing changed)."""
+
+    path: Path
+    user: str
+
+
+LineRequest = PackMLRequest | AckAlarm | SetThresholds | SwapModel

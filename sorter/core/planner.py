@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sorter.core.geometry import valve_span, valves_covering
-from sorter.core.messages import Decision, EjectCommand, Piece
+from sorter.core.messages import Decision, EjectCommand, Outcome, Piece
 
 if TYPE_CHECKING:
     from sorter.config import EjectionConfig, LineConfig
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 class Plan:
     decision: Decision
     command: EjectCommand | None
-    outcome: str  # 'planned', 'no_eject', 'conflict', 'no_speed'
+    outcome: Outcome  # PLANNED (with a command), NO_EJECT, CONFLICT, NO_SPEED
 
 
 def mask_of(valves: list[int]) -> int:
@@ -86,9 +86,9 @@ class EjectPlanner:
         cfg, cpm, p = self._cfg, self._cpm, d.piece
         bank = self._bank_of.get(d.fraction)
         if bank is None:
-            return Plan(d, None, "no_eject")
+            return Plan(d, None, Outcome.NO_EJECT)
         if speed_mm_s <= 0:
-            return Plan(d, None, "no_speed")
+            return Plan(d, None, Outcome.NO_SPEED)
         half = max(p.u - p.u_lead + cfg.margin_lead_mm * cpm, p.u_trail - p.u + cfg.margin_trail_mm * cpm)
         open_u, close_u = p.u - half, p.u + half
         valves = valves_covering(cfg, p.x0 - cfg.margin_side_mm, p.x1 + cfg.margin_side_mm)
@@ -123,7 +123,7 @@ class EjectPlanner:
                 valves.remove(v)
         if not valves or self._coverage(valves, p.x0, p.x1) < cfg.min_valve_coverage:
             if cfg.protect_purity:
-                return Plan(d, None, "conflict")
+                return Plan(d, None, Outcome.CONFLICT)
             valves = valves_covering(cfg, p.x0 - cfg.margin_side_mm, p.x1 + cfg.margin_side_mm)
         counts_per_ms = speed_mm_s * cpm / 1000.0
         row = cfg.banks[bank].distance_mm * cpm
@@ -132,4 +132,4 @@ class EjectPlanner:
         cmd = EjectCommand(
             piece_id=p.id, bank=bank, valve_mask=mask_of(valves), open_at=open_at, open_for=max(1, close_at - open_at)
         )
-        return Plan(d, cmd, "planned")
+        return Plan(d, cmd, Outcome.PLANNED)

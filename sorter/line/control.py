@@ -21,13 +21,12 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from sorter.config import StateMachineConfig
+from sorter.core.messages import PlcStatus
 from sorter.core.packml import Command, InvalidState, PackMLMachine, State
 from sorter.drivers.plc.base import PlcCommand
-
-if TYPE_CHECKING:
-    from sorter.line.service import LineService
 
 # states in which pieces are ejected into the products
 EJECTING = frozenset({State.EXECUTE, State.SUSPENDING, State.SUSPENDED, State.UNSUSPENDING})
@@ -37,11 +36,44 @@ SUPERVISE_S = 0.05
 UNHOLD_RETRY_S = 2.0
 
 
+class PlcPort(Protocol):
+    """What the state machine needs of the PLC link (sorter/drivers/plc): its status and its commands."""
+
+    @property
+    def status(self) -> PlcStatus: ...
+
+    @property
+    def online(self) -> bool: ...
+
+    async def command(self, cmd: PlcCommand, timeout_s: float = ...) -> None: ...
+
+
 class LineControl:
-    def __init__(self, service: LineService) -> None:
-        self.svc = service
-        self.cfg = service.cfg
-        self.log = service.log.bind(part="state")
+    """The PackML machine of one line and the work of its acting states.
+
+    It sees only what it needs: the state machine's config, the PLC link, whether the encoder clock
+    is locked and every camera delivers, a recorder for its events, and a clock (`now`, monotonic
+    seconds: tests drive it by hand).
+    """
+
+    def __init__(
+        self,
+        states: StateMachineConfig,
+        plc: PlcPort,
+        *,
+        clock_ready: Callable[[], bool],
+        cameras_online: Callable[[], bool],
+        record_event: Callable[..., None],
+        log: Any,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.states = states
+        self.plc = plc
+        self._clock_ready = clock_ready
+        self._cameras_online = cameras_online
+        self._record_event = record_event
+        self.log = log.bind(part="state")
+        self._now = now
         self.machine = PackMLMachine(State.STOPPED)
         self.machine.add_listener(self._changed)
         self.listeners: list[Callable[[State, State, str], None]] = []
@@ -49,7 +81,7 @@ class LineControl:
         self._auto_held = False  # held by the line itself (PLC link lost), lifted by itself
         self._operator_held = False
         self._retry_unhold_at = 0.0
-        self._t_activity = time.monotonic()  # last piece, or entering Execute
+        self._t_activity = now()  # last piece, or entering Execute
 
     # --- state ---
     @property
@@ -61,13 +93,13 @@ class LineControl:
         return self.machine.state in EJECTING
 
     def piece_seen(self) -> None:
-        self._t_activity = time.monotonic()
+        self._t_activity = self._now()
 
     def _changed(self, old: State, new: State, why: str) -> None:
         self.log.info("state", old=old.label, new=new.label, why=why)
-        self.svc.records.event("state", old=old.label, new=new.label, why=why)
+        self._record_event("state", old=old.label, new=new.label, why=why)
         if new is State.EXECUTE:
-            self._t_activity = time.monotonic()
+            self._t_activity = self._now()
         for fn in self.listeners:
             fn(old, new, why)
 
@@ -115,7 +147,7 @@ class LineControl:
             raise
         except Exception as exc:
             self.log.error(f"ALARM {st.label} failed", error=str(exc))
-            self.svc.records.event("alarm", alarm=f"{st.label.lower()}_failed", reason=str(exc))
+            self._record_event("alarm", alarm=f"{st.label.lower()}_failed", reason=str(exc))
             if self.state is st:
                 if st in (State.STOPPING, State.ABORTING):
                     # the belt could not be commanded (PLC unreachable): the PLC's watchdog makes it safe
@@ -124,7 +156,7 @@ class LineControl:
                     self._auto(Command.ABORT, why=f"clearing failed: {exc}")
                 elif st is State.UNHOLDING and self._auto_held:
                     # the PLC link dropped again on the way out of Held: stay held, try again later
-                    self._retry_unhold_at = time.monotonic() + UNHOLD_RETRY_S
+                    self._retry_unhold_at = self._now() + UNHOLD_RETRY_S
                     self._auto(Command.HOLD, why=f"unholding failed: {exc}")
                 else:
                     self._auto(Command.STOP, why=f"{st.label} failed: {exc}")
@@ -135,44 +167,44 @@ class LineControl:
     # --- acting states' work ---
     async def _wait_for(self, cond: Callable[[], bool], what: str, deadline: float) -> None:
         while not cond():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{what} not within {self.cfg.states.start_timeout_s:g} s")
+            if self._now() > deadline:
+                raise TimeoutError(f"{what} not within {self.states.start_timeout_s:g} s")
             await asyncio.sleep(0.05)
 
     def _plc_ready(self) -> bool:
-        return self.svc.plc.online and self.svc.clock.ready
+        return self.plc.online and self._clock_ready()
 
     async def _reset_plc(self) -> None:
-        deadline = time.monotonic() + self.cfg.states.start_timeout_s
+        deadline = self._now() + self.states.start_timeout_s
         await self._wait_for(self._plc_ready, "PLC link", deadline)
-        await self.svc.plc.command(PlcCommand.RESET)
+        await self.plc.command(PlcCommand.RESET)
 
     async def _starting(self) -> None:
-        svc = self.svc
-        deadline = time.monotonic() + self.cfg.states.start_timeout_s
+        plc = self.plc
+        deadline = self._now() + self.states.start_timeout_s
         await self._wait_for(self._plc_ready, "PLC link and encoder clock", deadline)
-        await svc.plc.command(PlcCommand.RESET)
-        await svc.plc.command(PlcCommand.START_BELT)
-        await self._wait_for(lambda: svc.plc.status.belt_running, "belt running", deadline)
+        await plc.command(PlcCommand.RESET)
+        await plc.command(PlcCommand.START_BELT)
+        await self._wait_for(lambda: plc.status.belt_running, "belt running", deadline)
         # encoder-triggered cameras deliver only once the belt moves
-        await self._wait_for(lambda: all(c.online for c in svc.captures.values()), "every camera", deadline)
-        self.log.info("line started", model=svc.classifier.version, provider=svc.classifier.provider)
+        await self._wait_for(self._cameras_online, "every camera", deadline)
+        self.log.info("line started")
 
     async def _unholding(self) -> None:
-        plc = self.svc.plc
+        plc = self.plc
         if plc.status.watchdog_tripped or plc.status.queue_overflow:
             await plc.command(PlcCommand.RESET)
         if not plc.status.belt_running:
             await plc.command(PlcCommand.START_BELT)
 
     async def _belt_off(self) -> None:
-        if self.svc.plc.online:
-            await self.svc.plc.command(PlcCommand.STOP_BELT, timeout_s=1.0)
+        if self.plc.online:
+            await self.plc.command(PlcCommand.STOP_BELT, timeout_s=1.0)
         else:
             raise RuntimeError("PLC offline: belt not commanded off")
 
     async def _clearing(self) -> None:
-        if self.svc.plc.status.estop:
+        if self.plc.status.estop:
             raise RuntimeError("e-stop still pressed")
         await self._reset_plc()
 
@@ -183,7 +215,8 @@ class LineControl:
             self.check()
 
     def check(self) -> None:
-        plc, st = self.svc.plc.status, self.state
+        """Apply the line's own conditions once (supervise() calls it every SUPERVISE_S)."""
+        plc, st, now = self.plc.status, self.state, self._now()
         if plc.online and plc.estop and st not in (State.ABORTING, State.ABORTED, State.CLEARING, State.STOPPED):
             self._auto(Command.ABORT, why="e-stop")
         elif not plc.online and st in PRODUCING:
@@ -202,14 +235,14 @@ class LineControl:
             and self._auto_held
             and not self._operator_held
             and self._plc_ready()
-            and time.monotonic() >= self._retry_unhold_at
+            and now >= self._retry_unhold_at
         ):
             self._auto_held = False
             self.log.info("PLC link back: unholding")
             self._auto(Command.UNHOLD, why="PLC link back")
-        elif st is State.EXECUTE and time.monotonic() - self._t_activity > self.cfg.states.starved_after_s:
-            self._auto(Command.SUSPEND, why=f"no piece for {self.cfg.states.starved_after_s:g} s (feed ran dry)")
-        elif st is State.SUSPENDED and time.monotonic() - self._t_activity < SUPERVISE_S * 4:
+        elif st is State.EXECUTE and now - self._t_activity > self.states.starved_after_s:
+            self._auto(Command.SUSPEND, why=f"no piece for {self.states.starved_after_s:g} s (feed ran dry)")
+        elif st is State.SUSPENDED and now - self._t_activity < SUPERVISE_S * 4:
             self._auto(Command.UNSUSPEND, why="pieces again")
 
     # --- start and stop with the service ---
@@ -222,8 +255,8 @@ class LineControl:
             await self.command(Command.START, user="service")
 
     async def _settled(self, want: State, timeout: float | None = None) -> None:
-        deadline = time.monotonic() + (timeout or self.cfg.states.start_timeout_s + 1)
-        while self.state.acting and self.state is not want and time.monotonic() < deadline:
+        deadline = self._now() + (timeout or self.states.start_timeout_s + 1)
+        while self.state.acting and self.state is not want and self._now() < deadline:
             await asyncio.sleep(0.02)
 
     async def shutdown(self) -> None:

@@ -13,7 +13,14 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from sorter.core.geometry import wrap32
+from sorter.core.messages import Outcome
+
+if TYPE_CHECKING:
+    from sorter.config import LineConfig
+    from sorter.core.planner import Plan
 
 _PIECES_TABLE = """
 CREATE TABLE IF NOT EXISTS pieces (
@@ -187,3 +194,37 @@ def load_pieces(path: Path, run_id: str | None = None) -> list[dict[str, Any]]:
         for c in _JSON_COLUMNS:
             r[c] = json.loads(r[c]) if r[c] else {}
     return rows
+
+
+def piece_row(plan: Plan, cfg: LineConfig) -> dict[str, Any]:
+    """A decided piece's row of the `pieces` table (its outcome `pending` until the PLC answers its command)."""
+    d, cmd, cpm = plan.decision, plan.command, cfg.belt.counts_per_mm
+    p = d.piece
+    return {
+        "id": p.id,
+        "t_wall": time.time(),
+        "t_capture": p.t_last_capture,
+        "count": round(p.u),
+        "count32": wrap32(round(p.u)),
+        "x_mm": p.x,
+        "x0_mm": p.x0,
+        "x1_mm": p.x1,
+        "length_mm": (p.u_trail - p.u_lead) / cpm,
+        "area_mm2": p.area_mm2,
+        "cameras": ",".join(p.cameras),
+        "n_views": p.n_views,
+        "probs": d.probs,
+        "image_probs": d.image_probs,
+        "field_mT": d.field.field_mT,
+        "field_state": d.field.state,
+        "threshold": d.threshold,
+        "model": d.model,
+        "cls": d.cls,
+        "confidence": d.confidence,
+        "fraction": d.fraction,
+        "bank": cfg.ejection.banks[cmd.bank].name if cmd else None,
+        "valve_mask": cmd.valve_mask if cmd else None,
+        "open_at": cmd.open_at if cmd else None,
+        "open_for": cmd.open_for if cmd else None,
+        "outcome": Outcome.PENDING if cmd else plan.outcome,
+    }

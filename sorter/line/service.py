@@ -3,8 +3,11 @@
     capture (bounded queues) -> segment + map to belt mm (vision thread) -> track
     -> classify (ONNX, batched) -> decide -> plan in encoder counts -> PLC mailbox -> records
 
-The loop itself only coordinates; pixel work runs on one worker thread so PLC
-polling and heartbeats stay punctual.
+The loop itself only coordinates; pixel work runs on worker threads so PLC polling and heartbeats
+stay punctual. The service is handed its parts ready-made (`LineParts`, built by sorter/app.py) and
+knows nothing of who watches it: every 0.2 s (and on each state change) it builds one immutable
+`LineStats` on the loop and gives it to its subscribers (HMI, OPC UA, metrics); requests come back
+as messages (`handle()`: PackML commands, alarm acknowledgements, thresholds, model swaps).
 """
 
 from __future__ import annotations
@@ -12,58 +15,73 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-import uuid
-from collections import Counter, defaultdict, deque
+from collections import defaultdict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import structlog
 
 from sorter.config import LineConfig, RoutingConfig
-from sorter.core.alarms import AlarmBoard, Condition
+from sorter.core.alarms import Alarm, AlarmBoard, Condition
 from sorter.core.clock import ClockModel
 from sorter.core.decide import decide
-from sorter.core.geometry import camera_geometries, unwrap, wrap32
-from sorter.core.linestate import LineSnapshot, LiveStats
-from sorter.core.messages import NO_BAR, Decision, FieldReading, Frame, Piece
-from sorter.core.packml import State
+from sorter.core.geometry import CameraGeometry, unwrap
+from sorter.core.linestate import BarStats, CameraStats, LineCounters, LineStats, LiveStats
+from sorter.core.messages import (
+    NO_BAR,
+    AckAlarm,
+    Decision,
+    FieldReading,
+    FieldState,
+    Frame,
+    LineRequest,
+    Outcome,
+    PackMLRequest,
+    Piece,
+    SetThresholds,
+    SwapModel,
+)
+from sorter.core.packml import Command
 from sorter.core.planner import EjectPlanner, Plan
 from sorter.core.tracking import Tracker
 from sorter.drivers.cameras.capture import CameraCapture, CaptureClosed
 from sorter.drivers.hallbar import FieldMap, HallBar
-from sorter.drivers.plc import make_plc_link
+from sorter.drivers.plc.base import PlcLinkBase
+from sorter.line.conditions import line_conditions
 from sorter.line.control import LineControl
-from sorter.line.crop_capture import CropCapture
-from sorter.line.records import RecordStore
-from sorter.north.hmi import HmiError, HmiServer
-from sorter.north.metrics import ServiceMetrics
-from sorter.north.opcua.server import LineOpcUaServer, OpcUaServerError
+from sorter.line.records import RecordStore, piece_row
 from sorter.vision.classify import Classifier, ModelError
 from sorter.vision.detections import to_detections
-from sorter.vision.modelcheck import check_model
 from sorter.vision.segment import materialise, segment
 
-PLC_ALARM_ACTIONS = {
-    "offline": "check the PLC's network cable and power; the line is held meanwhile",
-    "estop": "release the e-stop when it is safe, then Clear and Reset",
-    "air_pressure_low": "check the compressor and the valve manifold's air supply",
-    "watchdog_tripped": "the PLC stopped hearing the PC; Reset once the link is stable",
-    "eject_queue_overflow": "the PC sent more commands than the PLC queue holds; Reset",
-}
-LATENCY_WINDOW = 10_000  # decision latencies kept in memory (LineService.latencies_ms)
+LATENCY_WINDOW = 10_000  # decision latencies kept in memory (the records hold every one)
+LATENCY_P99_OVER = 500  # the live p99 is taken over the latest this many
+STATS_S = 0.2  # how often the line's stats are built and published
+
+
+class Companion(Protocol):
+    """A side service that lives as long as the line (the HMI, the OPC UA server)."""
+
+    name: str
+
+    async def start(self) -> None: ...  # raises when it cannot start: an alarm, the line sorts on
+
+    async def stop(self) -> None: ...
+
+    def condition(self) -> Condition | None: ...  # an alarm while it should serve and does not
 
 
 @dataclass
 class StageTimes:
-    """Wall time spent per pipeline stage (seconds), for metrics and the benchmark."""
+    """Wall time spent per pipeline stage (seconds), for the metrics and the benchmark."""
 
     total: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    n: Counter[str] = field(default_factory=Counter)
-    on_add: Callable[[str, float], None] | None = None  # the metrics' stage histograms (sorter/north/metrics.py)
+    n: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    on_add: Callable[[str, float], None] | None = None  # the metrics' stage histograms
 
     def add(self, stage: str, seconds: float) -> None:
         self.total[stage] += seconds
@@ -75,34 +93,49 @@ class StageTimes:
         return {k: 1000 * v / self.n[k] for k, v in self.total.items() if self.n[k]}
 
 
-def load_checked_model(path: Path, cfg: LineConfig) -> Classifier:
-    """Load a model for this line, refusing one that fails the deployment check or cannot serve the routing."""
-    result = check_model(path, threads=cfg.classifier.threads)
-    if not result.ok:
-        raise ModelError(result.message)
-    clf = Classifier(path, threads=cfg.classifier.threads)
-    missing = sorted(set(cfg.routing.classes) - set(clf.labels))
-    if missing:
-        raise ModelError(f"{path}: the model has no class {missing} that the line's routing needs")
-    return clf
+@dataclass
+class LineParts:
+    """What the service works with, built by the wiring (sorter/app.py): each part ready to run."""
+
+    classifier: Classifier
+    records: RecordStore
+    clock: ClockModel
+    plc: PlcLinkBase
+    geoms: dict[str, CameraGeometry]
+    captures: dict[str, CameraCapture]
+    tracker: Tracker
+    planner: EjectPlanner
+    load_model: Callable[[Path], Classifier]  # a checked load (swaps)
+    hallbar: HallBar | None = None
+    fieldmap: FieldMap | None = None
+    # who watches: side services started and stopped with the line, stats subscribers, pipeline taps
+    companions: list[Companion] = field(default_factory=list)
+    subscribers: list[Callable[[LineStats], None]] = field(default_factory=list)
+    frame_taps: list[Callable[[str, Frame, int, list[Any]], None]] = field(default_factory=list)
+    decision_taps: list[Callable[[list[Decision]], None]] = field(default_factory=list)
+    on_stage: Callable[[str, float], None] | None = None  # stage wall times (metrics histograms)
+    on_latency_ms: Callable[[float], None] | None = None  # decision latencies (metrics histogram)
+    extra_stats: dict[str, Callable[[], Any]] = field(default_factory=dict)  # more for the periodic log line
+    closers: list[Callable[[], None]] = field(default_factory=list)  # called off the loop at the very end
 
 
 class LineService:
-    def __init__(
-        self, cfg: LineConfig, *, run_id: str | None = None, auto_start: bool = True, capture: Path | None = None
-    ) -> None:
+    def __init__(self, cfg: LineConfig, parts: LineParts, *, run_id: str, auto_start: bool = True) -> None:
         self.cfg = cfg
         self.log = structlog.get_logger("sorter")
-        self.run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        self.run_id = run_id
         self.auto_start = auto_start
-        self.classifier = load_checked_model(cfg.classifier.model, cfg)
-        self.records = RecordStore(cfg.records.path, self.run_id)
-        self.clock = ClockModel()
-        self.plc = make_plc_link(cfg.plc, self.clock, log=self.log.bind(part="plc"))
-        self.geoms = camera_geometries(cfg)
-        self.captures = {c.name: CameraCapture(c, cfg.queues, self.log.bind(camera=c.name)) for c in cfg.cameras}
-        self.tracker = Tracker.for_line(cfg, self.geoms)
-        self.planner = EjectPlanner.for_line(cfg)
+        self.parts = parts
+        self.classifier = parts.classifier
+        self.records = parts.records
+        self.clock = parts.clock
+        self.plc = parts.plc
+        self.geoms = parts.geoms
+        self.captures = parts.captures
+        self.tracker = parts.tracker
+        self.planner = parts.planner
+        self.hallbar = parts.hallbar
+        self.fieldmap = parts.fieldmap
         # pixels and inference on their own threads (both release the GIL): a burst of crops to
         # classify must not hold up the next frames, nor either of them the PLC polling on the loop
         self._vision = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision")
@@ -111,35 +144,23 @@ class LineService:
         self._pieces: asyncio.Queue[list[Piece]] = asyncio.Queue()
         self._sends: set[asyncio.Task[None]] = set()
         self._ref_count: int | None = None
-        self.times = StageTimes()
-        self.counts: Counter[str] = Counter()
-        # the latest decision latencies (every one goes into the metrics' histogram and the records)
+        self.times = StageTimes(on_add=parts.on_stage)
+        self.counters = LineCounters()
         self.latencies_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
-        self.metrics = ServiceMetrics(self)
-        self.times.on_add = self.metrics.observe_stage
-        self.hallbar: HallBar | None = None
-        self.fieldmap: FieldMap | None = None
-        if cfg.magnetometer is not None:
-            self.fieldmap = FieldMap(cfg.magnetometer, cfg.belt.counts_per_mm, self.clock.count_at)
-            self.hallbar = HallBar(cfg.magnetometer, self.log.bind(part="hallbar"), on_reading=self.fieldmap.add)
         self._bar_online: bool | None = None
-        self.capture = CropCapture(capture, self.run_id, with_field=cfg.magnetometer is not None) if capture else None
         self._swap_lock = asyncio.Lock()
         self.live = LiveStats(cfg.fractions, cfg.routing)
-        self.control = LineControl(self)
         self.alarm_board = AlarmBoard()
-        self.opcua: LineOpcUaServer | None = None
-        self._opcua_error: str | None = None
-        self._opcua_started = False
-        # the operator's web HMI (sorter/hmi, docs/hmi.md): its own thread; here only references are handed over
-        self.hmi: HmiServer | None = None
-        if cfg.hmi is not None and cfg.hmi.enabled:
-            self.hmi = HmiServer(self, cfg.hmi, log=self.log.bind(part="hmi"))
-        if cfg.opcua_server is not None and cfg.opcua_server.enabled:
-            self.opcua = LineOpcUaServer(
-                cfg.opcua_server, cfg.users, cfg.fractions, self.control.command, log=self.log.bind(part="opcua")
-            )
-            self.control.listeners.append(lambda old, new, why: self._publish())
+        self.control = LineControl(
+            cfg.states,
+            self.plc,
+            clock_ready=lambda: self.clock.ready,
+            cameras_online=lambda: all(c.online for c in self.captures.values()),
+            record_event=self.records.event,
+            log=self.log,
+        )
+        self.control.listeners.append(lambda old, new, why: self._publish())
+        self.stats: LineStats = self._build_stats()
 
     # --- frames -> pieces ---
     def _frame_count(self, frame: Frame) -> int | None:
@@ -171,18 +192,18 @@ class LineService:
             try:
                 await self._process(name, frame, loop)
             except Exception:  # one bad frame must not stop the line: count it, log it, go on
-                self.counts["frames_failed"] += 1
+                self.counters.frames_failed += 1
                 self.log.exception("frame processing failed", camera=name, seq=frame.seq)
 
     async def _process(self, name: str, frame: Frame, loop: asyncio.AbstractEventLoop) -> None:
         count = self._frame_count(frame)
         if count is None:
-            self.counts["frames_unplaced"] += 1  # no latched count and no clock model yet
+            self.counters.frames_unplaced += 1
             return
         self._ref_count = count
         blobs = await loop.run_in_executor(self._vision, self._segment, frame)
-        if self.hmi is not None:
-            self.hmi.tap.frame(name, frame, count, blobs)  # a reference for the live view, no copy
+        for tap in self.parts.frame_taps:
+            tap(name, frame, count, blobs)  # a reference (the HMI's live view), no copy
         t0 = time.perf_counter()
         dets = to_detections(
             blobs, self.geoms[name], name, count, self.cfg.belt.counts_per_mm, frame.seq, frame.t_capture
@@ -191,7 +212,7 @@ class LineService:
         active = [n for n, c in self.captures.items() if c.online]
         pieces = self.tracker.finalise(active)
         self.times.add("track", time.perf_counter() - t0)
-        self.counts["frames_processed"] += 1
+        self.counters.frames_processed += 1
         if pieces:
             self._pieces.put_nowait(pieces)
 
@@ -218,7 +239,7 @@ class LineService:
             try:
                 await self._decide(pieces, loop)
             except Exception:  # record what can be recorded; never let the decision loop die
-                self.counts["batches_failed"] += 1
+                self.counters.batches_failed += 1
                 self.log.exception("decision batch failed", pieces=len(pieces))
 
     async def _decide(self, pieces: list[Piece], loop: asyncio.AbstractEventLoop) -> None:
@@ -235,17 +256,14 @@ class LineService:
             default = self.cfg.routing.default_fraction
             held = {d.piece.id for d in decisions if d.fraction != default}
             decisions = [replace(d, fraction=default) if d.piece.id in held else d for d in decisions]
-        if self.hmi is not None:
-            self.hmi.tap.decided(decisions)
-        if self.capture:
-            for d in decisions:
-                self.capture.add(d)
+        for tap in self.parts.decision_taps:
+            tap(decisions)
         t0 = time.perf_counter()
         plans = self.planner.plan(decisions, self.plc.status.speed_mm_s if self.plc.status.online else 0.0)
         self.times.add("plan", time.perf_counter() - t0)
         for plan in plans:
             if plan.decision.piece.id in held:
-                plan = replace(plan, outcome="held")
+                plan = replace(plan, outcome=Outcome.HELD)
             self._record(plan)
             if plan.command is not None:
                 task = asyncio.create_task(self._send(plan))
@@ -253,46 +271,15 @@ class LineService:
                 task.add_done_callback(self._sends.discard)
 
     def _record(self, plan: Plan) -> None:
-        d: Decision = plan.decision
-        p, cmd, cpm = d.piece, plan.command, self.cfg.belt.counts_per_mm
-        self.counts[f"class_{d.cls}"] += 1
-        self.counts[f"fraction_{d.fraction}"] += 1
-        self.counts["pieces"] += 1
-        if not cmd:  # no air: it ends in the default fraction (an ejected one is counted when the PLC took it)
+        d = plan.decision
+        c = self.counters
+        c.by_class[d.cls] += 1
+        c.by_fraction[d.fraction] += 1
+        c.pieces += 1
+        if plan.command is None:  # no air: it ends in the default fraction (an ejected one: once the PLC took it)
             self.live.add(d, self.cfg.routing.default_fraction)
-        outcome = "pending" if cmd else plan.outcome
-        if not cmd:
-            self.counts[f"eject_{plan.outcome}"] += 1
-        self.records.add_piece(
-            {
-                "id": p.id,
-                "t_wall": time.time(),
-                "t_capture": p.t_last_capture,
-                "count": round(p.u),
-                "count32": wrap32(round(p.u)),
-                "x_mm": p.x,
-                "x0_mm": p.x0,
-                "x1_mm": p.x1,
-                "length_mm": (p.u_trail - p.u_lead) / cpm,
-                "area_mm2": p.area_mm2,
-                "cameras": ",".join(p.cameras),
-                "n_views": p.n_views,
-                "probs": d.probs,
-                "image_probs": d.image_probs,
-                "field_mT": d.field.field_mT,
-                "field_state": d.field.state,
-                "threshold": d.threshold,
-                "model": d.model,
-                "cls": d.cls,
-                "confidence": d.confidence,
-                "fraction": d.fraction,
-                "bank": self.cfg.ejection.banks[cmd.bank].name if cmd else None,
-                "valve_mask": cmd.valve_mask if cmd else None,
-                "open_at": cmd.open_at if cmd else None,
-                "open_for": cmd.open_for if cmd else None,
-                "outcome": outcome,
-            }
-        )
+            c.outcomes[plan.outcome] += 1
+        self.records.add_piece(piece_row(plan, self.cfg))
 
     async def _send(self, plan: Plan) -> None:
         cmd = plan.command
@@ -302,18 +289,20 @@ class LineService:
             result = await self.plc.send(cmd, self.cfg.ejection.min_lead_ms / 1000)
         except asyncio.CancelledError:
             self.live.add(plan.decision, self.cfg.routing.default_fraction)
-            self.records.update_outcome(cmd.piece_id, "cancelled", None, None, None)
+            self.counters.outcomes[Outcome.CANCELLED] += 1
+            self.records.update_outcome(cmd.piece_id, Outcome.CANCELLED, None, None, None)
             raise
         self.times.add("plc_send", time.perf_counter() - t0)
         # where it ends: the product only if the PLC took the command (counted as the line shows it)
-        ended = plan.decision.fraction if result.outcome == "accepted" else self.cfg.routing.default_fraction
-        self.live.add(plan.decision, ended)
+        accepted = result.outcome is Outcome.ACCEPTED
+        self.live.add(plan.decision, plan.decision.fraction if accepted else self.cfg.routing.default_fraction)
         latency = None
-        if result.outcome == "accepted" and result.t_accepted is not None:
+        if accepted and result.t_accepted is not None:
             latency = 1000 * (result.t_accepted - plan.decision.piece.t_last_capture)
             self.latencies_ms.append(latency)
-            self.metrics.observe_latency_ms(latency)
-        self.counts[f"eject_{result.outcome}"] += 1
+            if self.parts.on_latency_ms is not None:
+                self.parts.on_latency_ms(latency)
+        self.counters.outcomes[result.outcome] += 1
         self.records.update_outcome(cmd.piece_id, result.outcome, result.seq, result.t_accepted, latency)
 
     async def _fields(self, pieces: list[Piece]) -> list[FieldReading]:
@@ -326,7 +315,7 @@ class LineService:
         deadline = t0 + mag.wait_ms / 1000
         while bar.online and ((c := fmap.covered_until()) is None or c < need):
             if time.monotonic() >= deadline:
-                self.counts["field_wait_timeouts"] += 1
+                self.counters.field_wait_timeouts += 1
                 self.log.debug("field wait timed out", behind_mm=(need - (c or need)) / self.cfg.belt.counts_per_mm)
                 break
             await asyncio.sleep(0.005)
@@ -335,21 +324,19 @@ class LineService:
         for p in pieces:
             r = fmap.query(p.u_lead, p.u_trail, p.x0, p.x1)
             if r.complete and not r.pending and r.field_mT is not None:
-                reading = FieldReading(r.field_mT, "ok")
+                reading = FieldReading(r.field_mT, FieldState.OK)
             elif not bar.online:
-                reading = FieldReading(r.field_mT, "offline")
+                reading = FieldReading(r.field_mT, FieldState.OFFLINE)
+            elif r.field_mT is not None:
+                reading = FieldReading(r.field_mT, FieldState.INCOMPLETE)
             else:
-                reading = FieldReading(r.field_mT, "incomplete" if r.field_mT is not None else "missing")
-            self.counts[f"field_{reading.state}"] += 1
+                reading = FieldReading(None, FieldState.MISSING)
+            self.counters.field_states[reading.state] += 1
             out.append(reading)
         return out
 
-    def field_states(self) -> dict[str, int]:
-        """How many pieces were decided with each kind of field reading (ok, incomplete, missing, offline)."""
-        return {k.removeprefix("field_"): v for k, v in self.counts.items() if k.startswith("field_")}
-
     def _watch_bar(self) -> None:
-        """Log and record the bar going offline or coming back: decisions fall back to the camera meanwhile."""
+        """Log the bar going offline or coming back: decisions fall back to the camera meanwhile."""
         if self.hallbar is None or self.hallbar.online == self._bar_online:
             return
         was, self._bar_online = self._bar_online, self.hallbar.online
@@ -357,87 +344,33 @@ class LineService:
             if was is not None:
                 self.log.info("hall bar back online: decisions use the field again")
         else:
-            reason = self.hallbar.offline_reason
             self.log.warning(
                 "ALARM hall bar offline: deciding on the camera alone",
-                reason=reason,
+                reason=self.hallbar.offline_reason,
                 threshold=self.cfg.routing.fallback_min_confidence,
                 action="check the bar's USB/serial cable and power",
             )
 
-    # --- the model ---
-    async def swap_model(self, path: Path) -> str:
-        """Switch to another model between two inference batches, without stopping the line.
+    # --- requests from outside (HMI, OPC UA, signals): messages handled on the loop ---
+    async def handle(self, req: LineRequest) -> Any:
+        """Carry out one request on the service loop and return its answer (see sorter.core.messages)."""
+        match req:
+            case PackMLRequest(command, user):
+                return await self.control.command(Command(command), user)
+            case AckAlarm(name, user):
+                alarm = self.alarm_board.acknowledge(name, user)
+                if alarm is not None:
+                    self.records.event("alarm_ack", alarm=alarm.name, user=user)
+                    self._publish()
+                return alarm
+            case SetThresholds(user, changes):
+                return self._set_thresholds(user, dict(changes))
+            case SwapModel(path, user):
+                return await self._swap_model(path, user)
+        raise TypeError(f"not a line request: {req!r}")
 
-        The new file is loaded and checked off the loop first; a model that fails the check is
-        refused (ModelError) and the running one stays. Returns the new model's version.
-        """
-        async with self._swap_lock:
-            try:
-                new = await asyncio.to_thread(load_checked_model, Path(path), self.cfg)
-            except ModelError as exc:
-                self.log.error("model refused", path=str(path), error=str(exc))
-                self.records.event("model_refused", path=str(path), error=str(exc))
-                raise
-            old, self.classifier = self.classifier, new
-            self.log.info("model swapped", old=old.version, new=new.version, path=str(path))
-            self.records.event("model_swap", old=old.version, new=new.version, path=str(path))
-            return new.version
-
-    # --- housekeeping ---
-    async def _flush_loop(self) -> None:
-        last_log = time.monotonic()
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(0.2)
-            # a commit can wait on the disk (WAL checkpoints): never on the loop that polls the PLC
-            try:
-                await loop.run_in_executor(self._writer, self.records.flush)
-            except Exception as exc:  # rows stay queued and are retried; the line goes on
-                self.counts["records_flush_failed"] += 1
-                self.log.error(
-                    "ALARM records not written, retrying", error=str(exc), pending=self.records.pending_writes
-                )
-            self._watch_bar()
-            self._watch_alarms()
-            if time.monotonic() - last_log > 5:
-                last_log = time.monotonic()
-                self.log.info("line", **self.summary())
-
-    def summary(self) -> dict[str, Any]:
-        caps = {n: c.stats() for n, c in self.captures.items()}
-        st = self.plc.status
-        return {
-            "state": self.control.state.label,
-            "pieces": self.counts["pieces"],
-            "open_tracks": self.tracker.open_tracks,
-            "frames_captured": sum(s["captured"] for s in caps.values()),
-            # every frame lost anywhere: queue overflow, torn shm slot, or dropped at the source hand-off
-            "frames_dropped": sum(s["dropped"] + s["torn"] + s["source_dropped"] for s in caps.values()),
-            "plc_online": st.online,
-            "belt_mm_s": st.speed_mm_s,
-            "plc_alarms": list(st.alarms),
-            "ejects_accepted": self.counts["eject_accepted"],
-            "magnetometer": self.hallbar.counters() if self.hallbar else None,
-            "capture": self.capture.stats() if self.capture else None,
-            "cameras": {
-                n: {k: s[k] for k in ("captured", "dropped", "torn", "source_dropped", "stalls", "reconnects")}
-                for n, s in caps.items()
-            },
-        }
-
-    async def _start_hmi(self) -> bool:
-        """Start the operator's web HMI; one that cannot start (port in use) is an alarm and retries by itself."""
-        assert self.hmi is not None
-        try:
-            await self.hmi.start()
-        except HmiError as exc:
-            self.log.error("ALARM HMI not started: the operator panel is unavailable", error=str(exc))
-            return False
-        return True
-
-    def set_routing_thresholds(self, user: str, **changes: float) -> RoutingConfig:
-        """Change routing.min_confidence / fallback_min_confidence on the running line (HMI, technician).
+    def _set_thresholds(self, user: str, changes: dict[str, float]) -> RoutingConfig:
+        """Change routing.min_confidence / fallback_min_confidence on the running line (technician).
 
         Validated as the config is (ValueError, nothing changed), then the routing and the config
         are replaced whole: the next decision batch uses the new thresholds, none sees half of them.
@@ -455,93 +388,97 @@ class LineService:
             old={k: getattr(old, k) for k in changes},
             new={k: getattr(routing, k) for k in changes},
         )
+        self._publish()
         return routing
 
-    async def _start_opcua(self) -> bool:
-        """Start the line's OPC UA server (a few s: asyncua builds its address space).
+    async def _swap_model(self, path: Path, user: str) -> str:
+        """Switch to another model between two inference batches, without stopping the line.
 
-        A server that cannot start is an alarm, not a reason to stop sorting.
+        The new file is loaded and checked off the loop first; a model that fails the check is
+        refused (ModelError) and the running one stays. Returns the new model's version.
         """
-        assert self.opcua is not None
-        try:
-            await self.opcua.start()
-        except OpcUaServerError as exc:
-            self._opcua_error = str(exc)
-            self.log.error("ALARM OPC UA server not started: SCADA cannot see the line", error=str(exc))
-            return False
-        self._opcua_started = True
-        return True
-
-    async def _serve_opcua(self) -> None:
-        """Feed the OPC UA server snapshots at 5 Hz (and on every state change, see __init__)."""
-        while True:
+        async with self._swap_lock:
+            try:
+                new = await asyncio.to_thread(self.parts.load_model, Path(path))
+            except ModelError as exc:
+                self.log.error("model refused", path=str(path), error=str(exc), user=user)
+                self.records.event("model_refused", path=str(path), error=str(exc), user=user)
+                raise
+            old, self.classifier = self.classifier, new
+            self.log.info("model swapped", old=old.version, new=new.version, path=str(path), user=user)
+            self.records.event("model_swap", old=old.version, new=new.version, path=str(path), user=user)
             self._publish()
-            await asyncio.sleep(0.2)
+            return new.version
 
-    def _publish(self) -> None:
-        if self.opcua is not None:
-            self.opcua.publish(self.snapshot())
-
-    def snapshot(self) -> LineSnapshot:
-        """What the outside sees of the line right now (OPC UA server, HMI)."""
-        return LineSnapshot(
+    # --- what the outside sees ---
+    def _build_stats(self) -> LineStats:
+        """The line now, as one immutable LineStats (on the loop: nothing changes while it is built)."""
+        st = self.plc.status
+        bar = self.hallbar
+        lat = list(self.latencies_ms)[-LATENCY_P99_OVER:]
+        caps = tuple(
+            CameraStats(
+                name=n,
+                online=c.online,
+                reason=None if c.online else c.offline_reason,
+                captured=c.captured,
+                dropped=c.dropped,
+                torn=c.torn,
+                source_dropped=c.source_dropped,
+                queued=c.queued,
+                stalls=c.stalls,
+                reconnects=c.reconnects,
+            )
+            for n, c in self.captures.items()
+        )
+        return LineStats(
+            line=self.cfg.line,
+            run_id=self.run_id,
+            t=time.monotonic(),
             state=self.control.state,
+            allowed=tuple(c.value for c in self.control.machine.allowed()),
+            counters=self.counters.copy(),
+            cameras=caps,
+            plc=st,
+            plc_protocol=self.cfg.plc.protocol,
+            hallbar=None if bar is None else BarStats(bar.online, bar.offline_reason, bar.counters()),
+            pieces_queued=self._pieces.qsize(),
+            ejects_in_flight=len(self._sends),
+            open_tracks=self.tracker.open_tracks,
+            records_pending=self.records.pending_writes,
+            model_version=self.classifier.version,
+            model_provider=self.classifier.provider,
+            model_labels=tuple(self.classifier.labels),
+            fractions=tuple(self.cfg.fractions),
+            default_fraction=self.cfg.routing.default_fraction,
+            min_confidence=self.cfg.routing.min_confidence,
+            fallback_min_confidence=self.cfg.routing.fallback_min_confidence,
             fraction_counts=dict(self.live.counts),
             pieces_per_minute=self.live.pieces_per_minute(),
             purity=self.live.purity(),
-            model_version=self.classifier.version,
-            alarms=self.alarms(),
+            latency_ms_p99=round(float(np.percentile(lat, 99)), 1) if lat else None,
+            alarms_active=tuple(self.alarm_board.active),
+            alarms_shown=tuple(self.alarm_board.shown),
         )
 
-    def alarms(self) -> list[str]:
-        """Active alarms as "name: cause - what to do"."""
-        return [a.text() for a in self.alarm_board.active]
+    def _publish(self) -> None:
+        self.stats = self._build_stats()
+        for fn in self.parts.subscribers:
+            try:
+                fn(self.stats)
+            except Exception:  # a broken viewer must not stop the line
+                self.log.exception("stats subscriber failed")
 
-    def _conditions(self) -> list[Condition]:
-        """The alarm conditions that hold right now."""
-        st = self.plc.status
-        out = [
-            Condition(
-                f"plc_{a}",
-                (st.last_error or "no answer") if a == "offline" else f"the PLC reports {a.replace('_', ' ')}",
-                PLC_ALARM_ACTIONS.get(a, "check the PLC"),
-            )
-            for a in st.alarms
-        ]
-        if self.hallbar is not None and not self.hallbar.online:
-            out.append(
-                Condition(
-                    "hallbar_offline",
-                    self.hallbar.offline_reason or "no data",
-                    "check the bar's USB/serial cable and power (deciding on the camera alone meanwhile)",
-                )
-            )
-        if self.control.state in (State.EXECUTE, State.SUSPENDED, State.HELD):
-            out += [
-                Condition(f"camera_{n}_offline", c.offline_reason or "no frames", "check the camera's cable and power")
-                for n, c in self.captures.items()
-                if not c.online
-            ]
-        if self.records.pending_writes > 1000:
-            out.append(
-                Condition(
-                    "records_not_written",
-                    f"{self.records.pending_writes} rows waiting",
-                    "check the disk holding the records database",
-                )
-            )
-        if self._opcua_error is not None:
-            out.append(Condition("opcua_server_down", self._opcua_error, "fix the OPC UA server's config; restart"))
-        elif self.opcua is not None and self._opcua_started and not self.opcua.listening:
-            out.append(
-                Condition("opcua_server_down", "the OPC UA server process ended", "SCADA is blind: restart the service")
-            )
-        if self.hmi is not None and (hmi_down := self.hmi.condition()) is not None:
-            out.append(hmi_down)
+    def summary(self) -> dict[str, Any]:
+        """The line's summary as the log shows it (from the latest stats)."""
+        out = self.stats.summary()
+        out |= {k: fn() for k, fn in self.parts.extra_stats.items()}
         return out
 
     def _watch_alarms(self) -> None:
-        raised, cleared = self.alarm_board.update(self._conditions())
+        conditions = line_conditions(self.stats)
+        conditions += [c for comp in self.parts.companions if (c := comp.condition()) is not None]
+        raised, cleared = self.alarm_board.update(conditions)
         for a in raised:
             self.log.warning(f"ALARM {a.name}", cause=a.cause, action=a.action)
             self.records.event("alarm", alarm=a.name, reason=a.cause, action=a.action)
@@ -550,6 +487,41 @@ class LineService:
             self.records.event("alarm_cleared", alarm=a.name)
         if raised or cleared:
             self._publish()
+
+    def alarms(self) -> list[Alarm]:
+        return list(self.alarm_board.active)
+
+    # --- housekeeping ---
+    async def _flush_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(0.2)
+            # a commit can wait on the disk (WAL checkpoints): never on the loop that polls the PLC
+            try:
+                await loop.run_in_executor(self._writer, self.records.flush)
+            except Exception as exc:  # rows stay queued and are retried; the line goes on
+                self.counters.records_flush_failed += 1
+                self.log.error(
+                    "ALARM records not written, retrying", error=str(exc), pending=self.records.pending_writes
+                )
+
+    async def _stats_loop(self) -> None:
+        last_log = time.monotonic()
+        while True:
+            await asyncio.sleep(STATS_S)
+            self._publish()
+            self._watch_bar()
+            self._watch_alarms()
+            if time.monotonic() - last_log > 5:
+                last_log = time.monotonic()
+                self.log.info("line", **self.summary())
+
+    async def _start_companion(self, comp: Companion) -> None:
+        """Start a side service; one that cannot start is an alarm (its condition()), not a reason to stop sorting."""
+        try:
+            await comp.start()
+        except Exception as exc:
+            self.log.error(f"ALARM {comp.name} not started", error=str(exc))
 
     async def run(self, stop: asyncio.Event) -> None:
         self.log.info(
@@ -561,9 +533,9 @@ class LineService:
             records=str(self.records.path),
         )
         self.records.event("start", model=self.classifier.version)
-        serving = self.opcua is not None and await self._start_opcua()
-        if self.hmi is not None:
-            await self._start_hmi()
+        self._publish()
+        for comp in self.parts.companions:
+            await self._start_companion(comp)
         # Everything built so far lives as long as the service (the model, the libraries): exempt it
         # from the cyclic GC, whose full collections would otherwise stop this loop for tens of ms.
         gc.freeze()
@@ -576,16 +548,20 @@ class LineService:
         workers += [
             asyncio.create_task(self._decide_loop(), name="decide"),
             asyncio.create_task(self._flush_loop(), name="flush"),
+            asyncio.create_task(self._stats_loop(), name="stats"),
+            asyncio.create_task(self.control.supervise(), name="state-supervisor"),
         ]
-        workers.append(asyncio.create_task(self.control.supervise(), name="state-supervisor"))
-        if serving:
-            workers.append(asyncio.create_task(self._serve_opcua(), name="opcua-server"))
         if self.auto_start:
             workers.append(asyncio.create_task(self.control.start_line(), name="start-line"))
         try:
             await stop.wait()
         finally:
             await self._shutdown(tasks, workers)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing tracked, queued for a decision, or waiting for the PLC's answer."""
+        return self.tracker.open_tracks == 0 and not self._sends and self._pieces.empty()
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]], workers: list[asyncio.Task[Any]]) -> None:
         self.log.info("service stopping")
@@ -608,21 +584,23 @@ class LineService:
             await asyncio.gather(*pending, return_exceptions=True)
         await self.control.shutdown()
         await self.plc.stop()
-        if self.opcua is not None:
-            self._publish()
-            await self.opcua.stop()
-        if self.hmi is not None:
-            await self.hmi.stop()
+        self._publish()
+        for comp in reversed(self.parts.companions):
+            try:
+                await comp.stop()
+            except Exception:
+                self.log.exception(f"{comp.name} did not stop cleanly")
         if self.hallbar is not None:
             await asyncio.to_thread(self.hallbar.stop)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self.records.event("stop", **{k: v for k, v in self.counts.items()})
+        self.records.event("stop", **self.counters.flat())
         self._writer.shutdown(wait=True)
         self.records.close()
-        if self.capture:
-            await asyncio.to_thread(self.capture.close)
+        for close in self.parts.closers:
+            await asyncio.to_thread(close)
         self._vision.shutdown(wait=True)
         self._infer.shutdown(wait=True)
+        self._publish()
         self.log.info("service stopped", **self.summary())

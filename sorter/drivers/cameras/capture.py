@@ -86,6 +86,11 @@ class CameraCapture:
             self._wake.clear()
             await self._wake.wait()
 
+    @property
+    def queued(self) -> int:
+        """Frames waiting for the vision thread."""
+        return len(self._buf)
+
     def stats(self) -> dict[str, Any]:
         age = None if self.last_frame_at is None else round(time.monotonic() - self.last_frame_at, 3)
         return {
@@ -97,7 +102,7 @@ class CameraCapture:
             "dropped": self.dropped,
             "torn": self.torn,
             "source_dropped": self.source_dropped,
-            "queued": len(self._buf),
+            "queued": self.queued,
             "stalls": self.stalls,
             "reconnects": self.reconnects,
             "last_frame_age_s": age,

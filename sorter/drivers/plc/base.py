@@ -14,20 +14,18 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import IntEnum
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 
 from sorter.config import PlcConfig
 from sorter.core.clock import ClockModel
-from sorter.core.messages import EjectCommand
+from sorter.core.messages import EjectCommand, Outcome, PlcStatus
 
 VALVES_PER_BANK = 32
 CANCEL_RETRY_S = 0.1  # a session loop still running this long after a cancel is cancelled again
-
-Outcome = Literal["accepted", "expired", "offline", "timeout"]
 
 
 class PlcError(Exception):
@@ -54,25 +52,6 @@ class StatusBit(IntEnum):
     ESTOP = 2
     WATCHDOG_TRIPPED = 3
     QUEUE_OVERFLOW = 4
-
-
-@dataclass(frozen=True, slots=True)
-class PlcStatus:
-    online: bool = False
-    belt_running: bool = False
-    air_ok: bool = False
-    estop: bool = False
-    watchdog_tripped: bool = False
-    queue_overflow: bool = False
-    queue_free: int = 0
-    last_seq: int = 0
-    ejects_done: int = 0  # running totals across the PLC's counter wraps
-    ejects_late: int = 0
-    speed_mm_s: float = 0.0
-    rtt_ms: float = 0.0
-    last_error: str | None = None
-    alarms: list[str] = field(default_factory=list)
-    t_polled: float = 0.0  # PC monotonic time of the last status update
 
 
 @dataclass(frozen=True, slots=True)

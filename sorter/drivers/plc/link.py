@@ -83,7 +83,7 @@ class PlcLink(PlcLinkBase):
         # reconnect makes the mailbox right again
         for fut in self._waiters.values():
             if not fut.done():
-                fut.set_result("offline")
+                fut.set_result(Outcome.OFFLINE)
         self._waiters.clear()
 
     # --- polling and heartbeat ---
@@ -117,7 +117,7 @@ class PlcLink(PlcLinkBase):
             self.mailbox.resync(last_seq)
             for fut in self._waiters.values():
                 if not fut.done():
-                    fut.set_result("timeout")
+                    fut.set_result(Outcome.TIMEOUT)
             self._waiters.clear()
             accepted = []
         for seq in accepted:
@@ -186,14 +186,14 @@ class PlcLink(PlcLinkBase):
         async with self._send_lock:  # FIFO: commands go out in the order send() was called
             while True:
                 if not self.online or not self.clock.ready:
-                    return EjectResult(None, "offline", None, None)
+                    return EjectResult(None, Outcome.OFFLINE, None, None)
                 if self._expired(cmd, min_lead_s):
-                    return EjectResult(None, "expired", None, None)
+                    return EjectResult(None, Outcome.EXPIRED, None, None)
                 if self._can_write():
                     break
                 left = give_up - time.monotonic()
                 if left <= 0:
-                    return EjectResult(None, "timeout", None, None)
+                    return EjectResult(None, Outcome.TIMEOUT, None, None)
                 await self._wait_tick(min(left, self.cfg.timeout_s))
             seq, slot = self.mailbox.reserve()
             fut: asyncio.Future[float | Outcome] = asyncio.get_running_loop().create_future()
@@ -203,14 +203,14 @@ class PlcLink(PlcLinkBase):
             # gives up, or the PLC would wait for that seq forever
             write = asyncio.ensure_future(self._write_slot(seq, slot, cmd))
             if not await asyncio.shield(write):
-                return EjectResult(seq, "offline", t_sent, None)
+                return EjectResult(seq, Outcome.OFFLINE, t_sent, None)
         try:
             got = await asyncio.wait_for(asyncio.shield(fut), self.cfg.timeout_s)
         except TimeoutError:
             self._waiters.pop(seq, None)
-            return EjectResult(seq, "timeout", t_sent, None)
+            return EjectResult(seq, Outcome.TIMEOUT, t_sent, None)
         if isinstance(got, float):
-            return EjectResult(seq, "accepted", t_sent, got)
+            return EjectResult(seq, Outcome.ACCEPTED, t_sent, got)
         return EjectResult(seq, got, t_sent, None)
 
     async def _write_slot(self, seq: int, slot: int, cmd: EjectCommand) -> bool:
@@ -228,7 +228,7 @@ class PlcLink(PlcLinkBase):
             self._client.close()
             fut = self._waiters.pop(seq, None)
             if fut is not None and not fut.done():
-                fut.set_result("offline")
+                fut.set_result(Outcome.OFFLINE)
             return False
 
     # --- belt commands and manual valves ---

@@ -23,7 +23,7 @@ from typing import Any
 from sorter.config import PlcConfig
 from sorter.core.clock import ClockModel
 from sorter.core.geometry import wrap32
-from sorter.core.messages import EjectCommand
+from sorter.core.messages import EjectCommand, Outcome
 from sorter.drivers.plc.base import (
     EjectResult,
     PlcCommand,
@@ -139,9 +139,9 @@ class OpcUaPlcLink(PlcLinkBase):
         async with self._send_lock:  # FIFO, and the seq rules need one call at a time
             while True:
                 if not self.online or not self.clock.ready:
-                    return EjectResult(None, "offline", None, None)
+                    return EjectResult(None, Outcome.OFFLINE, None, None)
                 if self._expired(cmd, min_lead_s):
-                    return EjectResult(None, "expired", None, None)
+                    return EjectResult(None, Outcome.EXPIRED, None, None)
                 if self._can_send():
                     seq, _ = self.mailbox.reserve()
                     t_sent = time.monotonic()
@@ -152,15 +152,15 @@ class OpcUaPlcLink(PlcLinkBase):
                         self.log.error("plc ScheduleEject failed", seq=seq, error=str(exc))
                         self.mailbox.resync(self.mailbox.last_accepted)
                         await self._client.close()
-                        return EjectResult(seq, "offline", t_sent, None)
+                        return EjectResult(seq, Outcome.OFFLINE, t_sent, None)
                     if accepted:
                         self.mailbox.on_accepted(seq)
-                        return EjectResult(seq, "accepted", t_sent, time.monotonic())
+                        return EjectResult(seq, Outcome.ACCEPTED, t_sent, time.monotonic())
                     self.mailbox.resync(self.mailbox.last_accepted)  # refused: the seq is free again
                     self.log.debug("plc refused ScheduleEject, waiting", seq=seq, status=self._status.alarms)
                 left = give_up - time.monotonic()
                 if left <= 0:
-                    return EjectResult(None, "timeout", None, None)
+                    return EjectResult(None, Outcome.TIMEOUT, None, None)
                 await self._wait_tick(min(left, self.cfg.timeout_s))
 
     async def _schedule(self, seq: int, cmd: EjectCommand) -> bool:

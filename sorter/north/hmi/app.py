@@ -29,14 +29,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from sorter.core.messages import AckAlarm, LineRequest, PackMLRequest, SetThresholds, SwapModel
 from sorter.core.packml import Command, InvalidState
+from sorter.north.hmi.clients import Client
 from sorter.north.hmi.live import ViewBuilder
 from sorter.north.hmi.sessions import Session
 from sorter.north.users import authenticate, may_configure, may_operate
 from sorter.vision.classify import ModelError
 
 if TYPE_CHECKING:
-    from sorter.north.hmi.server import Client, HmiServer
+    from sorter.north.hmi.server import HmiServer
 
 COOKIE = "sorter_hmi"
 CSRF_HEADER = "x-csrf-token"
@@ -120,7 +122,7 @@ def same_origin(conn: Request | WebSocket) -> bool:
 
 
 def create_app(hmi: HmiServer) -> FastAPI:
-    svc = hmi.svc
+    line = hmi.line
     app = FastAPI(title="magnet-sorter HMI", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_SecurityHeaders)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -180,9 +182,10 @@ def create_app(hmi: HmiServer) -> FastAPI:
         )
         return HTTPException(422, "; ".join(errors[:5]))
 
-    async def on_service(request: Request, fn: Any, timeout: float = 5.0) -> Any:
+    async def on_service(request: Request, req: LineRequest, timeout: float = 5.0) -> Any:
+        """Hand `req` to the line and return its answer; 504 / 503 when the line does not answer."""
         try:
-            return await hmi.on_service(fn, timeout)
+            return await hmi.request(req, timeout)
         except TimeoutError:
             raise refuse(request, 504, "timeout", f"the line service did not answer within {timeout:g} s") from None
         except RuntimeError as exc:
@@ -227,7 +230,7 @@ def create_app(hmi: HmiServer) -> FastAPI:
         assert hmi._login_lock is not None
         async with hmi._login_lock:  # one argon2 verification at a time (CPU the sorting line needs)
             user = await asyncio.get_running_loop().run_in_executor(
-                None, authenticate, svc.cfg.users, body.user, body.password
+                None, authenticate, line.users, body.user, body.password
             )
         if user is None:
             hmi.throttle.failed(client)
@@ -258,8 +261,8 @@ def create_app(hmi: HmiServer) -> FastAPI:
             "may_configure": may_configure(sess.role),
             "idle_s": hmi.sessions.idle_s,
             "max_s": hmi.sessions.max_s,
-            "line": svc.cfg.line,
-            "cameras": [c.name for c in svc.cfg.cameras],
+            "line": line.line,
+            "cameras": [c.name for c in line.cameras],
             "commands": list(ViewBuilder.COMMANDS),
         }
 
@@ -302,7 +305,7 @@ def create_app(hmi: HmiServer) -> FastAPI:
         if cmd is None:
             raise refuse(request, 404, "unknown_command", f"no command {printable(name)}", user=sess.user)
         try:
-            new = await on_service(request, lambda: svc.control.command(cmd, sess.user))
+            new = await on_service(request, PackMLRequest(cmd.value, sess.user))
         except InvalidState as exc:
             hmi.log.warning("hmi command refused", user=sess.user, role=sess.role, command=cmd.value, error=str(exc))
             raise HTTPException(409, str(exc)) from None
@@ -312,14 +315,7 @@ def create_app(hmi: HmiServer) -> FastAPI:
     @app.post("/api/alarms/{name}/ack")
     async def acknowledge(request: Request, name: str) -> dict[str, Any]:
         sess = guard(request, "operator")
-
-        async def ack() -> Any:
-            a = svc.alarm_board.acknowledge(name, sess.user)
-            if a is not None:
-                svc.records.event("alarm_ack", alarm=a.name, user=sess.user)
-            return a
-
-        a = await on_service(request, ack)
+        a = await on_service(request, AckAlarm(name, sess.user))
         if a is None:
             raise refuse(request, 404, "no_alarm", f"no alarm {printable(name)} on the board", user=sess.user)
         hmi.log.info("hmi alarm acknowledged", user=sess.user, alarm=a.name, active=a.active)
@@ -335,12 +331,8 @@ def create_app(hmi: HmiServer) -> FastAPI:
         changes = body.model_dump(exclude_none=True)
         if not changes:
             raise refuse(request, 422, "invalid", "give min_confidence and/or fallback_min_confidence", user=sess.user)
-
-        async def apply() -> Any:
-            return svc.set_routing_thresholds(sess.user, **changes)
-
         try:
-            routing = await on_service(request, apply)
+            routing = await on_service(request, SetThresholds(sess.user, tuple(changes.items())))
         except ValueError as exc:
             raise refuse(request, 422, "invalid", str(exc), user=sess.user) from None
         hmi.log.info("hmi routing thresholds", user=sess.user, **changes)
@@ -352,9 +344,9 @@ def create_app(hmi: HmiServer) -> FastAPI:
     @app.get("/api/models")
     async def models(request: Request) -> dict[str, Any]:
         guard(request, "technician")
-        folder = Path(svc.cfg.classifier.model).parent
+        folder = Path(line.classifier.model).parent
         files = sorted(str(p) for p in folder.glob("*.onnx") if p.is_file()) if folder.is_dir() else []
-        return {"folder": str(folder), "models": files, "version": svc.classifier.version}
+        return {"folder": str(folder), "models": files, "version": hmi.stats.model_version if hmi.stats else None}
 
     @app.post("/api/model")
     async def swap_model(request: Request) -> dict[str, Any]:
@@ -373,7 +365,7 @@ def create_app(hmi: HmiServer) -> FastAPI:
                 user=sess.user,
             )
         try:
-            version = await on_service(request, lambda: svc.swap_model(path), timeout=120.0)
+            version = await on_service(request, SwapModel(path, sess.user), timeout=120.0)
         except ModelError as exc:
             hmi.log.warning("hmi model refused", user=sess.user, path=str(path), error=str(exc))
             raise HTTPException(422, f"model refused: {exc}") from None
@@ -396,8 +388,6 @@ def create_app(hmi: HmiServer) -> FastAPI:
             refuse(ws, 401, f"session_{why}", "not logged in")
             await ws.close(code=4401, reason="log in")
             return
-        from sorter.north.hmi.server import Client
-
         c = Client(ws, sess, _client(ws))
         if hmi.view is not None:
             c.state = json.dumps(hmi.view, separators=(",", ":"))
@@ -486,16 +476,12 @@ def _handle(hmi: HmiServer, c: Client, msg: Mapping[str, Any]) -> bool:
 
 
 def _mount_metrics(app: FastAPI, hmi: HmiServer) -> None:
-    """GET /metrics (Prometheus text format) when sorter.north.metrics is there; rendered off the HMI's loop."""
-    try:
-        from sorter.north import metrics
-    except ImportError:  # pragma: no cover - the module ships with the service
-        return
-    render = getattr(metrics, "render", None)
-    if render is None:
+    """GET /metrics (Prometheus text format) of the line's metrics; rendered off the HMI's loop."""
+    metrics = hmi.metrics
+    if metrics is None:
         return
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
-        body, ctype = await asyncio.to_thread(render, hmi.svc)
+        body, ctype = await asyncio.to_thread(metrics.render)
         return Response(body, media_type=ctype)

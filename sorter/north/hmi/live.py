@@ -25,24 +25,21 @@ threshold is drawn thin with "?" - it went to the default fraction. A blob with 
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import cv2
 import numpy as np
 
 from sorter.config import LineConfig
 from sorter.core.geometry import camera_geometries
+from sorter.core.linestate import LineStats
 from sorter.core.messages import Decision, Frame
 from sorter.vision.segment import Blob
-
-if TYPE_CHECKING:
-    from sorter.line.service import LineService
 
 PREVIEW_WIDTH = 640  # px of the live images (the panel shows two side by side)
 JPEG_QUALITY = 70
@@ -252,9 +249,9 @@ class ViewBuilder:
 
     COMMANDS = ("Start", "Stop", "Hold", "Unhold", "Reset", "Abort", "Clear")
 
-    def __init__(self, svc: LineService) -> None:
-        self.svc = svc
-        self.colours = {f: css(c) for f, c in fraction_colours(svc.cfg).items()}
+    def __init__(self, line: LineConfig) -> None:
+        self.colours = {f: css(c) for f, c in fraction_colours(line).items()}
+        self.protocol = line.plc.protocol
         self._history: deque[tuple[float, dict[str, int]]] = deque()
 
     def _rates(self, counts: dict[str, int], now: float) -> dict[str, float]:
@@ -266,43 +263,37 @@ class ViewBuilder:
         span = max(now - t0, 5.0)
         return {f: max(0, n - c0.get(f, 0)) * 60.0 / span for f, n in counts.items()}
 
-    def build(self, clients: int = 0) -> dict[str, Any]:
-        svc = self.svc
-        now = time.monotonic()
-        snap = svc.snapshot()
-        rates = self._rates(snap.fraction_counts, now)
-        st = svc.plc.status
-        routing = svc.cfg.routing
-        allowed = [c.value for c in svc.control.machine.allowed()]
-        bar = svc.hallbar
-        clf = svc.classifier
-        lat = list(itertools.islice(reversed(svc.latencies_ms), 500))  # the latest (a deque of thousands)
+    def build(self, s: LineStats, clients: int = 0) -> dict[str, Any]:
+        """The page's view of the line from its latest stats."""
+        rates = self._rates(s.fraction_counts, time.monotonic())
+        st = s.plc
+        bar = s.hallbar
         return {
             "type": "state",
             "t": time.time(),
-            "line": svc.cfg.line,
-            "run_id": svc.run_id,
-            "state": snap.state.label,
-            "state_code": int(snap.state),
-            "allowed": [c for c in self.COMMANDS if c in allowed],
+            "line": s.line,
+            "run_id": s.run_id,
+            "state": s.state.label,
+            "state_code": int(s.state),
+            "allowed": [c for c in self.COMMANDS if c in s.allowed],
             "fractions": [
                 {
                     "name": f,
                     "count": int(n),
                     "rate_per_min": round(rates.get(f, 0.0), 1),
-                    "purity": None if math.isnan(p := snap.purity.get(f, math.nan)) else round(p, 4),
+                    "purity": None if math.isnan(p := s.purity.get(f, math.nan)) else round(p, 4),
                     "colour": self.colours.get(f, css(DEFAULT_COLOUR)),
-                    "default": f == routing.default_fraction,
+                    "default": f == s.default_fraction,
                 }
-                for f, n in snap.fraction_counts.items()
+                for f, n in s.fraction_counts.items()
             ],
-            "pieces": int(svc.counts["pieces"]),
-            "pieces_per_minute": round(snap.pieces_per_minute, 1),
-            "latency_ms_p99": round(float(np.percentile(lat, 99)), 1) if lat else None,
+            "pieces": s.counters.pieces,
+            "pieces_per_minute": round(s.pieces_per_minute, 1),
+            "latency_ms_p99": s.latency_ms_p99,
             "belt_mm_s": round(st.speed_mm_s, 1),
             "plc": {
                 "online": st.online,
-                "protocol": svc.cfg.plc.protocol,
+                "protocol": s.plc_protocol,
                 "belt_running": st.belt_running,
                 "air_ok": st.air_ok,
                 "estop": st.estop,
@@ -311,22 +302,14 @@ class ViewBuilder:
                 "alarms": list(st.alarms),
             },
             "cameras": [
-                {
-                    "name": n,
-                    "online": c.online,
-                    "reason": None if c.online else c.offline_reason,
-                    "captured": c.captured,
-                    "dropped": c.dropped,
-                }
-                for n, c in svc.captures.items()
+                {"name": c.name, "online": c.online, "reason": c.reason, "captured": c.captured, "dropped": c.dropped}
+                for c in s.cameras
             ],
-            "magnetometer": None
-            if bar is None
-            else {"online": bar.online, "reason": None if bar.online else bar.offline_reason},
-            "model": {"version": clf.version, "provider": clf.provider},
+            "magnetometer": None if bar is None else {"online": bar.online, "reason": bar.reason},
+            "model": {"version": s.model_version, "provider": s.model_provider},
             "routing": {
-                "min_confidence": routing.min_confidence,
-                "fallback_min_confidence": routing.fallback_min_confidence,
+                "min_confidence": s.min_confidence,
+                "fallback_min_confidence": s.fallback_min_confidence,
             },
             "alarms": [
                 {
@@ -338,7 +321,7 @@ class ViewBuilder:
                     "acked_by": a.acked_by,
                     "active": a.active,
                 }
-                for a in svc.alarm_board.shown
+                for a in s.alarms_shown
             ],
             "clients": clients,
         }

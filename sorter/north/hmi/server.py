@@ -28,20 +28,22 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 import uvicorn
-from starlette.websockets import WebSocket
 
-from sorter.config import HmiConfig
+from sorter.config import HmiConfig, LineConfig
 from sorter.core.alarms import Condition
+from sorter.core.linestate import LineStats
+from sorter.core.messages import LineRequest
+from sorter.north.hmi.app import create_app
+from sorter.north.hmi.clients import Client
 from sorter.north.hmi.live import CameraView, LiveTap, ViewBuilder, pack_frame
-from sorter.north.hmi.sessions import LoginThrottle, Session, SessionStore
+from sorter.north.hmi.sessions import LoginThrottle, SessionStore
 
 if TYPE_CHECKING:
-    from sorter.line.service import LineService
+    from sorter.north.metrics import ServiceMetrics
 
 T = TypeVar("T")
 START_TIMEOUT_S = 10.0
@@ -91,26 +93,25 @@ class HmiError(Exception):
     """The HMI cannot start; str() says why."""
 
 
-@dataclass(eq=False)
-class Client:
-    """One browser's WebSocket: the latest state and images waiting to be sent, coalesced."""
-
-    ws: WebSocket
-    session: Session
-    address: str
-    state: str | None = None
-    frames: dict[str, bytes] = field(default_factory=dict)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    closing: int | None = None
-    bad_messages: int = 0
-    sent_states: int = 0
-    sent_frames: int = 0
-
-
 class HmiServer:
-    def __init__(self, service: LineService, cfg: HmiConfig, log: Any = None) -> None:
-        self.svc = service
+    """The operator's web HMI of one line: what it shows comes from the line's published LineStats,
+    what it asks goes to the line as requests (`submit`, run on the service loop)."""
+
+    name = "hmi"
+
+    def __init__(
+        self,
+        cfg: HmiConfig,
+        line: LineConfig,
+        submit: Callable[[LineRequest], Awaitable[Any]],
+        metrics: ServiceMetrics | None = None,
+        log: Any = None,
+    ) -> None:
         self.cfg = cfg
+        self.line = line
+        self.submit = submit
+        self.metrics = metrics
+        self.stats: LineStats | None = None  # the latest the line published (a reference swap)
         self.log = log if log is not None else structlog.get_logger("hmi")
         self.tap = LiveTap()
         self.sessions = SessionStore(cfg.session_idle_s, cfg.session_max_s)
@@ -118,8 +119,8 @@ class HmiServer:
         self.view: dict[str, Any] | None = None  # replaced whole by the service loop, read by the HMI thread
         self.clients: set[Client] = set()  # HMI thread only
         self.error: str | None = None
-        self._builder = ViewBuilder(service)
-        self._camera = CameraView(service.cfg, cfg.camera_fps)
+        self._builder = ViewBuilder(line)
+        self._camera = CameraView(line, cfg.camera_fps)
         self._url = ""
         self._port = 0  # the port bound by the first start
         self._svc_loop: asyncio.AbstractEventLoop | None = None
@@ -134,6 +135,10 @@ class HmiServer:
         self._app: Any = None
 
     # --- service side ---
+
+    def publish(self, stats: LineStats) -> None:
+        """The line's latest stats (on the service loop); the view is built from them at hmi.push_hz."""
+        self.stats = stats
 
     @property
     def url(self) -> str:
@@ -252,7 +257,8 @@ class HmiServer:
         reported: str | None = None
         while True:
             try:
-                self.view = self._builder.build(len(self.clients))
+                if self.stats is not None:
+                    self.view = self._builder.build(self.stats, len(self.clients))
             except Exception:  # the page shows the previous view; the line goes on
                 self.log.exception("hmi view failed")
             if self.listening or self._stopping:
@@ -291,8 +297,6 @@ class HmiServer:
                 self.error = "the HMI stopped serving"
 
     async def _serve(self, sock: socket.socket) -> None:
-        from sorter.north.hmi.app import create_app
-
         self._loop = asyncio.get_running_loop()
         self._login_lock = asyncio.Lock()
         self.clients = set()
@@ -329,16 +333,12 @@ class HmiServer:
                 p.cancel()
             await asyncio.gather(*pushers, return_exceptions=True)
 
-    async def on_service(self, fn: Callable[[], Awaitable[T]], timeout: float = COMMAND_TIMEOUT_S) -> T:
-        """Run `fn()` on the service loop and wait (on the HMI loop) for its result."""
+    async def request(self, req: LineRequest, timeout: float = COMMAND_TIMEOUT_S) -> Any:
+        """Hand a request to the line (on the service loop) and wait, on the HMI loop, for its answer."""
         loop = self._svc_loop
         if loop is None or loop.is_closed():
             raise RuntimeError("the line service is not running")
-
-        async def call() -> T:
-            return await fn()
-
-        fut = asyncio.run_coroutine_threadsafe(call(), loop)
+        fut = asyncio.run_coroutine_threadsafe(self.submit(req), loop)  # type: ignore[arg-type]
         try:
             return await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
         except TimeoutError:
