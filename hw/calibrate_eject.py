@@ -61,6 +61,7 @@ from hw.plc import connected_plc, describe_plc, plc_check
 from sorter.app import build_line
 from sorter.config import LineConfig
 from sorter.core.messages import Decision
+from sorter.core.messages import Outcome as PlanOutcome
 from sorter.core.packml import State
 from sorter.core.planner import EjectPlanner, Plan
 from sorter.drivers.plc.base import PlcError, chute_delta
@@ -264,7 +265,7 @@ class ScanPlanner(EjectPlanner):
 
     def _one(self, d: Decision, speed_mm_s: float) -> Plan:
         if d.fraction != self.fraction:  # not routed to the bank (held, no usable view): lets it pass
-            return Plan(d, None, "no_eject")
+            return Plan(d, None, PlanOutcome.NO_EJECT)
         self.seen += 1
         u = d.piece.u
         g = self.groups[-1] if self.groups else None
@@ -273,11 +274,11 @@ class ScanPlanner(EjectPlanner):
         if g is None or g.closed:
             if self._last_u is not None and u - self._last_u < self.gap:
                 self.skipped += 1
-                return Plan(d, None, "no_eject")
+                return Plan(d, None, PlanOutcome.NO_EJECT)
             offset = self.scan.next_offset()
             if offset is None:
                 self.skipped += 1
-                return Plan(d, None, "no_eject")
+                return Plan(d, None, PlanOutcome.NO_EJECT)
             plan = self.at(offset).plan([d], speed_mm_s)[0]
             if plan.command is None:  # no belt speed yet, say: no group, the offset goes back
                 self.scan.result(offset, 0, 0)

@@ -139,9 +139,7 @@ def _yaml() -> YAML:
     y.preserve_quotes = True
     y.width = 120
     # ruamel writes None as an empty value; keep the explicit `null` a config may already have
-    y.representer.add_representer(
-        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
-    )
+    y.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
     return y
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from sorter.config import LineConfig
+from sim.config import SimLineConfig
 from sorter.core.decide import decide
 from sorter.core.geometry import camera_geometries
 from sorter.core.planner import EjectPlanner
@@ -30,7 +30,7 @@ FRAMES_PER_S = 120  # two cameras at 60 fps
 
 
 def render_frames(
-    cfg: LineConfig, n_per_camera: int, rate_per_s: float, seed: int = 1
+    cfg: SimLineConfig, n_per_camera: int, rate_per_s: float, seed: int = 1
 ) -> list[tuple[str, int, np.ndarray]]:
     """(camera, unwrapped count, image) in trigger order, as the simulated cameras would deliver them."""
     from sim.feed import FeedGenerator
@@ -61,7 +61,7 @@ def render_frames(
 class _Pipeline:
     """The service's per-frame work, without its async plumbing."""
 
-    def __init__(self, cfg: LineConfig, clf: Classifier) -> None:
+    def __init__(self, cfg: SimLineConfig, clf: Classifier) -> None:
         self.cfg, self.clf = cfg, clf
         self.geoms = camera_geometries(cfg)
         self.tracker = Tracker.for_line(cfg, self.geoms)
@@ -97,7 +97,7 @@ class _Pipeline:
             self.pieces += len(pieces)
 
 
-def _measure(cfg: LineConfig, clf: Classifier, frames: list[tuple[str, int, np.ndarray]]) -> dict[str, Any]:
+def _measure(cfg: SimLineConfig, clf: Classifier, frames: list[tuple[str, int, np.ndarray]]) -> dict[str, Any]:
     pipe = _Pipeline(cfg, clf)
     w0, c0 = time.perf_counter(), time.process_time()
     for seq, (cam, count, img) in enumerate(frames):
@@ -116,7 +116,7 @@ def _measure(cfg: LineConfig, clf: Classifier, frames: list[tuple[str, int, np.n
     }
 
 
-async def _plc_write_ms(cfg: LineConfig, n: int = 200) -> dict[str, float]:
+async def _plc_write_ms(cfg: SimLineConfig, n: int = 200) -> dict[str, float]:
     """Round trip of one eject command through the real Modbus mailbox on loopback."""
     from sim.belt import Belt
     from sim.demo import free_port
@@ -157,7 +157,7 @@ async def _plc_write_ms(cfg: LineConfig, n: int = 200) -> dict[str, float]:
 
 
 def run_bench(
-    cfg: LineConfig, frames_per_camera: int = 240, rates: tuple[float, ...] = (32, 64, 128, 256)
+    cfg: SimLineConfig, frames_per_camera: int = 240, rates: tuple[float, ...] = (32, 64, 128, 256)
 ) -> dict[str, Any]:
     clf = Classifier(cfg.classifier.model, threads=cfg.classifier.threads)
     by_rate = {}

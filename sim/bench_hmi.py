@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sim.config import SimLineConfig
 from sim.report import headline
-from sorter.config import LineConfig
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -125,7 +125,7 @@ async def _panels(proc: asyncio.subprocess.Process, seconds: float, into: dict[s
     into.update(json.loads(await asyncio.wait_for(proc.stdout.readline(), 30) or b"{}"))
 
 
-async def _pair(cfg: LineConfig, duration: float, seed: int, run_dir: Path, nice: int) -> dict[str, Any]:
+async def _pair(cfg: SimLineConfig, duration: float, seed: int, run_dir: Path, nice: int) -> dict[str, Any]:
     """One demo run without browsers, one with two; latencies and figures of both."""
     from sim.demo import free_port, run_demo
     from sim.report import percentiles
@@ -184,7 +184,7 @@ async def _pair(cfg: LineConfig, duration: float, seed: int, run_dir: Path, nice
 
 
 async def run_bench_hmi(
-    cfg: LineConfig, duration: float, seed: int, run_dir: Path, nice: int = 19, repeat: int = 1
+    cfg: SimLineConfig, duration: float, seed: int, run_dir: Path, nice: int = 19, repeat: int = 1
 ) -> dict[str, Any]:
     """`repeat` pairs of runs (no browser, two browsers); p99 of each side pooled over the pairs, and their ratio.
 

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sim.config import SimLineConfig
 from sim.report import headline
-from sorter.config import LineConfig
 
 
 async def _read_flood(url: str, seconds: float) -> int:
@@ -90,7 +90,7 @@ async def _flood(line: Any, sim: Any, seconds: float, into: dict[str, Any]) -> N
         into.update(json.loads(out or b"{}"))
 
 
-async def run_bench_opcua(cfg: LineConfig, duration: float, seed: int, run_dir: Path) -> dict[str, Any]:
+async def run_bench_opcua(cfg: SimLineConfig, duration: float, seed: int, run_dir: Path) -> dict[str, Any]:
     from sim.demo import run_demo
 
     quiet = await run_demo(cfg, duration, seed, run_dir / "quiet")

@@ -23,10 +23,11 @@ from typing import Any
 import structlog
 import yaml
 
+from sim.config import SimLineConfig
 from sim.report import build_report
 from sim.truth import load_truth
 from sorter.app import Line, build_line
-from sorter.config import LineConfig, OpcUaServerConfig
+from sorter.config import OpcUaServerConfig
 from sorter.core.packml import State
 from sorter.line.records import load_pieces
 from sorter.line.service import LineService
@@ -42,7 +43,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def demo_config(cfg: LineConfig, run_dir: Path, seed: int) -> LineConfig:
+def demo_config(cfg: SimLineConfig, run_dir: Path, seed: int) -> SimLineConfig:
     """The config both sides use for this run: free ports, this run's records and bar link, this seed."""
     run_dir = run_dir.resolve()  # the written config resolves paths against its own folder, not the cwd
     cams = [
@@ -175,7 +176,7 @@ async def _wait_until(cond, timeout: float, what: str, interval: float = 0.05) -
 
 
 async def run_demo(
-    cfg: LineConfig,
+    cfg: SimLineConfig,
     duration: float,
     seed: int,
     run_dir: Path,

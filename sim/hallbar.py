@@ -45,10 +45,10 @@ import numpy as np
 import structlog
 
 from sim.belt import Belt
-from sim.config import SimHallBarConfig
+from sim.config import SimHallBarConfig, SimLineConfig
 from sim.feed import SimPiece
 from sim.magnet import field_at_mT
-from sorter.config import LineConfig, MagnetometerConfig
+from sorter.config import MagnetometerConfig
 from sorter.drivers.hallbar.protocol import SEQ_MOD, T_MOD, VALUE_MAX, VALUE_MIN, format_data, format_info, wire_seconds
 
 FW = "sim-1.0"
@@ -98,7 +98,7 @@ def garble(line: bytes, rng: random.Random) -> tuple[bytes, str]:
 class SimHallBar:
     def __init__(
         self,
-        cfg: LineConfig,
+        cfg: SimLineConfig,
         belt: Belt,
         pieces_fn: Callable[[], Sequence[SimPiece]],
         link_path: Path | str,

@@ -17,7 +17,7 @@ import structlog
 
 from sim.belt import Belt
 from sim.camera import SimCameraServer
-from sim.config import SimConfig
+from sim.config import SimConfig, SimLineConfig
 from sim.feed import FeedGenerator
 from sim.hallbar import SimHallBar
 from sim.physics import EjectionPhysics
@@ -26,7 +26,7 @@ from sim.plc_opcua import PlcOpcUaServer
 from sim.render import FrameRenderer, render_sprite
 from sim.target import SimTarget
 from sim.truth import TruthStore
-from sorter.config import LineConfig, SimCameraSource
+from sorter.config import SimCameraSource
 from sorter.core.geometry import CameraGeometry
 
 # pieces land this far upstream of the cameras' centre line: far enough that a simulator starved of CPU
@@ -39,7 +39,7 @@ def split_address(address: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
-def true_geometry(cfg: LineConfig, sim: SimConfig, index: int) -> CameraGeometry:
+def true_geometry(cfg: SimLineConfig, sim: SimConfig, index: int) -> CameraGeometry:
     cam = cfg.cameras[index]
     truth = sim.cameras.get(cam.name)
     m = cam.mapping
@@ -55,7 +55,7 @@ def true_geometry(cfg: LineConfig, sim: SimConfig, index: int) -> CameraGeometry
 class SimLine:
     def __init__(
         self,
-        cfg: LineConfig,
+        cfg: SimLineConfig,
         truth_path: Path | None = None,
         record_dir: Path | None = None,
         seed: int | None = None,

@@ -29,11 +29,11 @@ from typing import Any
 
 import structlog
 
+from sim.config import SimLineConfig
 from sim.line import SimLine
 from sim.refmagnet import pass_reference_magnet
 from sim.target import target_from_command
 from sim.testpieces import TEST_PIECE_ID0, command_objects, make_test_pieces
-from sorter.config import LineConfig
 
 
 def _emit(event: str, **data: Any) -> None:
@@ -49,7 +49,7 @@ async def _stdin_lines() -> asyncio.StreamReader:
 
 
 async def run_sim(
-    cfg: LineConfig,
+    cfg: SimLineConfig,
     truth: Path | None,
     control: str,
     seed: int | None,

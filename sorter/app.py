@@ -23,7 +23,7 @@ import structlog
 from sorter.config import ConfigError, LineConfig, load_config
 from sorter.core.clock import ClockModel
 from sorter.core.geometry import camera_geometries
-from sorter.core.messages import PackMLRequest, SwapModel
+from sorter.core.messages import Decision, PackMLRequest, SwapModel
 from sorter.core.planner import EjectPlanner
 from sorter.core.tracking import Tracker
 from sorter.drivers.cameras.capture import CameraCapture
@@ -99,7 +99,12 @@ def build_line(
     parts.subscribers.append(metrics.publish)
     if capture is not None:
         crops = line.capture = CropCapture(capture, run_id, with_field=cfg.magnetometer is not None)
-        parts.decision_taps.append(lambda decisions: [crops.add(d) for d in decisions])
+
+        def keep_crops(decisions: list[Decision]) -> None:
+            for d in decisions:
+                crops.add(d)
+
+        parts.decision_taps.append(keep_crops)
         parts.extra_stats["capture"] = crops.stats
         parts.closers.append(crops.close)
     if north and cfg.opcua_server is not None and cfg.opcua_server.enabled:
@@ -107,7 +112,7 @@ def build_line(
             cfg.opcua_server,
             cfg.users,
             cfg.fractions,
-            lambda cmd, user: service.handle(PackMLRequest(str(cmd), user)),
+            lambda cmd, user: service.handle(PackMLRequest(cmd.value, user)),
             log=log.bind(part="opcua"),
         )
         parts.companions.append(scada)
@@ -133,7 +138,7 @@ async def run_line(config: Path, cfg: LineConfig, *, auto_start: bool = True, ca
 
     async def reload_model() -> None:
         try:
-            path = load_config(config).classifier.model
+            path: Path = load_config(config).classifier.model
             await service.handle(SwapModel(path, "SIGHUP"))
         except (ConfigError, ModelError) as exc:
             service.log.error("model reload refused", error=str(exc))

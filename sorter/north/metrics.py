@@ -160,14 +160,14 @@ def _cameras(s: LineStats) -> Iterator[Metric]:
     stalls = CounterMetricFamily("sorter_camera_stalls", "Stalls seen by the watchdog", labels=["camera"])
     reconnects = CounterMetricFamily("sorter_camera_reconnects", "Reconnects per camera", labels=["camera"])
     queued = GaugeMetricFamily("sorter_frame_queue_depth", "Frames queued for the vision thread", labels=["camera"])
-    for c in s.cameras:
-        captured.add_metric([c.name], c.captured)
-        for reason, n in (("queue", c.dropped), ("torn", c.torn), ("source", c.source_dropped)):
-            dropped.add_metric([c.name, reason], n)
-        online.add_metric([c.name], 1.0 if c.online else 0.0)
-        stalls.add_metric([c.name], c.stalls)
-        reconnects.add_metric([c.name], c.reconnects)
-        queued.add_metric([c.name], c.queued)
+    for cam in s.cameras:
+        captured.add_metric([cam.name], cam.captured)
+        for reason, lost in (("queue", cam.dropped), ("torn", cam.torn), ("source", cam.source_dropped)):
+            dropped.add_metric([cam.name, reason], lost)
+        online.add_metric([cam.name], 1.0 if cam.online else 0.0)
+        stalls.add_metric([cam.name], cam.stalls)
+        reconnects.add_metric([cam.name], cam.reconnects)
+        queued.add_metric([cam.name], cam.queued)
     yield from (captured, dropped, online, stalls, reconnects, queued)
     n = s.counters
     for key, value, doc in (

@@ -5,13 +5,13 @@ The server itself (sorter/north/opcua/) runs in a process of its own; this is th
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from sorter.config import OpcUaServerConfig, UserConfig
 from sorter.core.alarms import Condition
 from sorter.core.linestate import LineStats
-from sorter.core.packml import State
+from sorter.core.packml import Command, State
 from sorter.north.opcua.protocol import OpcUaServerError
 from sorter.north.opcua.proxy import LineOpcUaServer
 
@@ -24,7 +24,7 @@ class ScadaServer:
         cfg: OpcUaServerConfig,
         users: list[UserConfig],
         fractions: list[str],
-        command: Callable[[Any, str], Awaitable[State]],
+        command: Callable[[Command, str], Coroutine[Any, Any, State]],
         *,
         log: Any,
     ) -> None:

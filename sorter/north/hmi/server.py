@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
@@ -338,7 +338,7 @@ class HmiServer:
         loop = self._svc_loop
         if loop is None or loop.is_closed():
             raise RuntimeError("the line service is not running")
-        fut = asyncio.run_coroutine_threadsafe(self.submit(req), loop)  # type: ignore[arg-type]
+        fut: Future[Any] = asyncio.run_coroutine_threadsafe(self.submit(req), loop)  # type: ignore[arg-type]
         try:
             return await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
         except TimeoutError:
