@@ -37,8 +37,16 @@ browser:
 demo: $(STAMP)
 	$(BIN)/sorter demo --config config/sim.yaml --duration 60 --seed 7
 
+# The suite in its tiers (tests/conftest.py): `fast` first, stopping at its first failure, and only if it
+# passed `wire` (real protocol peers on loopback) and `line` (end-to-end runs of the simulated line).
 test: $(STAMP) node-client browser
-	$(BIN)/python -m pytest -q
+	@t0=$$(date +%s); $(BIN)/python -m pytest -q -x -m fast; rc=$$?; \
+	echo "fast tier: $$(( $$(date +%s) - t0 )) s"; exit $$rc
+	@t0=$$(date +%s); $(BIN)/python -m pytest -q -m wire; wire=$$?; \
+	echo "wire tier: $$(( $$(date +%s) - t0 )) s"; \
+	t0=$$(date +%s); $(BIN)/python -m pytest -q -m line; line=$$?; \
+	echo "line tier: $$(( $$(date +%s) - t0 )) s"; \
+	test $$wire = 0 && test $$line = 0
 
 lint: $(STAMP)
 	$(BIN)/ruff check sorter sim hw tests

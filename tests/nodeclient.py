@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import subprocess
 from collections.abc import Iterable
@@ -85,20 +84,13 @@ def node_available() -> bool:
     return node_problem() is None
 
 
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
 def require_node() -> None:
     """For tests: fail in CI (a missing client must not turn into silent skips), skip locally."""
-    import pytest
+    from tests.conftest import skip_or_fail_in_ci
 
     problem = node_problem()
-    if problem is None:
-        return
-    if in_ci():
-        pytest.fail(f"node-opcua test client unavailable in CI: {problem}", pytrace=False)
-    pytest.skip(problem)
+    if problem is not None:
+        skip_or_fail_in_ci(f"node-opcua test client unavailable: {problem}")
 
 
 def _command() -> list[str]:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from sorter.core.alarms import AlarmBoard, Condition
+
+pytestmark = pytest.mark.fast
 
 PLC = Condition("plc_offline", "no answer", "check the PLC's cable")
 BAR = Condition("hallbar_offline", "port failed", "check the bar's cable")

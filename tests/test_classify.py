@@ -14,6 +14,8 @@ from sim.feed import VARIANTS, make_piece
 from sorter.config import CLASSES
 from sorter.vision.classify import Classifier, ModelError
 
+pytestmark = pytest.mark.fast
+
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "sorter-cnn.onnx"
 needs_model = pytest.mark.skipif(not SHIPPED.is_file(), reason="models/sorter-cnn.onnx not built")
 needs_torch = pytest.mark.skipif(

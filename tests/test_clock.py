@@ -10,6 +10,8 @@ import pytest
 
 from sorter.core.clock import ClockModel
 
+pytestmark = pytest.mark.fast
+
 WRAP = 1 << 32
 V = 50_000.0  # counts/s: 2.5 m/s at 20 counts/mm
 POLL = 0.010

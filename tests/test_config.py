@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from sim.config import load_sim_config
 from sorter.config import ConfigError, load_config
+
+pytestmark = pytest.mark.fast
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,13 +55,6 @@ def test_errors_name_file_key_and_line(tmp_path, old, new, where):
     with pytest.raises(ConfigError) as exc:
         load_config(bad)
     assert "bad.yaml" in str(exc.value) and f"{where} (line {line})" in str(exc.value)
-
-
-def test_cli_exits_2_on_invalid_config(tmp_path):
-    bad = _bad(tmp_path, "  min_confidence: 0.9", "  min_confidence: 1.5")
-    r = subprocess.run([sys.executable, "-m", "sorter", "check-config", str(bad)], capture_output=True, text=True)
-    assert r.returncode == 2
-    assert "routing.min_confidence" in r.stderr and "bad.yaml" in r.stderr and "line" in r.stderr
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

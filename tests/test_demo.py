@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -13,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.line
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
 def test_demo_sorts_and_accounts_for_every_piece(tmp_path):
     # its own process, as a user runs it: nothing left over from other tests competes for the 2 cores
     r = subprocess.run(
@@ -47,7 +47,6 @@ def test_demo_sorts_and_accounts_for_every_piece(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["pieces_fed"] == report["pieces_fed"]
 
 
-@pytest.mark.slow
 def test_demo_report_survives_ctrl_c(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "sorter", "demo", "--duration", "60", "--json", "--out", str(tmp_path)],
@@ -78,19 +77,3 @@ def test_demo_report_survives_ctrl_c(tmp_path):
     assert report["pieces_binned"] == report["pieces_fed"] > 0
     assert report["pieces_accounted"] >= 0.95 * report["pieces_fed"]
     assert (tmp_path / "report.json").exists()
-
-
-def test_missing_model_is_reported_at_start(tmp_path):
-    text = (ROOT / "config/sim.yaml").read_text().replace("../models/sorter-cnn.onnx", str(tmp_path / "nope.onnx"))
-    cfg = tmp_path / "line.yaml"
-    cfg.write_text(text)
-    r = subprocess.run(
-        [sys.executable, "-m", "sorter", "run", "--config", str(cfg)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert r.returncode == 2
-    assert "nope.onnx" in r.stderr

@@ -25,6 +25,8 @@ from sorter.config import CLASSES, VisionConfig
 from sorter.core.geometry import CameraGeometry
 from sorter.vision.segment import segment
 
+pytestmark = pytest.mark.fast
+
 MM_PER_PX = 0.25
 
 

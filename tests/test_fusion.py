@@ -12,6 +12,8 @@ from hypothesis.extra.numpy import arrays
 
 from sorter.core.fusion import FieldLikelihood, FieldModelError, fuse
 
+pytestmark = pytest.mark.fast
+
 LABELS = ("ndfeb", "ferrite", "smco", "steel", "other")
 
 

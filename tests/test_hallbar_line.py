@@ -13,12 +13,13 @@ from sim.config import load_sim_config
 from sim.demo import run_demo
 from sorter.core.messages import FieldState
 from sorter.line.records import load_pieces
-from tests.waiting import wait_until
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.line
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
 async def test_unplugged_bar_raises_an_alarm_and_falls_back_to_the_camera(tmp_path):
     cfg = load_sim_config(ROOT / "config" / "sim.yaml")
     seen: dict[str, object] = {}
@@ -54,7 +55,6 @@ async def test_unplugged_bar_raises_an_alarm_and_falls_back_to_the_camera(tmp_pa
     assert report["pieces_accounted"] >= 0.95 * report["pieces_fed"]
 
 
-@pytest.mark.slow
 async def test_capture_writes_a_dataset_of_the_running_line(tmp_path):
     from sorter.ml.dataset import scan_dataset
 

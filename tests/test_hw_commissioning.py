@@ -18,7 +18,7 @@ from sorter.config import LineConfig
 from sorter.line.records import load_pieces
 from tests.hwsim import ROOT, SimLine, simulated_line
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.line, pytest.mark.timeout(600)]
 
 # the plant as it really is; config/sim.yaml's values are the uncalibrated defaults
 TRUTH_CAMERAS = {

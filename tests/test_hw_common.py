@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from hw.common import Change, HwError, history_path, write_changes
-from sorter.config import load_config
+from sim.config import load_sim_config
+
+pytestmark = pytest.mark.fast
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +33,7 @@ def test_changes_are_written_with_backup_history_and_comments_kept(config: Path,
     assert write_changes(config, changes, script="test", yes=True, residuals={"rms_mm": 0.1})
     text = config.read_text()
     assert "# the Hall-sensor bar under the belt" in text  # comments survive
-    cfg = load_config(config)
+    cfg = load_sim_config(config)
     assert cfg.belt.counts_per_mm == 20.07 and cfg.cameras[1].mapping.mm_per_px == 0.2513
     assert cfg.magnetometer is not None and cfg.magnetometer.offsets_mT == [0.5] * 48
     backups = list(config.parent.glob("line.yaml.*.bak"))

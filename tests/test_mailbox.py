@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from sorter.drivers.plc.mailbox import SEQ_MAX, Mailbox, MailboxDesync, MailboxFull, next_seq
 
+pytestmark = pytest.mark.fast
+
 
 class ModelPlc:
     """Accepts strictly in order from slot contents, like docs/plc-interface.md says."""

@@ -23,6 +23,8 @@ from sorter.ml.evaluate import (
 )
 from sorter.vision.modelcheck import check_model
 
+pytestmark = pytest.mark.fast
+
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "sorter-cnn.onnx"
 needs_model = pytest.mark.skipif(not SHIPPED.is_file(), reason="models/sorter-cnn.onnx not built")

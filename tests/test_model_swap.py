@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 
 from sim.config import load_sim_config
-from sorter.core.messages import SwapModel
 from sim.demo import run_demo
+from sorter.core.messages import SwapModel
 from sorter.line.records import load_pieces
 from sorter.vision.classify import ModelError
+
+pytestmark = pytest.mark.line
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "sorter-cnn.onnx"
@@ -28,7 +30,6 @@ def _retagged(src: Path, dst: Path, version: str) -> None:
     onnx.save(proto, str(dst))
 
 
-@pytest.mark.slow
 async def test_model_swaps_on_the_running_line(tmp_path):
     new_model = tmp_path / "new.onnx"
     _retagged(MODEL, new_model, "swap-test-2")

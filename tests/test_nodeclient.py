@@ -22,7 +22,7 @@ from asyncua.server.user_managers import UserManager
 from tests import nodeclient
 from tests.nodeclient import arun_node_client, make_certificate, require_node, run_node_client, step
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.wire, pytest.mark.timeout(120)]
 # one asyncua server (2 s to start) for the module: the async tests share its event loop
 on_server_loop = pytest.mark.asyncio(loop_scope="module")
 

@@ -13,13 +13,13 @@ from sim.demo import run_demo
 from sorter.core.packml import State
 from sorter.line.records import load_pieces
 from sorter.north.opcua.pki import trust
+from tests.conftest import wait_until
 from tests.nodeclient import arun_node_client, make_certificate, require_node, step
-from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT_URI = "urn:magnet-sorter:test:scada"
 NS = "urn:magnet-sorter:line"
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.line, pytest.mark.timeout(240)]
 
 
 def opcua_config() -> Any:

@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from sorter.core.packml import Command, InvalidState, PackMLMachine, State
 
+pytestmark = pytest.mark.fast
+
 
 def test_packtags_numbering_and_names() -> None:
     assert [(s.value, s.label) for s in State] == [

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 from sorter.config import BankConfig, EjectionConfig, RoutingConfig
 from sorter.core.decide import decide
 from sorter.core.geometry import valve_span
 from sorter.core.messages import Decision, Piece
 from sorter.core.planner import EjectPlanner
+
+pytestmark = pytest.mark.fast
 
 CPM = 20.0
 EJ = EjectionConfig(

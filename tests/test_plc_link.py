@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -20,20 +20,15 @@ from sorter.core.geometry import wrap32
 from sorter.core.messages import EjectCommand
 from sorter.drivers.plc.link import EjectResult, PlcCommand, PlcLink
 from sorter.drivers.plc.modbus import ModbusClient, PlcError
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.wire
 
 CPMM = 20.0
 SPEED = 2500.0
 RATE = CPMM * SPEED  # 50 000 counts/s
 LEAD = 0.03  # min_lead_s used throughout
 REGS = ModbusMap()
-
-
-async def wait_until(cond: Callable[[], bool], timeout: float = 3.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 @dataclass

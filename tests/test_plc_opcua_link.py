@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,21 +28,14 @@ from sorter.drivers.plc.base import PlcCommand, PlcError
 from sorter.drivers.plc.opcua_link import OpcUaPlcLink
 from sorter.north.opcua.pki import make_certificate, trust
 from sorter.north.users import hash_password
+from tests.conftest import wait_until
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.wire, pytest.mark.asyncio(loop_scope="module")]
 
 CPMM, SPEED = 20.0, 2500.0
 RATE = CPMM * SPEED
 LEAD = 0.03
 QUEUE = 8
-
-
-async def wait_until(cond: Callable[[], bool], timeout: float = 3.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 @dataclass

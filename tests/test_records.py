@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import sqlite3
 
+import pytest
+
 from sorter.line.records import RecordStore, load_pieces
+
+pytestmark = pytest.mark.fast
 
 
 def _row(i: int) -> dict:

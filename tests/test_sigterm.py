@@ -23,7 +23,7 @@ import pytest
 from sim.demo import make_server_certificate
 from tests.hwsim import ROOT, simulated_line
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.line
 
 
 class JsonLog:

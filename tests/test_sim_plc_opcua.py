@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +30,9 @@ from sim.plc_opcua import PlcOpcUaServer
 from sorter.config import ModbusMap, PlcOpcUaConfig
 from sorter.core.geometry import diff32, wrap32
 from sorter.drivers.plc.modbus import ModbusClient
+from tests.conftest import wait_until
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.wire, pytest.mark.asyncio(loop_scope="module")]
 
 CPMM = 20.0
 SPEED = 2500.0
@@ -41,14 +42,6 @@ REGS = ModbusMap()
 WATCHDOG_MS = 300.0
 QUEUE = 4
 U16, U32, BOOL = ua.VariantType.UInt16, ua.VariantType.UInt32, ua.VariantType.Boolean
-
-
-async def wait_until(cond: Callable[[], bool], timeout: float = 2.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 @dataclass

@@ -33,6 +33,9 @@ from sorter.drivers.cameras.capture import CameraCapture, CaptureClosed
 from sorter.drivers.cameras.opencv import OpenCVCaptureSource
 from sorter.drivers.cameras.registry import make_source
 from sorter.drivers.cameras.simcam import SimCameraClient
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.wire
 
 CPM = 20.0  # counts per mm
 SPEED = 2500.0  # mm/s
@@ -66,14 +69,6 @@ def assert_intact(frame: Frame, belt: Belt) -> None:
     body = frame.image.copy()
     body[0, :8, 0] = level(pos)
     assert (body == level(pos)).all(), f"frame {frame.seq} is torn or shows the wrong position"
-
-
-async def until(pred: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def free_port() -> int:
@@ -174,7 +169,7 @@ async def test_slow_consumer_overwritten_slots_are_dropped_and_counted(belt: Bel
     frames = client.frames()
     first = await asyncio.wait_for(anext(frames), 5)
     # stall the consumer while the server sends 12 more headers through a 4-slot ring
-    await until(lambda: server.frames_sent >= first.seq + 12, what="12 more frames sent")
+    await wait_until(lambda: server.frames_sent >= first.seq + 12, timeout=5, what="12 more frames sent")
     later = [await asyncio.wait_for(anext(frames), 5) for _ in range(5)]
     await frames.aclose()  # type: ignore[attr-defined]
     assert client.torn >= 12 - 4
@@ -199,10 +194,14 @@ async def test_capture_drop_policy_when_consumer_stalls(belt: Belt, serve: Serve
     cfg = camera_cfg(SimCameraSource(address=server.address), stall_timeout_s=5.0)
     queues = QueueConfig(frames_per_camera=3, drop_policy=policy)  # type: ignore[arg-type]
     async with CameraCapture(cfg, queues, structlog.get_logger()) as cap:
-        await until(lambda: cap.captured >= 12, what="12 frames captured")
+        await wait_until(lambda: cap.captured >= 12, timeout=5, what="12 frames captured")
         belt.stop()  # freeze the stream so the queue's content can be predicted
-        await until(lambda: server.frames_sent + server.frames_skipped == server.frames_triggered, what="sends")
-        await until(lambda: cap.captured + cap.torn == server.frames_sent, what="capture to drain the socket")
+        await wait_until(
+            lambda: server.frames_sent + server.frames_skipped == server.frames_triggered, timeout=5, what="sends"
+        )
+        await wait_until(
+            lambda: cap.captured + cap.torn == server.frames_sent, timeout=5, what="capture to drain the socket"
+        )
         stats = cap.stats()
         assert stats["online"] and stats["queued"] == 3 and stats["torn"] == 0
         assert stats["dropped"] == stats["captured"] - 3
@@ -223,18 +222,18 @@ async def test_stall_watchdog_reconnects_after_server_restart(belt: Belt, serve:
     cfg = camera_cfg(SimCameraSource(address=server.address), stall_timeout_s=0.3)
     with structlog.testing.capture_logs() as logs:
         async with CameraCapture(cfg, QueueConfig(), structlog.get_logger()) as cap:
-            await until(lambda: cap.online and cap.captured >= 3, what="camera online")
+            await wait_until(lambda: cap.online and cap.captured >= 3, timeout=5, what="camera online")
             belt.stop()
-            await until(lambda: not cap.online, what="stall detected")
+            await wait_until(lambda: not cap.online, timeout=5, what="stall detected")
             assert cap.stalls >= 1 and "stalled" in str(cap.stats()["offline_reason"])
 
             await server.stop()
             before = cap.captured
             belt.start()
-            await until(lambda: cap.reconnects >= 2, what="a failed reconnect while the server is down")
+            await wait_until(lambda: cap.reconnects >= 2, timeout=5, what="a failed reconnect while the server is down")
             assert not cap.online
             await serve(port=port, seed=2)  # the camera comes back on the same address
-            await until(lambda: cap.online and cap.captured >= before + 3, what="camera back online")
+            await wait_until(lambda: cap.online and cap.captured >= before + 3, timeout=5, what="camera back online")
             frame = await cap.get()
             assert_intact(frame, belt)
     events = [(e["event"], e.get("reason", "")) for e in logs]
@@ -250,7 +249,7 @@ async def test_stall_watchdog_reconnects_after_server_restart(belt: Belt, serve:
 async def recording(belt: Belt, serve: ServerFactory, tmp_path: Path) -> tuple[Path, list[dict[str, str]]]:
     path = tmp_path / "cam0.avi"
     server = await serve(record=path)  # no client: frames are rendered for the recording only
-    await until(lambda: server.frames_triggered >= 15, what="15 frames recorded")
+    await wait_until(lambda: server.frames_triggered >= 15, timeout=5, what="15 frames recorded")
     await server.stop()
     with path.with_suffix(".csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -286,7 +285,7 @@ async def test_capture_of_a_file_ends(recording: tuple[Path, list[dict[str, str]
     path, rows = recording
     cfg = camera_cfg(OpenCVSource(uri=str(path), realtime=False))
     async with CameraCapture(cfg, QueueConfig(frames_per_camera=64), structlog.get_logger()) as cap:
-        await until(lambda: cap.state == "ended", what="end of file")
+        await wait_until(lambda: cap.state == "ended", timeout=5, what="end of file")
         got = [await cap.get() for _ in range(len(rows))]
         with pytest.raises(CaptureClosed):
             await cap.get()

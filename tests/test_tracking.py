@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,6 +14,8 @@ from sorter.core.geometry import CameraGeometry
 from sorter.core.tracking import Tracker
 from sorter.vision.detections import to_detections
 from sorter.vision.segment import Blob
+
+pytestmark = pytest.mark.fast
 
 CPM = 20.0
 CAMS = {

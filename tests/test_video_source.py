@@ -7,6 +7,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from sim.config import load_sim_config
 from sim.demo import demo_config
@@ -19,6 +20,8 @@ from sorter.core.tracking import Tracker
 from sorter.drivers.cameras.opencv import OpenCVCaptureSource
 from sorter.vision.detections import to_detections
 from sorter.vision.segment import segment
+
+pytestmark = pytest.mark.wire
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,19 +1,6 @@
-"""Waiting in a test for something the line does on its own: poll a condition, fail naming what was awaited."""
+"""Moved to tests/conftest.py (import `wait_until` from there). This alias stays only until the last modules
+that import it from here (tests/test_hmi.py, tests/test_control.py) do; then delete this file."""
 
-from __future__ import annotations
+from tests.conftest import wait_until
 
-import asyncio
-import time
-from collections.abc import Callable
-
-
-async def wait_until(
-    cond: Callable[[], bool], timeout: float = 3.0, what: str = "condition", poll_s: float = 0.02
-) -> float:
-    """Poll `cond` on the running loop until it holds; the seconds that took. Fails after `timeout` s."""
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"{what} not within {timeout} s")
-        await asyncio.sleep(poll_s)
-    return time.monotonic() - t0
+__all__ = ["wait_until"]
