@@ -184,13 +184,13 @@ STALLED = ("expired", "timeout")
 TOUCH_MM = 1.5  # two bounding boxes this close: touching pieces (the feed lays them "by a hair" apart)
 
 
-def recovery_floor(n: int, loss_rate: float = LOSS_RATE, z: float = 3.0) -> float:
-    """The least recovery over `n` pieces that the measured loss rate allows: its mean plus z standard
-    deviations of a binomial count (a short run's few dozen magnets vary more than a 60 s run's 650)."""
+def binomial_floor(n: int, miss_rate: float, z: float = 3.0) -> float:
+    """The least share of `n` trials that a measured miss rate allows: misses at their mean plus z standard
+    deviations of a binomial count (a short run's hundred magnets vary more than a 60 s run's 650)."""
     if n <= 0:
         return 0.0
-    lost = n * loss_rate + z * math.sqrt(n * loss_rate * (1 - loss_rate))
-    return 1.0 - lost / n
+    misses = n * miss_rate + z * math.sqrt(n * miss_rate * (1 - miss_rate))
+    return 1.0 - misses / n
 
 
 class LineRun:
@@ -288,6 +288,6 @@ class LineRun:
     def assert_recovery(self, *fractions: str) -> None:
         for f in fractions:
             got, n = self.recovery(f)
-            floor = recovery_floor(n)
+            floor = binomial_floor(n, LOSS_RATE)
             print(f"{f}: recovery {got:.4f} over {n} pieces not stalled (floor {floor:.4f})")
             assert n > 0 and got >= floor, (f, got, n, floor)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from collections.abc import Iterator
@@ -27,10 +26,6 @@ pytestmark = pytest.mark.fast
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "sorter-cnn.onnx"
-needs_model = pytest.mark.skipif(not SHIPPED.is_file(), reason="models/sorter-cnn.onnx not built")
-needs_torch = pytest.mark.skipif(
-    importlib.util.find_spec("torch") is None, reason="torch not installed (the 'train' extra)"
-)
 runner = CliRunner()
 
 
@@ -262,7 +257,6 @@ def test_report_uses_fused_confidence_when_there_are_readings() -> None:
 # --- the deployment check ---
 
 
-@needs_model
 def test_check_accepts_the_shipped_model() -> None:
     res = check_model(SHIPPED)
     assert res.ok and res.exit_code == 0, res.message
@@ -284,7 +278,8 @@ def test_check_refuses_unreadable_files(tmp_path: Path) -> None:
 
 
 def _with_meta(tmp_path: Path, name: str, drop: tuple[str, ...] = (), add: dict[str, str] | None = None) -> Path:
-    onnx = pytest.importorskip("onnx")
+    import onnx
+
     proto = onnx.load(str(SHIPPED))
     replaced = set(drop) | set(add or {})
     kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in replaced]
@@ -296,7 +291,6 @@ def _with_meta(tmp_path: Path, name: str, drop: tuple[str, ...] = (), add: dict[
     return out
 
 
-@needs_model
 def test_check_refuses_missing_metadata(tmp_path: Path) -> None:
     path = _with_meta(tmp_path, "nolabels.onnx", drop=("labels", "mean"))
     res = check_model(path)
@@ -305,7 +299,6 @@ def test_check_refuses_missing_metadata(tmp_path: Path) -> None:
     assert runner.invoke(app, ["model", "check", str(path)]).exit_code == 1
 
 
-@needs_model
 def test_check_validates_the_field_likelihood(tmp_path: Path) -> None:
     from sorter.core.fusion import FieldLikelihood
     from sorter.vision.classify import Classifier
@@ -359,7 +352,6 @@ def test_lookalike_dataset_is_valid(tmp_path: Path) -> None:
     assert ds["train"].has_sensors and cv2.imread(str(ds["train"].files[0])).shape == (128, 128, 3)
 
 
-@needs_model
 def test_evaluate_json_on_sim_crops(tmp_path: Path) -> None:
     from sim.dataset import write_dataset
 
@@ -401,7 +393,6 @@ def test_time_budget_plan_follows_the_machines_pace() -> None:
     assert _replan([4.0] * 50, 200.0, 210.0, 60, 60) == 52
 
 
-@needs_torch
 def test_train_fits_the_field_likelihood(tmp_path: Path) -> None:
     from sim.lookalike import write_lookalike
     from sorter.ml.train import train
@@ -424,11 +415,11 @@ def test_train_fits_the_field_likelihood(tmp_path: Path) -> None:
     assert rep["fused_accuracy"] is not None and rep["coverage_by"] == "fused"
 
 
-@needs_torch
 def test_train_refuses_a_bad_dataset(tmp_path: Path) -> None:
     root = _toy(tmp_path / "ds")
     csv = root / "val" / "sensors.csv"
     csv.write_text(csv.read_text().replace("steel/0.png,1.5", "steel/0.png,weak"))
-    res = runner.invoke(app, ["model", "train", "--data", str(root), "--out", str(tmp_path / "m.onnx")])
+    args = ["--data", str(root), "--out", str(tmp_path / "m.onnx"), "--epochs", "1", "--time-budget", "5"]
+    res = runner.invoke(app, ["model", "train", *args])  # a tiny budget: a regression would train, not hang
     assert res.exit_code == 2
     assert str(csv) in res.output and not (tmp_path / "m.onnx").exists()
