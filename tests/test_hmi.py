@@ -202,20 +202,26 @@ async def test_operator_commands_need_the_csrf_token_and_the_same_origin(line: L
 
 
 async def test_sessions_expire_when_idle_and_after_their_maximum_and_at_logout(tmp_path: Path) -> None:
-    async with serving(tmp_path, session_idle_s=0.6, session_max_s=1.5) as line:
+    from sorter.north.hmi.sessions import SessionStore
+
+    idle_s, max_s = 60.0, 300.0
+    now = [1000.0]  # the sessions' clock, moved by hand: expiry judged exactly, whatever the machine's load
+    async with serving(tmp_path, session_idle_s=idle_s, session_max_s=max_s) as line:
+        line.hmi.sessions = SessionStore(idle_s, max_s, clock=lambda: now[0])
         async with line.client() as c:
             csrf = await line.login(c, "operator")
-            await asyncio.sleep(0.9)  # idle longer than session_idle_s
+            now[0] += idle_s - 0.1
+            assert (await c.get("/api/session")).status_code == 200  # idle not quite long enough; touched
+            now[0] += idle_s + 0.1  # idle longer than session_idle_s
             r = await c.post("/api/command/Abort", headers={"X-CSRF-Token": csrf})
             assert r.status_code == 401 and "expired" in r.json()["detail"]
             assert (await c.get("/api/state")).status_code == 401  # gone for good
         async with line.client() as c:
             await line.login(c, "viewer")
-            t0 = time.monotonic()
-            while time.monotonic() - t0 < 1.3:  # active all along ...
+            for _ in range(5):  # active all along, 295 s ...
+                now[0] += idle_s - 1.0
                 assert (await c.get("/api/session")).status_code == 200
-                await asyncio.sleep(0.2)
-            await asyncio.sleep(0.4)
+            now[0] += 5.1
             assert (await c.get("/api/session")).status_code == 401  # ... but past session_max_s
         async with line.client() as c:
             csrf = await line.login(c, "operator")
