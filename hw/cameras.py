@@ -45,9 +45,15 @@ class Grabbed:
 
 def describe_source(cam: CameraConfig) -> str:
     src = cam.source
-    return (
-        f"{src.type} camera at {src.address}" if isinstance(src, SimCameraSource) else f"{src.type} source {src.uri!r}"
+    if isinstance(src, SimCameraSource):
+        return f"{src.type} camera at {src.address}"
+    where = getattr(src, "uri", None)  # a source type of its own names itself by its settings
+    shown = (
+        repr(where)
+        if where is not None
+        else ", ".join(f"{k}={v!r}" for k, v in src.model_dump(exclude={"type"}).items())
     )
+    return f"{src.type} source {shown}"
 
 
 def _silent(cam: CameraConfig, index: int, reason: str | None) -> str:

@@ -4,9 +4,10 @@
         -> LineService (sorter/line)
     north side (HMI, OPC UA server, metrics) <- LineStats snapshots; -> requests (LineService.handle)
 
-Nothing else builds a LineService: the CLI (`sorter run`), the simulator's demo and benches, and the
-commissioning scripts all come here, each with what is theirs to change (a planner of its own for
-calibrate_eject, no side services for a bench).
+Nothing else builds a LineService: the CLI (`sorter run`), the simulator's demo and its OPC UA and HMI
+benches, and the commissioning scripts all come here, each with what is theirs to change (a planner of
+its own for calibrate_eject, no side services where `north=False`). (`sorter bench` times the pipeline's
+stages one by one, without a service.)
 """
 
 from __future__ import annotations

@@ -38,10 +38,10 @@ def _line_of(node: yaml.Node | None, path: tuple[int | str, ...]) -> int | None:
 
 def _key_path(loc: tuple[int | str, ...]) -> str:
     out = ""
-    for part in loc:
+    for i, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("sim", "opencv"):  # discriminated-union tags are not keys
+        elif i > 0 and loc[i - 1] == "source":  # pydantic names the camera source's `type` tag here: not a key
             continue
         else:
             out += ("." if out else "") + str(part)

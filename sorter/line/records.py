@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS pieces (
     cls TEXT, confidence REAL,
     fraction TEXT NOT NULL,          -- where the service sends it
     bank TEXT, seq INTEGER, valve_mask INTEGER, open_at INTEGER, open_for INTEGER,
-    outcome TEXT NOT NULL,           -- pending, accepted, expired, offline, timeout, conflict, no_eject, cancelled
+    outcome TEXT NOT NULL,           -- an Outcome (sorter/core/messages.py): pending until the PLC answers
     t_accepted REAL,
     latency_ms REAL,                 -- last view's capture -> command accepted by the PLC
     model TEXT,                      -- version of the model that classified the piece

@@ -18,25 +18,40 @@ from sorter.drivers.cameras.base import FrameSource, SourceError
 
 
 @cache
-def drivers() -> dict[str, type]:
-    """source type -> driver class, from every module of this package."""
+def _scan() -> tuple[dict[str, type], dict[str, str]]:
     found: dict[str, type] = {}
+    broken: dict[str, str] = {}  # module -> why it cannot be imported (a vendor SDK missing, say)
     for info in pkgutil.iter_modules(package.__path__):
-        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        try:
+            module = importlib.import_module(f"{package.__name__}.{info.name}")
+        except ImportError as exc:  # one driver's missing library must not take the other cameras down
+            broken[info.name] = str(exc)
+            continue
         for _, cls in inspect.getmembers(module, inspect.isclass):
             kind = cls.__dict__.get("source_type")
             if isinstance(kind, str) and cls.__module__ == module.__name__:
                 if kind in found and found[kind] is not cls:
                     raise RuntimeError(f"two camera drivers for source type {kind!r}: {found[kind]} and {cls}")
                 found[kind] = cls
-    return found
+    return found, broken
+
+
+def drivers() -> dict[str, type]:
+    """source type -> driver class, from every module of this package that imports."""
+    return _scan()[0]
 
 
 def make_source(cfg: CameraConfig) -> FrameSource:
     """The frame source for one camera, chosen by `cfg.source.type`."""
     kind = cfg.source.type
-    cls = drivers().get(kind)
+    found, broken = _scan()
+    cls = found.get(kind)
     if cls is None:
-        raise SourceError(cfg.name, f"no driver for source type {kind!r}", f"known: {sorted(drivers())}")
+        why = "; ".join(f"{m}: {e}" for m, e in broken.items())
+        raise SourceError(
+            cfg.name,
+            f"no driver for source type {kind!r}" + (f" (drivers that failed to import: {why})" if why else ""),
+            f"known types: {sorted(found)}; install the camera's library or fix cameras[].source.type",
+        )
     source: FrameSource = cls.from_config(cfg)  # type: ignore[attr-defined]
     return source
