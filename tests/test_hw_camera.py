@@ -1,4 +1,7 @@
-"""hw.camera_check and hw.calibrate_camera, run unattended against the simulated line."""
+"""hw.camera_check and hw.calibrate_camera, run unattended against the simulated line.
+
+Real time: the scripts grab the simulated cameras' streams as they come, and the check judges their frame
+rate and delay; the fit itself is tested in-process in tests/test_hw_fits.py."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from sorter.config import LineConfig
 from sorter.core.clock import ClockModel
 from sorter.drivers.plc import make_plc_link
 from sorter.drivers.plc.base import PlcCommand
+from tests.conftest import wait_until
 from tests.hwsim import ROOT, SimLine, simulated_line
 
 pytestmark = pytest.mark.line
@@ -27,20 +31,23 @@ async def belt_running(line: SimLine) -> AsyncIterator[None]:
     link = make_plc_link(line.cfg.plc, ClockModel())
     task = asyncio.create_task(link.run())
     try:
-        async with asyncio.timeout(10):
-            while not link.online:
-                await asyncio.sleep(0.05)
+        await wait_until(lambda: link.online, 10, "the PLC link online")
         await link.command(PlcCommand.START_BELT)
         yield
     finally:
         await link.stop()
         task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_camera_check_passes_on_the_running_line(tmp_path: Path) -> None:
     async with simulated_line(tmp_path / "run", hallbar=False) as line, belt_running(line):
         await line.send(cmd="feed", on=True)
-        await asyncio.sleep(1.0)  # the first pieces reach the cameras
+
+        async def pieces_passed_the_cameras() -> bool:
+            return sum((await line.send(cmd="status"))["binned"].values()) > 0  # the bins are past the cameras
+
+        await wait_until(pieces_passed_the_cameras, 20, "the first pieces under the cameras and in a bin")
         before = line.config.read_text()
         # the delay limit allows for CI's two shared cores starving the simulator now and then: the camera's
         # own delay (10-60 ms) is checked on the median below

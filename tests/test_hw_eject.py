@@ -1,4 +1,7 @@
-"""hw.calibrate_eject against the simulated line: from a wrong valve delay to the valves' true timing."""
+"""hw.calibrate_eject against the simulated line: from a wrong valve delay to the valves' true timing.
+
+Real time: the delay is found from test pieces blown (or not) on the running belt and counted in the chutes;
+the scan's logic alone is in tests/test_hw_fits.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""hw.calibrate_encoder against the simulated line: from a wrong belt.counts_per_mm to the encoder's true one."""
+"""hw.calibrate_encoder against the simulated line: from a wrong belt.counts_per_mm to the encoder's true one.
+
+Real time: the script reads the running belt's encoder from the PLC while the cameras see the marks pass,
+and pairs the two by time; the fits alone are in tests/test_hw_fits.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""hw.calibrate_magnetometer: offsets and gains of the Hall bar recovered from the simulated bar's true errors;
-a missing or babbling serial port is a clear message, not a traceback."""
+"""hw.calibrate_magnetometer: offsets and gains of the Hall bar recovered from the simulated bar's true errors.
+
+Real time: the script reads the simulated bar's serial line while the technician (the test) slides the
+reference magnet along it. A missing or babbling port is tests/test_hw_wire.py, the offset fit alone
+tests/test_hw_fits.py."""
 
 from __future__ import annotations
 

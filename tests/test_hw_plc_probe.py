@@ -1,6 +1,8 @@
 """hw.plc_probe against the simulated line's PLC over both protocols: the interface read and explained, round-trip
 figures, the watchdog tripping (after the simulator's true watchdog time) and clearing, the valves pulsed with
-the belt stopped; a PLC that is not there is a clear message naming where it was looked for."""
+the belt stopped. A PLC that is not there is tests/test_hw_wire.py.
+
+Real time: the probe measures round trips and how long the PLC's watchdog takes to trip."""
 
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
-"""OPC UA on the running line: the PLC over OPC UA, SCADA through node-opcua, the PLC's OPC UA stack restarting."""
+"""OPC UA on the running line: the PLC over OPC UA, SCADA through node-opcua, the PLC's OPC UA stack restarting.
+
+Real time: SCADA's node-opcua client and the PLC's OPC UA stack are processes of their own, and what is
+promised is timed (the line held while the PLC is gone, executing again within 5 s of its return)."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +12,11 @@ import pytest
 
 from sim.config import load_sim_config
 from sim.demo import run_demo
+from sorter.core.messages import Outcome
 from sorter.core.packml import State
 from sorter.line.records import load_pieces
 from sorter.north.opcua.pki import trust
-from tests.conftest import wait_until
+from tests.conftest import LineRun, wait_until
 from tests.nodeclient import arun_node_client, make_certificate, require_node, step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,7 +118,7 @@ async def test_scada_drives_the_packml_state_machine_over_signandencrypt(tmp_pat
     rows = load_pieces(tmp_path / "run" / "records.sqlite")
     held = [r for r in rows if r["outcome"] == "held"]
     assert held and all(r["fraction"] == "residue" for r in held)
-    assert report["pieces_accounted"] >= 0.97 * report["pieces_fed"]
+    LineRun(report, tmp_path / "run").assert_every_piece_accounted()
     assert_few_late(report)
 
 
@@ -128,7 +131,8 @@ async def test_plc_opcua_restart_holds_the_line_and_loses_nothing(tmp_path: Path
         await wait_until(lambda: service.counters.outcomes["accepted"] > 30, 20, "ejects accepted")
         await sim.send(cmd="plc_opcua", on=False)
         seen["to_held_s"] = await wait_until(lambda: service.control.state is State.HELD, 5, "line held")
-        await asyncio.sleep(2.0)
+        held = service.counters.outcomes
+        await wait_until(lambda: held[Outcome.HELD] > 10, 15, "pieces decided while held")
         await sim.send(cmd="plc_opcua", on=True)
         seen["back_s"] = await wait_until(lambda: service.control.state is State.EXECUTE, 10, "line executing again")
         seen["reconnects"] = 1
@@ -139,8 +143,7 @@ async def test_plc_opcua_restart_holds_the_line_and_loses_nothing(tmp_path: Path
     rows = load_pieces(tmp_path / "records.sqlite")
     held = [r for r in rows if r["outcome"] == "held"]
     assert len(held) > 10 and all(r["fraction"] == "residue" for r in held)
-    # nothing lost: every piece fed is in the bins and (but for merges) in the records
-    assert report["pieces_binned"] == report["pieces_fed"]
-    assert report["pieces_accounted"] >= 0.98 * report["pieces_fed"]
+    # nothing lost: every piece fed is in the bins and in the records
+    LineRun(report, tmp_path).assert_every_piece_accounted()
     assert report["fractions"]["ndfeb"]["purity"] >= 0.98
     assert_few_late(report)

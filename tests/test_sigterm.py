@@ -3,6 +3,8 @@
 The service runs as a subprocess against the simulator (as deploy/magnet-sorter.line.service runs it against
 the plant), its stderr a pipe like journald's. After SIGTERM: exit code 0, a `service stopped` JSON line,
 the records flushed (a `stop` event, every piece recorded) and the PLC told to stop the belt.
+
+Real time: the service is a process of its own, started and signalled by the OS as systemd does.
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ import os
 import signal
 import sqlite3
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sim.demo import make_server_certificate
+from tests.conftest import wait_until
 from tests.hwsim import ROOT, simulated_line
 
 pytestmark = pytest.mark.line
@@ -50,14 +52,17 @@ class JsonLog:
                 self.other.append(text)
 
     async def wait_for(self, pred: Any, timeout: float, what: str) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for e in self.entries:
-                if pred(e):
-                    return e
-            if self.task.done():
-                break
-            await asyncio.sleep(0.1)
+        """The first log entry `pred` accepts; fails, showing the last lines, when none came (or the log ended)."""
+        found: list[dict[str, Any]] = []
+
+        def logged() -> bool:
+            found[:] = [e for e in self.entries if pred(e)][:1]
+            return bool(found) or self.task.done()
+
+        with contextlib.suppress(AssertionError):
+            await wait_until(logged, timeout, what, poll_s=0.1)
+        if found:
+            return found[0]
         tail = "\n".join([json.dumps(e) for e in self.entries[-15:]] + self.other[-15:])
         raise AssertionError(f"no log line {what} within {timeout} s; last lines:\n{tail}")
 
@@ -127,10 +132,10 @@ async def test_sigterm_stops_the_line_gracefully(tmp_path):
                 assert not Path(f"/proc/{e['pid']}").exists() or "zombie" in _proc_state(e["pid"]), e
 
         # the PLC was told: belt stopped
-        deadline = time.monotonic() + 5
-        while (st := await line.send(cmd="status"))["belt_mm_s"] != 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-        assert st["belt_mm_s"] == 0, st
+        async def belt_stopped() -> bool:
+            return (await line.send(cmd="status"))["belt_mm_s"] == 0
+
+        await wait_until(belt_stopped, 5, "the belt stopped by the PLC", poll_s=0.2)
 
 
 def _proc_state(pid: int) -> str:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import argon2
 import pytest
@@ -103,6 +104,10 @@ class Line:
     async def read(self, name: str) -> object:
         return await (await self.var(name)).read_value()
 
+    async def shows(self, name: str, want: Callable[[Any], bool]) -> bool:
+        """Whether the variable's value (published by the PLC's scan) satisfies `want` now."""
+        return want(await self.read(name))
+
     async def write_u16(self, name: str, value: int) -> None:
         await (await self.var(name)).write_value(ua.DataValue(ua.Variant(value, U16)))
 
@@ -118,10 +123,7 @@ class Line:
     async def command(self, code: int) -> None:
         """Write the command, then wait for the PLC to set it back to 0, like the PC does."""
         await self.write_u16("Command", code)
-        deadline = time.monotonic() + 1.0
-        while await self.read("Command") != 0:
-            assert time.monotonic() < deadline, "the command register never returned to 0"
-            await asyncio.sleep(0.005)
+        await wait_until(lambda: self.shows("Command", lambda v: v == 0), 1.0, "the command register back at 0")
 
     async def next_seq(self) -> int:
         last = await self.read("LastSeqAccepted")
@@ -237,9 +239,7 @@ async def test_command_write_starts_and_stops_the_belt_and_reads_back_zero(rig: 
     assert isinstance(status, int) and status & ST_RUNNING
     await line.command(CMD_STOP)
     assert not rig.belt.running
-    await asyncio.sleep(0.02)
-    status = await line.read("Status")
-    assert isinstance(status, int) and not status & ST_RUNNING
+    await wait_until(lambda: line.shows("Status", lambda v: not v & ST_RUNNING), what="Status: belt stopped")
 
 
 async def test_subscription_sees_last_seq_and_status_changes(rig: Rig, line: Line) -> None:
@@ -318,8 +318,7 @@ async def test_schedule_eject_refused_when_the_queue_is_full(rig: Rig, line: Lin
         assert not await line.schedule(nxt, 0, 1, at, 100)
         assert plc.last_seq == (nxt - 2) % 0xFFFF + 1
         assert not plc.overflow  # a refused call is answered, not latched like a mailbox overflow
-        await asyncio.sleep(0.02)
-        assert await line.read("EjectQueueFree") == 0
+        await wait_until(lambda: line.shows("EjectQueueFree", lambda v: v == 0), what="EjectQueueFree 0")
 
 
 async def test_scheduled_command_fires_at_its_count(rig: Rig, line: Line) -> None:
@@ -339,9 +338,8 @@ async def test_scheduled_command_fires_at_its_count(rig: Rig, line: Line) -> Non
         assert (ex.seq, ex.bank, ex.valve_mask, ex.open_for) == (seq, 1, 0x8000_0003, 400)
         assert ex.open_at == open_at  # unwrapped, exact
         assert abs(belt.count(ex.t_fire) - open_at) <= 1
-        await asyncio.sleep(0.02)
-        assert await line.read("EjectsDone") == plc.executed
-        assert await line.read("EjectsLate") == plc.late
+        await wait_until(lambda: line.shows("EjectsDone", lambda v: v == plc.executed), what="EjectsDone")
+        await wait_until(lambda: line.shows("EjectsLate", lambda v: v == plc.late), what="EjectsLate")
 
 
 async def test_watchdog_trips_when_heartbeats_stop(rig: Rig, line: Line) -> None:
@@ -356,15 +354,11 @@ async def test_watchdog_trips_when_heartbeats_stop(rig: Rig, line: Line) -> None
     await wait_until(lambda: plc.watchdog_tripped, WATCHDOG_MS / 1000 + 0.5, "the watchdog trip")
     assert time.monotonic() - t_stop >= WATCHDOG_MS / 1000 * 0.8
     assert plc.queue == []  # flushed
-    await asyncio.sleep(0.02)
-    status = await line.read("Status")
-    assert isinstance(status, int) and status & ST_WATCHDOG
+    await wait_until(lambda: line.shows("Status", lambda v: v & ST_WATCHDOG), what="Status: watchdog tripped")
     assert not await line.schedule(seq % 0xFFFF + 1, 0, 1, wrap32(rig.belt.count() + 50_000), 100)
     await line.command(CMD_RESET)
     assert not plc.watchdog_tripped
-    await asyncio.sleep(0.02)
-    status = await line.read("Status")
-    assert isinstance(status, int) and not status & ST_WATCHDOG
+    await wait_until(lambda: line.shows("Status", lambda v: not v & ST_WATCHDOG), what="Status: watchdog clear")
 
 
 async def test_set_valve_only_while_the_belt_stands(rig: Rig, line: Line) -> None:
@@ -392,12 +386,10 @@ async def test_modbus_and_opcua_share_the_registers(rig: Rig, line: Line) -> Non
         assert await mb.read_holding_registers(REGS.hr_heartbeat, 1) == [4242]
         await mb.write_register(REGS.hr_heartbeat, 777)
         await wait_until(lambda: rig.plc.heartbeat == 777)
-        await asyncio.sleep(0.02)
-        assert await line.read("Heartbeat") == 777  # published from the scan
+        await wait_until(lambda: line.shows("Heartbeat", lambda v: v == 777), what="Heartbeat published by the scan")
         await mb.write_register(REGS.hr_command, CMD_START)
         await wait_until(lambda: rig.belt.running, what="belt started over Modbus")
-        await asyncio.sleep(0.02)
-        assert await line.read("Command") == 0
+        await wait_until(lambda: line.shows("Command", lambda v: v == 0), what="Command back at 0")
         assert rig.plc.watchdog_tripped is False
     finally:
         mb.close()

@@ -1,8 +1,10 @@
-"""The OpenCV source on a video the simulator recorded, placed on the belt by the clock model."""
+"""The OpenCV source on a video the simulator recorded, placed on the belt by the clock model.
+
+The simulator runs here in real time (its cameras expose on the running belt's encoder while it records):
+the replay's pacing and the clock model are checked against the recording's own timeline."""
 
 from __future__ import annotations
 
-import asyncio
 import csv
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from sorter.core.tracking import Tracker
 from sorter.drivers.cameras.opencv import OpenCVCaptureSource
 from sorter.vision.detections import to_detections
 from sorter.vision.segment import segment
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.wire
 
@@ -36,10 +39,16 @@ async def test_opencv_file_source_through_clock_model_finds_every_piece(tmp_path
     line = SimLine(cfg, truth_path=tmp_path / "truth.sqlite", record_dir=tmp_path)
     await line.start()
     line.belt.start()
+
+    def recorded() -> int:
+        return int(line.status()["cameras"]["cam0"]["triggered"])  # every exposure goes into the recording
+
+    # about 2.5 s of fed belt at 60 frames/s, then the last pieces carried on out of the field
     line.set_feed(True)
-    await asyncio.sleep(2.5)
+    await wait_until(lambda: recorded() >= 150, 30, "150 frames of fed belt recorded")
     line.set_feed(False)
-    await asyncio.sleep(0.5)
+    fed_until = recorded()
+    await wait_until(lambda: recorded() >= fed_until + 30, 30, "30 more frames recorded")
     await line.stop()
 
     cam = cfg.cameras[0]
