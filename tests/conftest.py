@@ -164,11 +164,11 @@ def _no_task_left_running(request: pytest.FixtureRequest) -> Iterator[None]:
     if left := pending():
         runner.run(settle(left))
     if left := pending():
+        names = "\n  ".join(repr(t) for t in left)
         for t in left:
             t.cancel()
         runner.run(settle(left))
         if not request.node.stash.get(_CALL_FAILED, True):
-            names = "\n  ".join(repr(t) for t in left)
             pytest.fail(f"{len(left)} task(s) still running after the test:\n  {names}", pytrace=False)
 
 

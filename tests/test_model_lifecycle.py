@@ -370,7 +370,13 @@ def test_evaluate_json_on_sim_crops(tmp_path: Path) -> None:
     write_dataset(no_sensors, per_class=4, seed=11, splits=(1, 1, 2), sensors=False)
     res = runner.invoke(app, ["model", "evaluate", "--model", str(SHIPPED), "--data", str(no_sensors), "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout)["fused_accuracy"] is None
-    assert 0 <= rep["coverage_at_999"] <= 1 and math.isfinite(rep["ece"])
+    # the figures agree with the confusion matrices they come from
+    image, fused = np.array(rep["confusion"]), np.array(rep["fused_confusion"])
+    assert image.sum() == fused.sum() == 10 and rep["coverage_by"] == "fused"
+    assert rep["accuracy"] == pytest.approx(np.trace(image) / 10)
+    assert rep["fused_accuracy"] == pytest.approx(np.trace(fused) / 10)
+    # 99.9 % accuracy over 10 pieces keeps all of them only when all 10 are right
+    assert (rep["coverage_at_999"] == 1.0) == (np.trace(fused) == 10) and math.isfinite(rep["ece"])
     assert (plots / "confusion.png").stat().st_size > 1000 and (plots / "reliability.png").is_file()
     table = runner.invoke(app, ["model", "evaluate", "--model", str(SHIPPED), "--data", str(root), "--no-plots"])
     assert table.exit_code == 0 and "coverage_at_999" in table.output
