@@ -178,11 +178,14 @@ def _no_task_left_running(request: pytest.FixtureRequest) -> Iterator[None]:
 # 0.9727-0.9838 over seeds 7-9, ferrite/SmCo 0.9718-0.9801): at most 3.5 % of a fraction's pieces go
 # to residue (conflicting neighbours, uncertain pieces).
 LOSS_RATE = 0.035
-# Outcomes of a command that a stall of the shared machine explains (the decision came too late for
-# the valves, or the starved PLC did not answer in time): counted in the records, not a sorting error.
-STALLED = ("expired", "timeout")
-# At most this share of the commands may stall: a wrong clock or a backlog expires nearly all of them, a
-# busy two-core machine (measured with other jobs beside a 12 s demo) 13 %.
+# Outcomes that say the line did not get to sort the piece, each counted in its record: its decision came
+# too late for the valves (expired), the PLC did not answer in time (timeout), the PLC link was down
+# (offline), the line was held or did not know the belt's speed (held, no_speed), the service was
+# stopping (cancelled). On a shared machine a stall causes them; they are not sorting errors.
+STALLED = ("expired", "timeout", "offline", "held", "no_speed", "cancelled")
+# At most this share of the pieces may stall: a wrong clock or a backlog stalls nearly all of them. A 12 s
+# demo on this two-core machine stalled none beside one busy loop, 9 % beside other developers' jobs, and
+# 30 % beside two busy loops (its PLC link dropped: a machine that cannot run the line, rightly a failure).
 MAX_STALLED = 0.25
 TOUCH_MM = 1.5  # two bounding boxes this close: touching pieces (the feed lays them "by a hair" apart)
 
@@ -254,8 +257,9 @@ class LineRun:
 
     def counted_faults(self) -> dict[str, int]:
         """Faults the run counted that can lose a piece's every view: dropped frames, pieces the starved
-        simulator placed where a camera could already see them, frames or batches that failed."""
-        keys = ("frames_dropped", "pieces_fed_late", "frames_failed", "batches_failed")
+        simulator placed where a camera could already see them, views that came after their piece was
+        decided (a stalled vision thread), frames or batches that failed."""
+        keys = ("frames_dropped", "pieces_fed_late", "late_views", "frames_failed", "batches_failed")
         return {k: self.report[k] for k in keys if self.report.get(k)}
 
     def assert_every_piece_accounted(self) -> None:
@@ -282,17 +286,16 @@ class LineRun:
         return sum(1 for t in belongs if t["bin"] == fraction) / len(belongs), len(belongs)
 
     def stalled_share(self) -> float:
-        """Commands lost to a stall, of all the pieces with a command or a stalled one."""
-        outcomes = [r["outcome"] for r in self.records]
-        stalled = sum(1 for o in outcomes if o in STALLED)
-        tried = stalled + sum(1 for o in outcomes if o == "accepted")
-        return stalled / tried if tried else 0.0
+        """The share of the records whose piece the line did not get to sort (see STALLED)."""
+        if not self.records:
+            return 0.0
+        return sum(1 for r in self.records if r["outcome"] in STALLED) / len(self.records)
 
     def assert_recovery(self, *fractions: str) -> None:
         """Each fraction's recovery over its pieces not lost to a stall, at least `binomial_floor` of README's
         loss rate for their number; and the stalls themselves few (MAX_STALLED)."""
         stalled = self.stalled_share()
-        print(f"stalled commands: {stalled:.3f}")
+        print(f"stalled pieces: {stalled:.3f}")
         assert stalled <= MAX_STALLED, stalled
         for f in fractions:
             got, n = self.recovery(f)
