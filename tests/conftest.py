@@ -244,7 +244,7 @@ class LineRun:
             if not t["bin"] or t["id"] in self.matched:
                 continue
             box = self._truth_box(t)
-            seen_in = [r for r in self.records if self._near(box, self._record_box(r), TOUCH_MM)]
+            seen_in = [r for r in self.records if self._near(box, self._record_box(r), 0.0)]  # records over it
             touching = [n for n in self.truth if n["id"] != t["id"] and self._near(box, self._truth_box(n), TOUCH_MM)]
             fragments = [r for r in seen_in if r["id"] not in used]
             why = None
