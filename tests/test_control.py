@@ -18,7 +18,7 @@ from sorter.core.messages import PlcStatus
 from sorter.core.packml import Command, State
 from sorter.drivers.plc.base import PlcCommand, alarms_of
 from sorter.line.control import LineControl
-from tests.waiting import wait_until
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.fast
 

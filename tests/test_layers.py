@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.fast
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -115,12 +113,14 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+@pytest.mark.fast
 def test_no_import_cycle_among_the_products_modules():
     graph = import_graph(ROOT, ["sorter"])
     assert len(graph) > 80  # the scan saw the product
     assert cycles(graph) == []
 
 
+@pytest.mark.fast
 def test_nothing_in_the_product_imports_the_simulator_or_the_scripts():
     graph = import_graph(ROOT, ["sorter", "sim", "hw"])
     bad = sorted(
@@ -133,6 +133,7 @@ def test_nothing_in_the_product_imports_the_simulator_or_the_scripts():
     assert bad == []
 
 
+@pytest.mark.fast
 def test_the_scan_sees_function_level_imports_and_skips_type_checking(tmp_path: Path):
     pkg = tmp_path / "pkg"
     pkg.mkdir()
@@ -147,6 +148,7 @@ def test_the_scan_sees_function_level_imports_and_skips_type_checking(tmp_path: 
     assert cycles(graph) == [["pkg.a", "pkg.b"]]
 
 
+@pytest.mark.wire  # a subprocess: import-linter's own command
 def test_import_linter_contracts_are_kept():
     """pyproject.toml's [tool.importlinter] contracts: layers, pure core, no simulator, no cycles."""
     lint = Path(sys.executable).parent / "lint-imports"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from sorter.core.linestate import CameraStats, LineCounters, LineStats
 from sorter.core.messages import FieldState, Outcome, PlcStatus
 from sorter.core.packml import State
 from sorter.north.metrics import ServiceMetrics
+from tests.conftest import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,7 +181,17 @@ async def test_metrics_scraped_mid_run(tmp_path):
     scraped: dict[str, Any] = {}
 
     async def scrape(line, sim) -> None:
-        await asyncio.sleep(4)  # a few seconds of sorting; what is asserted is read from the same snapshot
+        # until the line has sorted a few dozen pieces and sent commands; then what is asserted is read
+        # from one snapshot (the stats below are what the scrape renders: no await in between)
+        await wait_until(
+            lambda: (
+                (s := line.metrics.stats) is not None
+                and s.counters.pieces >= 30
+                and s.counters.outcomes["accepted"] >= 5
+            ),
+            20,
+            "pieces sorted",
+        )
         scraped["line"] = line
         scraped["stats"] = line.metrics.stats  # what the scrape below renders (no await in between)
         scraped["mid"] = line.metrics.render()
