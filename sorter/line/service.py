@@ -26,7 +26,7 @@ import numpy as np
 import structlog
 
 from sorter.config import LineConfig, RoutingConfig
-from sorter.core.alarms import Alarm, AlarmBoard, Condition
+from sorter.core.alarms import AlarmBoard, Condition
 from sorter.core.clock import ClockModel
 from sorter.core.decide import decide
 from sorter.core.geometry import CameraGeometry, unwrap
@@ -487,9 +487,6 @@ class LineService:
             self.records.event("alarm_cleared", alarm=a.name)
         if raised or cleared:
             self._publish()
-
-    def alarms(self) -> list[Alarm]:
-        return list(self.alarm_board.active)
 
     # --- housekeeping ---
     async def _flush_loop(self) -> None:
