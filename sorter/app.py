@@ -22,6 +22,7 @@ from pathlib import Path
 import structlog
 
 from sorter.config import ConfigError, LineConfig, load_config
+from sorter.config.plant import check_plant
 from sorter.core.clock import ClockModel
 from sorter.core.geometry import camera_geometries
 from sorter.core.messages import Decision, PackMLRequest, SwapModel
@@ -73,7 +74,15 @@ def build_line(
     north: bool = True,
 ) -> Line:
     """Every part of one line, wired. `planner`: another eject planner (calibrate_eject's); `north=False`:
-    no HMI and no OPC UA server whatever the config says (benches and scripts that only sort)."""
+    no HMI and no OPC UA server whatever the config says (benches and scripts that only sort).
+
+    ConfigError if the config says `plant: true` and has a demo-only setting (sorter/config/plant.py)."""
+    if cfg.plant:  # a plant's line does not start with a demo-only setting (docs/config.md, `plant`)
+        problems = check_plant(cfg)
+        if problems:
+            raise ConfigError(
+                "plant: true, but the config has demo-only settings:\n" + "\n".join(f"  {p}" for p in problems)
+            )
     log = structlog.get_logger("sorter")
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     clock = ClockModel()

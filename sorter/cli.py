@@ -58,8 +58,8 @@ def run(
     cfg = _load(config)
     try:
         asyncio.run(run_line(config, cfg, auto_start=start, capture=capture))
-    except ModelError as exc:
-        raise fail(str(exc)) from None
+    except (ModelError, ConfigError) as exc:  # ConfigError: `plant: true` with a demo-only setting
+        raise fail(f"{config}: {exc}" if isinstance(exc, ConfigError) else str(exc)) from None
 
 
 @model_app.command("train")
@@ -149,10 +149,29 @@ def model_check(
 
 
 @app.command("check-config")
-def check_config(config: Annotated[Path, typer.Argument(help="line config (YAML)")]) -> None:
-    """Validate a line config; exit status 2 with file, key path and line on error."""
+def check_config(
+    config: Annotated[Path, typer.Argument(help="line config (YAML)")],
+    plant: Annotated[
+        bool,
+        typer.Option(
+            "--plant",
+            help="also refuse what a real plant must not run with (the demo's users, anonymous or None-policy "
+            "OPC UA, an HMI without TLS, a Modbus PLC on a public address), as the service does with `plant: true`",
+        ),
+    ] = False,
+) -> None:
+    """Validate a line config; exit status 2 with file, key path and line on error (one line per problem)."""
+    from sorter.config.plant import check_plant
+
     cfg = _load(config)
-    typer.echo(f"{config}: ok ({len(cfg.cameras)} cameras, fractions {cfg.fractions})")
+    if plant or cfg.plant:
+        problems = check_plant(cfg)
+        for problem in problems:
+            typer.echo(f"{config}: {problem}", err=True)
+        if problems:
+            raise fail(f"{config}: {len(problems)} demo-only setting(s), not for a plant (see above)")
+    mode = ", plant settings" if plant or cfg.plant else ""
+    typer.echo(f"{config}: ok ({len(cfg.cameras)} cameras, fractions {cfg.fractions}{mode})")
 
 
 @app.command("report")
@@ -281,16 +300,88 @@ def opcua_certs(
 
 @opcua_app.command("trust")
 def opcua_trust(
-    certificate: Annotated[Path, typer.Argument(help="a client's certificate (DER or PEM)")],
-    trust_dir: Annotated[Path, typer.Option(help="the config's opcua_server.trust_dir")] = Path("pki/trusted"),
+    certificate: Annotated[
+        str | None,
+        typer.Argument(
+            help="a client's certificate file (DER or PEM), or the thumbprint (or file name) of a refused one in "
+            "the rejected folder (`--list` shows them)",
+            show_default=False,
+        ),
+    ] = None,
+    list_: Annotated[
+        bool, typer.Option("--list", help="list the refused client certificates, then the trusted ones")
+    ] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="take the folders from this line config (opcua_server.trust_dir ...)"),
+    ] = None,
+    trust_dir: Annotated[
+        Path | None, typer.Option(help="the config's opcua_server.trust_dir [default: pki/trusted]")
+    ] = None,
+    rejected_dir: Annotated[
+        Path | None,
+        typer.Option(help="the config's opcua_server.rejected_dir [default: `rejected` beside the trust folder]"),
+    ] = None,
 ) -> None:
-    """Accept a client (SCADA, MES, HMI) by copying its certificate into the trust folder."""
-    from sorter.north.opcua.pki import PkiError, trust
+    """Accept a client (SCADA, MES, HMI): move its refused certificate from the rejected folder into the trust
+    folder, or copy a certificate file there. `--list` shows the refused ones (subject, thumbprint, first seen).
 
+    The line's OPC UA server keeps the certificate of every unknown client it refused in the rejected folder;
+    the trust folder is re-read at every new session, so the client gets in at its next attempt."""
+    from sorter.north.opcua.pki import (
+        PkiError,
+        find_rejected,
+        load_certificate,
+        subject_text,
+        thumbprint,
+        trust,
+        trust_rejected,
+    )
+
+    trusted_dir, refused_dir = _opcua_folders(config, trust_dir, rejected_dir)
+    if list_:
+        hint = "`sorter opcua trust THUMBPRINT` trusts one"
+        _opcua_print_certificates("refused client certificates", refused_dir, "first seen", hint)
+        _opcua_print_certificates("trusted client certificates", trusted_dir, "added", None)
+        if certificate is None:
+            return
+    if certificate is None:
+        raise fail("give a certificate file or the thumbprint of a refused certificate (`--list` shows them)")
     try:
-        typer.echo(f"trusted: {trust(certificate, trust_dir)}")
+        path = Path(certificate)
+        if path.is_file() and path.resolve().parent != refused_dir.resolve():
+            target = trust(path, trusted_dir)  # a file from elsewhere (e-mailed by the SCADA integrator): copied
+            cert = load_certificate(target)
+            typer.echo(f"trusted: {target} ({subject_text(cert)}, thumbprint {thumbprint(cert)})")
+            return
+        found = find_rejected(refused_dir, path.name if path.is_file() else certificate)
+        target = trust_rejected(found, trusted_dir)
     except PkiError as exc:
         raise fail(str(exc)) from None
+    typer.echo(f"trusted: {target} ({found.subject}, thumbprint {found.thumbprint}), moved from {refused_dir}")
+
+
+def _opcua_folders(config: Path | None, trust_dir: Path | None, rejected_dir: Path | None) -> tuple[Path, Path]:
+    """The trust and rejected folders: the options, else the config's, else pki/trusted and its sibling."""
+    if config is not None:
+        srv = _load(config).opcua_server
+        if srv is None:
+            raise fail(f"{config}: no opcua_server section")
+        trust_dir = trust_dir or srv.trust_dir
+        rejected_dir = rejected_dir or (srv.rejected_path if trust_dir == srv.trust_dir else None)
+    trust_dir = trust_dir or Path("pki/trusted")
+    return trust_dir, rejected_dir or trust_dir.parent / "rejected"
+
+
+def _opcua_print_certificates(title: str, folder: Path, when: str, hint: str | None) -> None:
+    """One line per certificate: thumbprint, the file's time, subject, application URI, file."""
+    from sorter.north.opcua.pki import list_certificates
+
+    certs = list_certificates(folder)
+    typer.echo(f"{title} in {folder}: {len(certs) or 'none'}" + (f" ({hint})" if hint and certs else ""))
+    for c in certs:
+        seen = c.first_seen.strftime("%Y-%m-%d %H:%M:%S UTC")
+        typer.echo(f"  {c.thumbprint}  {when} {seen}  {c.subject}  {c.application_uri or '-'}  {c.path}")
 
 
 @opcua_app.command("hash-password")

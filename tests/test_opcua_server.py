@@ -1,6 +1,9 @@
 """The line's OPC UA server, end to end with asyncua's client: security, users and roles, PackML methods,
 published values, alarm events, a misbehaving client that must not disturb the service loop, and the
-server's own process (lower priority, never blocking the service, its death noticed).
+server's own process (lower priority, never blocking the service, its death noticed). Client certificates
+as plants expect them: an unknown one refused and kept in rejected/, `sorter opcua trust` taking it from
+there; none checked on the demo's None endpoint; no BadInternalError for what a client does. And the same
+with an independent stack (node-opcua, tests/nodeclient.py) bringing its own freshly made certificate.
 
 One server (SignAndEncrypt/Sign, no anonymous) serves most tests: its start-up (a spawned process
 building the address space) takes seconds, and a real PackMLMachine behind a small command coroutine
@@ -18,6 +21,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +34,33 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from typer.testing import CliRunner
 
-from sorter.config import OpcUaServerConfig, UserConfig
+from sorter.config import OpcUaServerConfig, UserConfig, load_config
 from sorter.core.linestate import LineSnapshot
 from sorter.core.packml import Command, PackMLMachine, State
-from sorter.north.opcua.pki import PkiError, load_certificate, make_certificate, trust
+from sorter.north.opcua.pki import (
+    PkiError,
+    find_rejected,
+    leaf_der,
+    list_certificates,
+    load_certificate,
+    make_certificate,
+    store_rejected,
+    thumbprint,
+    trust,
+    trust_rejected,
+)
 from sorter.north.opcua.process import CHILD_NICE
 from sorter.north.opcua.protocol import coalesce as _coalesce
 from sorter.north.opcua.proxy import LineOpcUaServer, OpcUaServerError
 from sorter.north.users import authenticate, hash_password, may_configure, may_operate, verify_password
+from tests.nodeclient import CLIENT_DIR, arun_node_client, require_node, step
 from tests.reclog import RecLog as BaseRecLog
 
+pytestmark = pytest.mark.wire
 # every server test shares the module's loop, the one the module-scoped server was started from
 in_module_loop = pytest.mark.asyncio(loop_scope="module")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 NS = "urn:magnet-sorter:line"
 CLIENT_URI = "urn:magnet-sorter:test-client"
@@ -117,6 +136,12 @@ class Line:
         self.counts = dict.fromkeys(FRACTIONS, 0)
         self.alarms = []
         self.publish()
+
+    def to_execute(self) -> None:
+        """Stopped -> Execute (Reset, Start) as the line would, without a client."""
+        for cmd in (Command.RESET, Command.START):
+            self.machine.command(cmd, why="test")
+            self.machine.complete()
 
     def snapshot(self) -> LineSnapshot:
         return LineSnapshot(
@@ -404,7 +429,16 @@ async def test_untrusted_client_certificate_refused(server: LineOpcUaServer, pki
     with pytest.raises(ua.uaerrors.BadCertificateUntrusted):
         await client.connect()
     await client.disconnect()
-    assert any(r["subject"] == "rogue" for r in log.find("opcua client certificate refused"))
+    rogue = thumbprint(load_certificate(pki.rogue_cert))
+    refused = [r for r in log.find("opcua client certificate refused") if r["thumbprint"] == rogue]
+    assert refused, log.find("opcua client certificate refused")
+    rec = refused[-1]
+    assert rec["status"] == "BadCertificateUntrusted" and rec["subject"] == "CN=rogue, O=magnet-sorter"
+    assert rec["peer"].startswith("127.0.0.1:") and rec["application_uri"] == CLIENT_URI
+    # kept for an administrator: in `rejected` beside the trust folder, as DER
+    kept = Path(rec["file"])
+    assert kept.parent == pki.root / "rejected" and kept.read_bytes() == pki.rogue_cert.read_bytes()
+    assert [c.thumbprint for c in list_certificates(pki.root / "rejected")] == [rogue]
 
 
 @pytest.mark.parametrize("session_cert", ["trusted", "none"])
@@ -818,3 +852,403 @@ async def test_killed_server_process_is_noticed(pki: Pki, users: list[UserConfig
         await server.stop()
     assert not server.listening and server.pid is None
     assert len(log.find("ALARM OPC UA server process died")) == 1
+
+
+# --- client certificates as plants expect them: trusted/, rejected/, `sorter opcua trust` ---
+
+
+def test_rejected_folder_keeps_each_refused_certificate_once(tmp_path: Path) -> None:
+    certs = []
+    for n in range(4):
+        cert, _ = make_certificate(
+            tmp_path / f"c{n}.der",
+            tmp_path / f"k{n}.pem",
+            common_name=f"scada {n}/x",
+            application_uri="urn:c",
+            hostnames=["h"],
+        )
+        certs.append(cert.read_bytes())
+    rejected = tmp_path / "rejected"
+    path, new = store_rejected(certs[0], rejected)
+    assert new and path.parent == rejected and path.suffix == ".der"
+    assert path.name == f"scada-0-x_{thumbprint(load_certificate(path))}.der"  # a safe name whatever the CN says
+    os.utime(path, (1_000_000, 1_000_000))  # first refused long ago
+    again, new = store_rejected(certs[0] + certs[1], rejected)  # the same leaf, sent with a chain behind it
+    assert again == path and not new and path.stat().st_mtime == 1_000_000  # not rewritten: "first seen" stays
+    for data in certs[1:]:
+        store_rejected(data, rejected, keep=3)
+    kept = list_certificates(rejected)
+    assert len(kept) == 3 and path not in [c.path for c in kept]  # the oldest went
+    with pytest.raises(PkiError):
+        store_rejected(b"\x30\x82\x01", rejected)
+    assert leaf_der(certs[2] + certs[3]) == certs[2]
+    for junk in (b"", b"\x02\x01\x00", b"\x30\x84\xff\xff\xff\xff"):
+        with pytest.raises(PkiError):
+            leaf_der(junk)
+
+
+def test_find_and_trust_a_rejected_certificate(tmp_path: Path) -> None:
+    a, _ = make_certificate(
+        tmp_path / "a.der", tmp_path / "a.pem", common_name="a", application_uri="urn:a", hostnames=["h"]
+    )
+    rejected, trusted = tmp_path / "rejected", tmp_path / "trusted"
+    path, _ = store_rejected(a.read_bytes(), rejected)
+    (rejected / "junk.der").write_bytes(b"not a certificate")  # listed by no one, breaks nothing
+    thumb = thumbprint(load_certificate(a))
+    spaced = ":".join(thumb[i : i + 2] for i in range(0, len(thumb), 2)).upper()
+    for wanted in (thumb, thumb[:8], spaced, path.name, path.stem):
+        assert find_rejected(rejected, wanted).path == path
+    with pytest.raises(PkiError, match="no refused certificate"):
+        find_rejected(rejected, "00000000")
+    with pytest.raises(PkiError, match="no refused certificate"):
+        find_rejected(tmp_path / "nowhere", thumb)
+    target = trust_rejected(find_rejected(rejected, thumb), trusted)
+    assert target == trusted / path.name and target.read_bytes() == a.read_bytes() and not path.exists()
+
+
+def test_cli_trust_lists_and_moves_rejected_certificates(tmp_path: Path) -> None:
+    from sorter.cli import app
+
+    a, _ = make_certificate(
+        tmp_path / "a.der", tmp_path / "a.pem", common_name="scada-a", application_uri="urn:a", hostnames=["h"]
+    )
+    b, _ = make_certificate(
+        tmp_path / "b.der", tmp_path / "b.pem", common_name="mes-b", application_uri="urn:b", hostnames=["h"]
+    )
+    pki_dir = tmp_path / "pki"
+    trusted, rejected = pki_dir / "trusted", pki_dir / "rejected"
+    store_rejected(a.read_bytes(), rejected)
+    thumb = thumbprint(load_certificate(a))
+    runner = CliRunner()
+    folders = ["--trust-dir", str(trusted)]  # rejected/ beside it by default
+
+    listed = runner.invoke(app, ["opcua", "trust", "--list", *folders])
+    assert listed.exit_code == 0, listed.output
+    assert f"refused client certificates in {rejected}: 1" in listed.stdout
+    line = next(x for x in listed.stdout.splitlines() if thumb in x)
+    assert (
+        "CN=scada-a, O=magnet-sorter" in line and "urn:a" in line and "first seen 20" in line and str(rejected) in line
+    )
+    assert f"trusted client certificates in {trusted}: none" in listed.stdout
+
+    took = runner.invoke(app, ["opcua", "trust", thumb[:10].upper(), *folders])
+    assert took.exit_code == 0, took.output
+    assert "moved from" in took.stdout and not list(rejected.glob("*.der"))
+    assert [c.thumbprint for c in list_certificates(trusted)] == [thumb]
+
+    copied = runner.invoke(app, ["opcua", "trust", str(b), *folders])  # a file from elsewhere: copied, as before
+    assert copied.exit_code == 0, copied.output
+    assert (trusted / "b.der").read_bytes() == b.read_bytes() and b.exists()
+
+    missing = runner.invoke(app, ["opcua", "trust", "deadbeef00", *folders])
+    assert missing.exit_code == 2 and "no refused certificate" in missing.stderr
+    nothing = runner.invoke(app, ["opcua", "trust", *folders])
+    assert nothing.exit_code == 2 and "--list" in nothing.stderr
+
+
+def test_cli_trust_takes_the_folders_from_the_config(tmp_path: Path) -> None:
+    from sorter.cli import app
+
+    text = (ROOT / "config" / "line.example.yaml").read_text()
+    config = tmp_path / "etc" / "line.yaml"
+    config.parent.mkdir()
+    config.write_text(text.replace("trust_dir: ../pki/trusted", "trust_dir: pki/ok\n  rejected_dir: pki/refused"))
+    a, _ = make_certificate(
+        tmp_path / "a.der", tmp_path / "a.pem", common_name="a", application_uri="urn:a", hostnames=["h"]
+    )
+    store_rejected(a.read_bytes(), tmp_path / "etc" / "pki" / "refused")
+    res = CliRunner().invoke(app, ["opcua", "trust", thumbprint(load_certificate(a)), "-c", str(config)])
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "etc" / "pki" / "ok").glob("*.der"))) == 1
+
+
+@contextlib.asynccontextmanager
+async def line_server(
+    cfg: OpcUaServerConfig, users: list[UserConfig], log_dir: Path
+) -> AsyncIterator[tuple[Line, LineOpcUaServer, RecLog]]:
+    """A server of its own for a test (another configuration than the module's), its log readable."""
+    line = Line()
+    log = RecLog(log_dir / "opcua-server.jsonl")
+    server = LineOpcUaServer(cfg, users, FRACTIONS, line.command, log=log)
+    server._child_log_file = log.path
+    line.server = server
+    line.loop = asyncio.get_running_loop()
+    await server.start()
+    try:
+        line.fresh()
+        yield line, server, log
+    finally:
+        await server.stop()
+
+
+@in_module_loop
+async def test_empty_trust_folder_trusts_nobody_then_trust_takes_the_refused_client(
+    pki: Pki, users: list[UserConfig], tmp_path: Path
+) -> None:
+    """The reported bug: an empty trust folder made asyncua raise `can't create an empty store`, which the
+    client saw as BadInternalError on CreateSession. Empty means nobody is trusted yet."""
+    from sorter.cli import app
+
+    trusted = tmp_path / "pki" / "trusted"
+    trusted.mkdir(parents=True)
+    cfg = server_config(pki).model_copy(update={"trust_dir": trusted})
+    async with line_server(cfg, users, tmp_path) as (line, server, log):
+        client = await secure_client(server.endpoint_url, pki, "olga")
+        with pytest.raises(ua.uaerrors.BadCertificateUntrusted):
+            await client.connect()
+        await client.disconnect()
+        listed = CliRunner().invoke(app, ["opcua", "trust", "--list", "--trust-dir", str(trusted)])
+        thumb = thumbprint(load_certificate(pki.client_cert))
+        assert thumb in listed.stdout, listed.output
+        took = CliRunner().invoke(app, ["opcua", "trust", thumb, "--trust-dir", str(trusted)])
+        assert took.exit_code == 0, took.output
+        (trusted / "notes.pem").write_text("a file that is no certificate")  # skipped, logged once
+        async with await secure_client(server.endpoint_url, pki, "olga") as client:  # no restart needed
+            idx, sl = await line_node(client)
+            await sl.call_method(f"{idx}:Reset")
+        async with await secure_client(server.endpoint_url, pki, "vic") as client:  # the folder re-read again
+            idx, sl = await line_node(client)
+            assert await eventually((await sl.get_child(f"{idx}:State")).read_value, "Idle") == "Idle"
+        assert line.calls == [(Command.RESET, "olga", True)]
+    assert "BadInternalError" not in log.text() and "empty store" not in log.text()
+    skipped = log.find("opcua trusted certificate unreadable, skipped")
+    assert len(skipped) == 1 and skipped[0]["file"].endswith("notes.pem")
+
+
+@in_module_loop
+async def test_certificate_chain_in_create_session_is_accepted(server: LineOpcUaServer, pki: Pki, line: Line) -> None:
+    """A client may send its certificate followed by its CA chain in CreateSession (asyncua parsed the whole blob
+    as one certificate: BadInternalError); the leaf is checked and must be the channel's."""
+    client = await secure_client(server.endpoint_url, pki, "olga")
+    await client.connect_socket()
+    try:
+        await client.send_hello()
+        await client.open_secure_channel()
+        policy = client.security_policy
+        policy.host_certificate = pki.client_cert.read_bytes() + pki.server_cert.read_bytes()  # leaf + "its CA"
+        policy.asymmetric_cryptography.verify = lambda data, sig: None  # the server signed the leaf, not the blob
+        await client.create_session()
+        await client.activate_session(username="olga", password=PASSWORDS["olga"])
+        idx, sl = await line_node(client)
+        await sl.call_method(f"{idx}:Reset")
+        await client.close_session()
+    finally:
+        client.disconnect_socket()
+    assert line.calls == [(Command.RESET, "olga", True)]
+
+
+@in_module_loop
+async def test_unparseable_client_certificate_is_refused_not_an_internal_error(
+    server: LineOpcUaServer, pki: Pki, log: RecLog
+) -> None:
+    client = await secure_client(server.endpoint_url, pki, "olga")
+    await client.connect_socket()
+    try:
+        await client.send_hello()
+        await client.open_secure_channel()
+        client.security_policy.host_certificate = b"\x30\x03\x02\x01\x00"  # DER, but no certificate
+        with pytest.raises(ua.uaerrors.BadCertificateInvalid):
+            await client.create_session()
+    finally:
+        client.disconnect_socket()
+    assert any(r["status"] == "BadCertificateInvalid" for r in log.find("opcua client certificate refused"))
+
+
+@in_module_loop
+async def test_bad_client_signature_is_a_specific_status(
+    server: LineOpcUaServer, pki: Pki, line: Line, log: RecLog
+) -> None:
+    """ActivateSession signed with the wrong key: asyncua's verification raises, which it answered with
+    BadInternalError; now BadApplicationSignatureInvalid, logged with the peer."""
+    client = await secure_client(server.endpoint_url, pki, "olga")
+    await client.connect_socket()
+    try:
+        await client.send_hello()
+        await client.open_secure_channel()
+        await client.create_session()
+        crypto = client.security_policy.asymmetric_cryptography
+        good = crypto.signature
+        crypto.signature = lambda data: bytes(len(good(data)))  # the right length, zeros
+        with pytest.raises(ua.uaerrors.BadApplicationSignatureInvalid):
+            await client.activate_session(username="olga", password=PASSWORDS["olga"])
+    finally:
+        client.disconnect_socket()
+    assert line.calls == []
+    refused = log.find("opcua request refused", service="ActivateSession")
+    assert refused and refused[-1]["status"] == "BadApplicationSignatureInvalid" and refused[-1]["peer"]
+
+
+# --- an independent stack: node-opcua with its own freshly made certificate ---
+
+# What node-opcua's client does when it has no certificate (OPCUAClient.createDefaultCertificate): a self-signed
+# application certificate from node-opcua's own PKI code, made here once so that two runs present the same one.
+NODE_CERT_JS = """
+import os from "node:os";
+import path from "node:path";
+import { OPCUACertificateManager } from "node-opcua-certificate-manager";
+const dir = process.env.NODE_CERT_DIR;
+const host = os.hostname();
+const cm = new OPCUACertificateManager({ rootFolder: path.join(dir, "pki"), disableFileWatchers: true });
+await cm.initialize();
+const certificate = path.join(dir, "client_certificate.pem");
+await cm.createSelfSignedCertificate({
+    applicationUri: `urn:${host}:MagnetSorterNodeTestClient`,
+    dns: [host],
+    outputFile: certificate,
+    subject: `/CN=MagnetSorterNodeTestClient@${host}/O=node-opcua test client`,
+    startDate: new Date(),
+    validity: 30,
+});
+await cm.dispose();
+console.log(JSON.stringify({ certificate, privateKey: cm.privateKey }));
+"""
+
+
+async def node_made_certificate(folder: Path) -> tuple[Path, Path]:
+    """A fresh certificate and key made by node-opcua's PKI (not by this project's pki.py)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = await asyncio.create_subprocess_exec(
+        "node", "--input-type=module", "-e", NODE_CERT_JS,
+        cwd=CLIENT_DIR, env={**os.environ, "NODE_CERT_DIR": str(folder)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+    made = json.loads(out.decode().strip().splitlines()[-1])
+    return Path(made["certificate"]), Path(made["privateKey"])
+
+
+@in_module_loop
+async def test_node_client_on_the_demo_none_endpoint(pki: Pki, tmp_path: Path) -> None:
+    """The demo's line server (None offered, anonymous viewers, the demo users, an empty trust folder) and a
+    node-opcua client that brings the certificate it makes for itself: it connects on None without its
+    certificate being checked, browses, is refused Hold as anonymous; as the demo operator it holds and unholds
+    the line, and Start while Held is refused."""
+    require_node()
+    trusted = tmp_path / "pki" / "trusted"
+    trusted.mkdir(parents=True)  # as `sorter demo` leaves it: nobody trusted
+    cfg = server_config(pki, allow_none_security=True, allow_anonymous=True).model_copy(update={"trust_dir": trusted})
+    demo = load_config(ROOT / "config" / "sim.yaml")
+    assert demo.opcua_server is not None and demo.opcua_server.allow_none_security and demo.opcua_server.allow_anonymous
+    async with line_server(cfg, demo.users, tmp_path) as (line, server, log):
+        line.to_execute()
+        base = {"endpoint": server.endpoint_url, "securityMode": "None", "securityPolicy": "None", "namespace": NS}
+        state = ["SortingLine", "StateCurrent"]
+        anonymous = await arun_node_client(
+            {
+                **base,
+                "steps": [
+                    {"op": "browse", "path": ["SortingLine"]},
+                    {"op": "wait_value", "path": state, "equals": int(State.EXECUTE), "timeout": 10},
+                    {"op": "call", "path": ["SortingLine"], "method": "Hold"},
+                ],
+            },
+            timeout=90,
+        )
+        assert anonymous["connected"], anonymous
+        assert anonymous["securityMode"] == "None"
+        assert {"State", "StateCurrent", "Hold", "Unhold", "Start", "Fractions"} <= set(step(anonymous, 0)["children"])
+        assert step(anonymous, 1)["ok"], step(anonymous, 1)
+        assert step(anonymous, 2)["statusCode"] == "BadUserAccessDenied"
+        assert line.calls == []
+
+        operator = await arun_node_client(
+            {
+                **base,
+                "userName": "operator",
+                "password": "demo-operator",
+                "steps": [
+                    {"op": "call", "path": ["SortingLine"], "method": "Hold"},
+                    {"op": "wait_value", "path": state, "equals": int(State.HELD), "timeout": 10},
+                    {"op": "call", "path": ["SortingLine"], "method": "Start"},
+                    {"op": "call", "path": ["SortingLine"], "method": "Unhold"},
+                    {"op": "wait_value", "path": state, "equals": int(State.EXECUTE), "timeout": 10},
+                    {"op": "read", "path": ["SortingLine", "State"]},
+                ],
+            },
+            timeout=90,
+        )
+        assert operator["connected"], operator
+        assert step(operator, 0)["statusCode"] == "Good"
+        held = step(operator, 1)
+        assert held["ok"] and held["value"] == 11, held
+        assert step(operator, 2)["statusCode"] == "BadInvalidState"
+        assert step(operator, 3)["statusCode"] == "Good"
+        back = step(operator, 4)
+        assert back["ok"] and back["value"] == 6, back
+        assert step(operator, 5)["value"] == "Execute"
+    assert [(cmd, user) for cmd, user, _ in line.calls] == [(Command.HOLD, "operator"), (Command.UNHOLD, "operator")]
+    results = [(r["user"], r["command"], r["result"]) for r in log.find("opcua command")]
+    assert results == [
+        ("anonymous", "Hold", "BadUserAccessDenied"),
+        ("operator", "Hold", "Good"),
+        ("operator", "Start", "BadInvalidState"),
+        ("operator", "Unhold", "Good"),
+    ]
+    # the clients' certificates were not checked on None: none refused, none kept
+    assert not log.find("opcua client certificate refused")
+    assert not (tmp_path / "pki" / "rejected").exists()
+    assert "BadInternalError" not in log.text()
+
+
+@in_module_loop
+async def test_node_client_is_refused_on_a_plant_endpoint_until_trusted(
+    pki: Pki, users: list[UserConfig], tmp_path: Path
+) -> None:
+    """A plant-like server (Basic256Sha256 only, named users, nobody trusted yet) and a node-opcua client with a
+    certificate node-opcua made: refused as untrusted, its certificate lands in rejected/, `sorter opcua trust`
+    takes it from there, then the same client is accepted (no restart)."""
+    from sorter.cli import app
+
+    require_node()
+    trusted = tmp_path / "pki" / "trusted"
+    trusted.mkdir(parents=True)
+    rejected = tmp_path / "pki" / "rejected"
+    cfg = server_config(pki).model_copy(update={"trust_dir": trusted})
+    assert not cfg.allow_none_security and not cfg.allow_anonymous
+    cert, key = await node_made_certificate(tmp_path / "node-client")
+    thumb = thumbprint(load_certificate(cert))
+    async with line_server(cfg, users, tmp_path) as (line, server, log):
+        base = {
+            "endpoint": server.endpoint_url,
+            "securityMode": "SignAndEncrypt",
+            "securityPolicy": "Basic256Sha256",
+            "certificate": str(cert),
+            "privateKey": str(key),
+            "userName": "olga",
+            "password": PASSWORDS["olga"],
+            "namespace": NS,
+            "maxRetry": 0,
+        }
+        refused = await arun_node_client({**base, "steps": [{"op": "browse", "path": ["SortingLine"]}]}, timeout=90)
+        assert refused["connected"] is False, refused
+        assert refused["error"] in ("BadCertificateUntrusted", "BadSecurityChecksFailed"), refused
+        kept = list_certificates(rejected)
+        assert [c.thumbprint for c in kept] == [thumb]
+        rec = log.find("opcua client certificate refused", thumbprint=thumb)
+        assert rec and rec[0]["status"] == "BadCertificateUntrusted" and rec[0]["peer"].startswith("127.0.0.1:")
+        assert "MagnetSorterNodeTestClient" in rec[0]["subject"] and rec[0]["file"] == str(kept[0].path)
+
+        listed = CliRunner().invoke(app, ["opcua", "trust", "--list", "--trust-dir", str(trusted)])
+        assert thumb in listed.stdout and "MagnetSorterNodeTestClient" in listed.stdout, listed.output
+        took = CliRunner().invoke(app, ["opcua", "trust", thumb, "--trust-dir", str(trusted)])
+        assert took.exit_code == 0, took.output
+        assert list_certificates(rejected) == [] and [c.thumbprint for c in list_certificates(trusted)] == [thumb]
+
+        accepted = await arun_node_client(
+            {
+                **base,
+                "steps": [
+                    {"op": "browse", "path": ["SortingLine"]},
+                    {"op": "call", "path": ["SortingLine"], "method": "Reset"},
+                    {"op": "wait_value", "path": ["SortingLine", "State"], "equals": "Idle", "timeout": 10},
+                ],
+            },
+            timeout=90,
+        )
+        assert accepted["connected"], accepted
+        assert (accepted["securityMode"], accepted["securityPolicy"]) == ("SignAndEncrypt", "Basic256Sha256")
+        assert "Reset" in step(accepted, 0)["children"]
+        assert step(accepted, 1)["statusCode"] == "Good" and step(accepted, 2)["ok"]
+    assert line.calls == [(Command.RESET, "olga", True)]
+    assert "BadInternalError" not in log.text()

@@ -446,8 +446,25 @@ class OpcUaServerConfig(Strict):
     )
     private_key: Path = Field(Path("pki/line-server-key.pem"), description="the server's private key (PEM)")
     trust_dir: Path = Field(Path("pki/trusted"), description="folder of accepted client certificates (DER/PEM)")
-    allow_none_security: bool = Field(False, description="also offer the unencrypted None endpoint (never in a plant)")
-    allow_anonymous: bool = Field(False, description="let clients in without a user name, as viewers")
+    rejected_dir: Path | None = Field(
+        None,
+        description="folder where the server keeps the certificates of refused (unknown) clients, for an "
+        "administrator to trust (`sorter opcua trust --list`, `sorter opcua trust THUMBPRINT`); null: `rejected` "
+        "beside `trust_dir`",
+    )
+    allow_none_security: bool = Field(
+        False,
+        description="also offer the unencrypted None endpoint, where client certificates are not checked (demo "
+        "only: never in a plant, `sorter check-config --plant` refuses it)",
+    )
+    allow_anonymous: bool = Field(
+        False, description="let clients in without a user name, as viewers (never in a plant)"
+    )
+
+    @property
+    def rejected_path(self) -> Path:
+        """The folder of refused client certificates: `rejected_dir`, or `rejected` beside the trust folder."""
+        return self.rejected_dir if self.rejected_dir is not None else self.trust_dir.parent / "rejected"
 
 
 class HmiConfig(Strict):
@@ -522,6 +539,12 @@ class ReportsConfig(Strict):
 
 class LineConfig(Strict):
     line: str = Field("line-1", description="the line's name, shown on the HMI and in its status")
+    plant: bool = Field(
+        False,
+        description="a real plant's line: the service refuses to start with a demo-only setting (the demo's users, "
+        "anonymous or None-policy OPC UA, an HMI without TLS, a Modbus PLC on a public address), as "
+        "`sorter check-config --plant` does",
+    )
     belt: BeltConfig = Field(BeltConfig(), description="the conveyor belt and its encoder")
     cameras: list[CameraConfig] = Field(description="the cameras above the belt, at least one; names unique")
     vision: VisionConfig = Field(VisionConfig(), description="finding the pieces in the camera images")
@@ -588,7 +611,11 @@ class LineConfig(Strict):
         srv = cfg.opcua_server
         if srv is not None:
             update["opcua_server"] = srv.model_copy(
-                update={k: rel(getattr(srv, k)) for k in ("certificate", "private_key", "trust_dir")}
+                update={
+                    k: rel(v)
+                    for k in ("certificate", "private_key", "trust_dir", "rejected_dir")
+                    if (v := getattr(srv, k)) is not None
+                }
             )
         mag = cfg.magnetometer
         if mag is not None and "/" in mag.port and not Path(mag.port).is_absolute():  # not a bare name such as COM3

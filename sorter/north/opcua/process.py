@@ -323,14 +323,18 @@ class _ServerProcess:
     async def _call(self, cmd: Command, parent: ua.NodeId, args: tuple[Any, ...]) -> Any:
         who, role = current_caller()
         detail = ""
-        if parent != self._line_id:
-            status = ua.StatusCodes.BadMethodInvalid
-        elif args:
-            status = ua.StatusCodes.BadTooManyArguments
-        elif not may_operate(role):
-            status = ua.StatusCodes.BadUserAccessDenied
-        else:
-            status, detail = await self._forward(cmd, who)
+        try:
+            if parent != self._line_id:
+                status = ua.StatusCodes.BadMethodInvalid
+            elif args:
+                status = ua.StatusCodes.BadTooManyArguments
+            elif not may_operate(role):
+                status = ua.StatusCodes.BadUserAccessDenied
+            else:
+                status, detail = await self._forward(cmd, who)
+        except Exception as exc:  # a bug here: logged with its traceback, the client told "unexpected", not "internal"
+            self.log.exception("opcua command failed", user=who, command=cmd.value)
+            status, detail = ua.StatusCodes.BadUnexpectedError, f"{type(exc).__name__}: {exc}"
         result = ua.StatusCode(ua.UInt32(status))
         log = self.log.info if result.is_good() else self.log.warning
         log("opcua command", user=who, role=role, command=cmd.value, result=result.name, detail=detail or None)
