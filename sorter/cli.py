@@ -400,4 +400,49 @@ def opcua_hash_password(
     typer.echo(hash_password(password))
 
 
+# --- `sorter hmi`: the operator HMI's TLS certificate (docs/hmi.md, "HTTPS") ---
+
+hmi_app = typer.Typer(help="The operator's web HMI: its HTTPS certificate.", no_args_is_help=True)
+app.add_typer(hmi_app, name="hmi")
+
+
+@hmi_app.command("certs")
+def hmi_certs(
+    out: Annotated[Path, typer.Option(help="folder for hmi-cert.pem and hmi-key.pem (the plant's pki/ folder)")],
+    host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="a name or IP address the panels use to reach the line PC (repeatable); added to this host's "
+            "name, localhost, 127.0.0.1 and ::1"
+        ),
+    ] = None,
+    days: Annotated[int, typer.Option(help="validity in days (825 at most for Safari)")] = 825,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing certificate and key")] = False,
+) -> None:
+    """Make the HMI's self-signed HTTPS server certificate (PEM) and its private key (PEM, mode 0600).
+
+    Put them in the config (hmi.certificate, hmi.private_key) and trust the certificate on each panel's
+    browser (docs/hmi.md); its fingerprint is printed to compare there."""
+    import socket
+
+    from sorter.north.hmi.tls import CERT_FILE, KEY_FILE, TlsError, fingerprint, make_server_certificate, subject_names
+
+    cert_path, key_path = out / CERT_FILE, out / KEY_FILE
+    existing = [str(p) for p in (cert_path, key_path) if p.exists()]
+    if existing and not force:  # both checked first: never leave half a pair behind
+        raise fail(f"{', '.join(existing)} exist; --force replaces them (the panels then need to trust the new one)")
+    hosts = [*(host or []), socket.gethostname(), "localhost", "127.0.0.1", "::1"]
+    try:
+        cert = make_server_certificate(cert_path, key_path, hostnames=hosts, days=days, overwrite=force)
+    except TlsError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"certificate: {cert_path}\nprivate key: {key_path} (mode 0600)")
+    typer.echo(f"names:       {', '.join(subject_names(cert))}")
+    typer.echo(f"valid until: {cert.not_valid_after_utc:%Y-%m-%d} (UTC)\nSHA-256:     {fingerprint(cert)}")
+    typer.echo(
+        f"in the line config:\n  hmi:\n    tls: true\n    certificate: {cert_path.resolve()}\n"
+        f"    private_key: {key_path.resolve()}"
+    )
+
+
 _add_plugin_commands()

@@ -33,7 +33,6 @@ ALIASES = {"slow": "line"}
 # has its own `pytestmark`.
 UNDECLARED = {
     "test_metrics.py": "fast",
-    "test_hmi.py": "wire",
     "test_opcua_server.py": "wire",
     "test_shiftreport.py": "fast",
     "test_segment.py": "fast",

@@ -2,26 +2,41 @@
 driving the simulated line (Start, counts rising, live view, Hold, an alarm from a pulled PLC cable
 acknowledged; a viewer without buttons and refused by the endpoints; the HMI down, the line sorting on).
 
-API tests talk real HTTP and WebSocket to the HMI of a LineService that is built but not run (its
-PackML machine and alarm board are real; its loop is the test's). Browser tests use Debian's
-Chromium through Playwright (`make browser` installs it; in CI a missing browser fails the tests).
+API tests talk real HTTP(S) and WebSocket to the HMI of a LineService that is built but not run (its
+PackML machine and alarm board are real; its loop is the test's). HTTPS tests serve a certificate made
+by `sorter hmi certs` and trust exactly it. Browser tests use Debian's Chromium through Playwright
+(`make browser` installs it; in CI a missing browser fails the tests).
+
+Tiers: each test carries its own marker, as one module-level `wire` would give the browser test on the
+running line (`line`) two tiers: the API tests are `wire`, the config test `fast`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import ipaddress
 import json
 import os
+import shutil
 import socket
+import ssl
+import stat
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import pytest_asyncio
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from pydantic import ValidationError
+from typer.testing import CliRunner
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin
@@ -31,11 +46,13 @@ from sim.bench_hmi import CHROMIUM_ARGS, panel_browser
 from sim.config import load_sim_config
 from sorter.app import Line as BuiltLine
 from sorter.app import build_line
-from sorter.config import HmiConfig, LineConfig
+from sorter.cli import app as sorter_cli
+from sorter.config import HmiConfig, LineConfig, load_config
 from sorter.core.alarms import Condition
 from sorter.core.packml import State
 from sorter.north.hmi.app import COOKIE
-from sorter.north.hmi.server import RESTART_S
+from sorter.north.hmi.server import CERT_WARN_DAYS, RESTART_S
+from sorter.north.hmi.tls import CERT_FILE, KEY_FILE, fingerprint, make_server_certificate
 from tests.reclog import RecLog
 from tests.waiting import wait_until
 
@@ -57,7 +74,8 @@ def line_config(tmp_path: Path, **hmi: Any) -> LineConfig:
 
 
 class Line:
-    """A built (not running) line service with its HMI serving, and HTTP helpers."""
+    """A built (not running) line service with its HMI serving, and HTTP helpers (over HTTPS: trusting exactly
+    the HMI's certificate, as a panel does)."""
 
     def __init__(self, built: BuiltLine, log: RecLog) -> None:
         self.svc = built.service
@@ -65,9 +83,16 @@ class Line:
         self.hmi = built.hmi
         self.log = log
         self.url = built.hmi.url.rstrip("/")
+        cert = built.hmi.cfg.certificate
+        self.tls = ssl.create_default_context(cafile=str(cert)) if cert is not None else None
 
     def client(self, **kw: Any) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.url, timeout=10, **kw)
+        return httpx.AsyncClient(base_url=self.url, timeout=10, verify=self.tls or True, **kw)
+
+    @property
+    def ws_kw(self) -> dict[str, Any]:
+        """websockets' connect() arguments for this HMI (wss: its certificate)."""
+        return {"origin": Origin(self.url), **({"ssl": self.tls} if self.tls is not None else {})}
 
     async def login(self, c: httpx.AsyncClient, user: str) -> str:
         r = await c.post("/api/login", json={"user": user, "password": PASSWORD[user]})
@@ -104,9 +129,24 @@ async def line(tmp_path: Path) -> AsyncIterator[Line]:
         yield ln
 
 
+def hmi_certs(out: Path, *args: str) -> Any:
+    """`sorter hmi certs --out OUT ARGS...`, in this process."""
+    return CliRunner().invoke(sorter_cli, ["hmi", "certs", "--out", str(out), *args])
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A fresh certificate and key for the HMI, made by `sorter hmi certs` (names: this host, localhost, 127.0.0.1)."""
+    out = tmp_path_factory.mktemp("pki")
+    r = hmi_certs(out)
+    assert r.exit_code == 0, r.output
+    return {"certificate": out / CERT_FILE, "private_key": out / KEY_FILE}
+
+
 # --- login, sessions, roles, forged requests ---
 
 
+@pytest.mark.wire
 async def test_wrong_password_and_malformed_logins_change_nothing_and_are_logged(line: Line) -> None:
     async with line.client() as c:
         for body in ({"user": "operator", "password": "nope"}, {"user": "nobody", "password": "demo-operator"}):
@@ -131,12 +171,14 @@ async def test_wrong_password_and_malformed_logins_change_nothing_and_are_logged
     assert line.svc.control.state is State.STOPPED
 
 
+@pytest.mark.wire
 async def test_a_form_login_works_too_and_guessing_is_throttled(line: Line) -> None:
     async with line.client() as c:
         r = await c.post("/api/login", data={"user": "viewer", "password": "demo-viewer"})
         assert r.status_code == 200 and r.json()["role"] == "viewer"
         cookie = r.headers["set-cookie"].lower()
         assert "httponly" in cookie and "samesite=strict" in cookie
+        assert "secure" not in cookie and "strict-transport-security" not in r.headers  # plain HTTP (the demo's)
         for _ in range(5):
             assert (await c.post("/api/login", json={"user": "operator", "password": "guess"})).status_code == 401
         r = await c.post("/api/login", json={"user": "operator", "password": "demo-operator"})
@@ -144,6 +186,7 @@ async def test_a_form_login_works_too_and_guessing_is_throttled(line: Line) -> N
     assert line.log.find("hmi login refused", reason="throttled")
 
 
+@pytest.mark.wire
 async def test_viewer_sees_the_line_but_every_control_endpoint_refuses_403(line: Line) -> None:
     svc = line.svc
     svc.alarm_board.update([Condition("plc_offline", "no answer", "check the cable")], now=0.0)
@@ -178,6 +221,7 @@ async def test_viewer_sees_the_line_but_every_control_endpoint_refuses_403(line:
     assert len(line.log.find("hmi request refused", reason="role", role="viewer")) == 6
 
 
+@pytest.mark.wire
 async def test_operator_commands_need_the_csrf_token_and_the_same_origin(line: Line) -> None:
     svc = line.svc
     async with line.client() as c:
@@ -201,6 +245,7 @@ async def test_operator_commands_need_the_csrf_token_and_the_same_origin(line: L
     assert line.log.find("hmi command", user="operator", command="Abort")
 
 
+@pytest.mark.wire
 async def test_sessions_expire_when_idle_and_after_their_maximum_and_at_logout(tmp_path: Path) -> None:
     from sorter.north.hmi.sessions import SessionStore
 
@@ -234,13 +279,14 @@ async def test_sessions_expire_when_idle_and_after_their_maximum_and_at_logout(t
         assert line.log.find("hmi request refused", reason="session_unknown")
 
 
+@pytest.mark.wire
 async def test_websocket_pushes_state_and_ignores_malformed_messages(line: Line) -> None:
     svc = line.svc
     async with line.client() as c:
         await line.login(c, "operator")
         cookie = f"{COOKIE}={c.cookies[COOKIE]}"
     headers = {"Cookie": cookie}
-    async with ws_connect(line.ws_url, additional_headers=headers, origin=Origin(line.url)) as ws:
+    async with ws_connect(line.ws_url, additional_headers=headers, **line.ws_kw) as ws:
         first = json.loads(await asyncio.wait_for(ws.recv(), 3))
         assert first["type"] == "state" and first["state"] == "Stopped"
         assert "Reset" in first["allowed"] and "Start" not in first["allowed"]
@@ -279,6 +325,7 @@ async def test_websocket_pushes_state_and_ignores_malformed_messages(line: Line)
     assert refused.value.response.status_code == 403
 
 
+@pytest.mark.wire
 async def test_technician_changes_thresholds_and_swaps_models_through_the_check(line: Line, tmp_path: Path) -> None:
     svc = line.svc
     broken = tmp_path / "broken.onnx"
@@ -311,6 +358,7 @@ async def test_technician_changes_thresholds_and_swaps_models_through_the_check(
     assert line.log.find("hmi routing thresholds", user="technician", min_confidence=0.8)
 
 
+@pytest.mark.wire
 async def test_a_port_in_use_is_an_alarm_and_the_hmi_comes_up_when_it_is_free(tmp_path: Path) -> None:
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", 0))
@@ -335,17 +383,214 @@ async def test_a_port_in_use_is_an_alarm_and_the_hmi_comes_up_when_it_is_free(tm
         svc.records.close()
 
 
-async def test_a_crashed_hmi_raises_an_alarm_and_restarts_on_the_same_port(line: Line) -> None:
-    hmi = line.hmi
-    assert hmi._uvicorn is not None
-    url = hmi.url
-    hmi._uvicorn.should_exit = True  # uvicorn ends as if it had failed
-    await wait_until(lambda: not hmi.listening, 5, "HMI down")
-    await wait_until(lambda: hmi.listening, RESTART_S + 5, "HMI back")
-    assert hmi.url == url
-    assert line.log.find("ALARM hmi down: the operator panel is unavailable")
-    async with line.client() as c:
-        await line.login(c, "viewer")
+@pytest.mark.wire
+async def test_a_crashed_hmi_raises_an_alarm_and_restarts_on_the_same_port_keeping_its_sessions(
+    tmp_path: Path, certs: dict[str, Path]
+) -> None:
+    async with serving(tmp_path, **certs) as line:
+        hmi = line.hmi
+        async with line.client() as c:
+            csrf = await line.login(c, "operator")
+            cookie = c.cookies[COOKIE]
+        assert hmi._uvicorn is not None
+        url = hmi.url
+        hmi._uvicorn.should_exit = True  # uvicorn ends as if it had failed
+        await wait_until(lambda: not hmi.listening, 5, "HMI down")
+        await wait_until(lambda: hmi.listening, RESTART_S + 5, "HMI back")
+        assert hmi.url == url and url.startswith("https://")  # same port, TLS again
+        assert line.log.find("ALARM hmi down: the operator panel is unavailable")
+        # the panel reconnects with the cookie it has: still logged in, its CSRF token still good
+        async with line.client(cookies={COOKIE: cookie}) as c:
+            r = await c.get("/api/session")
+            assert r.status_code == 200 and r.json()["user"] == "operator" and r.json()["csrf"] == csrf
+            r = await c.post("/api/command/Abort", headers={"X-CSRF-Token": csrf})
+            assert r.status_code == 200, r.text
+        async with ws_connect(line.ws_url, additional_headers={"Cookie": f"{COOKIE}={cookie}"}, **line.ws_kw) as ws:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 3))["type"] == "state"
+        assert not line.log.find("hmi request refused")
+
+
+@pytest.mark.wire
+async def test_a_service_restart_logs_everybody_out_and_the_page_is_told_why(
+    tmp_path: Path, certs: dict[str, Path]
+) -> None:
+    async with serving(tmp_path, **certs) as before:
+        async with before.client() as c:
+            csrf = await before.login(c, "operator")
+            cookie = c.cookies[COOKIE]
+        port = urlsplit(before.url).port
+    # the service again (as systemd restarts it: a new HMI and session store), on the same address
+    async with serving(tmp_path, port=port, **certs) as after:
+        assert after.url == before.url
+        async with after.client(cookies={COOKIE: cookie}) as c:
+            for method, path, headers in (
+                ("GET", "/api/session", {}),
+                ("GET", "/api/state", {}),
+                ("POST", "/api/command/Abort", {"X-CSRF-Token": csrf}),
+            ):
+                r = await c.request(method, path, headers=headers)
+                assert r.status_code == 401, (path, r.status_code)
+                assert r.json()["detail"] == "the line service was restarted, log in again"
+        async with ws_connect(after.ws_url, additional_headers={"Cookie": f"{COOKIE}={cookie}"}, **after.ws_kw) as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 3)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401  # the page shows the login ...
+        assert closed.value.rcvd.reason == "the line service was restarted, log in again"  # ... and says why
+        assert after.svc.control.state is State.STOPPED  # the old session changed nothing
+        assert len(after.log.find("hmi request refused", reason="session_restarted")) == 4
+        # a cookie that never was a session is just "not logged in"
+        async with after.client(cookies={COOKIE: "forged"}) as c:
+            assert (await c.get("/api/state")).json()["detail"] == "not logged in"
+        async with after.client() as c:  # logging in again is all it takes
+            h = {"X-CSRF-Token": await after.login(c, "operator")}
+            assert (await c.post("/api/command/Abort", headers=h)).status_code == 200
+
+
+# --- HTTPS ---
+
+
+@pytest.mark.fast
+def test_the_config_says_when_the_hmi_speaks_plain_http() -> None:
+    tls = {"certificate": Path("hmi-cert.pem"), "private_key": Path("hmi-key.pem")}
+    assert not HmiConfig().https and not HmiConfig(tls=False).https
+    assert HmiConfig(**tls).https and HmiConfig(tls=True, **tls).https
+    bad: dict[str, Any]
+    for bad, why in (
+        ({"tls": True}, "needs certificate and private_key"),
+        ({"certificate": Path("hmi-cert.pem")}, "go together"),
+        ({"private_key": Path("hmi-key.pem")}, "go together"),
+        ({"tls": False, **tls}, "serves plain HTTP"),
+    ):
+        with pytest.raises(ValidationError, match=why):
+            HmiConfig(**bad)
+    # the demo says it is plain HTTP; the plant template serves HTTPS, its files relative to the config
+    demo = load_sim_config(ROOT / "config" / "sim.yaml").hmi
+    assert demo is not None and demo.tls is False and not demo.https
+    plant = load_config(ROOT / "config" / "line.example.yaml").hmi
+    assert plant is not None and plant.tls is True and plant.https
+    assert plant.certificate == ROOT / "pki" / CERT_FILE and plant.private_key == ROOT / "pki" / KEY_FILE
+
+
+@pytest.mark.wire
+def test_hmi_certs_writes_a_server_certificate_for_the_panels_and_a_private_key(tmp_path: Path) -> None:
+    out = tmp_path / "pki"
+    r = hmi_certs(out, "--host", "line-pc", "--host", "10.0.0.5", "--days", "400")
+    assert r.exit_code == 0, r.output
+    cert_file, key_file = out / CERT_FILE, out / KEY_FILE
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600  # the key: the service's user only
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"line-pc", socket.gethostname(), "localhost"}
+    assert set(san.get_values_for_type(x509.IPAddress)) == {
+        ipaddress.ip_address(a) for a in ("10.0.0.5", "127.0.0.1", "::1")
+    }
+    assert cert.issuer == cert.subject  # self-signed ...
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca  # ... end-entity (Firefox)
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    left = cert.not_valid_after_utc - dt.datetime.now(dt.UTC)
+    assert dt.timedelta(days=399) < left <= dt.timedelta(days=400)
+    key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    assert key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) == cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert fingerprint(cert) in r.stdout and f"certificate: {cert_file.resolve()}" in r.stdout
+    # never replaced by accident: the panels trust this one
+    first = cert_file.read_bytes()
+    r = hmi_certs(out)
+    assert r.exit_code == 2 and "--force" in r.stderr and cert_file.read_bytes() == first
+    r = hmi_certs(out, "--force")
+    assert r.exit_code == 0 and cert_file.read_bytes() != first
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+
+
+@pytest.mark.wire
+async def test_https_with_the_made_certificate_secure_cookies_and_hsts(tmp_path: Path, certs: dict[str, Path]) -> None:
+    async with serving(tmp_path, **certs) as line:
+        assert line.url.startswith("https://127.0.0.1:")
+        async with line.client() as c:  # trusts exactly the certificate `sorter hmi certs` made
+            r = await c.get("/")
+            assert r.status_code == 200 and r.headers["strict-transport-security"] == "max-age=31536000"
+            r = await c.get("/api/state")
+            assert r.status_code == 401 and "strict-transport-security" in r.headers  # on refusals too
+            r = await c.post("/api/login", json={"user": "operator", "password": PASSWORD["operator"]})
+            assert r.status_code == 200
+            flags = {a.strip().lower() for a in r.headers["set-cookie"].split(";")[1:]}
+            assert {"secure", "httponly", "samesite=strict", "path=/"} <= flags
+            csrf = r.json()["csrf"]
+            assert (await c.get("/api/session")).status_code == 200  # the cookie goes back over https
+            # a page served over plain http is not this HMI's own
+            r = await c.post(
+                "/api/command/Abort", headers={"X-CSRF-Token": csrf, "Origin": "http" + line.url.removeprefix("https")}
+            )
+            assert r.status_code == 403
+            r = await c.post("/api/command/Abort", headers={"X-CSRF-Token": csrf, "Origin": line.url})
+            assert r.status_code == 200
+            ws_headers = {"Cookie": f"{COOKIE}={c.cookies[COOKIE]}"}
+            async with ws_connect(line.ws_url, additional_headers=ws_headers, **line.ws_kw) as ws:  # wss://
+                assert json.loads(await asyncio.wait_for(ws.recv(), 3))["type"] == "state"
+            r = await c.post("/api/logout", headers={"X-CSRF-Token": csrf})
+            assert r.status_code == 200 and "secure" in r.headers["set-cookie"].lower()
+        # a client that does not trust the certificate gets no connection at all
+        async with httpx.AsyncClient(verify=ssl.create_default_context()) as c:
+            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await c.get(line.url + "/")
+    assert line.log.find("hmi request refused", reason="cross_site")
+
+
+@pytest.mark.wire
+async def test_plain_http_gets_no_answer_when_tls_is_configured(tmp_path: Path, certs: dict[str, Path]) -> None:
+    async with serving(tmp_path, **certs) as line:
+        port = urlsplit(line.url).port
+        assert port is not None
+        async with httpx.AsyncClient(timeout=5) as c:
+            with pytest.raises(httpx.TransportError):
+                await c.get(f"http://127.0.0.1:{port}/")
+        # on the wire: an HTTP request on the HMI's port is answered by TLS (an alert, or the connection closed)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /api/login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        try:
+            answer = await asyncio.wait_for(reader.read(4096), 5)
+        except ConnectionResetError:
+            answer = b""  # closed with a reset: no answer either
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        assert not answer.startswith(b"HTTP/"), answer[:80]
+        assert line.hmi.listening
+        async with line.client() as c:  # https on the same port goes on
+            assert (await c.get("/")).status_code == 200
+
+
+@pytest.mark.wire
+async def test_an_unusable_certificate_is_an_alarm_and_a_renewed_one_is_taken(
+    tmp_path: Path, certs: dict[str, Path]
+) -> None:
+    cert, key = tmp_path / CERT_FILE, tmp_path / KEY_FILE
+    make_server_certificate(cert, key, hostnames=["127.0.0.1"], days=CERT_WARN_DAYS - 5)
+    shutil.copy(certs["private_key"], key)  # the key of another certificate
+    built = build_line(line_config(tmp_path, certificate=cert, private_key=key), auto_start=False)
+    svc, hmi = built.service, built.hmi
+    assert hmi is not None
+    hmi.log = RecLog()
+    try:
+        await svc._start_companion(hmi)  # logged, not raised: the line would sort on
+        cond = hmi.condition()
+        assert cond is not None and cond.name == "hmi_down"
+        assert "does not belong to the certificate" in cond.cause and str(cert) in cond.cause
+        # a new pair on disk (`sorter hmi certs --force`): taken at the next try, no restart of the service
+        make_server_certificate(cert, key, hostnames=["127.0.0.1"], days=CERT_WARN_DAYS - 5, overwrite=True)
+        await wait_until(lambda: hmi.listening, RESTART_S + 3, "HMI up with the renewed certificate")
+        assert hmi.url.startswith("https://")
+        async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(cert))) as c:
+            assert (await c.get(hmi.url)).status_code == 200
+        # ... which expires within CERT_WARN_DAYS: an alarm of its own while the HMI serves
+        cond = hmi.condition()
+        assert cond is not None and cond.name == "hmi_certificate" and "expires on" in cond.cause
+    finally:
+        await hmi.stop()
+        svc.records.close()
 
 
 # --- a real browser on the running simulated line ---
@@ -462,7 +707,7 @@ def _run_browser(url: str, loop: asyncio.AbstractEventLoop, sim: Any, out: dict[
             browser.close()
 
 
-@pytest.mark.slow
+@pytest.mark.line
 @pytest.mark.timeout(240)
 async def test_operator_and_viewer_in_a_headless_browser_on_the_running_line(tmp_path: Path) -> None:
     _require_browser()

@@ -473,10 +473,39 @@ class HmiConfig(Strict):
     enabled: bool = Field(True, description="false: the service starts without its HMI")
     host: str = Field("127.0.0.1", description="listen address; 0.0.0.0 to reach it from a panel PC")
     port: int = Field(8080, ge=0, le=65535, description="0 picks a free port")
+    tls: bool | None = Field(
+        None,
+        description="HTTPS: true needs certificate and private_key and serves HTTPS only; false serves plain HTTP "
+        "(the demo on loopback, never a plant) and allows no certificate; null: HTTPS exactly when a certificate "
+        "is set",
+    )
+    certificate: Path | None = Field(
+        None,
+        description="the HMI's TLS server certificate (PEM, `sorter hmi certs`); set: the HMI serves HTTPS only, "
+        "with HSTS and Secure cookies",
+    )
+    private_key: Path | None = Field(
+        None, description="the certificate's private key (PEM, unencrypted, readable by the service's user only)"
+    )
     session_idle_s: float = Field(900.0, gt=0, description="a session without activity for this long expires")
     session_max_s: float = Field(12 * 3600.0, gt=0, description="a session expires after this long in any case")
     push_hz: float = Field(5.0, gt=0, le=30, description="live updates pushed to each browser per second")
     camera_fps: float = Field(4.0, gt=0, le=15, description="live camera images per second per browser")
+
+    @model_validator(mode="after")
+    def _tls_consistent(self) -> HmiConfig:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together (`sorter hmi certs` makes both)")
+        if self.tls is True and self.certificate is None:
+            raise ValueError("tls: true needs certificate and private_key (`sorter hmi certs`)")
+        if self.tls is False and self.certificate is not None:
+            raise ValueError("tls: false serves plain HTTP: remove certificate and private_key, or tls: false")
+        return self
+
+    @property
+    def https(self) -> bool:
+        """Served over HTTPS (TLS): exactly when a certificate is configured (the validator keeps `tls` in step)."""
+        return self.certificate is not None
 
 
 class StateMachineConfig(Strict):
@@ -616,6 +645,11 @@ class LineConfig(Strict):
                     for k in ("certificate", "private_key", "trust_dir", "rejected_dir")
                     if (v := getattr(srv, k)) is not None
                 }
+            )
+        hmi = cfg.hmi
+        if hmi is not None and hmi.certificate is not None and hmi.private_key is not None:
+            update["hmi"] = hmi.model_copy(
+                update={"certificate": rel(hmi.certificate), "private_key": rel(hmi.private_key)}
             )
         mag = cfg.magnetometer
         if mag is not None and "/" in mag.port and not Path(mag.port).is_absolute():  # not a bare name such as COM3

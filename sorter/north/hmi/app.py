@@ -5,11 +5,14 @@ nothing and is logged (`hmi request refused`, with the reason, never a password 
 
 1. same origin: a browser's Origin (or Sec-Fetch-Site) must be this server - a page elsewhere
    cannot drive the line through an operator's browser;
-2. a live session: the HttpOnly, SameSite=Strict session cookie, not idle for `hmi.session_idle_s`
-   and younger than `hmi.session_max_s` (401);
+2. a live session: the HttpOnly, SameSite=Strict session cookie (Secure over HTTPS), not idle for
+   `hmi.session_idle_s` and younger than `hmi.session_max_s` (401);
 3. the role: operator or technician for PackML commands and alarm acknowledgement, technician
    for routing thresholds and models (403);
 4. the CSRF token of the session in the X-CSRF-Token header (403).
+
+Over HTTPS (`hmi.certificate`, server.py) every response also carries HSTS: a browser that has once
+seen the HMI over a certificate it trusts will only ever use https:// for this host.
 """
 
 from __future__ import annotations
@@ -48,6 +51,14 @@ MAX_BODY = 8192
 MAX_WS_TEXT = 4096
 BAD_WS_CLOSE = 200  # malformed messages on one WebSocket before it is closed (1008)
 ROLES = ("viewer", "operator", "technician")
+# a year: the browser keeps to https:// for this host (every port) that long after its last visit; no
+# includeSubDomains (other machines under the line PC's name are not ours to decide for)
+HSTS = (b"strict-transport-security", b"max-age=31536000")
+# what the page shows when a session is gone (the 401's detail, the WebSocket's close reason)
+SESSION_GONE = {
+    "expired": "session expired, log in again",
+    "restarted": "the line service was restarted, log in again",
+}
 
 _HEADERS = [
     (
@@ -63,7 +74,8 @@ _HEADERS = [
 
 
 class _SecurityHeaders:
-    """Headers on every HTTP response: no framing (a hidden frame cannot trick a touch), no caching."""
+    """Headers on every HTTP response: no framing (a hidden frame cannot trick a touch), no caching; over
+    HTTPS also HSTS (Strict-Transport-Security)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -73,9 +85,11 @@ class _SecurityHeaders:
             await self.app(scope, receive, send)
             return
 
+        extra = [*_HEADERS, HSTS] if scope.get("scheme") == "https" else _HEADERS
+
         async def send_with_headers(msg: Message) -> None:
             if msg["type"] == "http.response.start":
-                msg = {**msg, "headers": [*msg.get("headers", []), *_HEADERS]}
+                msg = {**msg, "headers": [*msg.get("headers", []), *extra]}
             await send(msg)
 
         await self.app(scope, receive, send_with_headers)
@@ -109,8 +123,11 @@ def _client(conn: Request | WebSocket) -> str:
     return conn.client.host if conn.client else "?"
 
 
-def same_origin(conn: Request | WebSocket) -> bool:
-    """A browser's request from this server's own page (requests without Origin: not a browser's cross-site one)."""
+def same_origin(conn: Request | WebSocket, https: bool) -> bool:
+    """A browser's request from this server's own page (requests without Origin: not a browser's cross-site one).
+
+    Over HTTPS only an https:// origin is this server's; a plain-HTTP HMI also takes https:// (a TLS reverse
+    proxy in front of it that passes the browser's Host on)."""
     h = conn.headers
     if h.get("sec-fetch-site") == "cross-site":
         return False
@@ -118,11 +135,12 @@ def same_origin(conn: Request | WebSocket) -> bool:
     if origin is None:
         return True
     host = h.get("host", "")
-    return origin in (f"http://{host}", f"https://{host}")
+    return origin == f"https://{host}" or (not https and origin == f"http://{host}")
 
 
 def create_app(hmi: HmiServer) -> FastAPI:
     line = hmi.line
+    https = hmi.cfg.https
     app = FastAPI(title="magnet-sorter HMI", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_SecurityHeaders)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -142,14 +160,13 @@ def create_app(hmi: HmiServer) -> FastAPI:
     def guard(request: Request, need: str = "viewer", csrf: bool = True) -> Session:
         """The checks of the module docstring; touches the session (activity) when they pass."""
         unsafe = request.method not in ("GET", "HEAD")
-        if unsafe and not same_origin(request):
+        if unsafe and not same_origin(request, https):
             raise refuse(request, 403, "cross_site", "cross-site request refused", origin=request.headers.get("origin"))
         sess, why = hmi.sessions.get(request.cookies.get(COOKIE))
         if sess is None and why == "none" and request.url.path == "/api/session":
             raise HTTPException(401, "not logged in")  # the page asking on load whether it has a session
         if sess is None:
-            detail = "session expired, log in again" if why == "expired" else "not logged in"
-            raise refuse(request, 401, f"session_{why}", detail)
+            raise refuse(request, 401, f"session_{why}", SESSION_GONE.get(why, "not logged in"))
         allowed = {"viewer": True, "operator": may_operate(sess.role), "technician": may_configure(sess.role)}[need]
         if not allowed:
             raise refuse(request, 403, "role", f"a {sess.role} may not do this", user=sess.user, role=sess.role)
@@ -157,6 +174,10 @@ def create_app(hmi: HmiServer) -> FastAPI:
             raise refuse(request, 403, "csrf", "missing or wrong CSRF token", user=sess.user, role=sess.role)
         hmi.sessions.touch(sess)
         return sess
+
+    def secure(request: Request) -> bool:
+        """The cookie's Secure flag: whenever the HMI serves TLS (and behind a TLS proxy that says https)."""
+        return https or request.url.scheme == "https"
 
     async def body_json(request: Request) -> Any:
         raw = await request.body()
@@ -204,7 +225,7 @@ def create_app(hmi: HmiServer) -> FastAPI:
     @app.post("/api/login")
     async def login(request: Request) -> Response:
         client = _client(request)
-        if not same_origin(request):
+        if not same_origin(request, https):
             raise refuse(request, 403, "cross_site", "cross-site request refused", origin=request.headers.get("origin"))
         wait = hmi.throttle.locked(client)
         if wait > 0:
@@ -242,14 +263,7 @@ def create_app(hmi: HmiServer) -> FastAPI:
         sess = hmi.sessions.create(user.name, user.role)
         hmi.log.info("hmi login", user=user.name, role=user.role, client=client)
         resp = JSONResponse(_session_info(sess))
-        resp.set_cookie(
-            COOKIE,
-            sess.token,
-            httponly=True,
-            samesite="strict",
-            secure=request.url.scheme == "https",
-            path="/",
-        )
+        resp.set_cookie(COOKIE, sess.token, httponly=True, samesite="strict", secure=secure(request), path="/")
         return resp
 
     def _session_info(sess: Session) -> dict[str, Any]:
@@ -276,7 +290,7 @@ def create_app(hmi: HmiServer) -> FastAPI:
         hmi.sessions.drop(sess.token)
         hmi.log.info("hmi logout", user=sess.user, client=_client(request))
         resp = JSONResponse({"ok": True})
-        resp.delete_cookie(COOKIE, path="/")
+        resp.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict", secure=secure(request))
         return resp
 
     # --- what the page shows ---
@@ -378,15 +392,16 @@ def create_app(hmi: HmiServer) -> FastAPI:
 
     @app.websocket("/ws")
     async def live(ws: WebSocket) -> None:
-        if not same_origin(ws):
+        if not same_origin(ws, https):
             refuse(ws, 403, "cross_site", "cross-site WebSocket refused", origin=ws.headers.get("origin"))
             await ws.close(code=1008)  # before accept: the handshake is answered 403
             return
         sess, why = hmi.sessions.get(ws.cookies.get(COOKIE))
         await ws.accept()
         if sess is None:
-            refuse(ws, 401, f"session_{why}", "not logged in")
-            await ws.close(code=4401, reason="log in")
+            reason = SESSION_GONE.get(why, "not logged in")
+            refuse(ws, 401, f"session_{why}", reason)
+            await ws.close(code=4401, reason=reason)
             return
         c = Client(ws, sess, _client(ws))
         if hmi.view is not None:
@@ -421,7 +436,7 @@ async def _send_loop(c: Client) -> None:
             await c.wake.wait()
             c.wake.clear()
             if c.closing is not None:
-                await ws.close(code=c.closing, reason="session expired")
+                await ws.close(code=c.closing, reason=SESSION_GONE["expired"])
                 return
             if c.state is not None:
                 text, c.state = c.state, None

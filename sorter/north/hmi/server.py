@@ -10,8 +10,15 @@ it otherwise:
   for the result on its own loop;
 * the listening socket is bound by `start()` on the service side, so "port in use" is an error
   at once (HmiError: an alarm, the line sorts on); uvicorn serves on that socket;
+* HTTPS when the config has a certificate (`hmi.certificate`, `hmi.private_key`; tls.py): the TLS
+  context is made there too, at every start, so a certificate that cannot be used is an HmiError
+  naming the file (the same alarm), and a renewed one is taken at the next start; uvicorn then speaks
+  TLS only on that socket (a plain-HTTP request gets no HTTP answer) and the URL says https://. The
+  certificate's coming expiry is an alarm of its own (`hmi_certificate`, CERT_WARN_DAYS before);
 * if the HMI thread ends on its own (a crash), the watchdog on the service loop logs
-  `ALARM hmi down`, the alarm board shows it, and the HMI is started again every RESTART_S.
+  `ALARM hmi down`, the alarm board shows it, and the HMI is started again every RESTART_S. The
+  sessions belong to this object, not to the thread: the panels stay logged in across such a restart
+  (a restart of the service logs everybody out: sessions.py).
 
 Browsers get one WebSocket each; a slow one only misses intermediate updates (each client holds
 the latest state and the latest image per camera, nothing queues up).
@@ -21,9 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import ipaddress
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -41,6 +51,7 @@ from sorter.north.hmi.app import create_app
 from sorter.north.hmi.clients import Client
 from sorter.north.hmi.live import CameraView, LiveTap, ViewBuilder, pack_frame
 from sorter.north.hmi.sessions import LoginThrottle, SessionStore
+from sorter.north.hmi.tls import TlsError, server_context
 
 if TYPE_CHECKING:
     from sorter.north.metrics import ServiceMetrics
@@ -51,6 +62,7 @@ STOP_TIMEOUT_S = 5.0
 RESTART_S = 5.0
 COMMAND_TIMEOUT_S = 5.0
 SESSION_CLOSE_CODE = 4401  # WebSocket close code the page takes as "log in again"
+CERT_WARN_DAYS = 30  # the `hmi_certificate` alarm this long before the HMI's certificate expires
 
 
 class _ToStructlog(logging.Handler):
@@ -93,6 +105,20 @@ class HmiError(Exception):
     """The HMI cannot start; str() says why."""
 
 
+def _given_context(ctx: ssl.SSLContext) -> Callable[[uvicorn.Config, Callable[[], ssl.SSLContext]], ssl.SSLContext]:
+    """uvicorn's ssl_context_factory that hands it the context start() made (instead of its own from files)."""
+    return lambda _config, _default: ctx
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class HmiServer:
     """The operator's web HMI of one line: what it shows comes from the line's published LineStats,
     what it asks goes to the line as requests (`submit`, run on the service loop)."""
@@ -123,6 +149,7 @@ class HmiServer:
         self._camera = CameraView(line, cfg.camera_fps)
         self._url = ""
         self._port = 0  # the port bound by the first start
+        self._cert_expires: dt.datetime | None = None  # the certificate's notAfter (HTTPS), UTC
         self._svc_loop: asyncio.AbstractEventLoop | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the HMI thread's
         self._thread: threading.Thread | None = None
@@ -171,9 +198,10 @@ class HmiServer:
 
     async def _spawn(self) -> None:
         await self._join()  # a previous HMI thread that is still ending
+        tls = self._tls()
         sock = self._bind()
         self._uvicorn = None
-        self._thread = threading.Thread(target=self._thread_main, args=(sock,), name="hmi", daemon=True)
+        self._thread = threading.Thread(target=self._thread_main, args=(sock, tls), name="hmi", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self.listening:
@@ -184,7 +212,22 @@ class HmiServer:
                 raise HmiError(msg)
             await asyncio.sleep(0.02)
         self.error = None
-        self.log.info("hmi listening", url=self._url)
+        self.log.info("hmi listening", url=self._url, tls=tls is not None)
+        if tls is None and not _loopback(self.cfg.host):
+            self.log.warning("hmi serves plain HTTP on the network: give it a certificate (hmi.certificate)")
+
+    def _tls(self) -> ssl.SSLContext | None:
+        """The TLS context of the configured certificate and key (None: plain HTTP); HmiError if unusable."""
+        cfg = self.cfg
+        if cfg.certificate is None or cfg.private_key is None:
+            return None
+        try:
+            ctx, cert = server_context(cfg.certificate, cfg.private_key)
+        except TlsError as exc:
+            self.error = f"HTTPS: {exc} (hmi.certificate / hmi.private_key; `sorter hmi certs`)"
+            raise HmiError(self.error) from exc
+        self._cert_expires = cert.not_valid_after_utc
+        return ctx
 
     def _bind(self) -> socket.socket:
         host = self.cfg.host
@@ -209,7 +252,8 @@ class HmiServer:
         shown = host if host not in ("0.0.0.0", "::", "") else socket.gethostname()
         if ":" in shown:
             shown = f"[{shown}]"
-        self._url = f"http://{shown}:{bound[1]}/"
+        scheme = "https" if self.cfg.https else "http"
+        self._url = f"{scheme}://{shown}:{bound[1]}/"
         return sock
 
     async def stop(self) -> None:
@@ -241,15 +285,30 @@ class HmiServer:
         self._thread = None
 
     def condition(self) -> Condition | None:
-        """The alarm condition while the HMI should serve and does not."""
-        if not self._started or self.listening:
+        """The alarm condition while the HMI should serve and does not, or while its certificate is about to
+        expire (or has: the panels' browsers then refuse the HMI)."""
+        if not self._started:
             return None
-        return Condition(
-            "hmi_down",
-            self.error or "the HMI is not serving",
-            f"the operator panel is unavailable; check hmi.host/hmi.port ({self.cfg.host}:{self.cfg.port}) "
-            "and the log; the HMI restarts by itself",
-        )
+        if not self.listening:
+            return Condition(
+                "hmi_down",
+                self.error or "the HMI is not serving",
+                f"the operator panel is unavailable; check hmi.host/hmi.port ({self.cfg.host}:{self.cfg.port}) "
+                "and the log; the HMI restarts by itself",
+            )
+        expires = self._cert_expires
+        if expires is not None:
+            # the wall clock, as the browsers judge the certificate by it (a date, never a schedule)
+            left = expires - dt.datetime.now(dt.UTC)
+            if left < dt.timedelta(days=CERT_WARN_DAYS):
+                when = expires.strftime("%Y-%m-%d %H:%M UTC")
+                return Condition(
+                    "hmi_certificate",
+                    f"the HMI's certificate {'expired' if left.total_seconds() <= 0 else 'expires'} on {when}",
+                    "make a new one (`sorter hmi certs --force`), trust it on the panels and restart the service; "
+                    "browsers refuse an expired certificate",
+                )
+        return None
 
     async def _feed_loop(self) -> None:
         tick = _Ticker(1.0 / self.cfg.push_hz)
@@ -283,9 +342,9 @@ class HmiServer:
 
     # --- the HMI thread ---
 
-    def _thread_main(self, sock: socket.socket) -> None:
+    def _thread_main(self, sock: socket.socket, tls: ssl.SSLContext | None) -> None:
         try:
-            asyncio.run(self._serve(sock))
+            asyncio.run(self._serve(sock, tls))
         except BaseException as exc:  # SystemExit from uvicorn's start-up included: never past this thread
             self.error = f"the HMI stopped: {type(exc).__name__}: {exc}"
             with contextlib.suppress(Exception):
@@ -296,7 +355,7 @@ class HmiServer:
             if not self._stopping and self.error is None:
                 self.error = "the HMI stopped serving"
 
-    async def _serve(self, sock: socket.socket) -> None:
+    async def _serve(self, sock: socket.socket, tls: ssl.SSLContext | None) -> None:
         self._loop = asyncio.get_running_loop()
         self._login_lock = asyncio.Lock()
         self.clients = set()
@@ -319,6 +378,8 @@ class HmiServer:
             timeout_graceful_shutdown=2,
             proxy_headers=False,
             server_header=False,
+            # the context made (and checked) by start(): uvicorn wraps the bound socket in it (uvicorn >= 0.47)
+            ssl_context_factory=None if tls is None else _given_context(tls),
         )
         server = uvicorn.Server(config)
         self._uvicorn = server

@@ -1,8 +1,14 @@
 """The HMI's logins: server-side sessions with idle and absolute expiry, and a brake on password guessing.
 
-A session is a random token (the HttpOnly, SameSite=Strict cookie) mapped to the user, the role and
-a second random token, the CSRF token, that the page sends back in a header with every control
-request. Only the HMI's own event loop touches these objects (no locks).
+A session is a random token (the HttpOnly, SameSite=Strict cookie, Secure over HTTPS) mapped to the
+user, the role and a second random token, the CSRF token, that the page sends back in a header with
+every control request. Only the HMI's own event loop touches these objects (no locks).
+
+Sessions live in this process's memory, on purpose (docs/hmi.md, "Sessions across restarts"): the store
+belongs to the HmiServer, so they survive a restart of the HMI's thread (after a crash), and a restart of
+the service ends them all. Each token starts with the id of the store that made it, so a token of an
+earlier run of the service is told apart from an unknown one: the page then says that the line service
+was restarted and shows the login.
 """
 
 from __future__ import annotations
@@ -41,10 +47,12 @@ class SessionStore:
         self.max_s = max_s
         self._clock = clock
         self._sessions: dict[str, Session] = {}
+        self.instance = secrets.token_hex(4)  # this store's (this run's) id, the first part of its tokens
 
     def create(self, user: str, role: Role) -> Session:
         now = self._clock()
-        s = Session(secrets.token_urlsafe(32), user, role, secrets.token_urlsafe(32), now, now)
+        token = f"{self.instance}.{secrets.token_urlsafe(32)}"
+        s = Session(token, user, role, secrets.token_urlsafe(32), now, now)
         self._sessions[s.token] = s
         while len(self._sessions) > MAX_SESSIONS:
             oldest = min(self._sessions.values(), key=lambda x: x.seen)
@@ -52,12 +60,14 @@ class SessionStore:
         return s
 
     def get(self, token: str | None) -> tuple[Session | None, str]:
-        """The live session of this token, or None and why not ("none", "unknown", "expired")."""
+        """The live session of this token, or None and why not: "none", "unknown", "expired", or "restarted"
+        (a token of another store: an earlier run of the service)."""
         if not token:
             return None, "none"
         s = self._sessions.get(token)
         if s is None:
-            return None, "unknown"
+            made_by, dot, _ = token.partition(".")
+            return None, "restarted" if dot and made_by != self.instance else "unknown"
         if self.expired(s):
             del self._sessions[token]
             return None, "expired"

@@ -44,9 +44,7 @@ async function api(method, path, body) {
   }
   let data = null;
   try { data = await r.json(); } catch (e) { /* not JSON */ }
-  if (r.status === 401 && session) {
-    logoutLocally("Session expired - please log in again");
-  }
+  if (r.status === 401 && session) logoutLocally(goneMessage(data && data.detail));
   return { ok: r.ok, status: r.status, data };
 }
 
@@ -60,6 +58,14 @@ function toast(text, kind = "info") {
 }
 
 // --- login ---
+
+// why the session is gone, as the server says it (401 detail, WebSocket close reason): expired, or the line
+// service was restarted (sessions do not outlive the service: docs/hmi.md)
+const SESSION_EXPIRED = "Session expired - please log in again";
+function goneMessage(reason) {
+  if (!reason || reason === "not logged in") return SESSION_EXPIRED;
+  return reason.charAt(0).toUpperCase() + reason.slice(1).replace(", log in", " - please log in");
+}
 
 function showLogin(message) {
   $("#main").hidden = true;
@@ -164,7 +170,7 @@ function connect() {
     if (ws !== sock) return;
     ws = null;
     setLink(false);
-    if (ev.code === 4401) { logoutLocally("Session expired - please log in again"); return; }
+    if (ev.code === 4401) { logoutLocally(goneMessage(ev.reason)); return; }
     reconnectTimer = setTimeout(connect, reconnectDelay);
     reconnectDelay = Math.min(reconnectDelay * 2, 5000);
   };
@@ -382,5 +388,6 @@ window.addEventListener("DOMContentLoaded", async () => {
   $("#thr-apply").addEventListener("click", applyThresholds);
   $("#model-swap").addEventListener("click", swapModel);
   const r = await api("GET", "/api/session");
-  if (r.ok) { session = r.data; showMain(); } else { showLogin(""); }
+  if (r.ok) { session = r.data; showMain(); }
+  else showLogin(r.status === 401 && r.data && r.data.detail !== "not logged in" ? goneMessage(r.data.detail) : "");
 });
