@@ -28,17 +28,6 @@ import pytest
 TIERS = ("fast", "wire", "line")
 ALIASES = {"slow": "line"}
 
-# Modules whose owners have not declared their tier yet: the tier they run in meanwhile (each test in
-# them still needs exactly one tier; `slow` tests there are `line`). Delete an entry once its module
-# has its own `pytestmark`.
-UNDECLARED = {
-    "test_metrics.py": "fast",
-    "test_opcua_server.py": "wire",
-    "test_shiftreport.py": "fast",
-    "test_segment.py": "fast",
-    "test_config_reference.py": "wire",  # one of its tests runs a subprocess
-}
-
 
 def _tiers_of(item: pytest.Item) -> set[str]:
     return {ALIASES.get(m.name, m.name) for m in item.iter_markers() if m.name in TIERS or m.name in ALIASES}
@@ -49,9 +38,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     problems = []
     for item in items:
         tiers = _tiers_of(item)
-        if not tiers and (pending := UNDECLARED.get(item.path.name)) is not None:
-            item.add_marker(pending)
-            tiers = {pending}
         if len(tiers) != 1:
             found = ", ".join(sorted(tiers)) or "none"
             problems.append(f"{item.nodeid}: tier {found}")

@@ -8,6 +8,7 @@ import sys
 import typing
 from pathlib import Path
 
+import pytest
 from pydantic import BaseModel
 
 from sorter.config import LineConfig
@@ -33,6 +34,7 @@ def _every_model(model: type[BaseModel], seen: dict[type[BaseModel], None] | Non
     return list(seen)
 
 
+@pytest.mark.fast
 def test_docs_config_md_is_up_to_date():
     assert DOC.exists(), f"docs/config.md is missing: generate it with `{COMMAND}`"
     assert DOC.read_text(encoding="utf-8") == render(), (
@@ -40,6 +42,7 @@ def test_docs_config_md_is_up_to_date():
     )
 
 
+@pytest.mark.fast
 def test_every_key_of_the_line_config_is_described():
     missing = [
         f"{m.__name__}.{name}"
@@ -50,6 +53,7 @@ def test_every_key_of_the_line_config_is_described():
     assert not missing, f"give these fields a description= in sorter/config/schema.py: {missing}"
 
 
+@pytest.mark.fast
 def test_every_section_and_key_has_its_place():
     text = render()
     headings = re.findall(r"^#{2,3} (.+)$", text, flags=re.M)
@@ -75,6 +79,7 @@ def test_every_section_and_key_has_its_place():
     assert "## simulator" not in text and "docs/simulator.md" in text
 
 
+@pytest.mark.wire  # `python -m sorter.config.reference` as a process
 def test_write_and_print(tmp_path):
     out = tmp_path / "config.md"
     assert main(["--write", "--out", str(out)]) == 0

@@ -18,7 +18,6 @@ import contextlib
 import datetime as dt
 import ipaddress
 import json
-import os
 import shutil
 import socket
 import ssl
@@ -53,8 +52,8 @@ from sorter.core.packml import State
 from sorter.north.hmi.app import COOKIE
 from sorter.north.hmi.server import CERT_WARN_DAYS, RESTART_S
 from sorter.north.hmi.tls import CERT_FILE, KEY_FILE, fingerprint, make_server_certificate
+from tests.conftest import LineRun, skip_or_fail_in_ci, wait_until
 from tests.reclog import RecLog
-from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "sorter-cnn.onnx"
@@ -193,7 +192,9 @@ async def test_viewer_sees_the_line_but_every_control_endpoint_refuses_403(line:
     svc.alarm_board.update([Condition("plc_offline", "no answer", "check the cable")], now=2.0)
     svc._publish()
     routing_before = svc.cfg.routing
-    await asyncio.sleep(0.3)  # a view is built
+    hmi = line.hmi
+    # the HMI builds its view from the published stats at hmi.push_hz
+    await wait_until(lambda: hmi.view is not None and bool(hmi.view["alarms"]), 5, "the alarm in the view")
     async with line.client() as c:
         csrf = await line.login(c, "viewer")
         state = (await c.get("/api/state")).json()
@@ -605,9 +606,7 @@ def _require_browser() -> None:
     if problem is None and not CHROMIUM.exists():
         problem = f"no Chromium at {CHROMIUM}: `make browser` installs Debian's chromium"
     if problem is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"browser tests cannot run in CI: {problem}")
-        pytest.skip(problem)
+        skip_or_fail_in_ci(problem)
 
 
 def _run_browser(url: str, loop: asyncio.AbstractEventLoop, sim: Any, out: dict[str, Any]) -> None:
@@ -752,9 +751,9 @@ async def test_operator_and_viewer_in_a_headless_browser_on_the_running_line(tmp
     assert out["operator_states"] >= 5 * 10  # pushed at 5 Hz over the scenario's tens of seconds
     assert after["acked"] and after["acked"][-1].acked_by == "operator"
     assert after["pieces_while_down"] > 0 and after["state_while_down"] is State.EXECUTE
-    # the line sorted on through it all (tests/test_demo.py holds the line's own accounting to a tighter bound;
-    # here two Chromium tabs share the 2 cores with the simulator and the service)
-    assert report["pieces_accounted"] >= 0.9 * report["pieces_fed"]
+    # the line sorted on through it all, the HMI going down included: every piece has its record, or a
+    # counted fault (frames dropped while two Chromium tabs share the 2 cores, say) explains it
+    LineRun(report, tmp_path / "run").assert_every_piece_accounted()
 
 
 async def run_demo_with(tmp_path: Path, during: Any) -> dict[str, Any]:

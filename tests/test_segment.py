@@ -10,6 +10,8 @@ from pydantic import ValidationError
 from sorter.config import VisionConfig
 from sorter.vision.segment import segment
 
+pytestmark = pytest.mark.fast
+
 CFG = VisionConfig()
 
 

@@ -26,6 +26,8 @@ from sorter.reports.shift import ReportError, make_report
 from sorter.reports.times import iso
 from tests.hwsim import write_config
 
+pytestmark = pytest.mark.fast
+
 ROOT = Path(__file__).resolve().parents[1]
 T0 = datetime(2026, 11, 28, 6, 0, 0).astimezone().timestamp()  # 06:00 local: a shift's start
 ROUTE = {"ndfeb": "ndfeb", "ferrite": "ferrite_smco", "smco": "ferrite_smco", "steel": "residue", "other": "residue"}

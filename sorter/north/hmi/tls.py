@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import ssl
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,6 +27,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from sorter.north.keyfiles import write_private
 
 CERT_FILE = "hmi-cert.pem"
 KEY_FILE = "hmi-key.pem"
@@ -105,23 +106,11 @@ def make_server_certificate(
     try:
         cert_path.parent.mkdir(parents=True, exist_ok=True)
         key_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_private(key_path, key_pem, overwrite)
+        write_private(key_path, key_pem, overwrite)
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     except OSError as exc:
         raise TlsError(f"cannot write certificate/key: {exc}") from exc
     return cert
-
-
-def _write_private(path: Path, data: bytes, overwrite: bool) -> None:
-    # created with mode 0600 from the start (no window in which another user could open it);
-    # O_EXCL keeps the "never overwrite" promise even if the file appeared since the check
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
-    fd = os.open(path, flags, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # an overwritten file keeps its old mode otherwise
-        os.write(fd, data)
-    finally:
-        os.close(fd)
 
 
 def load_certificate(path: str | Path) -> x509.Certificate:

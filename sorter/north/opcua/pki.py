@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from sorter.north.keyfiles import write_private
 
 # The application URI of the line server's certificate as `sorter opcua certs` makes it, and the server's
 # own when its certificate names none. Here rather than with the server so that making certificates
@@ -121,23 +122,11 @@ def make_certificate(
     try:
         cert_path.parent.mkdir(parents=True, exist_ok=True)
         key_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_private(key_path, key_pem, overwrite)
+        write_private(key_path, key_pem, overwrite)
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
     except OSError as exc:
         raise PkiError(f"cannot write certificate/key: {exc}") from exc
     return cert_path, key_path
-
-
-def _write_private(path: Path, data: bytes, overwrite: bool) -> None:
-    # created with mode 0600 from the start (no window in which another user could open it);
-    # O_EXCL keeps the "never overwrite" promise even if the file appeared since the check
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
-    fd = os.open(path, flags, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # an overwritten file keeps its old mode otherwise
-        os.write(fd, data)
-    finally:
-        os.close(fd)
 
 
 def load_certificate(path: str | Path) -> x509.Certificate:
