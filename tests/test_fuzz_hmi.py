@@ -17,7 +17,7 @@ Properties:
    with an operator's or technician's and a wrong or missing token, or with their right token from another
    site, and the state is compared before and after it.
 
-Bounds: `max_examples` keeps each property near 10-20 s on the 2-core CI machine (a request is a few ms, a
+Bounds: `max_examples` keeps each property near 15-25 s on the 2-core CI machine (a request is a few ms, a
 refused login's argon2 check ~50 ms); the `deadline` of 10 s is twice the HMI's own 5 s limit for an answer
 from the line, so an example that hangs fails instead of stalling the suite.
 
@@ -28,8 +28,10 @@ line service's, and it must stay free to answer the HMI's requests.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
+from websockets.asyncio.client import connect as ws_connect
 
 from sorter.core.alarms import Condition
 from sorter.north.hmi.app import COOKIE, LoginBody, ModelBody, ThresholdsBody, create_app
@@ -47,7 +50,7 @@ from tests.test_hmi import MODEL, Line, serving
 
 pytestmark = pytest.mark.wire
 
-EXAMPLES = 150
+EXAMPLES = 300
 DEADLINE_MS = 10_000
 ALARMS = ("plc_offline", "camera_stalled")
 
@@ -188,6 +191,67 @@ def cases(ln: Line) -> st.SearchStrategy[Any]:
     )
 
 
+@dataclass
+class RawCase:
+    """A request whose body is bytes that no JSON schema describes: nesting deeper than the parser goes, NaN,
+    broken UTF-8, file names longer than the file system takes, more than MAX_BODY."""
+
+    method: str
+    formatted_path: str
+    body: bytes
+    content_type: str | None
+
+    def call(self, base_url: str, session: requests.Session, headers: dict[str, str], **kw: Any) -> Any:
+        h = {**headers, **({"Content-Type": self.content_type} if self.content_type else {})}
+        return session.request(self.method, base_url + self.formatted_path, data=self.body, headers=h, **kw)
+
+
+def _nested(depth: int, opener: bytes) -> bytes:
+    closer = b"]" if opener == b"[" else b"0}"
+    return opener * depth + closer * depth
+
+
+RAW_BODIES = st.one_of(
+    st.builds(_nested, st.integers(900, 3000), st.sampled_from([b"[", b'{"a":'])),
+    st.builds(_nested, st.one_of(st.sampled_from([2, 999, 1000, 1500, 8000]), st.integers(1, 8000)), st.just(b"[")),
+    st.builds(_nested, st.sampled_from([500, 1200, 2000]), st.just(b'{"a":')),
+    st.binary(max_size=64),
+    st.sampled_from(
+        [
+            b"NaN",
+            b'{"min_confidence": NaN}',
+            b'{"fallback_min_confidence": -Infinity}',
+            b'{"min_confidence": 1e400}',
+            b'{"min_confidence": -0.0}',
+            b'{"user": "operator", "password": NaN}',
+            b'{"path": "\\ud800.onnx"}',
+            b'{"path": "a\\u0000.onnx"}',
+            b" " * 9000,
+        ]
+    ),
+    st.builds(
+        lambda folder, name: json.dumps({"path": f"{folder}{name}.onnx"}).encode(),
+        st.sampled_from(["", "/", "/tmp/", "/proc/self/", "/root/", "/nonexistent/", "../"]),
+        st.one_of(st.text(max_size=300), st.integers(200, 400).map(lambda n: "a" * n)),
+    ),
+)
+RAW_CASES = st.builds(
+    RawCase,
+    st.just("POST"),
+    st.sampled_from(["/api/login", "/api/model"]),
+    RAW_BODIES,
+    st.sampled_from(["application/json", "application/x-www-form-urlencoded", None]),
+) | st.builds(
+    RawCase, st.just("PUT"), st.just("/api/routing/thresholds"), RAW_BODIES, st.sampled_from(["application/json", None])
+)
+
+
+def requests_of(ln: Line) -> st.SearchStrategy[Any]:
+    """Schemathesis' cases of every operation (valid and invalid against the schema), or as many raw bodies."""
+    schema_cases = cases(ln)
+    return st.booleans().flatmap(lambda raw: RAW_CASES if raw else schema_cases)
+
+
 def send(ln: Line, http: requests.Session, case: Any, cookies: dict[str, str], headers: dict[str, str]) -> Any:
     http.cookies.clear()
     return case.call(base_url=ln.url, session=http, cookies=cookies, headers=headers, timeout=15)
@@ -212,7 +276,7 @@ async def test_no_request_is_answered_with_a_5xx(fuzz_line: Line) -> None:
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture],
         database=None,
     )
-    @given(case=cases(ln), variant=st.sampled_from(PRIVILEGED + UNPRIVILEGED))
+    @given(case=requests_of(ln), variant=st.sampled_from(PRIVILEGED * 4 + UNPRIVILEGED))
     def prop(case: Any, variant: str) -> None:
         cookies, headers = creds.get(variant)
         r = send(ln, http, case, cookies, headers)
@@ -239,7 +303,7 @@ async def test_no_request_without_an_operator_session_csrf_token_and_same_origin
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture],
         database=None,
     )
-    @given(case=cases(ln), variant=st.sampled_from(UNPRIVILEGED))
+    @given(case=requests_of(ln), variant=st.sampled_from(UNPRIVILEGED))
     def prop(case: Any, variant: str) -> None:
         cookies, headers = creds.get(variant)
         before = snapshot(ln)
@@ -253,3 +317,43 @@ async def test_no_request_without_an_operator_session_csrf_token_and_same_origin
 
     took = await run_fuzz(prop)
     print(f"state property: {sum(seen.values())} requests in {took:.1f} s, statuses {sorted(seen.items())}")
+
+
+# --- regressions: what the fuzzer found ---
+
+
+async def test_json_nested_deeper_than_the_parser_goes_is_refused_not_a_500(fuzz_line: Line) -> None:
+    ln = fuzz_line
+    before = snapshot(ln)
+    sess = ln.hmi.sessions.create("technician", "technician")
+    deep = b"[" * 3000 + b"]" * 3000
+    async with ln.client(cookies={COOKIE: sess.token}) as c:
+        h = {"X-CSRF-Token": sess.csrf, "Content-Type": "application/json"}
+        assert (await c.post("/api/login", content=deep, headers=h)).status_code == 422
+        assert (await c.put("/api/routing/thresholds", content=deep, headers=h)).status_code == 400
+        assert (await c.post("/api/model", content=deep, headers=h)).status_code == 400
+    assert snapshot(ln) == before
+
+
+async def test_a_model_path_the_file_system_refuses_is_no_model_file_not_a_500(fuzz_line: Line) -> None:
+    ln = fuzz_line
+    before = snapshot(ln)
+    sess = ln.hmi.sessions.create("technician", "technician")
+    async with ln.client(cookies={COOKIE: sess.token}) as c:
+        r = await c.post(
+            "/api/model", json={"path": "/tmp/" + "a" * 300 + ".onnx"}, headers={"X-CSRF-Token": sess.csrf}
+        )
+        assert r.status_code == 422 and "is not an .onnx file" in r.json()["detail"]  # ENAMETOOLONG
+    assert snapshot(ln) == before
+
+
+async def test_a_websocket_message_nested_too_deep_is_ignored_and_the_connection_stays(fuzz_line: Line) -> None:
+    ln = fuzz_line
+    sess = ln.hmi.sessions.create("operator", "operator")
+    async with ws_connect(ln.ws_url, additional_headers={"Cookie": f"{COOKIE}={sess.token}"}, **ln.ws_kw) as ws:
+        await asyncio.wait_for(ws.recv(), 3)  # the first state
+        await ws.send("[" * 2000 + "]" * 2000)
+        await ws.send('{"type": "activity"}')
+        msg = await asyncio.wait_for(ws.recv(), 3)  # still pushed: the connection was not dropped
+        assert isinstance(msg, str) and json.loads(msg)["type"] == "state"
+    assert [i["reason"] for i in ln.log.find("hmi websocket message ignored")] == ["not JSON"]

@@ -185,7 +185,7 @@ def create_app(hmi: HmiServer) -> FastAPI:
             raise refuse(request, 413, "too_large", "request too large")
         try:
             return json.loads(raw or b"null")
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes ("[" * 2000)
             raise refuse(request, 400, "not_json", "the body must be JSON") from None
 
     def invalid(request: Request, exc: ValidationError, **kw: Any) -> HTTPException:
@@ -244,7 +244,7 @@ def create_app(hmi: HmiServer) -> FastAPI:
             else:
                 data = json.loads(raw or b"null")
             body = LoginBody.model_validate(data)
-        except (ValueError, ValidationError):
+        except (ValueError, RecursionError, ValidationError):  # RecursionError: JSON nested too deep
             # the body may carry a password: its content is never logged
             hmi.log.warning("hmi login refused", reason="malformed", client=client, content_type=printable(ctype))
             raise HTTPException(422, "send user and password") from None
@@ -370,7 +370,11 @@ def create_app(hmi: HmiServer) -> FastAPI:
         except ValidationError as exc:
             raise invalid(request, exc, user=sess.user) from None
         path = Path(body.path)
-        if path.suffix.lower() != ".onnx" or not path.is_file():
+        try:
+            model_file = path.suffix.lower() == ".onnx" and path.is_file()
+        except OSError:  # a name too long for the file system, a folder we may not read: no model file either
+            model_file = False
+        if not model_file:
             raise refuse(
                 request,
                 422,
@@ -464,7 +468,7 @@ def _handle(hmi: HmiServer, c: Client, msg: Mapping[str, Any]) -> bool:
     else:
         try:
             data = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             data = None
             reason = "not JSON"
         if reason is None:
