@@ -4,7 +4,9 @@ The panel's app is built with `openapi_url=None` (no schema served to anyone); t
 process from `app.openapi()` and completed here with what FastAPI cannot see: the request bodies that the
 handlers read themselves (login, thresholds, model), the routes left out of it (`/`, `/metrics`, `/static`),
 and the names that matter for the path parameters (the PackML commands, the alarms on the board) beside any
-string. Each generated request is sent over real HTTP to the HMI of a built (not running) line service, as in
+string. Half the requests are raw bodies no schema describes instead (JSON nested deeper than the parser goes,
+NaN, broken UTF-8, file names too long for the file system, more than MAX_BODY). Each request is sent over
+real HTTP to the HMI of a built (not running) line service, as in
 tests/test_hmi.py, with a credential variant drawn beside it.
 
 Properties:
@@ -17,7 +19,7 @@ Properties:
    with an operator's or technician's and a wrong or missing token, or with their right token from another
    site, and the state is compared before and after it.
 
-Bounds: `max_examples` keeps each property near 15-25 s on the 2-core CI machine (a request is a few ms, a
+Bounds: `max_examples` (300) keeps each property near 10-15 s on the 2-core machine (a request is a few ms, a
 refused login's argon2 check ~50 ms); the `deadline` of 10 s is twice the HMI's own 5 s limit for an answer
 from the line, so an example that hangs fails instead of stalling the suite.
 
