@@ -9,7 +9,10 @@ exponential backoff. It never raises for connection trouble.
 `send()` writes eject commands into the PLC's mailbox (docs/plc-interface.md)
 and completes when a poll shows the PLC accepted them. Everything after a
 reconnect is resynchronised from the PLC's "last accepted seq" register,
-which is the only truth about what the PLC has taken.
+which is the only truth about what the PLC has taken. A PLC that sits on a
+written command although it reports room and no fault has lost the write
+(every later seq would wait behind it): that fails the session too, so the
+link goes offline (an alarm) and resynchronises.
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ from sorter.drivers.plc.modbus import ModbusClient
 __all__ = ["EjectResult", "PlcCommand", "PlcLink", "PlcStatus", "StatusBit"]
 
 SLOT_WORDS = 7  # seq, bank, mask hi, mask lo, open-at hi, open-at lo, open-for; the rest of a slot is reserved
+# A PLC that reports room and no fault accepts a written command within a scan or two (docs/plc-interface.md
+# section 6); one that has not after this many link timeouts (at least MAILBOX_STUCK_MIN_S: a reset disarms the
+# watchdog until the next heartbeat) has lost the write, and the link reconnects to resynchronise.
+MAILBOX_STUCK_TIMEOUTS = 4
+MAILBOX_STUCK_MIN_S = 0.5
 
 
 class PlcLink(PlcLinkBase):
@@ -62,6 +70,8 @@ class PlcLink(PlcLinkBase):
         self._done_total = 0
         self._late_total = 0
         self._t_poll_request = 0.0
+        self._stuck_s = max(MAILBOX_STUCK_TIMEOUTS * cfg.timeout_s, MAILBOX_STUCK_MIN_S)
+        self._waiting_since: float | None = None  # since when the PLC could take a pending seq and has not
 
     # --- the protocol session ---
     async def _connect(self) -> None:
@@ -74,6 +84,7 @@ class PlcLink(PlcLinkBase):
         regs, t_req, t_resp = await self._client.read_input_registers_timed(self._ir_lo, self._ir_count)
         # the PLC's register 5 is the only truth about what it has taken
         self.mailbox.resync(regs[self.regs.ir_last_seq - self._ir_lo])
+        self._waiting_since = None
         self._apply_poll(regs, t_req, t_resp, online=True)
         self.log.info("plc connected", last_seq=self.mailbox.last_accepted, alarms=self._status.alarms)
         await self._until_stopped(self._poll_loop(), self._heartbeat_loop())
@@ -147,6 +158,25 @@ class PlcLink(PlcLinkBase):
                 t_polled=t_resp,
             )
         )
+        self._check_mailbox_moves(bool(accepted), t_resp)
+
+    def _check_mailbox_moves(self, progress: bool, t: float) -> None:
+        """Raise PlcError if the PLC sits on a written command although nothing stops it taking it.
+
+        A write the PLC confirmed but did not keep (a PLC or gateway fault) would otherwise block every
+        later seq behind it for good, with the link online and every command timing out unseen.
+        """
+        st = self._status
+        if not self.mailbox.pending or st.estop or st.watchdog_tripped or st.queue_free == 0:
+            self._waiting_since = None
+        elif progress or self._waiting_since is None:
+            self._waiting_since = t
+        elif t - self._waiting_since > self._stuck_s:
+            raise PlcError(
+                f"the PLC has not accepted seq {self.mailbox.pending_seqs[0]} for {t - self._waiting_since:.1f} s "
+                f"although it has room and no fault: its mailbox is out of step with the PC's, "
+                f"reconnecting to resynchronise from its last accepted seq"
+            )
 
     async def _poll_after(self, t: float, timeout: float) -> None:
         """Wait for a poll whose request left after PC time t (so it shows what happened before t)."""

@@ -11,7 +11,13 @@ Deliberate choices:
 - every request has a hard timeout, and a lost connection fails the request
   at once instead of after the timeout (pymodbus leaves it waiting);
 - requests are serialised by our own lock, so the time taken just before a
-  request is the time it was really sent (the clock model needs that).
+  request is the time it was really sent (the clock model needs that);
+- an answer must be the answer to *this* request: the transaction id we sent
+  (pymodbus takes an answer with id 0 for any request), the function we asked
+  (pymodbus takes any function's answer), and for a write the echo of what we
+  wrote. A PLC or gateway whose answers are out of step or mixed up fails the
+  request (and the link reconnects) instead of feeding the link stale or
+  foreign registers, or confirming a write that did not happen.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any
 
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
+from pymodbus.pdu import ModbusPDU
 
 from sorter.drivers.plc.base import PlcError
 
@@ -50,6 +57,7 @@ class ModbusClient:
         self._client: AsyncModbusTcpClient | None = None
         self._lost = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._sent_tid = [0]  # transaction id of the request last sent on the current connection
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port} unit {self.unit_id}"
@@ -68,6 +76,13 @@ class ModbusClient:
             if not up:
                 lost.set()
 
+        sent_tid = self._sent_tid = [0]
+
+        def on_pdu(sending: bool, pdu: ModbusPDU) -> ModbusPDU:
+            if sending:
+                sent_tid[0] = pdu.transaction_id
+            return pdu
+
         client = AsyncModbusTcpClient(
             self.host,
             port=self.port,
@@ -76,12 +91,13 @@ class ModbusClient:
             reconnect_delay=0,
             name=f"plc {self.host}:{self.port}",
             trace_connect=on_connect,
+            trace_pdu=on_pdu,
         )
         try:
             ok = await asyncio.wait_for(client.connect(), self.timeout_s * 2)
         except (TimeoutError, OSError, ModbusException) as exc:
             client.close()
-            raise PlcError(f"cannot connect to PLC at {self}: {exc or type(exc).__name__}") from exc
+            raise PlcError(f"cannot connect to PLC at {self}: {str(exc) or type(exc).__name__}") from exc
         if not ok:
             client.close()
             raise PlcError(f"cannot connect to PLC at {self}: connection refused or unreachable")
@@ -94,7 +110,14 @@ class ModbusClient:
         self._lost.set()
 
     # --- requests ---
-    async def _call(self, what: str, request: Callable[[AsyncModbusTcpClient], Awaitable[Any]]) -> Any:
+    async def _call(
+        self,
+        what: str,
+        function: int,
+        request: Callable[[AsyncModbusTcpClient], Awaitable[Any]],
+        echo: Callable[[Any], bool] | None = None,
+    ) -> Any:
+        """Make one request; its answer, checked to be this request's (`echo`: a write's echo is right)."""
         async with self._lock:
             client = self._client
             if client is None or not self.connected:
@@ -115,10 +138,22 @@ class ModbusClient:
                 response = req.result()
             except ModbusException as exc:
                 raise PlcError(f"{what}: {exc}") from exc
+            if response is not None:
+                if response.transaction_id != self._sent_tid[0]:
+                    raise PlcError(
+                        f"{what}: PLC at {self} answered transaction {response.transaction_id}, "
+                        f"not {self._sent_tid[0]} (answers out of step)"
+                    )
+                if response.function_code & 0x7F != function:
+                    raise PlcError(
+                        f"{what}: PLC at {self} answered function {response.function_code & 0x7F}, not {function}"
+                    )
             if response is None or response.isError():
                 code = getattr(response, "exception_code", None)
                 name = EXCEPTION_NAMES.get(code or 0, "unknown")
                 raise PlcError(f"{what}: PLC at {self} answered exception {code} ({name})", code)
+            if echo is not None and not echo(response):
+                raise PlcError(f"{what}: PLC at {self} confirmed something else: {response}")
             return response
 
     async def read_input_registers_timed(self, address: int, count: int) -> tuple[list[int], float, float]:
@@ -129,7 +164,7 @@ class ModbusClient:
             t[0] = time.monotonic()  # taken under the lock, right as the request goes out
             return await c.read_input_registers(address, count=count, device_id=self.unit_id)
 
-        response = await self._call(f"read input registers {address}..{address + count - 1}", req)
+        response = await self._call(f"read input registers {address}..{address + count - 1}", 4, req)
         t_response = time.monotonic()
         return self._registers(response, count, address), t[0], t_response
 
@@ -139,6 +174,7 @@ class ModbusClient:
     async def read_holding_registers(self, address: int, count: int) -> list[int]:
         response = await self._call(
             f"read holding registers {address}..{address + count - 1}",
+            3,
             lambda c: c.read_holding_registers(address, count=count, device_id=self.unit_id),
         )
         return self._registers(response, count, address)
@@ -147,7 +183,9 @@ class ModbusClient:
         _check_u16(value)
         await self._call(
             f"write holding register {address}",
+            6,
             lambda c: c.write_register(address, value, device_id=self.unit_id),
+            lambda r: r.address == address and list(r.registers) == [value],
         )
 
     async def write_registers(self, address: int, values: Sequence[int]) -> None:
@@ -156,18 +194,23 @@ class ModbusClient:
             _check_u16(v)
         await self._call(
             f"write holding registers {address}..{address + len(values) - 1}",
+            16,
             lambda c: c.write_registers(address, list(values), device_id=self.unit_id),
+            lambda r: r.address == address and r.count == len(values),
         )
 
     async def write_coil(self, address: int, on: bool) -> None:
         await self._call(
             f"write coil {address}",
+            5,
             lambda c: c.write_coil(address, bool(on), device_id=self.unit_id),
+            lambda r: r.address == address and list(r.bits[:1]) == [bool(on)],
         )
 
     async def read_coils(self, address: int, count: int) -> list[bool]:
         response = await self._call(
             f"read coils {address}..{address + count - 1}",
+            1,
             lambda c: c.read_coils(address, count=count, device_id=self.unit_id),
         )
         return [bool(b) for b in response.bits[:count]]
