@@ -60,18 +60,32 @@ def checksum(payload: bytes) -> int:
 
 def _frame(payload: str) -> bytes:
     body = payload.encode("ascii")
-    return b"$" + body + b"*" + f"{checksum(body):02X}".encode("ascii") + b"\r\n"
+    line = b"$" + body + b"*" + f"{checksum(body):02X}".encode("ascii") + b"\r\n"
+    if len(line) > MAX_LINE_BYTES:
+        raise ValueError(f"a line of {len(line)} bytes is longer than the protocol's {MAX_LINE_BYTES}")
+    return line
+
+
+# The formatters refuse what the protocol cannot carry (ValueError): a line parse_line() would reject must
+# never be sent as if it were a reading. Counters wrap, as on the wire.
 
 
 def format_data(seq: int, t_us: int, values: tuple[int, ...] | list[int]) -> bytes:
     if not values:
         raise ValueError("a data line needs at least one channel")
-    return _frame(f"HB,{seq % SEQ_MOD},{t_us % T_MOD}," + ",".join(str(int(v)) for v in values))
+    ints = [int(v) for v in values]
+    if bad := [(i, v) for i, v in enumerate(ints) if not VALUE_MIN <= v <= VALUE_MAX]:
+        raise ValueError(f"channel {bad[0][0]}: {bad[0][1]} mT is outside {VALUE_MIN}..{VALUE_MAX} (clip it)")
+    return _frame(f"HB,{seq % SEQ_MOD},{t_us % T_MOD}," + ",".join(map(str, ints)))
 
 
 def format_info(channels: int, pitch_um: int, fw: str) -> bytes:
     if not FW_RE.fullmatch(fw):
         raise ValueError(f"firmware tag {fw!r} must match {FW_RE.pattern}")
+    if not 1 <= channels < SEQ_MOD:
+        raise ValueError(f"channels {channels} must be 1..{SEQ_MOD - 1}")
+    if not 0 <= pitch_um < T_MOD:
+        raise ValueError(f"pitch_um {pitch_um} must be 0..{T_MOD - 1}")
     return _frame(f"HI,{channels},{pitch_um},{fw}")
 
 
