@@ -77,6 +77,9 @@ async def test_scada_drives_the_packml_state_machine_over_signandencrypt(tmp_pat
                     {"op": "subscribe", "path": [*sl, "Fractions", "ndfeb", "Count"], "seconds": 3},
                     {"op": "call", "path": sl, "method": "Hold"},
                     {"op": "wait_value", "path": [*sl, "State"], "equals": "Held", "timeout": 5},
+                    # a held spell of its own length (not just two calls long: CI once saw no piece decided
+                    # in it); at the demo's 32 pieces/s it holds dozens, each asserted below to be in residue
+                    {"op": "sleep", "seconds": 1.5},
                     {"op": "call", "path": sl, "method": "Hold"},  # not allowed in Held
                     {"op": "call", "path": sl, "method": "Unhold"},
                     {"op": "wait_value", "path": [*sl, "State"], "equals": "Execute", "timeout": 10},
@@ -105,13 +108,13 @@ async def test_scada_drives_the_packml_state_machine_over_signandencrypt(tmp_pat
     counts = [v["value"] for v in step(op, 3)["values"]]
     assert len(counts) >= 2 and counts[-1] > counts[0], counts  # ndfeb count rises while the line sorts
     assert step(op, 4)["statusCode"] == "Good" and step(op, 5)["ok"]
-    assert step(op, 6)["statusCode"] == "BadInvalidState"
-    assert step(op, 7)["statusCode"] == "Good" and step(op, 8)["ok"]
-    assert step(op, 9)["statusCode"] == "Good" and step(op, 10)["ok"]
-    assert step(op, 11)["statusCode"] == "BadInvalidState"
-    assert step(op, 12)["statusCode"] == "Good" and step(op, 13)["ok"]
-    assert step(op, 14)["statusCode"] == "Good" and step(op, 15)["ok"]
-    assert step(op, 16)["value"] == report["model_version"]
+    assert step(op, 7)["statusCode"] == "BadInvalidState"
+    assert step(op, 8)["statusCode"] == "Good" and step(op, 9)["ok"]
+    assert step(op, 10)["statusCode"] == "Good" and step(op, 11)["ok"]
+    assert step(op, 12)["statusCode"] == "BadInvalidState"
+    assert step(op, 13)["statusCode"] == "Good" and step(op, 14)["ok"]
+    assert step(op, 15)["statusCode"] == "Good" and step(op, 16)["ok"]
+    assert step(op, 17)["value"] == report["model_version"]
     assert step(got["viewer"], 0)["statusCode"] == "BadUserAccessDenied"
     assert got["state_after"] is State.EXECUTE  # the viewer's Hold changed nothing
     # the stop and the held spell lost no piece: each is recorded, the held ones into residue
