@@ -17,7 +17,6 @@ key unencrypted PEM readable by its owner only (mode 0600), because the service 
 
 from __future__ import annotations
 
-import datetime as dt
 import ipaddress
 import ssl
 from collections.abc import Iterable
@@ -25,10 +24,9 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from sorter.north.keyfiles import write_private
+from sorter.north.keyfiles import self_signed, write_private
 
 CERT_FILE = "hmi-cert.pem"
 KEY_FILE = "hmi-key.pem"
@@ -76,24 +74,9 @@ def make_server_certificate(
     except ValueError as exc:  # e.g. a name that is not ASCII (give its xn-- form)
         raise TlsError(f"not a host name or IP address: {exc}") from exc
 
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    subject = x509.Name(
-        [
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
-        ]
-    )
-    # a day of slack before "now": a panel whose clock is a little behind must not see a future certificate
-    now = dt.datetime.now(dt.UTC)
+    key, builder = self_signed(common_name, organization, days)
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)

@@ -22,10 +22,9 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from sorter.north.keyfiles import write_private
+from sorter.north.keyfiles import self_signed, write_private
 
 # The application URI of the line server's certificate as `sorter opcua certs` makes it, and the server's
 # own when its certificate names none. Here rather than with the server so that making certificates
@@ -71,24 +70,9 @@ def make_certificate(
     if not hosts:
         raise PkiError("at least one hostname or IP address is needed")
 
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
-        ]
-    )
-    # a day of slack before "now": a client PC whose clock is a little behind must not see a future certificate
-    now = dt.datetime.now(dt.UTC)
+    key, builder = self_signed(common_name, organization, days)
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(
+        builder.add_extension(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(application_uri), *map(_general_name, hosts)]),
             critical=False,
         )
