@@ -58,6 +58,14 @@ def demo(
         str | None,
         typer.Option(help="PLC protocol for this run, modbus or opcua (the virtual PLC serves both); default: config"),
     ] = None,
+    lockstep: Annotated[
+        bool,
+        typer.Option(
+            "--lockstep",
+            help="simulator and service on one virtual clock, in one process: as fast as the CPU allows, "
+            "the same figures every run (docs/architecture.md)",
+        ),
+    ] = False,
     log_level: LogOpt = "warning",
 ) -> None:
     """Run the simulated line sorted by the real line service and print the report."""
@@ -74,10 +82,17 @@ def demo(
         raise fail(f"--plc must be modbus or opcua, not {plc!r}")
     if plc is not None:
         cfg = cfg.model_copy(update={"plc": cfg.plc.model_copy(update={"protocol": plc})})
-    run_dir = out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    run_dir = out or Path("runs") / time.strftime("lockstep-%Y%m%d-%H%M%S" if lockstep else "demo-%Y%m%d-%H%M%S")
+    if lockstep and (capture is not None or cfg.plc.protocol != "modbus"):
+        raise fail("--lockstep runs the Modbus PLC link and takes no --capture")
     try:
         show = not as_json and sys.stderr.isatty()
-        report = asyncio.run(run_demo(cfg, duration, seed, run_dir, progress=show, capture=capture))
+        if lockstep:
+            from sim.lockstep import run_lockstep
+
+            report = run_lockstep(cfg, duration, seed, run_dir)
+        else:
+            report = asyncio.run(run_demo(cfg, duration, seed, run_dir, progress=show, capture=capture))
     except (ModelError, DemoError) as exc:
         raise fail(str(exc), 1) from None
     if as_json:

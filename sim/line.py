@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,8 @@ class SimLine:
         record_dir: Path | None = None,
         seed: int | None = None,
         hallbar_link: Path | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if cfg.simulator is None:
             raise ValueError("the config has no `simulator:` section")
@@ -70,13 +74,16 @@ class SimLine:
         # the encoder's true resolution: everything physical converts mm <-> counts with it (encoder,
         # camera trigger and latched counts, PLC firing, ejection physics); the service uses the config's
         cpm = sim.encoder_counts_per_mm or cfg.belt.counts_per_mm
-        self.belt = Belt(cpm, cfg.belt.nominal_speed_mm_s, sim.encoder_start, sim.speed_drift, sim.seed)
+        self.clock = clock  # real time beside the service, or the lockstep simulation's virtual clock
+        self.belt = Belt(cpm, cfg.belt.nominal_speed_mm_s, sim.encoder_start, sim.speed_drift, sim.seed, clock=clock)
         self.geoms = [true_geometry(cfg, sim, i) for i in range(len(cfg.cameras))]
         self._mm_per_px = self.geoms[0].mm_per_px
         self.feed = FeedGenerator(sim.feed, cfg.belt.width_mm, cfg.belt.nominal_speed_mm_s, sim.seed)
         self.physics = EjectionPhysics(cfg.ejection, sim, cpm, sim.encoder_start)
         self.truth = TruthStore(truth_path) if truth_path else None
-        self.plc = VirtualPlc(cfg.plc.registers, self.belt, sim, banks=len(cfg.ejection.banks), on_eject=self._fired)
+        self.plc = VirtualPlc(
+            cfg.plc.registers, self.belt, sim, banks=len(cfg.ejection.banks), on_eject=self._fired, clock=clock
+        )
         # the same PLC also serves OPC UA, on plc.opcua.endpoint
         self.plc_opcua = (
             PlcOpcUaServer(self.plc, cfg.plc.opcua, sim.plc_opcua)
@@ -124,7 +131,7 @@ class SimLine:
         self._field = (min(g.field_mm()[2] for g in self.geoms) - 60, max(g.field_mm()[3] for g in self.geoms) + 60)
         # the Hall bar streams over a pty whose slave `hallbar_link` points to (the service's magnetometer.port)
         self.hallbar = (
-            SimHallBar(cfg, self.belt, lambda: tuple(self._on_belt), hallbar_link, sim.seed + 300)
+            SimHallBar(cfg, self.belt, lambda: tuple(self._on_belt), hallbar_link, sim.seed + 300, clock=clock)
             if hallbar_link is not None and sim.hallbar.enabled
             else None
         )
@@ -267,7 +274,14 @@ class SimLine:
                 self.truth.commit()  # twice a second: a commit per tick would stall the PLC scan on the disk
             await asyncio.sleep(0.01)
 
-    async def start(self) -> None:
+    async def start(self, *, serve: bool = True) -> None:
+        """Run the line; `serve=False`: the PLC scans and the belt, feed and bins move, but nothing is served
+        on the wire (no Modbus/OPC UA server, no camera stream, no pty): the lockstep simulation carries
+        registers, frames and the bar's lines in-process (sim/lockstep.py)."""
+        if not serve:
+            self.plc.start_scan()
+            self._tasks.append(asyncio.create_task(self._tick()))
+            return
         await self.plc.start(self.cfg.plc.host, self.cfg.plc.port)
         if self.plc_opcua:
             await self.plc_opcua.start()
