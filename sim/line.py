@@ -34,6 +34,7 @@ from sorter.core.geometry import CameraGeometry
 # pieces land this far upstream of the cameras' centre line: far enough that a simulator starved of CPU
 # for a moment (2 cores shared with the service) still places them before the cameras can see them
 FEED_DROP_MM = 1500.0
+DRIFT_STEP_S = 0.1
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -260,6 +261,9 @@ class SimLine:
 
     async def _tick(self) -> None:
         n = 0
+        # the belt's speed wanders by one random step every DRIFT_STEP_S of the clock, however late the
+        # ticks: the same seed gives the same speed over time in real time and in lockstep
+        next_drift = self.clock() + DRIFT_STEP_S
         while True:
             try:
                 self._feed_step()
@@ -268,8 +272,9 @@ class SimLine:
                 self.log.exception("sim step failed")
                 raise
             n += 1
-            if n % 10 == 0:
+            while self.clock() >= next_drift:
                 self.belt.step_drift()
+                next_drift += DRIFT_STEP_S
             if n % 50 == 0 and self.truth:
                 self.truth.commit()  # twice a second: a commit per tick would stall the PLC scan on the disk
             await asyncio.sleep(0.01)

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import structlog
+import yaml
 
 from sim.camera import SimCameraServer
 from sim.config import SimLineConfig
@@ -356,6 +357,7 @@ def run_lockstep(cfg: SimLineConfig, duration: float, seed: int, run_dir: Path) 
     """Run the simulated line sorted by the service in virtual time; returns the demo's report."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = lockstep_config(cfg, run_dir, seed)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     clock = VirtualClock()
     with asyncio.Runner(loop_factory=lambda: VirtualTimeLoop(clock)) as runner:
         return runner.run(_run(cfg, duration, seed, run_dir, clock))
