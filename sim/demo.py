@@ -239,7 +239,7 @@ async def run_demo(
             log.info("OPC UA server", endpoint=line.scada.endpoint_url)
             print(f"OPC UA server: {line.scada.endpoint_url}", file=sys.stderr, flush=True)
         log.info("line running, feeding", duration_s=duration)
-        await sim.send(cmd="feed", on=True)
+        await sim.send(cmd="feed", on=True, for_s=duration)  # the simulator times the feed: same pieces every run
         t_feed = time.monotonic()
         acting = asyncio.create_task(during(line, sim)) if during else None
         with contextlib.suppress(TimeoutError):

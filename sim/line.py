@@ -96,6 +96,8 @@ class SimLine:
         self._visible: tuple[tuple[Any, Any], ...] = ()  # (SimPiece, Sprite) snapshot read by camera threads
         self._sprites: dict[int, Any] = {}
         self.feeding = False
+        self._next_drift = 0.0  # when the belt's speed takes its next random step (clock seconds)
+        self._feed_until: float | None = None  # when a feed started with a duration stops (clock seconds)
         self._feed_offset = 0.0
         self._feed_pos = 0.0  # how far (in the generator's own coordinate) pieces were generated
         self.fed = 0
@@ -187,16 +189,29 @@ class SimLine:
             self.renderers[i].blur_px = blur_px
 
     # --- feed and bins ---
-    def set_feed(self, on: bool) -> None:
+    def set_feed(self, on: bool, duration_s: float | None = None) -> None:
+        """Start or stop the feeder; `duration_s`: it stops by itself after that many seconds of the clock,
+        exactly (pieces up to where the belt was then), however late the simulator's next tick comes."""
         if on and not self.feeding:
             self._feed_offset = self.belt.position_mm() + FEED_DROP_MM - self._feed_pos
+            # the belt's speed wanders the same way from the start of every feed, whatever the line did
+            # before (a start-up takes longer in real time than in lockstep): same seed, same belt, same feed
+            self.belt.restart_drift()
+            self._next_drift = self.clock() + DRIFT_STEP_S
+        if not on and self.feeding:
+            self._feed_step()  # the pieces up to now (or up to the end of a timed feed) are on the belt
+        self._feed_until = self.clock() + duration_s if on and duration_s is not None else None
         self.feeding = on
-        self.log.info("feed", on=on)
+        self.log.info("feed", on=on, duration_s=duration_s)
 
     def _feed_step(self) -> None:
         if not self.feeding or not self.belt.running:
             return
-        target = self.belt.position_mm() + FEED_DROP_MM - self._feed_offset
+        t = self.clock()
+        if self._feed_until is not None and t >= self._feed_until:
+            t, self.feeding = self._feed_until, False
+            self.log.info("feed", on=False, why="its duration is over")
+        target = self.belt.position_mm(t) + FEED_DROP_MM - self._feed_offset
         new = self.feed.pieces_until(target)
         self._feed_pos = target
         if not new:
@@ -263,7 +278,7 @@ class SimLine:
         n = 0
         # the belt's speed wanders by one random step every DRIFT_STEP_S of the clock, however late the
         # ticks: the same seed gives the same speed over time in real time and in lockstep
-        next_drift = self.clock() + DRIFT_STEP_S
+        self._next_drift = self.clock() + DRIFT_STEP_S
         while True:
             try:
                 self._feed_step()
@@ -272,9 +287,9 @@ class SimLine:
                 self.log.exception("sim step failed")
                 raise
             n += 1
-            while self.clock() >= next_drift:
+            while self.clock() >= self._next_drift:
                 self.belt.step_drift()
-                next_drift += DRIFT_STEP_S
+                self._next_drift += DRIFT_STEP_S
             if n % 50 == 0 and self.truth:
                 self.truth.commit()  # twice a second: a commit per tick would stall the PLC scan on the disk
             await asyncio.sleep(0.01)

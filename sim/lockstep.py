@@ -325,10 +325,9 @@ async def _run(cfg: SimLineConfig, duration: float, seed: int, run_dir: Path, cl
             )
 
         await _until(ready, "the line to start (PLC online, belt running, cameras streaming)")
-        sim.set_feed(True)
+        sim.set_feed(True, duration)
         t_feed = clock.now()
         await asyncio.sleep(duration)
-        sim.set_feed(False)
         t_end = clock.now()
         await _until(lambda: sim.on_belt == 0 and service.idle, "the belt to empty")
     finally:
