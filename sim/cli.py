@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 from sim.config import SimLineConfig, load_sim_config
 from sorter.cli_common import LogOpt, fail, stderr_console
@@ -58,6 +59,11 @@ def demo(
         str | None,
         typer.Option(help="PLC protocol for this run, modbus or opcua (the virtual PLC serves both); default: config"),
     ] = None,
+    speed: Annotated[float | None, typer.Option(help="belt speed, mm/s (default: the config's)")] = None,
+    rate: Annotated[float | None, typer.Option(help="feed rate, pieces/s (default: the config's)")] = None,
+    touching: Annotated[
+        float | None, typer.Option(help="share of pieces fed touching another, 0..1 (default: the config's)")
+    ] = None,
     lockstep: Annotated[
         bool,
         typer.Option(
@@ -82,6 +88,7 @@ def demo(
         raise fail(f"--plc must be modbus or opcua, not {plc!r}")
     if plc is not None:
         cfg = cfg.model_copy(update={"plc": cfg.plc.model_copy(update={"protocol": plc})})
+    cfg = operating_point(cfg, speed, rate, touching)
     run_dir = out or Path("runs") / time.strftime("lockstep-%Y%m%d-%H%M%S" if lockstep else "demo-%Y%m%d-%H%M%S")
     if lockstep and (capture is not None or cfg.plc.protocol != "modbus"):
         raise fail("--lockstep runs the Modbus PLC link and takes no --capture")
@@ -99,6 +106,23 @@ def demo(
         typer.echo(json.dumps(report))
     else:
         _print_report(report)
+
+
+def operating_point(
+    cfg: SimLineConfig, speed: float | None, rate: float | None, touching: float | None
+) -> SimLineConfig:
+    """The config at another point of the operating envelope (validated as the file is)."""
+    assert cfg.simulator is not None
+    feed = cfg.simulator.feed.model_dump()
+    feed |= {k: v for k, v in (("rate_per_s", rate), ("touching_share", touching)) if v is not None}
+    data = cfg.model_dump()
+    data["simulator"]["feed"] = feed
+    if speed is not None:
+        data["belt"]["nominal_speed_mm_s"] = speed
+    try:
+        return type(cfg).model_validate(data)
+    except ValidationError as exc:
+        raise fail(f"operating point: {exc}") from None
 
 
 def _print_report(report: dict) -> None:  # type: ignore[type-arg]
