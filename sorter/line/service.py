@@ -47,6 +47,7 @@ from sorter.core.messages import (
 )
 from sorter.core.packml import Command
 from sorter.core.planner import EjectPlanner, Plan
+from sorter.core.position import TriggerGrid
 from sorter.core.tracking import Tracker
 from sorter.drivers.cameras.capture import CameraCapture, CaptureClosed
 from sorter.drivers.hallbar import FieldMap, HallBar
@@ -144,6 +145,12 @@ class LineService:
         self._pieces: asyncio.Queue[list[Piece]] = asyncio.Queue()
         self._sends: set[asyncio.Task[None]] = set()
         self._ref_count: int | None = None
+        # cameras triggered every N encoder counts (GenICam `position: trigger`): frame ID -> count
+        self._grids = {
+            c.name: TriggerGrid(c.source.counts_per_trigger, c.source.trigger_phase)
+            for c in cfg.cameras
+            if c.source.type == "genicam" and c.source.position == "trigger" and c.source.counts_per_trigger
+        }
         self.times = StageTimes(on_add=parts.on_stage)
         self.counters = LineCounters()
         self.latencies_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
@@ -164,7 +171,22 @@ class LineService:
 
     # --- frames -> pieces ---
     def _frame_count(self, frame: Frame) -> int | None:
-        """The frame's unwrapped encoder count: latched by the camera, else from the clock model."""
+        """The frame's unwrapped encoder count: latched by the camera, counted from its triggers, else from
+        the clock model."""
+        grid = self._grids.get(frame.camera)
+        if frame.trigger_index is not None and grid is not None:
+            # the clock model's estimate anchors the grid and checks it: a slip is a trigger the camera missed
+            estimate = self.clock.count_at(frame.t_capture) if self.clock.ready else None
+            slips = grid.slips
+            count = grid.place(frame.trigger_index, estimate)
+            if grid.slips != slips:
+                self.log.warning(
+                    "trigger-counted position slipped: re-anchored on the clock model",
+                    camera=frame.camera,
+                    frame=frame.seq,
+                    slips=grid.slips,
+                )
+            return count
         if frame.count is None:
             if not self.clock.ready:
                 return None

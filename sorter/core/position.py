@@ -1,0 +1,174 @@
+"""Where a camera frame was on the belt, from what the camera tells about it: pure arithmetic, no I/O.
+
+Three pieces, used by the GenICam driver (sorter/drivers/cameras/genicam.py) and the line service:
+
+- `FrameIds`: the camera's frame (block) IDs made into one increasing number. GigE Vision 1.x block IDs are
+  16 bits and skip 0 (…, 65534, 65535, 1, 2, …); GigE Vision 2 extended IDs and USB3 Vision's are 64 bits.
+  A jump of more than one is frames the camera sent that never arrived whole (lost), counted, never hidden:
+  with trigger-counted positions a lost frame that went unnoticed would shift every later piece.
+- `TriggerGrid`: the camera is triggered every `step` encoder counts (the PLC's counter compare or an encoder
+  divider), at counts ≡ `phase` (mod `step`); frame k after the anchor was exposed at anchor + k·step. The
+  anchor comes from a coarse estimate of the first frame's count (device timestamp through the clock model),
+  snapped to the grid; every later estimate is checked against the grid, and a frame whose estimate is more
+  than half a step off means a trigger the camera never answered (no frame ID, so no gap to see): the grid
+  re-anchors and counts the slip instead of misplacing every later frame.
+- `TimestampMap`: a device timestamp (seconds of the camera's clock) mapped to PC monotonic time by the lower
+  envelope of (arrival − device time): the fastest deliveries bound the offset from above, as NTP's minimum
+  filter does; a constant delivery latency is calibrated separately (`cameras[].latency_ms`).
+
+Encoder counts here are unwrapped Python ints; the 32-bit wire value is `wrap32(count)`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+COUNT_MODULUS = 1 << 32  # encoder counts on the wire: 32 bits, wrapping
+
+
+def wrap32(count: int) -> int:
+    """The 32-bit wire value of an unwrapped encoder count."""
+    return count % COUNT_MODULUS
+
+
+@dataclass
+class FrameIds:
+    """Unwraps a camera's frame IDs and counts the gaps between them.
+
+    `bits` is the width of the ID on the wire: 16 for GigE Vision 1.x block IDs (0 is never used, so they run
+    1..65535), 64 for GigE Vision 2 extended IDs and USB3 Vision. A frame whose ID is not ahead of the last
+    one (a duplicate, or older than half the ID range allows) is reported stale and not counted as progress.
+    """
+
+    bits: int = 16
+    last_raw: int | None = None
+    last: int | None = None  # the unwrapped ID of the last frame accepted
+    lost: int = 0  # frames the IDs say were sent and never arrived whole
+    stale: int = 0  # duplicates / out of order
+
+    def __post_init__(self) -> None:
+        if self.bits not in (16, 32, 64):
+            raise ValueError(f"frame IDs are 16, 32 or 64 bits wide, not {self.bits}")
+
+    @property
+    def _skip_zero(self) -> bool:
+        return self.bits == 16  # GigE Vision 1.x: block ID 0 is reserved
+
+    @property
+    def _period(self) -> int:
+        return (1 << self.bits) - (1 if self._skip_zero else 0)
+
+    def _index(self, raw: int) -> int:
+        if not 0 <= raw < (1 << self.bits):
+            raise ValueError(f"frame ID {raw} does not fit in {self.bits} bits")
+        if self._skip_zero:
+            if raw == 0:
+                raise ValueError("frame ID 0 is reserved in GigE Vision 1.x")
+            return raw - 1
+        return raw
+
+    def add(self, raw: int) -> int | None:
+        """The unwrapped ID of a frame with wire ID `raw`, or None for a stale frame (to be dropped)."""
+        idx = self._index(raw)
+        if self.last is None or self.last_raw is None:
+            self.last_raw, self.last = raw, raw  # numbering starts at the first wire ID, then counts on
+            return raw
+        delta = (idx - self._index(self.last_raw)) % self._period
+        if delta == 0 or delta > self._period // 2:
+            self.stale += 1
+            return None
+        self.lost += delta - 1
+        self.last_raw = raw
+        self.last += delta
+        return self.last
+
+    def reset(self) -> None:
+        """A new acquisition (reconnect): the camera may restart its IDs."""
+        self.last_raw = None
+        self.last = None
+
+
+@dataclass
+class TriggerGrid:
+    """Encoder counts of frames triggered every `step` counts at counts ≡ `phase` (mod `step`)."""
+
+    step: int
+    phase: int = 0
+    anchor: int | None = None  # the count of frame index 0 of this grid's anchoring
+    anchor_index: int = 0
+    slips: int = 0  # re-anchorings where the grid and the estimate disagreed (a trigger the camera ignored)
+    last_index: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.step < 1:
+            raise ValueError(f"a trigger step of {self.step} counts is impossible")
+        self.phase %= self.step
+
+    def snap(self, estimate: float) -> int:
+        """The grid count nearest to `estimate`."""
+        k = round((estimate - self.phase) / self.step)
+        return self.phase + k * self.step
+
+    def place(self, index: int, estimate: float | None) -> int | None:
+        """The count at which frame `index` (unwrapped frame ID) was exposed.
+
+        `estimate`: the count from coarser means (device timestamp through the clock model), or None where
+        there is none yet. Without an anchor and without an estimate the frame cannot be placed (None).
+        """
+        if self.last_index is not None and index <= self.last_index:
+            self.reset()  # the IDs went back: a new acquisition (reconnect), the old anchor means nothing
+        if self.anchor is None:
+            if estimate is None:
+                return None
+            self.anchor, self.anchor_index, self.last_index = self.snap(estimate), index, index
+            return self.anchor
+        self.last_index = index
+        count = self.anchor + (index - self.anchor_index) * self.step
+        if estimate is not None and abs(count - estimate) > self.step / 2:
+            # the grid says one thing, the timestamps another by more than half a trigger period: a trigger
+            # went unanswered (or a spurious one counted). Trust the estimate's grid point from here on.
+            self.slips += 1
+            self.anchor, self.anchor_index = self.snap(estimate), index
+            return self.anchor
+        return count
+
+    def reset(self) -> None:
+        """Forget the anchor (the camera reconnected and its frame IDs restarted)."""
+        self.anchor = None
+        self.anchor_index = 0
+        self.last_index = None
+
+
+class TimestampMap:
+    """Camera clock (s) -> PC monotonic (s): offset = the smallest (arrival − device time) in a sliding window.
+
+    The window (`window_s` of device time) lets the offset follow the two oscillators' drift (tens of ppm: a
+    millisecond per minute at worst) while keeping enough fast deliveries to sit on the envelope.
+    """
+
+    def __init__(self, window_s: float = 30.0) -> None:
+        if window_s <= 0:
+            raise ValueError("the window must be positive")
+        self.window_s = window_s
+        self._samples: deque[tuple[float, float]] = deque()  # (device time, arrival - device time), min-queue
+
+    def add(self, device_s: float, arrival_s: float) -> float:
+        """Record a frame's device time and PC arrival; return its mapped PC time of exposure."""
+        diff = arrival_s - device_s
+        # a monotone deque: the window's minimum is at the left, O(1) amortised per frame
+        while self._samples and self._samples[-1][1] >= diff:
+            self._samples.pop()
+        self._samples.append((device_s, diff))
+        while self._samples[0][0] < device_s - self.window_s:
+            self._samples.popleft()
+        return device_s + self._samples[0][1]
+
+    def to_pc(self, device_s: float) -> float | None:
+        """PC time of a device time with the current offset (None before the first frame)."""
+        if not self._samples:
+            return None
+        return device_s + self._samples[0][1]
+
+    def reset(self) -> None:
+        self._samples.clear()
