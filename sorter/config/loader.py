@@ -35,6 +35,8 @@ def _line(text: str, mark: yaml.Mark) -> int:
 
 
 def _line_of(node: yaml.Node | None, path: tuple[int | str, ...], text: str) -> int | None:
+    # pydantic puts the camera source's `type` tag after `source` in its paths: not a key of the YAML
+    path = tuple(k for i, k in enumerate(path) if not (i > 0 and path[i - 1] == "source"))
     for key in path:
         if isinstance(node, yaml.MappingNode):
             node = next((v for k, v in node.value if k.value == key), None)

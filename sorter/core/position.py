@@ -43,6 +43,7 @@ class FrameIds:
 
     bits: int = 16
     last_raw: int | None = None
+    first: int | None = None  # the unwrapped ID of the first frame
     last: int | None = None  # the unwrapped ID of the last frame accepted
     lost: int = 0  # frames the IDs say were sent and never arrived whole
     stale: int = 0  # duplicates / out of order
@@ -73,6 +74,8 @@ class FrameIds:
         idx = self._index(raw)
         if self.last is None or self.last_raw is None:
             self.last_raw, self.last = raw, raw  # numbering starts at the first wire ID, then counts on
+            if self.first is None:
+                self.first = raw
             return raw
         delta = (idx - self._index(self.last_raw)) % self._period
         if delta == 0 or delta > self._period // 2:

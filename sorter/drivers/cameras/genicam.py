@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import threading
 import time
 from collections import deque
@@ -33,13 +34,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import cv2
 import numpy as np
 
 from sorter.config import CameraConfig, GenICamSource
 from sorter.core.messages import Frame
 from sorter.core.position import FrameIds, TimestampMap, wrap32
 from sorter.drivers.cameras.base import SourceError
+from sorter.drivers.cameras.pixels import PIXEL_FORMATS, to_bgr
 
 try:  # Aravis's GObject introspection data (gir1.2-aravis-0.8) through PyGObject
     import gi
@@ -57,24 +58,13 @@ _JOIN_TIMEOUT_S = 3.0
 _POP_TIMEOUT_S = 0.2  # the acquisition thread looks at its stop flag this often
 _DEFAULT_SOFTWARE_HZ = 10.0
 
-# PFNC codes (GenICam Pixel Format Naming Convention) of the formats this driver converts
-PIXEL_FORMATS: dict[int, str] = {
-    0x01080001: "Mono8",
-    0x01080008: "BayerGR8",
-    0x01080009: "BayerRG8",
-    0x0108000A: "BayerGB8",
-    0x0108000B: "BayerBG8",
-    0x02180014: "RGB8",
-    0x02180015: "BGR8",
-}
-# OpenCV names a Bayer pattern by the 2x2 block starting at the second row and column, GenICam by the first
-# pixel of the image: GenICam RGGB (BayerRG) is OpenCV's BayerBG, and so on.
-_DEBAYER = {
-    "BayerRG8": cv2.COLOR_BayerBG2BGR,
-    "BayerGR8": cv2.COLOR_BayerGB2BGR,
-    "BayerGB8": cv2.COLOR_BayerGR2BGR,
-    "BayerBG8": cv2.COLOR_BayerRG2BGR,
-}
+
+@dataclass(frozen=True)
+class Incomplete:
+    """A frame the stream could not complete (packets missing after resends, size mismatch): never passed on."""
+
+    frame_id: int  # its ID on the wire: it arrived, so it is not lost; 0 where the stream never learnt it
+    why: str
 
 
 class GenICamError(Exception):
@@ -108,28 +98,17 @@ class RawFrame:
     chunks: dict[str, int] = field(default_factory=dict)
 
 
-def to_bgr(data: bytes, width: int, height: int, pixel_format: str) -> np.ndarray:
-    """A frame's payload as an H x W x 3 BGR uint8 image (Bayer debayered, mono made grey)."""
-    channels = 3 if pixel_format in ("RGB8", "BGR8") else 1
-    need = width * height * channels
-    if len(data) < need:
-        raise ValueError(f"{pixel_format} {width}x{height} needs {need} bytes, the frame has {len(data)}")
-    raw = np.frombuffer(data, np.uint8, count=need)
-    if channels == 3:
-        rgb = raw.reshape(height, width, 3)
-        return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if pixel_format == "RGB8" else rgb.copy()
-    img = raw.reshape(height, width)
-    if pixel_format == "Mono8":
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
-    code = _DEBAYER.get(pixel_format)
-    if code is None:
-        raise ValueError(f"pixel format {pixel_format} is not supported (Mono8, Bayer*8, RGB8, BGR8)")
-    return cv2.cvtColor(img, code)
-
-
 def _gerr(exc: BaseException) -> str:
     msg = getattr(exc, "message", None) or str(exc)
     return str(msg).strip()
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def discover() -> list[DeviceInfo]:
@@ -178,6 +157,14 @@ class GenICamDevice:
 
     # --- open and set up ---
     def open(self) -> DeviceInfo:
+        if _is_ip(self.device):
+            # by address: no discovery round (a second of waiting for replies), so a reconnect is quick
+            try:
+                cam = Aravis.Camera.new(self.device)
+            except GLib.Error:
+                pass  # not answering at that address: discovery below says what it sees instead
+            else:
+                return self._opened(cam, self._info_of(cam))
         devices = discover()
         info = find(self.device, devices)
         candidates = [info] if info is not None else devices  # a user ID is only known once a camera is open
@@ -191,16 +178,7 @@ class GenICamDevice:
             if info is None and self._user_id(cam) != self.device:
                 del cam  # not the one: release its control channel now
                 continue
-            dev = cam.get_device()
-            if isinstance(dev, Aravis.GvDevice) and not dev.is_controller():
-                # Aravis opens a GigE camera held by another controller read-only, and every write then times
-                # out: say it now, plainly
-                del cam, dev
-                raise GenICamError(
-                    f"camera {self.device!r} ({cand.address}) is busy: another program holds its control channel "
-                    "(a viewer, a second `sorter`, the line service itself); close it and retry"
-                )
-            self._cam, self._dev, self.info = cam, dev, cand
+            self._opened(cam, cand)
             break
         if self._cam is None:
             if info is None:
@@ -213,10 +191,43 @@ class GenICamDevice:
                 f"camera {self.device!r} ({info.address}) cannot be opened: {'; '.join(errors)}. Another "
                 "program (a viewer, a second `sorter`) may hold its control channel: close it and retry"
             )
-        self._dev.connect("control-lost", lambda *_: self.control_lost.set())
-        self.id_bits = self._frame_id_bits()
         assert self.info is not None
         return self.info
+
+    def _opened(self, cam: Any, info: DeviceInfo) -> DeviceInfo:
+        dev = cam.get_device()
+        if isinstance(dev, Aravis.GvDevice) and not dev.is_controller():
+            # Aravis opens a GigE camera held by another controller read-only, and every write then times out:
+            # say it now, plainly
+            del cam, dev
+            raise GenICamError(
+                f"camera {self.device!r} ({info.address}) is busy: another program holds its control channel "
+                "(a viewer, a second `sorter`, the line service itself); close it and retry"
+            )
+        self._cam, self._dev, self.info = cam, dev, info
+        dev.connect("control-lost", lambda *_: self.control_lost.set())
+        self.id_bits = self._frame_id_bits()
+        return info
+
+    def _info_of(self, cam: Any) -> DeviceInfo:
+        """What discovery would have said of a camera opened by address, read from its features."""
+        dev = cam.get_device()
+
+        def text(name: str) -> str:
+            try:
+                return str(dev.get_string_feature_value(name)) if dev.is_feature_available(name) else ""
+            except GLib.Error:
+                return ""
+
+        return DeviceInfo(
+            device_id=self.device,
+            vendor=text("DeviceVendorName"),
+            model=text("DeviceModelName"),
+            serial=text("DeviceSerialNumber") or text("DeviceID"),
+            address=self.device,
+            protocol="GigEVision" if cam.is_gv_device() else "USB3Vision",
+            physical_id="",
+        )
 
     def _write(self, name: str, value: str) -> None:
         """Write one feature by its type (GenICam nodes: enumeration/string, integer, float, boolean, command)."""
@@ -376,23 +387,23 @@ class GenICamDevice:
     def software_trigger(self) -> None:
         self._setting("a software trigger", self._cam.software_trigger)
 
-    def pop(self, timeout_s: float) -> RawFrame | str | None:
-        """The next complete frame; the status name of an incomplete one (its buffer is requeued); None: none
-        within the timeout."""
+    def pop(self, timeout_s: float) -> RawFrame | Incomplete | None:
+        """The next complete frame; an Incomplete one (its buffer is requeued); None: none within the timeout."""
         buf = self._stream.timeout_pop_buffer(int(timeout_s * 1e6))
         if buf is None:
             return None
         t_rx = time.monotonic()
         try:
             status = buf.get_status()
+            frame_id = int(buf.get_frame_id())
             if status != Aravis.BufferStatus.SUCCESS:
-                return str(status.value_nick)
+                return Incomplete(frame_id, str(status.value_nick))
             if buf.get_payload_type() not in (
                 Aravis.BufferPayloadType.IMAGE,
                 Aravis.BufferPayloadType.CHUNK_DATA,
                 Aravis.BufferPayloadType.EXTENDED_CHUNK_DATA,
             ):
-                return f"payload {buf.get_payload_type().value_nick}"
+                return Incomplete(frame_id, f"payload {buf.get_payload_type().value_nick}")
             code = buf.get_image_pixel_format()
             fmt = PIXEL_FORMATS.get(code, f"0x{code:08x}")
             width, height = buf.get_image_width(), buf.get_image_height()
@@ -400,15 +411,15 @@ class GenICamDevice:
             try:
                 image = to_bgr(data, width, height, fmt)
             except ValueError:
-                return f"unconvertible {fmt} {width}x{height}"
+                return Incomplete(frame_id, f"unconvertible {fmt} {width}x{height}")
             chunks: dict[str, int] = {}
             if self._chunk_names and self._parser is not None:
                 for name in self._chunk_names:
                     try:
                         chunks[name] = int(self._parser.get_integer_value(buf, name))
                     except GLib.Error:
-                        return f"no {name} in the chunk data"
-            return RawFrame(buf.get_frame_id(), buf.get_timestamp(), t_rx, width, height, fmt, image, chunks)
+                        return Incomplete(frame_id, f"no {name} in the chunk data")
+            return RawFrame(frame_id, buf.get_timestamp(), t_rx, width, height, fmt, image, chunks)
         finally:
             self._stream.push_buffer(buf)
 
@@ -476,8 +487,10 @@ class GenICamCamera:
         self._torn = 0
         self.ids: FrameIds | None = None
         self.tmap = TimestampMap()
+        self._ts0_ns: int | None = None  # device timestamps are taken relative to the first (float precision)
         self.device: GenICamDevice | None = None
-        self.delivered = 0
+        self.delivered = 0  # frames handed over (to the loop's hand-off; some may be dropped there)
+        self.incomplete = 0  # frames that arrived torn (in `torn`)
 
     @property
     def name(self) -> str:
@@ -574,8 +587,9 @@ class GenICamCamera:
                 dev.start(self.src.buffers)
             except GenICamError as exc:
                 raise self._error(str(exc), "docs/cameras.md; `sorter cameras discover` lists the cameras") from None
-            self.ids = FrameIds(dev.id_bits)
+            ids = self.ids = FrameIds(dev.id_bits)
             self.tmap.reset()
+            self._ts0_ns = None
             next_trigger = time.monotonic()
             while not self._stop.is_set():
                 if dev.control_lost.is_set():
@@ -588,8 +602,12 @@ class GenICamCamera:
                 got = dev.pop(_POP_TIMEOUT_S if self.src.trigger != "software" else min(_POP_TIMEOUT_S, 0.05))
                 if got is None:
                     continue
-                if isinstance(got, str):  # incomplete: never hand a torn frame to the pipeline
+                if isinstance(got, Incomplete):  # never hand a torn frame to the pipeline
                     self._torn += 1
+                    # it arrived, torn: not lost. A late leftover of a frame already counted (stale) is not
+                    # another frame of the camera's
+                    if not got.frame_id or ids.add(got.frame_id) is not None:
+                        self.incomplete += 1
                     continue
                 frame = self._frame(got)
                 if frame is not None:
@@ -619,7 +637,13 @@ class GenICamCamera:
             )
         t_capture = raw.t_received
         if raw.timestamp_ns > 0:
-            t_capture = self.tmap.add(raw.timestamp_ns / 1e9, raw.t_received)
+            if self._ts0_ns is None or raw.timestamp_ns < self._ts0_ns:  # (re)started device clock
+                self._ts0_ns = raw.timestamp_ns
+                self.tmap.reset()
+            # ns since the epoch as float seconds would keep only ~0.2 µs: map the time since the first frame
+            # the map puts the exposure at or before the arrival; min() keeps rounding from saying otherwise
+            mapped = self.tmap.add((raw.timestamp_ns - self._ts0_ns) / 1e9, raw.t_received)
+            t_capture = min(mapped, raw.t_received)
         if self.src.position == "arrival" or raw.timestamp_ns <= 0:
             t_capture = raw.t_received
         t_capture -= self.latency_s
@@ -629,6 +653,7 @@ class GenICamCamera:
             value = raw.chunks.get(f"Chunk{self.src.chunk}")
             if value is None:
                 self._torn += 1  # a frame without its count cannot be placed: never guess
+                self.incomplete += 1
                 return None
             count = wrap32(value)
         elif self.src.position == "trigger":
@@ -665,7 +690,7 @@ def grab(
             if trigger == "software":
                 dev.software_trigger()
             deadline = time.monotonic() + timeout_s
-            got: RawFrame | str | None = None
+            got: RawFrame | Incomplete | None = None
             while got is None and time.monotonic() < deadline:
                 if dev.control_lost.is_set():
                     raise GenICamError(f"lost camera {device!r} while grabbing: check the cable and its power")
@@ -676,8 +701,10 @@ def grab(
                     f"camera {device!r} sent no frame for {timeout_s:g} s after {len(out)} frames ({hint} a "
                     "firewall dropping its UDP stream, or a packet size above the link's MTU, look the same)"
                 )
-            if isinstance(got, str):
-                incomplete.append(got)
+            if isinstance(got, Incomplete):
+                incomplete.append(got.why)
+                if got.frame_id:
+                    ids.add(got.frame_id)  # it arrived (torn): not a lost frame
                 continue
             seq = ids.add(got.frame_id)
             if seq is None:
