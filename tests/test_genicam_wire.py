@@ -15,13 +15,14 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 import structlog
 from typer.testing import CliRunner
 
-from sorter.config import CameraConfig, CameraMapping, GenICamSource, QueueConfig
+from sorter.config import CameraConfig, CameraMapping, GenICamSource, QueueConfig, load_config
 from sorter.core.position import FrameIds
 from sorter.drivers.cameras.base import SourceError
 from sorter.drivers.cameras.capture import CameraCapture
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.wire
 FAKE = "arv-fake-gv-camera-0.8"
 SERIAL = "SORTER14"  # not the fake's default (GV01): the tests find their own camera, not someone's leftover
 W, H = 320, 240
+EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "line.example.yaml"
 
 
 def _genicam():  # type: ignore[no-untyped-def]
@@ -222,8 +224,10 @@ async def test_packets_dropped_on_the_wire_never_reach_the_pipeline_torn(fake: F
     assert stats["resend_requests"] > 0 or src.incomplete > 0
     # every frame the camera sent is accounted for: handed over, torn (arrived incomplete) or lost (ID gap)
     assert src.ids is not None and src.ids.first is not None and src.ids.last is not None
-    assert src.ids.last - src.ids.first + 1 == src.delivered + src.incomplete + src.ids.lost
-    assert src.torn == src.incomplete + src.ids.stale  # torn: incomplete, or a stale leftover
+    ids = src.ids
+    assert ids.last - ids.first + 1 == src.delivered + src.incomplete + ids.late + ids.lost
+    # torn: arrived incomplete, arrived after a later frame, a duplicate, or a buffer without an ID
+    assert src.torn == src.incomplete + ids.late + ids.stale + src.unidentified
     fake.start()
 
 
@@ -241,3 +245,28 @@ async def test_cable_pulled_and_back(fake: FakeCamera) -> None:
         before = cap.captured
         fake.start()  # plugged back in
         await wait_until(lambda: cap.online and cap.captured >= before + 3, timeout=20, what="camera back online")
+
+
+def test_latency_by_software_trigger(running: FakeCamera) -> None:
+    genicam = _genicam()
+    m = genicam.measure_latency(SERIAL, 8)
+    assert m["triggers"] == 8
+    assert 0 < m["arrival"]["median_ms"] < 500
+    # the device timestamp, mapped on the fastest arrivals, is never later than the arrival
+    assert m["timestamp"]["median_ms"] <= m["arrival"]["median_ms"] + 1e-6
+    assert 0 < m["trigger_command_ms"] < 100
+
+
+def test_commissioning_sees_the_camera_as_the_line_sets_it_up(running: FakeCamera, tmp_path: Path) -> None:
+    from hw.cameras import free_run, genicam_facts
+
+    text = EXAMPLE.read_text().replace("CAM0-SERIAL", SERIAL).replace("CAM1-SERIAL", "127.0.0.1")
+    text = text.replace("../models/", f"{EXAMPLE.parents[1]}/models/")
+    (tmp_path / "line.yaml").write_text(text)
+    cfg = load_config(tmp_path / "line.yaml")
+    found, facts = genicam_facts(cfg)
+    assert any(d["serial"] == SERIAL for d in found)
+    assert facts["cam0"]["trigger_mode"] == "On" and facts["cam0"]["trigger_source"] == "Line0"
+    assert facts["cam0"]["position"] == "trigger" and facts["cam0"]["chunks_available"] is False
+    assert facts["cam1"]["region"] == [0, 0, 1280, 720] and facts["cam1"]["pixel_format"] == "BayerRG8"
+    assert [c.source.trigger for c in free_run(cfg).cameras] == ["free", "free"]  # type: ignore[union-attr]

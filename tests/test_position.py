@@ -47,6 +47,17 @@ def test_duplicate_and_old_ids_are_stale_not_progress() -> None:
     assert ids.stale == 2 and ids.lost == 0 and ids.last == 101
 
 
+def test_a_frame_arriving_after_a_later_one_is_late_not_lost() -> None:
+    ids = FrameIds(16)
+    ids.add(65534)
+    ids.add(2)  # 65535 and 1 not (yet) here
+    assert ids.lost == 2
+    assert ids.add(65535) is None  # turns up after all: not passed on (out of order), no longer lost
+    assert (ids.lost, ids.late, ids.stale) == (1, 1, 0)
+    assert ids.add(65535) is None
+    assert (ids.lost, ids.late, ids.stale) == (1, 1, 1)
+
+
 def test_block_id_zero_is_refused_in_gige_v1() -> None:
     with pytest.raises(ValueError, match="reserved"):
         FrameIds(16).add(0)

@@ -22,9 +22,10 @@ Encoder counts here are unwrapped Python ints; the 32-bit wire value is `wrap32(
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 COUNT_MODULUS = 1 << 32  # encoder counts on the wire: 32 bits, wrapping
+_SKIP_MEMORY = 1024  # a frame this many IDs late is not waited for any more: it stays lost
 
 
 def wrap32(count: int) -> int:
@@ -45,8 +46,10 @@ class FrameIds:
     last_raw: int | None = None
     first: int | None = None  # the unwrapped ID of the first frame
     last: int | None = None  # the unwrapped ID of the last frame accepted
-    lost: int = 0  # frames the IDs say were sent and never arrived whole
-    stale: int = 0  # duplicates / out of order
+    lost: int = 0  # frames the IDs say were sent and have not arrived (yet)
+    late: int = 0  # frames that arrived after a later one (counted lost until then): out of order, not passed on
+    stale: int = 0  # duplicates of frames already seen
+    _skipped: set[int] = field(default_factory=set)  # recent unwrapped IDs counted lost, in case they turn up
 
     def __post_init__(self) -> None:
         if self.bits not in (16, 32, 64):
@@ -79,9 +82,20 @@ class FrameIds:
             return raw
         delta = (idx - self._index(self.last_raw)) % self._period
         if delta == 0 or delta > self._period // 2:
-            self.stale += 1
+            back = self.last - (self._period - delta if delta else 0)
+            if back in self._skipped:
+                self._skipped.discard(back)  # it was not lost, only late
+                self.lost -= 1
+                self.late += 1
+            else:
+                self.stale += 1
             return None
         self.lost += delta - 1
+        if delta > 1:
+            self._skipped.update(range(self.last + 1, self.last + min(delta, _SKIP_MEMORY)))
+            if len(self._skipped) > _SKIP_MEMORY:  # only recent gaps can still be filled by a late frame
+                floor = self.last + delta - _SKIP_MEMORY
+                self._skipped = {i for i in self._skipped if i > floor}
         self.last_raw = raw
         self.last += delta
         return self.last
@@ -90,6 +104,7 @@ class FrameIds:
         """A new acquisition (reconnect): the camera may restart its IDs."""
         self.last_raw = None
         self.last = None
+        self._skipped.clear()
 
 
 @dataclass

@@ -490,7 +490,8 @@ class GenICamCamera:
         self._ts0_ns: int | None = None  # device timestamps are taken relative to the first (float precision)
         self.device: GenICamDevice | None = None
         self.delivered = 0  # frames handed over (to the loop's hand-off; some may be dropped there)
-        self.incomplete = 0  # frames that arrived torn (in `torn`)
+        self.incomplete = 0  # frames that arrived torn, in order (in `torn`)
+        self.unidentified = 0  # torn buffers without a frame ID (in `torn`)
 
     @property
     def name(self) -> str:
@@ -604,9 +605,11 @@ class GenICamCamera:
                     continue
                 if isinstance(got, Incomplete):  # never hand a torn frame to the pipeline
                     self._torn += 1
-                    # it arrived, torn: not lost. A late leftover of a frame already counted (stale) is not
-                    # another frame of the camera's
-                    if not got.frame_id or ids.add(got.frame_id) is not None:
+                    # it arrived, torn: not lost. Without an ID it cannot be told which frame it was (its ID
+                    # then shows as a gap); a late one was counted in `ids.late`
+                    if not got.frame_id:
+                        self.unidentified += 1
+                    elif ids.add(got.frame_id) is not None:
                         self.incomplete += 1
                     continue
                 frame = self._frame(got)
@@ -732,7 +735,63 @@ def grab(
             "incomplete": len(incomplete),
             "incomplete_why": sorted(set(incomplete)),
             "lost": ids.lost,
+            "late": ids.late,
             "stream": dev.stream_stats(),
         }
     finally:
         dev.close()
+
+
+def measure_latency(device: str, triggers: int = 40, *, timeout_s: float = 3.0) -> dict[str, Any]:
+    """Trigger → stamp latency of a camera, by software triggers (hw.calibrate_camera writes `latency_ms`).
+
+    Each trigger's PC time is the middle of its write command (the camera executes it within the round trip);
+    for each frame, how much later (a) it arrived (`arrival`) and (b) its device timestamp, mapped to PC time by
+    the envelope of the arrivals, says it was exposed (`timestamp`). Half the exposure is added to neither: the
+    frame's position is that of the trigger, which the encoder fires in production. Returns, per method, the
+    median and the spread (p95 − p5, halved: the ± to compare with `timing_jitter_ms`) in ms, and the trigger
+    command's own round trip (an upper bound on what (a) and (b) may be off by).
+    """
+    if triggers < 5:
+        raise ValueError("at least 5 triggers are needed for a median and a spread")
+    dev = GenICamDevice(device)
+    try:
+        dev.open()
+        dev.configure(trigger="software")
+        dev.start()
+        tmap = TimestampMap()
+        rows: list[tuple[float, float, float]] = []  # (trigger mid, arrival, device s)
+        rtts: list[float] = []
+        ts0: int | None = None
+        while len(rows) < triggers:
+            t0 = time.monotonic()
+            dev.software_trigger()
+            t1 = time.monotonic()
+            got = dev.pop(timeout_s)
+            if got is None:
+                raise GenICamError(f"camera {device!r} sent no frame for a software trigger within {timeout_s:g} s")
+            if isinstance(got, Incomplete) or got.timestamp_ns <= 0:
+                continue
+            ts0 = got.timestamp_ns if ts0 is None else ts0
+            device_s = (got.timestamp_ns - ts0) / 1e9
+            tmap.add(device_s, got.t_received)
+            rows.append(((t0 + t1) / 2, got.t_received, device_s))
+            rtts.append(t1 - t0)
+            time.sleep(0.02)  # let the camera finish the frame: a trigger during readout may be ignored
+    finally:
+        dev.close()
+
+    def summary(values: list[float]) -> dict[str, float]:
+        a = np.array(values) * 1000.0
+        p5, p50, p95 = np.percentile(a, [5, 50, 95])
+        return {"median_ms": round(float(p50), 3), "jitter_ms": round(float(p95 - p5) / 2, 3)}
+
+    arrival = [rx - mid for mid, rx, _ in rows]
+    # mapped with the final envelope: the offset that the whole run's fastest deliveries pin down
+    stamped = [(tmap.to_pc(ds) or rx) - mid for mid, rx, ds in rows]
+    return {
+        "triggers": len(rows),
+        "arrival": summary(arrival),
+        "timestamp": summary(stamped),
+        "trigger_command_ms": round(float(np.median(rtts)) * 1000.0, 3),
+    }
