@@ -270,3 +270,31 @@ def test_commissioning_sees_the_camera_as_the_line_sets_it_up(running: FakeCamer
     assert facts["cam0"]["position"] == "trigger" and facts["cam0"]["chunks_available"] is False
     assert facts["cam1"]["region"] == [0, 0, 1280, 720] and facts["cam1"]["pixel_format"] == "BayerRG8"
     assert [c.source.trigger for c in free_run(cfg).cameras] == ["free", "free"]  # type: ignore[union-attr]
+
+
+def _raw(genicam, frame_id: int, chunks: dict[str, int] | None = None, ts_ns: int = 5_000_000_000):  # type: ignore[no-untyped-def]
+    image = np.zeros((H, W, 3), np.uint8)
+    return genicam.RawFrame(frame_id, ts_ns, time.monotonic(), W, H, "BayerRG8", image, chunks or {})
+
+
+def test_chunk_counts_are_taken_to_32_bits_and_a_frame_without_one_is_torn() -> None:
+    genicam = _genicam()
+    src = genicam.GenICamCamera.from_config(camera_cfg(position="chunk", chunk="EncoderValue"))
+    src.ids = FrameIds(64)
+    frame = src._frame(_raw(genicam, 10, {"ChunkEncoderValue": (1 << 32) + 1234}))
+    assert frame is not None and frame.count == 1234 and frame.seq == 10 and frame.trigger_index is None
+    assert src._frame(_raw(genicam, 11, {})) is None  # no count: never placed by a guess
+    assert src.torn == 1 and src.incomplete == 1
+
+
+def test_trigger_counted_frames_carry_their_unwrapped_frame_id() -> None:
+    genicam = _genicam()
+    cfg = camera_cfg(trigger="line", position="trigger", counts_per_trigger=2400)
+    src = genicam.GenICamCamera.from_config(cfg.model_copy(update={"timing_jitter_ms": None}))
+    src.ids = FrameIds(16)
+    got = [src._frame(_raw(genicam, fid, ts_ns=5_000_000_000 + k * 48_000_000)) for k, fid in enumerate((65535, 1, 3))]
+    assert [f.trigger_index for f in got if f is not None] == [65535, 65536, 65538]
+    assert [f.count for f in got if f is not None] == [None, None, None]  # the service places them on its grid
+    assert src.lost == 1
+    # device time mapped to PC time on the fastest arrival: never after the frame's own arrival
+    assert all(f is not None and f.t_capture <= f.t_received for f in got)
