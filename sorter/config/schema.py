@@ -92,7 +92,7 @@ class GenICamSource(Strict):
     trigger: Literal["line", "software", "free"] = Field(
         "line",
         description="`line`: FrameStart on a hardware input (the encoder trigger, production); `software`: "
-        "triggered by the PC (tests, checks); `free`: free-running at the camera's frame rate (checks)",
+        "triggered by the PC at 10 Hz (tests, checks); `free`: free-running at the camera's frame rate (checks)",
     )
     trigger_line: str = Field("Line0", description="the input the encoder trigger is wired to (TriggerSource)")
     trigger_activation: Literal["RisingEdge", "FallingEdge"] = Field(

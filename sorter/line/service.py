@@ -450,6 +450,7 @@ class LineService:
                 queued=c.queued,
                 stalls=c.stalls,
                 reconnects=c.reconnects,
+                missing=c.missing,
             )
             for n, c in self.captures.items()
         )
