@@ -106,11 +106,32 @@ def test_a_missed_trigger_is_detected_and_does_not_shift_every_later_frame() -> 
     grid.place(10, 10_000.0)
     assert grid.place(11, 11_000.0) == 11_000
     # the camera ignored the trigger at 12 000 (still exposing): no frame ID for it, the next frame (ID 12)
-    # was exposed at 13 000; counting IDs alone would say 12 000
-    assert grid.place(12, 13_000.0 + 300) == 13_000
-    assert grid.slips == 1
+    # was exposed at 13 000; counting IDs alone would say 12 000. One frame cannot tell a missed trigger
+    # from a bad estimate: it is not placed
+    assert grid.place(12, 13_000.0 + 300) is None
+    assert grid.doubtful == 1 and grid.slips == 0
+    # the next one says the same: the grid follows
     assert grid.place(13, 14_000.0 - 250) == 14_000
+    assert grid.slips == 1
     assert grid.place(14, None) == 15_000
+    assert grid.place(15, 16_000.0 + 100) == 16_000
+
+
+def test_one_outlying_estimate_leaves_the_grid_alone() -> None:
+    grid = TriggerGrid(step=1000)
+    grid.place(0, 0.0)
+    assert grid.place(1, 1000.0 + 2200) is None  # a PC hiccup: the estimate is 2.2 steps off
+    assert grid.place(2, 2000.0 + 100) == 2000
+    assert grid.place(3, 3000.0) == 3000
+    assert (grid.slips, grid.doubtful) == (0, 1)
+
+
+def test_a_wrong_first_anchor_is_corrected_after_two_frames() -> None:
+    grid = TriggerGrid(step=1000)
+    assert grid.place(0, 1000.0 + 520) == 2000  # an outlier at anchoring time snaps to the wrong point
+    assert grid.place(1, 2000.0) is None
+    assert grid.place(2, 3000.0) == 3000
+    assert grid.slips == 1
 
 
 def test_frame_ids_that_restart_re_anchor_the_grid() -> None:

@@ -9,9 +9,10 @@ Three pieces, used by the GenICam driver (sorter/drivers/cameras/genicam.py) and
 - `TriggerGrid`: the camera is triggered every `step` encoder counts (the PLC's counter compare or an encoder
   divider), at counts ≡ `phase` (mod `step`); frame k after the anchor was exposed at anchor + k·step. The
   anchor comes from a coarse estimate of the first frame's count (device timestamp through the clock model),
-  snapped to the grid; every later estimate is checked against the grid, and a frame whose estimate is more
-  than half a step off means a trigger the camera never answered (no frame ID, so no gap to see): the grid
-  re-anchors and counts the slip instead of misplacing every later frame.
+  snapped to the grid; every later estimate is checked against the grid. Two frames in a row whose estimates
+  are more than half a step off by the same shift mean a trigger the camera never answered (no frame ID, so
+  no gap to see): the grid re-anchors and counts the slip instead of misplacing every later frame. A single
+  such frame is left unplaced (the estimate may be the outlier).
 - `TimestampMap`: a device timestamp (seconds of the camera's clock) mapped to PC monotonic time by the lower
   envelope of (arrival − device time): the fastest deliveries bound the offset from above, as NTP's minimum
   filter does; a constant delivery latency is calibrated separately (`cameras[].latency_ms`).
@@ -116,7 +117,9 @@ class TriggerGrid:
     anchor: int | None = None  # the count of frame index 0 of this grid's anchoring
     anchor_index: int = 0
     slips: int = 0  # re-anchorings where the grid and the estimate disagreed (a trigger the camera ignored)
+    doubtful: int = 0  # frames not placed: the grid and the estimate disagreed, once
     last_index: int | None = None
+    _pending: int | None = None  # the shift the last frame's estimate asked for
 
     def __post_init__(self) -> None:
         if self.step < 1:
@@ -144,11 +147,20 @@ class TriggerGrid:
         self.last_index = index
         count = self.anchor + (index - self.anchor_index) * self.step
         if estimate is not None and abs(count - estimate) > self.step / 2:
-            # the grid says one thing, the timestamps another by more than half a trigger period: a trigger
-            # went unanswered (or a spurious one counted). Trust the estimate's grid point from here on.
+            # the grid says one thing, the timestamps another by more than half a trigger period. Either a
+            # trigger went unanswered (every later frame disagrees by the same steps) or this estimate is an
+            # outlier (a PC hiccup). One frame cannot tell: it is not placed. Two in a row saying the same
+            # shift: the grid moves to the estimates' grid points.
+            shift = self.snap(estimate) - count
+            if self._pending != shift:
+                self._pending = shift
+                self.doubtful += 1
+                return None
+            self._pending = None
             self.slips += 1
-            self.anchor, self.anchor_index = self.snap(estimate), index
+            self.anchor, self.anchor_index = count + shift, index
             return self.anchor
+        self._pending = None
         return count
 
     def reset(self) -> None:
@@ -156,6 +168,7 @@ class TriggerGrid:
         self.anchor = None
         self.anchor_index = 0
         self.last_index = None
+        self._pending = None
 
 
 class TimestampMap:

@@ -62,6 +62,9 @@ from sorter.vision.segment import materialise, segment
 LATENCY_WINDOW = 10_000  # decision latencies kept in memory (the records hold every one)
 LATENCY_P99_OVER = 500  # the live p99 is taken over the latest this many
 STATS_S = 0.2  # how often the line's stats are built and published
+# a chunk count further than this from where the clock model puts its frame is not the PLC's count: ten times
+# the timestamp method's own error at 3.5 m/s (sorter/config/precision.py), so only counters out of step trip it
+CHUNK_TOLERANCE_MM = 70.0
 
 
 class Companion(Protocol):
@@ -151,6 +154,12 @@ class LineService:
             for c in cfg.cameras
             if c.source.type == "genicam" and c.source.position == "trigger" and c.source.counts_per_trigger
         }
+        # cameras whose chunk data carries the encoder count: checked against the clock model, because a
+        # camera counter not in step with the PLC's (not reset with it, another encoder) would misplace
+        # every frame silently. The tolerance is far above the timestamp's own error (docs/cameras.md)
+        self._chunk_cams = {c.name for c in cfg.cameras if c.source.type == "genicam" and c.source.position == "chunk"}
+        self._chunk_tolerance = CHUNK_TOLERANCE_MM * cfg.belt.counts_per_mm
+        self.chunk_mismatches: defaultdict[str, int] = defaultdict(int)
         self.times = StageTimes(on_add=parts.on_stage)
         self.counters = LineCounters()
         self.latencies_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
@@ -177,14 +186,22 @@ class LineService:
         if frame.trigger_index is not None and grid is not None:
             # the clock model's estimate anchors the grid and checks it: a slip is a trigger the camera missed
             estimate = self.clock.count_at(frame.t_capture) if self.clock.ready else None
-            slips = grid.slips
+            slips, doubtful = grid.slips, grid.doubtful
             count = grid.place(frame.trigger_index, estimate)
             if grid.slips != slips:
                 self.log.warning(
-                    "trigger-counted position slipped: re-anchored on the clock model",
+                    "trigger-counted position slipped: re-anchored on the clock model (a trigger the camera "
+                    "ignored: trigger rate above what exposure + readout allow, or a noisy trigger input)",
                     camera=frame.camera,
                     frame=frame.seq,
                     slips=grid.slips,
+                )
+            elif grid.doubtful != doubtful and (grid.doubtful == 1 or grid.doubtful % 100 == 0):
+                self.log.warning(
+                    "trigger-counted frame not placed: its timestamp disagrees with the trigger grid",
+                    camera=frame.camera,
+                    frame=frame.seq,
+                    doubtful=grid.doubtful,
                 )
             return count
         if frame.count is None:
@@ -192,9 +209,28 @@ class LineService:
                 return None
             return round(self.clock.count_at(frame.t_capture))
         if self.clock.ready:
-            return self.clock.unwrap(frame.count)
+            count = self.clock.unwrap(frame.count)
+            if frame.camera in self._chunk_cams and not self._chunk_agrees(frame, count):
+                return None
+            return count
         ref = self._ref_count if self._ref_count is not None else frame.count
         return unwrap(frame.count, ref)
+
+    def _chunk_agrees(self, frame: Frame, count: int) -> bool:
+        """Whether a chunk count lies where the clock model puts the frame (within CHUNK_TOLERANCE_MM)."""
+        off = count - self.clock.count_at(frame.t_capture)
+        if abs(off) <= self._chunk_tolerance:
+            return True
+        n = self.chunk_mismatches[frame.camera] = self.chunk_mismatches[frame.camera] + 1
+        if n == 1 or n % 500 == 0:
+            self.log.warning(
+                "chunk encoder count disagrees with the PLC's count: frame not placed (is the camera's counter "
+                "counting the PLC's encoder and reset with it? docs/cameras.md)",
+                camera=frame.camera,
+                off_mm=round(off / self.cfg.belt.counts_per_mm, 1),
+                frames=n,
+            )
+        return False
 
     def _segment(self, frame: Frame) -> list[Any]:
         t0 = time.perf_counter()
