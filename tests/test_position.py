@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 
 from sorter.config import CameraConfig, CameraMapping, ConfigError, GenICamSource, OpenCVSource, load_config
 from sorter.config.precision import error_mm, method_of, position_errors, position_report
-from sorter.core.position import COUNT_MODULUS, FrameIds, TimestampMap, TriggerGrid, wrap32
+from sorter.core.clock import ClockModel
+from sorter.core.messages import Frame
+from sorter.core.position import COUNT_MODULUS, FrameIds, FramePlacer, TimestampMap, TriggerGrid, wrap32
 from sorter.drivers.cameras.pixels import to_bgr
 
 pytestmark = pytest.mark.fast
@@ -307,3 +309,64 @@ def test_a_misspelt_genicam_key_names_its_path_and_line(tmp_path: Path) -> None:
     path = _example_with(tmp_path, "{type: genicam, device: X, positon: chunk}")
     with pytest.raises(ConfigError, match=r"cameras\[0\]\.source\.positon \(line \d+\)"):
         load_config(path)
+
+
+# --- the service's placement of frames (FramePlacer, with a real clock model fed by hand) ---
+
+RATE = 50_000.0  # counts/s: 2.5 m/s at 20 counts/mm
+
+
+def belt_clock(c0: int = COUNT_MODULUS - 30_000) -> ClockModel:
+    """A clock model locked on a belt at RATE, its count starting just below the 32-bit wrap."""
+    clock = ClockModel()
+    for i in range(60):
+        t = i * 0.02
+        clock.add(t - 0.0005, t + 0.0005, round(c0 + RATE * t) % COUNT_MODULUS)
+    assert clock.ready
+    return clock
+
+
+def frame(camera: str, t: float, count: int | None = None, index: int | None = None) -> Frame:
+    return Frame(camera, index or 0, np.zeros((1, 1, 3), np.uint8), t, count, t + 0.01, index)
+
+
+def test_trigger_counted_frames_land_exactly_on_the_grid_across_the_32_bit_wrap() -> None:
+    c0 = COUNT_MODULUS - 30_000
+    clock = belt_clock(c0)
+    step = 2400
+    placer = FramePlacer({"cam0": TriggerGrid(step, phase=0)}, set(), 1400.0)
+    # the camera fired at every grid count the belt passed; frame k at count g0 + k*step
+    g0 = (c0 // step + 10) * step
+    for k in range(20):
+        true = g0 + k * step
+        t = (true - c0) / RATE + 0.002  # the frame's time is 2 ms off (its timestamp's error)
+        count, event = placer.place(frame("cam0", t, index=65530 + k), clock, None)
+        assert count == true and event is None
+    assert g0 + 19 * step > COUNT_MODULUS  # the run crossed the 32-bit wrap, counts stayed unwrapped
+
+
+def test_a_missed_trigger_costs_one_unplaced_frame_and_is_logged_as_a_slip() -> None:
+    c0 = 0
+    clock = belt_clock(c0)
+    placer = FramePlacer({"cam0": TriggerGrid(1000)}, set(), 1400.0)
+    exposures = [10_000, 11_000, 13_000, 14_000, 15_000]  # the trigger at 12 000 was ignored
+    got = [placer.place(frame("cam0", (c - c0) / RATE, index=i + 1), clock, None) for i, c in enumerate(exposures)]
+    assert got == [(10_000, None), (11_000, None), (None, "doubtful"), (14_000, "slipped"), (15_000, None)]
+
+
+def test_a_chunk_count_out_of_step_with_the_plc_is_not_placed() -> None:
+    clock = belt_clock(0)
+    placer = FramePlacer({}, {"cam0"}, tolerance=70 * 20)
+    t = 0.5
+    assert placer.place(frame("cam0", t, count=25_000 + 30), clock, None) == (25_030, None)
+    # a camera counter that started at power-up, 1.2 m of belt away from the PLC's count
+    assert placer.place(frame("cam0", t, count=25_000 - 24_000), clock, None) == (None, "chunk_mismatch")
+    assert placer.mismatches == {"cam0": 1}
+    # the simulator's latched counts (not chunk cameras) are taken as they are
+    assert placer.place(frame("sim0", t, count=1000), clock, None) == (1000, None)
+
+
+def test_frames_without_a_count_go_through_the_clock_model() -> None:
+    placer = FramePlacer({}, set(), 1.0)
+    assert placer.place(frame("cam0", 0.5), ClockModel(), None) == (None, None)  # no clock yet: unplaced
+    assert placer.place(frame("cam0", 0.5), belt_clock(0), None) == (25_000, None)

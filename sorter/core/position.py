@@ -25,6 +25,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from sorter.core.clock import ClockModel
+from sorter.core.geometry import unwrap
+from sorter.core.messages import Frame
+
 COUNT_MODULUS = 1 << 32  # encoder counts on the wire: 32 bits, wrapping
 _SKIP_MEMORY = 1024  # a frame this many IDs late is not waited for any more: it stays lost
 
@@ -203,3 +207,46 @@ class TimestampMap:
 
     def reset(self) -> None:
         self._samples.clear()
+
+
+class FramePlacer:
+    """The unwrapped encoder count of each frame, by what its camera knows (the line service asks it).
+
+    - a trigger-counted camera (`grids`): its frame's trigger index on the grid, anchored and checked by the
+      clock model's estimate from the frame's time;
+    - a latched count (the simulator, GenICam chunk data): the count unwrapped near the clock's newest sample;
+      for chunk cameras (`checked`) checked against the clock model: more than `tolerance` counts off means
+      a camera counter out of step with the PLC's, and the frame is not placed;
+    - nothing (OpenCV, GenICam by time): the clock model's count at the frame's time.
+
+    `place` returns (count or None: not placed, and an event to log or None).
+    """
+
+    def __init__(self, grids: dict[str, TriggerGrid], checked: set[str], tolerance: float) -> None:
+        self.grids = grids
+        self.checked = checked
+        self.tolerance = tolerance
+        self.mismatches: dict[str, int] = {}
+
+    def place(self, frame: Frame, clock: ClockModel, ref: int | None) -> tuple[int | None, str | None]:
+        grid = self.grids.get(frame.camera)
+        if frame.trigger_index is not None and grid is not None:
+            estimate = clock.count_at(frame.t_capture) if clock.ready else None
+            slips, doubtful = grid.slips, grid.doubtful
+            count = grid.place(frame.trigger_index, estimate)
+            if grid.slips != slips:
+                return count, "slipped"
+            if grid.doubtful != doubtful:
+                return count, "doubtful"
+            return count, None
+        if frame.count is None:
+            if not clock.ready:
+                return None, None
+            return round(clock.count_at(frame.t_capture)), None
+        if not clock.ready:
+            return unwrap(frame.count, ref if ref is not None else frame.count), None
+        count = clock.unwrap(frame.count)
+        if frame.camera in self.checked and abs(count - clock.count_at(frame.t_capture)) > self.tolerance:
+            self.mismatches[frame.camera] = self.mismatches.get(frame.camera, 0) + 1
+            return None, "chunk_mismatch"
+        return count, None
