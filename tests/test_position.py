@@ -370,3 +370,15 @@ def test_frames_without_a_count_go_through_the_clock_model() -> None:
     placer = FramePlacer({}, set(), 1.0)
     assert placer.place(frame("cam0", 0.5), ClockModel(), None) == (None, None)  # no clock yet: unplaced
     assert placer.place(frame("cam0", 0.5), belt_clock(0), None) == (25_000, None)
+
+
+def test_the_service_refuses_to_start_with_a_camera_too_imprecise() -> None:
+    from sorter.app import build_line
+
+    cfg = load_config(EXAMPLE)
+    cams = [c.model_copy(update={"source": OpenCVSource(uri="rtsp://192.168.10.31/stream1")}) for c in cfg.cameras]
+    with pytest.raises(ConfigError) as err:
+        build_line(cfg.model_copy(update={"cameras": cams}))  # refused before anything is opened
+    text = str(err.value)
+    assert text.startswith("cameras too imprecise for the eject margins")
+    assert "cameras[0].source: camera `cam0`: position method `arrival`" in text and "±62.5 mm" in text
