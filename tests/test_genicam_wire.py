@@ -166,8 +166,11 @@ def test_settings_the_camera_refuses_are_named(running: FakeCamera) -> None:
             dev.configure(pixel_format="Mono12")
         with pytest.raises(genicam.GenICamError, match="no feature 'NoSuchFeature'"):
             dev.configure(settings=["NoSuchFeature=1"])
-        dev.configure(settings=["GainRaw=3"], width=W, height=H, pixel_format="Mono8", exposure_us=2000.0)
+        # an integer, a float and an enumeration written by name, in order, before the rest
+        settings = ["GainRaw=3", "AcquisitionFrameRate=20.5", "TriggerSelector=FrameStart"]
+        dev.configure(settings=settings, width=W, height=H, pixel_format="Mono8", exposure_us=2000.0)
         desc = dev.describe()
+        assert desc["frame_rate_hz"] == pytest.approx(20.5, abs=0.01)  # the camera rounds to its period in µs
         assert desc["region"] == [0, 0, W, H] and desc["pixel_format"] == "Mono8"
         assert desc["exposure_us"] == pytest.approx(2000.0)
     finally:
