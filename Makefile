@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: demo test lint bench model golden clean-venv node-client browser
+.PHONY: demo test lint bench model golden clean-venv node-client browser genicam
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,12 +34,30 @@ browser:
 		fi; \
 	fi
 
+# The GenICam tests (tests/test_genicam_wire.py) talk GigE Vision on loopback to Debian's fake camera
+# (aravis-tools) through Aravis's bindings (gir1.2-aravis-0.8) and PyGObject, built into the venv against
+# Debian's gobject-introspection (the `genicam` extra: not in `dev`, which must install without a C compiler).
+# Installed when missing and this is root (CI); otherwise say how, and those tests skip (fail in CI).
+ARAVIS_DEBS := aravis-tools gir1.2-aravis-0.8 libgirepository1.0-dev libcairo2-dev pkg-config gcc python3-dev
+genicam: $(STAMP)
+	@if ! command -v arv-fake-gv-camera-0.8 >/dev/null || ! pkg-config --exists gobject-introspection-1.0 cairo \
+		|| [ -z "$$(find /usr/lib -name 'Aravis-0.8.typelib' 2>/dev/null | head -1)" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(ARAVIS_DEBS); \
+		else \
+			echo "GenICam tests need: sudo apt-get install --no-install-recommends $(ARAVIS_DEBS); make genicam"; \
+			exit 0; \
+		fi; \
+	fi; \
+	$(BIN)/python -c "import gi; gi.require_version('Aravis', '0.8')" 2>/dev/null \
+		|| $(BIN)/pip install --quiet -e '.[genicam]'
+
 demo: $(STAMP)
 	$(BIN)/sorter demo --config config/sim.yaml --duration 60 --seed 7
 
 # The suite in its tiers (tests/conftest.py): `fast` first, stopping at its first failure, and only if it
 # passed `wire` (real protocol peers on loopback) and `line` (end-to-end runs of the simulated line).
-test: $(STAMP) node-client browser
+test: $(STAMP) node-client browser genicam
 	@t0=$$(date +%s); $(BIN)/python -m pytest -q -x -m fast; rc=$$?; \
 	echo "fast tier: $$(( $$(date +%s) - t0 )) s"; exit $$rc
 	@t0=$$(date +%s); $(BIN)/python -m pytest -q -m wire; wire=$$?; \
