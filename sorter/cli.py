@@ -12,7 +12,16 @@ from typing import Annotated
 
 import typer
 
-from sorter.cli_common import ConfigOpt, LogOpt, fail
+from sorter.cli_common import (
+    ConfigOpt,
+    LogOpt,
+    RecordFramesOpt,
+    RecordLevelOpt,
+    RecordMaxMbOpt,
+    RecordOpt,
+    fail,
+    record_options,
+)
 from sorter.config import ConfigError, LineConfig, load_config
 from sorter.logs import setup_logging
 
@@ -44,6 +53,10 @@ def run(
         Path | None,
         typer.Option(help="save each piece's crop (and field) to DIR/{train,val,test}/<decided class>/ for review"),
     ] = None,
+    record: RecordOpt = None,
+    record_level: RecordLevelOpt = "frames",
+    record_max_mb: RecordMaxMbOpt = 4096,
+    record_frames: RecordFramesOpt = "npy",
     log_level: LogOpt = "info",
 ) -> None:
     """Run the line service: cameras -> classifier -> PLC, until Ctrl-C or SIGTERM.
@@ -52,12 +65,16 @@ def run(
     (after `sorter model check`; a model that fails is refused and the running one stays).
     """
     from sorter.app import run_line
+    from sorter.line.recording import RecordingError
     from sorter.vision.classify import ModelError
 
     setup_logging(log_level)
     cfg = _load(config)
+    rec = record_options(record, record_level, record_max_mb, record_frames)
     try:
-        asyncio.run(run_line(config, cfg, auto_start=start, capture=capture))
+        asyncio.run(run_line(config, cfg, auto_start=start, capture=capture, record=rec))
+    except RecordingError as exc:
+        raise fail(str(exc)) from None
     except (ModelError, ConfigError) as exc:  # ConfigError: `plant: true` with a demo-only setting
         raise fail(f"{config}: {exc}" if isinstance(exc, ConfigError) else str(exc)) from None
 
