@@ -20,8 +20,10 @@ is complete and the same every run.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import os
 import queue
 import shutil
 import sqlite3
@@ -53,7 +55,9 @@ FRAME_FORMATS: tuple[str, ...] = ("npy", "png")
 MIN_FREE_BYTES = 512 * 1024**2  # never leave less than this free on the recording's disk
 FREE_CHECK_EVERY = 64  # writes between two looks at the free disk space
 PNG_COMPRESSION = 1  # the fastest zlib level: lossless all the same
-FRAME_QUEUE = 48  # frames waiting to be written (references to the line's own arrays, ~2.8 MB each)
+# frames waiting to be written, by their bytes (references to the line's own arrays, 2.8 MB each at 1280x720):
+# a GiB absorbs ~3 s of 2 cameras at 60 fps while the disk or the CPU is busy elsewhere
+FRAME_QUEUE_BYTES = 1024**3
 SMALL_QUEUE = 200_000  # polls, bar chunks, decisions waiting to be written
 
 
@@ -119,6 +123,7 @@ class Recorder:
             "frames": 0,
             "frames_dropped_queue": 0,
             "frames_dropped_full": 0,
+            "frames_processed": 0,
             "polls": 0,
             "plc_status_changes": 0,
             "hallbar_chunks": 0,
@@ -132,7 +137,11 @@ class Recorder:
         self._writes = 0
         self._last_status: tuple[Any, ...] | None = None
         self._files: dict[str, Any] = {}
-        self._frames_q: queue.Queue[Frame | None] = queue.Queue(FRAME_QUEUE)
+        self._frames_q: queue.Queue[Frame | None] = queue.Queue()  # bounded by bytes: _frames_queued
+        self._frames_queued = 0
+        self._npy_fds: dict[str, int] = {}
+        self._npy_offsets: dict[str, int] = {}
+        self._npy_headers: dict[tuple[Any, str], bytes] = {}
         self._small_q: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue(SMALL_QUEUE)
         self.manifest: dict[str, Any] = {
             "format": FORMAT,
@@ -172,11 +181,14 @@ class Recorder:
         if self.in_place:
             self._write_frame(frame)
             return
-        try:
-            self._frames_q.put_nowait(frame)
-        except queue.Full:  # the disk or the CPU is behind: the recording loses this frame, the line does not
-            with self._lock:
+        n = frame.image.nbytes
+        with self._lock:
+            if self._frames_queued + n > FRAME_QUEUE_BYTES:
+                # the disk or the CPU is behind: the recording loses this frame, the line does not
                 self.counts["frames_dropped_queue"] += 1
+                return
+            self._frames_queued += n
+        self._frames_q.put_nowait(frame)
 
     def poll(self, t_req: float, t_resp: float, count32: int, st: PlcStatus) -> None:
         word = status_word(st)
@@ -196,6 +208,12 @@ class Recorder:
         if key != self._last_status:
             self._last_status = key
             self._small("plc_status", {"t": t_resp, "status": word, "online": st.online, "alarms": list(st.alarms)})
+
+    def processed(self, camera: str, frame: Frame, count: int, blobs: list[Any]) -> None:
+        """The service's frame tap: this frame went through the pipeline (not dropped by a full capture
+        queue), so a replay can give the pipeline the frames the live line saw (docs/recording.md)."""
+        if self.opts.level == "frames":
+            self._small("processed", {"camera": camera, "seq": frame.seq})
 
     def bar_chunk(self, data: bytes, t: float) -> None:
         # latin-1 maps each byte to one code point: JSON carries any byte, and decoding back is exact
@@ -248,11 +266,22 @@ class Recorder:
                 self.counts["small_dropped"] += 1
 
     def _frame_writer(self) -> None:
-        while (frame := self._frames_q.get()) is not None:
+        # whatever is queued is written in one go: on a busy PC every wake-up of this thread waits for the
+        # GIL, so the fewer Python steps per frame, the more frames per second it keeps up with
+        while True:
+            batch = [self._frames_q.get()]
+            while not self._frames_q.empty():
+                batch.append(self._frames_q.get_nowait())
+            frames = [f for f in batch if f is not None]
             try:
-                self._write_frame(frame)
+                self._write_frames(frames)
             except Exception as exc:  # a failed disk ends the recording, never the line
-                self._stop_recording(f"writing a frame failed: {exc}")
+                self._stop_recording(f"writing frames failed: {exc}")
+            finally:
+                with self._lock:
+                    self._frames_queued -= sum(f.image.nbytes for f in frames)
+            if len(frames) < len(batch):
+                return
 
     def _small_writer(self) -> None:
         while (item := self._small_q.get()) is not None:
@@ -262,40 +291,80 @@ class Recorder:
                 self._stop_recording(f"writing {item[0]} failed: {exc}")
 
     def _write_frame(self, frame: Frame) -> None:
-        if self.full is not None:
-            with self._lock:
-                self.counts["frames_dropped_full"] += 1
+        self._write_frames([frame])
+
+    def _write_frames(self, frames: list[Frame]) -> None:
+        rows = []
+        for frame in frames:
+            if self.full is not None:
+                with self._lock:
+                    self.counts["frames_dropped_full"] += len(frames) - len(rows)
+                break
+            row = self._write_png(frame) if self.opts.frame_format == "png" else self._write_npy(frame)
+            if row is None:
+                with self._lock:
+                    self.counts["frames_dropped_full"] += 1
+                continue
+            rows.append(row)
+        if not rows:
             return
-        if self.opts.frame_format == "png":
-            ok, png = cv2.imencode(".png", frame.image, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
-            if not ok:
-                raise RecordingError(f"camera {frame.camera} frame {frame.seq}: PNG encoding failed")
-            data = png.tobytes()
-        else:
-            buf = io.BytesIO()
-            np.save(buf, frame.image, allow_pickle=False)
-            data = buf.getvalue()
-        name = f"frames/{frame.camera}/{frame.seq:08d}.{self.opts.frame_format}"
-        if not self._room(len(data)):
-            with self._lock:
-                self.counts["frames_dropped_full"] += 1
-            return
-        path = self.folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        # the index line only after its file is there: every line of frames.jsonl names a frame on disk
+        # the index lines only after their frames are written: every line of frames.jsonl names a frame on disk
+        self._append_lines("frames", "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows))
+        with self._lock:
+            self.counts["frames"] += len(rows)
+            for r in rows:
+                self.frames_by_camera[r["camera"]] = self.frames_by_camera.get(r["camera"], 0) + 1
+
+    def _index_row(self, frame: Frame, file: str, offset: int | None) -> dict[str, Any]:
         row = {
             "camera": frame.camera,
             "seq": frame.seq,
             "count32": frame.count,
             "t_capture": frame.t_capture,
             "t_received": frame.t_received,
-            "file": name,
+            "file": file,
         }
-        self._append("frames", row)
-        with self._lock:
-            self.counts["frames"] += 1
-            self.frames_by_camera[frame.camera] = self.frames_by_camera.get(frame.camera, 0) + 1
+        if offset is not None:
+            row["offset"] = offset
+        return row
+
+    def _write_npy(self, frame: Frame) -> dict[str, Any] | None:
+        """Append the frame to its camera's stream of .npy records: one writev, header and pixels."""
+        image = frame.image if frame.image.flags.c_contiguous else np.ascontiguousarray(frame.image)
+        header = self._npy_headers.get((image.shape, image.dtype.str))
+        if header is None:
+            buf = io.BytesIO()
+            np.lib.format.write_array_header_1_0(
+                buf, {"descr": image.dtype.str, "fortran_order": False, "shape": image.shape}
+            )
+            header = self._npy_headers[(image.shape, image.dtype.str)] = buf.getvalue()
+        if not self._room(len(header) + image.nbytes):
+            return None
+        name = f"frames/{frame.camera}.npys"
+        fd = self._npy_fds.get(frame.camera)
+        if fd is None:
+            (self.folder / "frames").mkdir(exist_ok=True)
+            fd = self._npy_fds[frame.camera] = os.open(self.folder / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            self._npy_offsets[frame.camera] = os.fstat(fd).st_size
+        offset = self._npy_offsets[frame.camera]
+        data = memoryview(image).cast("B")
+        n = os.writev(fd, [header, data])
+        while n < len(header) + len(data):  # a short write (signal, full pipe): the rest, then on
+            n += os.write(fd, (header + bytes(data))[n:])
+        self._npy_offsets[frame.camera] = offset + n
+        return self._index_row(frame, name, offset)
+
+    def _write_png(self, frame: Frame) -> dict[str, Any] | None:
+        ok, png = cv2.imencode(".png", frame.image, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
+        if not ok:
+            raise RecordingError(f"camera {frame.camera} frame {frame.seq}: PNG encoding failed")
+        if not self._room(len(png)):
+            return None
+        name = f"frames/{frame.camera}/{frame.seq:08d}.png"
+        path = self.folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png.tobytes())
+        return self._index_row(frame, name, None)
 
     def _write_small(self, stream: str, row: dict[str, Any]) -> None:
         images = row.pop("_images", [])
@@ -310,7 +379,12 @@ class Recorder:
         if self.full is not None:
             return
         self._append(stream, row)
-        key = {"polls": "polls", "plc_status": "plc_status_changes", "pieces": "pieces"}.get(stream)
+        key = {
+            "polls": "polls",
+            "plc_status": "plc_status_changes",
+            "pieces": "pieces",
+            "processed": "frames_processed",
+        }.get(stream)
         with self._lock:
             if key is not None:
                 self.counts[key] += 1
@@ -320,8 +394,10 @@ class Recorder:
 
     def _append(self, stream: str, row: dict[str, Any]) -> None:
         line = json.dumps(row, separators=(",", ":")) + "\n"
-        if not self._room(len(line)):
-            return
+        if self._room(len(line)):
+            self._append_lines(stream, line)
+
+    def _append_lines(self, stream: str, line: str) -> None:
         with self._lock:
             f = self._files.get(stream)
             if f is None:
@@ -377,6 +453,9 @@ class Recorder:
             for f in self._files.values():
                 f.close()
             self._files.clear()
+            for fd in self._npy_fds.values():
+                os.close(fd)
+            self._npy_fds.clear()
         self.manifest |= {
             "state": "closed",
             "stopped_wall": self._wall(),
@@ -459,3 +538,123 @@ class RecordingSource:
 
     async def close(self) -> None:
         await self.inner.close()
+
+
+# --- reading a recording (sorter replay; anyone else may read the plain files directly) ---
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of one stream; a last line cut short by a crash is left out (it was never complete)."""
+    if not path.exists():
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.endswith("\n"):
+                break
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise RecordingError(f"{path}:{n}: not a JSON line ({exc})") from None
+    return rows
+
+
+class Recording:
+    """A recording folder, checked: its manifest, config and streams (docs/recording.md)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        mpath = folder / "manifest.json"
+        if not mpath.exists():
+            raise RecordingError(f"{folder}: not a recording (no manifest.json)")
+        try:
+            self.manifest: dict[str, Any] = json.loads(mpath.read_text())
+        except json.JSONDecodeError as exc:
+            raise RecordingError(f"{mpath}: not valid JSON ({exc})") from None
+        if self.manifest.get("format") != FORMAT:
+            raise RecordingError(f"{mpath}: format {self.manifest.get('format')!r}, not {FORMAT!r}")
+        version = self.manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise RecordingError(f"{mpath}: format version {version}; this sorter reads version {FORMAT_VERSION}")
+        self.level: str = self.manifest["level"]
+        self.config_path = folder / "config.yaml"
+        self.truth_path: Path | None = folder / "truth.sqlite" if (folder / "truth.sqlite").exists() else None
+
+    @property
+    def closed(self) -> bool:
+        """False for a recording whose line did not stop cleanly (its streams end where the writing stopped)."""
+        return bool(self.manifest.get("state") == "closed")
+
+    def frames(self) -> list[dict[str, Any]]:
+        return _jsonl(self.folder / "frames.jsonl")
+
+    def polls(self) -> list[dict[str, Any]]:
+        return _jsonl(self.folder / "polls.jsonl")
+
+    def plc_status(self) -> list[dict[str, Any]]:
+        return _jsonl(self.folder / "plc_status.jsonl")
+
+    def hallbar(self) -> list[tuple[float, bytes]]:
+        return [(r["t"], r["data"].encode("latin-1")) for r in _jsonl(self.folder / "hallbar.jsonl")]
+
+    def processed(self) -> set[tuple[str, int]] | None:
+        """(camera, seq) of each frame the live pipeline processed; None where the recording does not say."""
+        path = self.folder / "processed.jsonl"
+        if not path.exists():
+            return None
+        return {(r["camera"], r["seq"]) for r in _jsonl(path)}
+
+    def decisions(self) -> list[dict[str, Any]]:
+        return _jsonl(self.folder / "decisions.jsonl")
+
+    def load_image(self, row: dict[str, Any]) -> np.ndarray:
+        path = self.folder / row["file"]
+        image: np.ndarray | None
+        if path.suffix == ".npys":  # a stream of .npy records: the frame's starts at its offset
+            with open(path, "rb") as f:
+                f.seek(row["offset"])
+                image = np.load(f, allow_pickle=False)
+        else:
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None or image.ndim != 3:
+            raise RecordingError(f"{path}: missing or not an image")
+        return np.ascontiguousarray(image)
+
+
+class ReplaySource:
+    """A frame source that delivers one camera's recorded frames at their recorded arrival times
+    (t_received, on the replay's virtual clock), then ends, as a video file does (sorter's FrameSource)."""
+
+    def __init__(self, recording: Recording, camera: str, rows: list[dict[str, Any]], now: Callable[[], float]):
+        self.recording = recording
+        self._name = camera
+        self.rows = sorted(rows, key=lambda r: r["t_received"])
+        self._now = now
+        self.delivered = 0
+        self.done = not self.rows
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def torn(self) -> int:
+        return 0
+
+    @property
+    def dropped(self) -> int:
+        return 0
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        try:
+            for row in self.rows[self.delivered :]:
+                wait = row["t_received"] - self._now()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                image = self.recording.load_image(row)
+                self.delivered += 1
+                yield Frame(self._name, row["seq"], image, row["t_capture"], row["count32"], row["t_received"])
+        finally:
+            if self.delivered >= len(self.rows):
+                self.done = True
+
+    async def close(self) -> None:
+        return None
