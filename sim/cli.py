@@ -18,6 +18,7 @@ import typer
 from sim.config import SimLineConfig, load_sim_config
 from sorter.cli_common import (
     LogOpt,
+    RecordBufferMbOpt,
     RecordFramesOpt,
     RecordLevelOpt,
     RecordMaxMbOpt,
@@ -79,6 +80,7 @@ def demo(
     record_level: RecordLevelOpt = "frames",
     record_max_mb: RecordMaxMbOpt = 4096,
     record_frames: RecordFramesOpt = "npy",
+    record_buffer_mb: RecordBufferMbOpt = 1024,
     log_level: LogOpt = "warning",
 ) -> None:
     """Run the simulated line sorted by the real line service and print the report."""
@@ -99,7 +101,7 @@ def demo(
     run_dir = out or Path("runs") / time.strftime("lockstep-%Y%m%d-%H%M%S" if lockstep else "demo-%Y%m%d-%H%M%S")
     if lockstep and (capture is not None or cfg.plc.protocol != "modbus"):
         raise fail("--lockstep runs the Modbus PLC link and takes no --capture")
-    rec = record_options(record, record_level, record_max_mb, record_frames)
+    rec = record_options(record, record_level, record_max_mb, record_frames, record_buffer_mb)
     try:
         show = not as_json and sys.stderr.isatty()
         if lockstep:

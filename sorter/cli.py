@@ -15,6 +15,7 @@ import typer
 from sorter.cli_common import (
     ConfigOpt,
     LogOpt,
+    RecordBufferMbOpt,
     RecordFramesOpt,
     RecordLevelOpt,
     RecordMaxMbOpt,
@@ -57,6 +58,7 @@ def run(
     record_level: RecordLevelOpt = "frames",
     record_max_mb: RecordMaxMbOpt = 4096,
     record_frames: RecordFramesOpt = "npy",
+    record_buffer_mb: RecordBufferMbOpt = 1024,
     log_level: LogOpt = "info",
 ) -> None:
     """Run the line service: cameras -> classifier -> PLC, until Ctrl-C or SIGTERM.
@@ -70,7 +72,7 @@ def run(
 
     setup_logging(log_level)
     cfg = _load(config)
-    rec = record_options(record, record_level, record_max_mb, record_frames)
+    rec = record_options(record, record_level, record_max_mb, record_frames, record_buffer_mb)
     try:
         asyncio.run(run_line(config, cfg, auto_start=start, capture=capture, record=rec))
     except RecordingError as exc:

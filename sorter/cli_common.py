@@ -53,8 +53,17 @@ RecordFramesOpt = Annotated[
     ),
 ]
 
+RecordBufferMbOpt = Annotated[
+    int,
+    typer.Option(
+        "--record-buffer-mb",
+        min=16,
+        help="RAM for frames waiting to be written; when it is full the recording (never the line) loses frames",
+    ),
+]
 
-def record_options(folder: Path | None, level: str, max_mb: int, frames: str = "npy") -> Any:
+
+def record_options(folder: Path | None, level: str, max_mb: int, frames: str = "npy", buffer_mb: int = 1024) -> Any:
     """The RecordOptions the --record options ask for (None without --record); exit 2 on a bad value."""
     if folder is None:
         return None
@@ -66,4 +75,4 @@ def record_options(folder: Path | None, level: str, max_mb: int, frames: str = "
         raise fail(f"--record-frames must be one of {', '.join(FRAME_FORMATS)}, not {frames!r}")
     if (folder / "manifest.json").exists():
         raise fail(f"{folder}: already holds a recording; --record needs a new folder")
-    return RecordOptions(folder, level, max_mb * 1024**2, frames)  # type: ignore[arg-type]
+    return RecordOptions(folder, level, max_mb * 1024**2, frames, buffer_mb * 1024**2)  # type: ignore[arg-type]

@@ -98,16 +98,20 @@ async def _replay(
     frames = rec.frames()
     if not frames:
         raise ReplayError(f"{rec.folder}: the recording holds no frames (level {rec.level}); replay needs level frames")
-    # By default the pipeline gets the frames the live pipeline processed: the ones its capture queues
-    # dropped because the PC was behind are in the recording, but a replay takes no time to process a
-    # frame, so it would otherwise see more than the live line did (--all-frames: every one).
+    # By default the pipeline gets the frames the live pipeline processed, when the live pipeline had them
+    # (segmented): a replay takes no time to process a frame, and a live PC that was behind dropped frames
+    # from its capture queues and decided later, in another order across the cameras, in another state
+    # of the line. --all-frames: every recorded frame at its arrival time, as a PC never late would have.
     seen = None if all_frames else rec.processed()
     by_cam: dict[str, list[dict[str, Any]]] = {}
     skipped = 0
     for row in frames:
-        if seen is not None and (row["camera"], row["seq"]) not in seen:
-            skipped += 1
-            continue
+        if seen is not None:
+            t = seen.get((row["camera"], row["seq"]))
+            if t is None:
+                skipped += 1
+                continue
+            row = {**row, "t_deliver": t}
         by_cam.setdefault(row["camera"], []).append(row)
     unknown = set(by_cam) - {c.name for c in cfg.cameras}
     if unknown:
@@ -152,7 +156,7 @@ async def _replay(
     bar = None
     if service.hallbar is not None:
         bar = asyncio.create_task(_feed_bar(rec.hallbar(), service.hallbar.receive, clock.now), name="bar")
-    t_last = max(r["t_received"] for rows in by_cam.values() for r in rows)
+    t_last = max(r.get("t_deliver", r["t_received"]) for rows in by_cam.values() for r in rows)
     try:
         while not all(s.done for s in sources.values()) or clock.now() < t_last:
             if svc.done():
@@ -290,8 +294,9 @@ def agreement(cfg: LineConfig, live: list[dict[str, Any]], replayed: list[dict[s
             "x_mm": round(float(live[i]["x_mm"]), 1),
             "live": f"{live[i]['cls']} -> {live[i]['fraction']} ({live[i]['confidence']:.3f})",
             "replay": f"{replayed[j]['cls']} -> {replayed[j]['fraction']} ({replayed[j]['confidence']:.3f})",
-            "live_field": live[i].get("field_state"),
-            "replay_field": replayed[j].get("field_state"),
+            "live_outcome": live[i].get("outcome"),
+            "replay_outcome": replayed[j].get("outcome"),
+            "views": replayed[j].get("n_views"),
         }
         for i, j in pairs
         if (i, j) not in set(same)
@@ -315,6 +320,9 @@ def agreement(cfg: LineConfig, live: list[dict[str, Any]], replayed: list[dict[s
             if i not in matched_live
         ],
         "replay_unmatched": len(replayed) - len(matched_replay),
+        # a piece held (line not ejecting: PLC fault, stop...) on one side only: the same class, another
+        # state of the line when it was decided
+        "differ_held": sum(1 for d in differ if "held" in (d["live_outcome"], d["replay_outcome"])),
         "differ": differ,
     }
 

@@ -55,8 +55,8 @@ FRAME_FORMATS: tuple[str, ...] = ("npy", "png")
 MIN_FREE_BYTES = 512 * 1024**2  # never leave less than this free on the recording's disk
 FREE_CHECK_EVERY = 64  # writes between two looks at the free disk space
 PNG_COMPRESSION = 1  # the fastest zlib level: lossless all the same
-# frames waiting to be written, by their bytes (references to the line's own arrays, 2.8 MB each at 1280x720):
-# a GiB absorbs ~3 s of 2 cameras at 60 fps while the disk or the CPU is busy elsewhere
+# frames waiting to be written, by their bytes (references to the line's own arrays, 2.8 MB each at 1280x720),
+# by default: a GiB absorbs ~3 s of 2 cameras at 60 fps while the disk or the CPU is busy elsewhere
 FRAME_QUEUE_BYTES = 1024**3
 SMALL_QUEUE = 200_000  # polls, bar chunks, decisions waiting to be written
 
@@ -81,6 +81,7 @@ class RecordOptions:
     level: Level = "frames"
     max_bytes: int = 4 * 1024**3
     frame_format: FrameFormat = "npy"
+    buffer_bytes: int | None = None  # frames waiting to be written, at most (None: FRAME_QUEUE_BYTES)
 
 
 class RecordingError(Exception):
@@ -156,6 +157,7 @@ class Recorder:
             "started_wall": wall(),
             "started_monotonic": now(),
             "max_bytes": opts.max_bytes,
+            "buffer_bytes": opts.buffer_bytes or FRAME_QUEUE_BYTES,
         }
         (self.folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         self._write_manifest()
@@ -183,7 +185,7 @@ class Recorder:
             return
         n = frame.image.nbytes
         with self._lock:
-            if self._frames_queued + n > FRAME_QUEUE_BYTES:
+            if self._frames_queued + n > (self.opts.buffer_bytes or FRAME_QUEUE_BYTES):
                 # the disk or the CPU is behind: the recording loses this frame, the line does not
                 self.counts["frames_dropped_queue"] += 1
                 return
@@ -211,9 +213,10 @@ class Recorder:
 
     def processed(self, camera: str, frame: Frame, count: int, blobs: list[Any]) -> None:
         """The service's frame tap: this frame went through the pipeline (not dropped by a full capture
-        queue), so a replay can give the pipeline the frames the live line saw (docs/recording.md)."""
+        queue), segmented by now; so a replay can give the pipeline the frames the live line saw, when it
+        saw them (docs/recording.md)."""
         if self.opts.level == "frames":
-            self._small("processed", {"camera": camera, "seq": frame.seq})
+            self._small("processed", {"camera": camera, "seq": frame.seq, "t": self._now()})
 
     def bar_chunk(self, data: bytes, t: float) -> None:
         # latin-1 maps each byte to one code point: JSON carries any byte, and decoding back is exact
@@ -595,12 +598,13 @@ class Recording:
     def hallbar(self) -> list[tuple[float, bytes]]:
         return [(r["t"], r["data"].encode("latin-1")) for r in _jsonl(self.folder / "hallbar.jsonl")]
 
-    def processed(self) -> set[tuple[str, int]] | None:
-        """(camera, seq) of each frame the live pipeline processed; None where the recording does not say."""
+    def processed(self) -> dict[tuple[str, int], float] | None:
+        """(camera, seq) -> when the live pipeline had segmented the frame, for each frame it processed;
+        None where the recording does not say."""
         path = self.folder / "processed.jsonl"
         if not path.exists():
             return None
-        return {(r["camera"], r["seq"]) for r in _jsonl(path)}
+        return {(r["camera"], r["seq"]): r["t"] for r in _jsonl(path)}
 
     def decisions(self) -> list[dict[str, Any]]:
         return _jsonl(self.folder / "decisions.jsonl")
@@ -620,13 +624,14 @@ class Recording:
 
 
 class ReplaySource:
-    """A frame source that delivers one camera's recorded frames at their recorded arrival times
-    (t_received, on the replay's virtual clock), then ends, as a video file does (sorter's FrameSource)."""
+    """A frame source that delivers one camera's recorded frames at their recorded times (`at`: the frame's
+    delivery time, its t_received where the row has no `t_deliver`), on the replay's virtual clock, then
+    ends, as a video file does (sorter's FrameSource)."""
 
     def __init__(self, recording: Recording, camera: str, rows: list[dict[str, Any]], now: Callable[[], float]):
         self.recording = recording
         self._name = camera
-        self.rows = sorted(rows, key=lambda r: r["t_received"])
+        self.rows = sorted(rows, key=lambda r: r.get("t_deliver", r["t_received"]))
         self._now = now
         self.delivered = 0
         self.done = not self.rows
@@ -646,7 +651,7 @@ class ReplaySource:
     async def frames(self) -> AsyncIterator[Frame]:
         try:
             for row in self.rows[self.delivered :]:
-                wait = row["t_received"] - self._now()
+                wait = row.get("t_deliver", row["t_received"]) - self._now()
                 if wait > 0:
                     await asyncio.sleep(wait)
                 image = self.recording.load_image(row)
