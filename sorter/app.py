@@ -175,7 +175,7 @@ def build_line(
         if parts.hallbar is not None:
             parts.hallbar.chunk_taps.append(recorder.bar_chunk)
         parts.decision_taps.append(recorder.decided)
-        parts.frame_taps.append(recorder.processed)
+        parts.taken_taps.append(recorder.processed)
         parts.extra_stats["recording"] = recorder.stats
         rec_ = recorder
         parts.closers.append(lambda: rec_.close(cfg.records.path))  # after the records are closed

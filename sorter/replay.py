@@ -98,8 +98,8 @@ async def _replay(
     frames = rec.frames()
     if not frames:
         raise ReplayError(f"{rec.folder}: the recording holds no frames (level {rec.level}); replay needs level frames")
-    # By default the pipeline gets the frames the live pipeline processed, when the live pipeline had them
-    # (segmented): a replay takes no time to process a frame, and a live PC that was behind dropped frames
+    # By default the pipeline gets the frames the live pipeline took off its capture queues, when it took
+    # them: a replay takes no time to process a frame, and a live PC that was behind dropped frames
     # from its capture queues and decided later, in another order across the cameras, in another state
     # of the line. --all-frames: every recorded frame at its arrival time, as a PC never late would have.
     seen = None if all_frames else rec.processed()

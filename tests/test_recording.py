@@ -52,7 +52,7 @@ def test_everything_written_reads_back_exactly(tmp_path: Path, fmt: str, in_plac
     rec.poll(10.010, 10.011, 20, st)
     raw = bytes(range(256)) + b"\r\n"  # any byte at all, a line cut anywhere
     rec.bar_chunk(raw, 10.5)
-    rec.processed("cam0", frames[0], 0, [])
+    rec.processed("cam0", frames[0])
     rec.close()
 
     r = Recording(tmp_path / "r")

@@ -115,3 +115,24 @@ def test_a_recording_without_polls_is_refused() -> None:
 
     with pytest.raises(PlcError, match="no encoder polls"):
         ReplayPlc(PlcConfig(), [], lambda: 0.0)
+
+
+def test_the_timed_polls_play_the_recorded_samples_back() -> None:
+    """The clock model must get the samples the live one got: same request/response times, same counts."""
+    clock = VirtualClock(99.99, 0.0)
+    rec = polls(n=20)
+    plc = ReplayPlc(PlcConfig(), rec, clock.now)
+    r = plc.regs
+
+    async def go() -> list[tuple[float, float, int]]:
+        await plc.connect()
+        out = []
+        for _ in range(5):
+            regs, t_req, t_resp = await plc.read_input_registers_timed(r.ir_encoder, 8)
+            out.append((t_req, t_resp, regs[0] << 16 | regs[1]))
+            await asyncio.sleep(0.01 - 0.0008)  # the link's interval after the answer
+        return out
+
+    got = run(clock, go())
+    assert got == [(p["t_request"], p["t_response"], p["count32"]) for p in rec[:5]]
+    assert plc.polls_played == 5

@@ -211,10 +211,10 @@ class Recorder:
             self._last_status = key
             self._small("plc_status", {"t": t_resp, "status": word, "online": st.online, "alarms": list(st.alarms)})
 
-    def processed(self, camera: str, frame: Frame, count: int, blobs: list[Any]) -> None:
-        """The service's frame tap: this frame went through the pipeline (not dropped by a full capture
-        queue), segmented by now; so a replay can give the pipeline the frames the live line saw, when it
-        saw them (docs/recording.md)."""
+    def processed(self, camera: str, frame: Frame) -> None:
+        """The service's taken tap: the pipeline takes this frame now (it was not dropped by a full capture
+        queue); so a replay can give the pipeline the frames the live line took, when it took them
+        (docs/recording.md)."""
         if self.opts.level == "frames":
             self._small("processed", {"camera": camera, "seq": frame.seq, "t": self._now()})
 
@@ -599,8 +599,8 @@ class Recording:
         return [(r["t"], r["data"].encode("latin-1")) for r in _jsonl(self.folder / "hallbar.jsonl")]
 
     def processed(self) -> dict[tuple[str, int], float] | None:
-        """(camera, seq) -> when the live pipeline had segmented the frame, for each frame it processed;
-        None where the recording does not say."""
+        """(camera, seq) -> when the live pipeline took the frame off its capture queue, for each frame it
+        took; None where the recording does not say."""
         path = self.folder / "processed.jsonl"
         if not path.exists():
             return None

@@ -1,7 +1,11 @@
 """The PLC during a replay (`sorter replay`): a register transport answering from a recording.
 
 The PLC link (sorter/drivers/plc/link.py) runs unchanged on top of it, in virtual time. What it models:
-- the encoder: a poll at time t reads the count the recorded polls put there, interpolated linearly
+- the encoder polls: the link's timed poll (the one that feeds the clock model) gets the recorded polls
+  back one after the other, each at its recorded response time and with its recorded request and response
+  times and count, so that the replay's clock model is fitted on the very samples the live one was (a
+  recorded poll more than a poll interval older than the request is skipped: the replay's link is not
+  behind, it polls when the live one did); any other read at time t reads the count interpolated linearly
   between the two recorded polls around t (each taken at the middle of its request and response); before
   the first and after the last recorded poll the belt stands at the first / last count;
 - belt speed and the status word (belt running, air, e-stop, watchdog, overflow): those of the last recorded
@@ -60,6 +64,10 @@ class ReplayPlc:
         self._count = np.array(counts, dtype=np.float64)
         self._speed = [round(p["speed_mm_s"]) for p in rows]
         self._status = [int(p["status"]) for p in rows]
+        self._rows = rows
+        self._next = 0  # the next recorded poll to play back
+        self._interval = cfg.poll_interval_ms / 1000
+        self.polls_played = 0
         self._connected = False
         self.last_seq = 0
         self.slots: dict[int, list[int]] = {}
@@ -124,9 +132,25 @@ class ReplayPlc:
         await asyncio.sleep(ONE_WAY_S)
 
     async def read_input_registers_timed(self, address: int, count: int) -> tuple[list[int], float, float]:
-        t_request = self._now()
-        regs = await self.read_input_registers(address, count)
-        return regs, t_request, self._now()
+        t_call = self._now()
+        rows = self._rows
+        while self._next < len(rows) and rows[self._next]["t_response"] < t_call - self._interval:
+            self._next += 1
+        if self._next >= len(rows):  # past the recording: the belt stands at its last count
+            regs = await self.read_input_registers(address, count)
+            return regs, t_call, self._now()
+        row = rows[self._next]
+        self._next += 1
+        await self._travel()
+        if row["t_response"] > self._now():
+            await asyncio.sleep(row["t_response"] - self._now())
+        self._accept()
+        r = self.regs
+        image = self.input_registers(self._now())
+        count32 = int(row["count32"])
+        image[r.ir_encoder], image[r.ir_encoder + 1] = count32 >> 16, count32 & 0xFFFF
+        self.polls_played += 1
+        return [image.get(address + k, 0) for k in range(count)], float(row["t_request"]), float(row["t_response"])
 
     async def read_input_registers(self, address: int, count: int) -> list[int]:
         await self._travel()
