@@ -75,7 +75,7 @@ class Variant:
 
 def replay_config(rec: Recording, variant: Variant, out: Path) -> LineConfig:
     path = variant.config or rec.config_path
-    cfg = load_config(path)
+    cfg: LineConfig = load_config(path)
     updates: dict[str, Any] = {"records": cfg.records.model_copy(update={"path": (out / "records.sqlite").resolve()})}
     if variant.model is not None:
         updates["classifier"] = cfg.classifier.model_copy(update={"model": variant.model.resolve()})
@@ -368,7 +368,7 @@ def compare(folder: Path, a: Variant, b: Variant, out: Path) -> dict[str, Any]:
     rec = Recording(folder)
     ra, crops_a = run_replay(folder, a, out / "a", keep_crops=True)
     rb, _ = run_replay(folder, b, out / "b")
-    cfg = load_config(a.config or rec.config_path)
+    cfg: LineConfig = load_config(a.config or rec.config_path)
     pa = load_pieces(Path(ra["records"]), None)
     pb = load_pieces(Path(rb["records"]), None)
     truth = load_truth(rec.truth_path) if rec.truth_path is not None else None

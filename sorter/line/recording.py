@@ -297,7 +297,7 @@ class Recorder:
         self._write_frames([frame])
 
     def _write_frames(self, frames: list[Frame]) -> None:
-        rows = []
+        rows: list[dict[str, Any]] = []
         for frame in frames:
             if self.full is not None:
                 with self._lock:
@@ -350,7 +350,7 @@ class Recorder:
             fd = self._npy_fds[frame.camera] = os.open(self.folder / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             self._npy_offsets[frame.camera] = os.fstat(fd).st_size
         offset = self._npy_offsets[frame.camera]
-        data = memoryview(image).cast("B")
+        data = image.data.cast("B")  # the pixels as they lie in memory (C order), no copy
         n = os.writev(fd, [header, data])
         while n < len(header) + len(data):  # a short write (signal, full pipe): the rest, then on
             n += os.write(fd, (header + bytes(data))[n:])
