@@ -161,7 +161,10 @@ def _compare_text(c: dict) -> str:  # type: ignore[type-arg]
             text += f", purity (truth) {row['purity_a']} -> {row['purity_b']}"
             text += f", recovery (truth) {row['recovery_a']} -> {row['recovery_b']}"
         lines.append(text)
-    lines.append(f"pieces decided otherwise: {len(c['changed'])}")
+    lines.append(
+        f"pieces decided otherwise (class or fraction): {len(c['changed'])}, "
+        f"to another fraction: {c['changed_fraction']}"
+    )
     for p in c["changed"]:
         lines.append(
             f"  piece {p['id_a']} at count {p['count']}, x {p['x_mm']} mm: "

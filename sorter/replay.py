@@ -413,6 +413,7 @@ def compare(folder: Path, a: Variant, b: Variant, out: Path) -> dict[str, Any]:
         "pieces_a": ra["pieces"],
         "pieces_b": rb["pieces"],
         "fractions": fractions,
+        "changed_fraction": sum(1 for c in changed if c["a"]["fraction"] != c["b"]["fraction"]),
         "changed": changed,
         "html": str(out / "compare.html"),
     }
