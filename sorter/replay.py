@@ -113,6 +113,9 @@ async def _replay(
                 continue
             row = {**row, "t_deliver": t}
         by_cam.setdefault(row["camera"], []).append(row)
+    # frames the live pipeline took that the recording lost (its queue was full, or its size bound came):
+    # the replay cannot give them, so pieces seen in them may be decided on fewer views
+    missing = 0 if seen is None else len(set(seen) - {(r["camera"], r["seq"]) for r in frames})
     unknown = set(by_cam) - {c.name for c in cfg.cameras}
     if unknown:
         raise ReplayError(f"the recording has cameras {sorted(unknown)} that the replay's config does not")
@@ -180,6 +183,7 @@ async def _replay(
         "frames_replayed": sum(s.delivered for s in sources.values()),
         "frames_in_recording": len(frames),
         "frames_skipped_as_live_dropped": skipped,
+        "frames_missing_from_recording": missing,
         "frames_processed": stats.counters.frames_processed,
         "frames_dropped": sum(c.dropped for c in service.captures.values()),
         "model_version": service.classifier.version,
