@@ -196,3 +196,34 @@ def test_replay_source_delivers_at_the_recorded_arrival_times(tmp_path: Path) ->
     assert [t for t, _ in got] == pytest.approx([f.t_received for f in frames])
     assert all(np.array_equal(g.image, f.image) and g.count == f.count for (_, g), f in zip(got, frames, strict=True))
     assert src.done
+
+
+def test_level_pieces_rotates_by_size_and_keeps_each_piece_whole(tmp_path: Path) -> None:
+    from sorter.core.messages import Decision, FieldReading, FieldState, Piece
+
+    rng = np.random.default_rng(6)
+    bound = 200_000  # parts of 25 kB: two pieces each
+    rec = recorder(tmp_path / "r", level="pieces", max_bytes=bound)
+    for i in range(60):  # each piece ~9 kB of crops (noise does not compress): ~560 kB in all, ~3x the bound
+        crops = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
+        p = Piece(i, 1000.0 * i, 1000.0 * i - 50, 1000.0 * i + 50, 100.0, 95.0, 105.0, 40.0, ("cam0",), 3, crops)
+        d = Decision(p, {"ndfeb": 0.9}, "ndfeb", 0.9, "ndfeb", field=FieldReading(80.0, FieldState.OK))
+        rec.decided([d])
+        rec.poll(float(i), i + 0.001, i, PlcStatus(online=True))
+    rec.frame(frame(0, rng))  # level pieces keeps no frames
+    rec.close()
+    m = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert m["stopped_early"] is None  # rotation, not a stop
+    assert m["counts"]["parts_rotated_out"] > 0 and m["parts_rotated_out"]
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "r").rglob("*") if f.is_file() and f.parent != tmp_path / "r")
+    assert on_disk == m["bytes"] <= bound
+    assert not (tmp_path / "r" / "frames").exists()
+    kept = []
+    for part in m["parts"]:
+        stream = tmp_path / "r" / part / "pieces.jsonl"
+        for line in stream.read_text().splitlines() if stream.exists() else []:
+            row = json.loads(line)
+            kept.append(row["id"])
+            assert len(row["crops"]) == 3 and all((tmp_path / "r" / part / c).exists() for c in row["crops"])
+    assert kept == list(range(kept[0], 60))  # the newest pieces, none lost in between
+    assert not any((tmp_path / "r" / old).exists() for old in m["parts_rotated_out"])

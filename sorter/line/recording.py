@@ -53,6 +53,7 @@ LEVELS: tuple[str, ...] = ("frames", "pieces")
 FrameFormat = Literal["npy", "png"]
 FRAME_FORMATS: tuple[str, ...] = ("npy", "png")
 MIN_FREE_BYTES = 512 * 1024**2  # never leave less than this free on the recording's disk
+PARTS = 8  # level pieces: the size bound is kept in this many parts, the oldest deleted first
 FREE_CHECK_EVERY = 64  # writes between two looks at the free disk space
 PNG_COMPRESSION = 1  # the fastest zlib level: lossless all the same
 # frames waiting to be written, by their bytes (references to the line's own arrays, 2.8 MB each at 1280x720),
@@ -133,8 +134,16 @@ class Recorder:
             "crops": 0,
             "small_dropped": 0,
             "decisions": 0,
+            "parts_rotated_out": 0,
         }
         self.frames_by_camera: dict[str, int] = {}
+        # level pieces runs continuously: it writes into parts of max_bytes / PARTS and, at the bound, deletes
+        # the oldest part (rotation by size) instead of stopping; level frames is one folder that stops
+        self._rotating = opts.level == "pieces"
+        self._part = ""  # the folder (under the recording's) that streams and crops go to now
+        self._part_limit = max(1, opts.max_bytes // PARTS)
+        self._parts: list[dict[str, Any]] = []
+        self.rotated_out: list[str] = []
         self._writes = 0
         self._last_status: tuple[Any, ...] | None = None
         self._files: dict[str, Any] = {}
@@ -229,7 +238,7 @@ class Recorder:
         for d in decisions:
             p = d.piece
             # the crops (or their cutters) go to the writer as they are: cutting and encoding are its work
-            crops = [(f"crops/{p.id:08d}-{i}.png", crop) for i, crop in enumerate(p.crops)]
+            crops = [(f"crops/{p.id:08d}-{i}.png", crop) for i, crop in enumerate(p.crops)]  # in the piece's part
             self._small(
                 "pieces",
                 {
@@ -370,18 +379,10 @@ class Recorder:
         return self._index_row(frame, name, None)
 
     def _write_small(self, stream: str, row: dict[str, Any]) -> None:
-        images = row.pop("_images", [])
-        for name, crop in images:
-            img = crop() if callable(crop) else crop
-            ok, png = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
-            if ok and self._room(len(png)):
-                path = self.folder / name
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(png.tobytes())
-                self.counts["crops"] += 1
-        if self.full is not None:
+        images = row.pop("_images", None)
+        written = self._append(stream, row) if images is None else self._write_piece(stream, row, images)
+        if not written:
             return
-        self._append(stream, row)
         key = {
             "polls": "polls",
             "plc_status": "plc_status_changes",
@@ -395,23 +396,71 @@ class Recorder:
                 self.counts["hallbar_chunks"] += 1
                 self.counts["hallbar_bytes"] += len(row["data"])
 
-    def _append(self, stream: str, row: dict[str, Any]) -> None:
+    def _write_piece(self, stream: str, row: dict[str, Any], images: list[tuple[str, Any]]) -> bool:
+        """A piece's crops and its line, all in one part (room is taken for all of them at once)."""
+        pngs = []
+        for name, crop in images:
+            img = crop() if callable(crop) else crop
+            ok, png = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
+            if ok:
+                pngs.append((name, png.tobytes()))
+        row["crops"] = [name for name, _ in pngs]
         line = json.dumps(row, separators=(",", ":")) + "\n"
-        if self._room(len(line)):
-            self._append_lines(stream, line)
+        if not self._room(len(line) + sum(len(b) for _, b in pngs)):
+            return False
+        part = self.folder / self._part
+        if pngs:
+            (part / "crops").mkdir(parents=True, exist_ok=True)
+        for name, data in pngs:
+            (part / name).write_bytes(data)
+        self.counts["crops"] += len(pngs)
+        self._append_lines(stream, line)
+        return True
+
+    def _append(self, stream: str, row: dict[str, Any]) -> bool:
+        line = json.dumps(row, separators=(",", ":")) + "\n"
+        if not self._room(len(line)):
+            return False
+        self._append_lines(stream, line)
+        return True
 
     def _append_lines(self, stream: str, line: str) -> None:
         with self._lock:
             f = self._files.get(stream)
             if f is None:
-                f = self._files[stream] = open(self.folder / f"{stream}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+                path = self.folder / self._part / f"{stream}.jsonl"
+                f = self._files[stream] = open(path, "a", encoding="utf-8")  # noqa: SIM115
             f.write(line)
 
+    def _new_part(self) -> None:
+        """Level pieces: close the part's streams and go on in a new part folder (the lock is held)."""
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+        n = int(self._parts[-1]["name"].split("-")[1]) + 1 if self._parts else 1
+        self._part = f"part-{n:05d}"
+        (self.folder / self._part).mkdir(parents=True, exist_ok=True)
+        self._parts.append({"name": self._part, "bytes": 0})
+
+    def _rotate(self, n: int) -> None:
+        """Level pieces: a new part when this one is full; the oldest parts deleted while the bound needs it."""
+        if not self._parts or (self._parts[-1]["bytes"] > 0 and self._parts[-1]["bytes"] + n > self._part_limit):
+            self._new_part()
+        while self.bytes + n > self.opts.max_bytes and len(self._parts) > 1:
+            old = self._parts.pop(0)
+            shutil.rmtree(self.folder / old["name"], ignore_errors=True)
+            self.bytes -= old["bytes"]
+            self.rotated_out.append(old["name"])
+            self.counts["parts_rotated_out"] += 1
+
     def _room(self, n: int) -> bool:
-        """Count n more bytes, or stop the recording if they would pass the size bound or fill the disk."""
+        """Count n more bytes, or stop the recording if they would pass the size bound or fill the disk
+        (level pieces: rotate first, so that only a single item larger than a part stops it)."""
         with self._lock:
             if self.full is not None:
                 return False
+            if self._rotating:
+                self._rotate(n)
             if self.bytes + n > self.opts.max_bytes:
                 reason = f"size bound reached ({self.opts.max_bytes // 1024**2} MB)"
             else:
@@ -423,6 +472,8 @@ class Recorder:
                     reason = f"disk nearly full ({free // 1024**2} MB free)"
                 else:
                     self.bytes += n
+                    if self._rotating:
+                        self._parts[-1]["bytes"] += n
                     return True
         self._stop_recording(reason)
         return False
@@ -450,7 +501,7 @@ class Recorder:
             self._small_q.put(None)
             for t in self._threads:
                 t.join()
-        if records is not None:
+        if records is not None and not self._rotating:  # level pieces: pieces.jsonl holds the decisions
             self._copy_decisions(records)
         with self._lock:
             for f in self._files.values():
@@ -468,6 +519,8 @@ class Recorder:
             "counts": dict(self.counts),
             "frames_by_camera": dict(self.frames_by_camera),
         }
+        if self._rotating:
+            self.manifest |= {"parts": [p["name"] for p in self._parts], "parts_rotated_out": self.rotated_out}
         self._write_manifest()
         self.log.info("recording closed", **self.stats())
 
