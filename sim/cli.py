@@ -17,7 +17,17 @@ import typer
 from pydantic import ValidationError
 
 from sim.config import SimLineConfig, load_sim_config, operating_point
-from sorter.cli_common import LogOpt, fail, stderr_console
+from sorter.cli_common import (
+    LogOpt,
+    RecordBufferMbOpt,
+    RecordFramesOpt,
+    RecordLevelOpt,
+    RecordMaxMbOpt,
+    RecordOpt,
+    fail,
+    record_options,
+    stderr_console,
+)
 from sorter.config import ConfigError
 from sorter.logs import setup_logging
 
@@ -72,10 +82,16 @@ def demo(
             "the same figures every run (docs/architecture.md)",
         ),
     ] = False,
+    record: RecordOpt = None,
+    record_level: RecordLevelOpt = "frames",
+    record_max_mb: RecordMaxMbOpt = 4096,
+    record_frames: RecordFramesOpt = "npy",
+    record_buffer_mb: RecordBufferMbOpt = 1024,
     log_level: LogOpt = "warning",
 ) -> None:
     """Run the simulated line sorted by the real line service and print the report."""
     from sim.demo import DemoError, run_demo
+    from sorter.line.recording import RecordingError
     from sorter.vision.classify import ModelError
 
     setup_logging(log_level)
@@ -95,15 +111,16 @@ def demo(
     run_dir = out or Path("runs") / time.strftime("lockstep-%Y%m%d-%H%M%S" if lockstep else "demo-%Y%m%d-%H%M%S")
     if lockstep and (capture is not None or cfg.plc.protocol != "modbus"):
         raise fail("--lockstep runs the Modbus PLC link and takes no --capture")
+    rec = record_options(record, record_level, record_max_mb, record_frames, record_buffer_mb)
     try:
         show = not as_json and sys.stderr.isatty()
         if lockstep:
             from sim.lockstep import run_lockstep
 
-            report = run_lockstep(cfg, duration, seed, run_dir)
+            report = run_lockstep(cfg, duration, seed, run_dir, rec)
         else:
-            report = asyncio.run(run_demo(cfg, duration, seed, run_dir, progress=show, capture=capture))
-    except (ModelError, DemoError) as exc:
+            report = asyncio.run(run_demo(cfg, duration, seed, run_dir, progress=show, capture=capture, record=rec))
+    except (ModelError, DemoError, RecordingError) as exc:
         raise fail(str(exc), 1) from None
     if as_json:
         typer.echo(json.dumps(report))

@@ -129,6 +129,9 @@ class LineParts:
     companions: list[Companion] = field(default_factory=list)
     subscribers: list[Callable[[LineStats], None]] = field(default_factory=list)
     frame_taps: list[Callable[[str, Frame, int, list[Any]], None]] = field(default_factory=list)
+    # every frame the pipeline takes off a capture queue, before anything is done with it (the recorder:
+    # which frames a replay gives the pipeline, and when; docs/recording.md)
+    taken_taps: list[Callable[[str, Frame], None]] = field(default_factory=list)
     decision_taps: list[Callable[[list[Decision]], None]] = field(default_factory=list)
     on_stage: Callable[[str, float], None] | None = None  # stage wall times (metrics histograms)
     on_latency_ms: Callable[[float], None] | None = None  # decision latencies (metrics histogram)
@@ -224,6 +227,8 @@ class LineService:
             except CaptureClosed:
                 return
             try:
+                for tap in self.parts.taken_taps:
+                    tap(name, frame)
                 await self._process(name, frame, loop)
             except Exception:  # one bad frame must not stop the line: count it, log it, go on
                 self.counters.frames_failed += 1

@@ -156,7 +156,8 @@ class PlcLink(PlcLinkBase):
         def reg(address: int) -> int:
             return regs[address - self._ir_lo]
 
-        self.clock.add(t_req, t_resp, (reg(r.ir_encoder) << 16) | reg(r.ir_encoder + 1))
+        count32 = (reg(r.ir_encoder) << 16) | reg(r.ir_encoder + 1)
+        self.clock.add(t_req, t_resp, count32)
         last_seq = reg(r.ir_last_seq)
         try:
             accepted = self.mailbox.on_accepted(last_seq)
@@ -195,6 +196,7 @@ class PlcLink(PlcLinkBase):
                 t_polled=t_resp,
             )
         )
+        self._tap_poll(t_req, t_resp, count32)
         self._check_mailbox_moves(bool(accepted), t_resp)
 
     def _check_mailbox_moves(self, progress: bool, t: float) -> None:
