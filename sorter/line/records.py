@@ -1,9 +1,17 @@
 """Piece records in an embedded SQLite database (WAL).
 
-One row per piece, written when the piece is decided and updated when its
-eject command's fate is known, so a piece that was seen is never silently lost:
-if the service stops before a command is answered, the row says so.
+One row per piece, written when the piece is first seen (tracked past the cameras: outcome `seen`),
+completed when it is decided and updated when its eject command's fate is known, so a piece that was
+seen is never silently lost: if the service stops cleanly before a command is answered, the row says
+so (`cancelled`); if it dies (SIGKILL, power loss), the next start marks every row it left open
+`lost_in_restart` (`close_dead_runs`).
 Writes are batched into one transaction per flush to keep the hot path cheap.
+
+When the disk refuses a flush (full, read-only, I/O error) the rows stay in memory, in order, up to
+`records.buffer_max_rows`, and are written by the first flush that succeeds. Past the bound, new rows
+are refused and counted (`rows_dropped`): a service that grows its heap without end would be killed by
+the OOM killer and lose everything it held. Both are alarms (the service raises them from
+`error` and `rows_dropped`).
 """
 
 from __future__ import annotations
@@ -16,11 +24,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sorter.core.geometry import wrap32
-from sorter.core.messages import Outcome
+from sorter.core.messages import OPEN_OUTCOMES, Outcome
 
 if TYPE_CHECKING:
     from sorter.config import LineConfig
+    from sorter.core.messages import Piece
     from sorter.core.planner import Plan
+
+DEFAULT_BUFFER_MAX_ROWS = 50_000  # the schema's default too (records.buffer_max_rows)
 
 _PIECES_TABLE = """
 CREATE TABLE IF NOT EXISTS pieces (
@@ -97,14 +108,24 @@ PIECE_COLUMNS = (
     "threshold",
 )
 _JSON_COLUMNS = ("probs", "image_probs")
-_INSERT = f"INSERT INTO pieces (run_id, {', '.join(PIECE_COLUMNS)}) VALUES ({','.join('?' * (len(PIECE_COLUMNS) + 1))})"
+# a piece's row is first written when it is seen, then completed when it is decided: the same statement
+# inserts or overwrites it, so the order of the two in one flush is the only thing that matters
+_INSERT = (
+    f"INSERT INTO pieces (run_id, {', '.join(PIECE_COLUMNS)}) VALUES ({','.join('?' * (len(PIECE_COLUMNS) + 1))})"
+    f" ON CONFLICT(run_id, id) DO UPDATE SET {', '.join(f'{c}=excluded.{c}' for c in PIECE_COLUMNS if c != 'id')}"
+)
 
 
 class RecordStore:
-    def __init__(self, path: Path, run_id: str) -> None:
+    def __init__(self, path: Path, run_id: str, *, buffer_max_rows: int = DEFAULT_BUFFER_MAX_ROWS) -> None:
+        if buffer_max_rows < 1:
+            raise ValueError("records.buffer_max_rows must be at least 1")
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.run_id = run_id
+        self.buffer_max_rows = buffer_max_rows
+        self.rows_dropped = 0  # rows refused because the buffer was full (the disk refused writes too long)
+        self.error: str | None = None  # why the last flush failed; None once one succeeds
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -114,6 +135,7 @@ class RecordStore:
         self._updates: list[tuple[Any, ...]] = []
         self._events: list[tuple[Any, ...]] = []
         self._lock = threading.Lock()  # rows are added on the event loop and written on a worker thread
+        self._writing = 0  # rows taken by a flush in progress: still in memory, they count against the bound
         self.written = 0
 
     def _migrate(self) -> None:
@@ -134,22 +156,66 @@ class RecordStore:
                 self._db.execute("DROP TABLE pieces_v1")
                 self._db.execute("CREATE INDEX IF NOT EXISTS pieces_run ON pieces(run_id, t_wall)")
 
+    def _room(self) -> bool:
+        """Whether one more row fits the buffer (call with the lock held); counts the refusal if not."""
+        if self.pending_writes + self._writing < self.buffer_max_rows:
+            return True
+        self.rows_dropped += 1
+        return False
+
     def add_piece(self, row: dict[str, Any]) -> None:
+        """Insert a piece's row, or complete the row its first sighting wrote (same run and id)."""
         values = [
             json.dumps(row[c]) if c in _JSON_COLUMNS and row.get(c) is not None else row.get(c) for c in PIECE_COLUMNS
         ]
         with self._lock:
-            self._inserts.append((self.run_id, *values))
+            if self._room():
+                self._inserts.append((self.run_id, *values))
+
+    def add_seen(self, pieces: list[Piece], cfg: LineConfig) -> None:
+        """Rows for pieces just tracked past the cameras, before their decision (outcome `seen`)."""
+        for p in pieces:
+            self.add_piece(seen_row(p, cfg))
 
     def update_outcome(
         self, piece_id: int, outcome: str, seq: int | None, t_accepted: float | None, latency_ms: float | None
     ) -> None:
         with self._lock:
-            self._updates.append((outcome, seq, t_accepted, latency_ms, self.run_id, piece_id))
+            if self._room():
+                self._updates.append((outcome, seq, t_accepted, latency_ms, self.run_id, piece_id))
 
     def event(self, kind: str, **detail: Any) -> None:
         with self._lock:
-            self._events.append((time.time(), self.run_id, kind, json.dumps(detail, default=str)))
+            if self._room():
+                self._events.append((time.time(), self.run_id, kind, json.dumps(detail, default=str)))
+
+    def close_dead_runs(self) -> int:
+        """Mark `lost_in_restart` every row an earlier run of the service left open; returns how many.
+
+        A run that stops cleanly closes its rows (decided, or `cancelled`); rows still `seen`, `planned`
+        or `pending` belong to a run that died before it knew their fate. Called once at start, before
+        this run writes anything (so none of its own rows can be caught). Raises sqlite3.Error if the
+        database cannot be written.
+        """
+        marks = ",".join("?" * len(OPEN_OUTCOMES))
+        with self._db:
+            self._db.execute("BEGIN")
+            rows = list(
+                self._db.execute(
+                    f"SELECT run_id, COUNT(*) FROM pieces WHERE run_id<>? AND outcome IN ({marks}) GROUP BY run_id",
+                    (self.run_id, *OPEN_OUTCOMES),
+                )
+            )
+            self._db.execute(
+                f"UPDATE pieces SET outcome=? WHERE run_id<>? AND outcome IN ({marks})",
+                (Outcome.LOST_IN_RESTART, self.run_id, *OPEN_OUTCOMES),
+            )
+            for run, n in rows:
+                detail = json.dumps({"dead_run": run, "pieces": n})
+                self._db.execute(
+                    "INSERT INTO events VALUES (?,?,?,?)", (time.time(), self.run_id, "lost_in_restart", detail)
+                )
+        return sum(n for _, n in rows)
 
     @property
     def pending_writes(self) -> int:
@@ -161,12 +227,18 @@ class RecordStore:
                 return
             ins, upd, ev = self._inserts, self._updates, self._events
             self._inserts, self._updates, self._events = [], [], []
+            self._writing = len(ins) + len(upd) + len(ev)
         try:
             self._write(ins, upd, ev)
-        except sqlite3.Error:
+        except sqlite3.Error as exc:
             with self._lock:  # keep them for the next flush: a full or locked disk must not lose records
                 self._inserts[:0], self._updates[:0], self._events[:0] = ins, upd, ev
+                self._writing = 0
+            self.error = str(exc)
             raise
+        with self._lock:
+            self._writing = 0
+        self.error = None
         self.written += len(ins)
 
     def _write(self, ins: list[tuple[Any, ...]], upd: list[tuple[Any, ...]], ev: list[tuple[Any, ...]]) -> None:
@@ -194,6 +266,28 @@ def load_pieces(path: Path, run_id: str | None = None) -> list[dict[str, Any]]:
         for c in _JSON_COLUMNS:
             r[c] = json.loads(r[c]) if r[c] else {}
     return rows
+
+
+def seen_row(p: Piece, cfg: LineConfig) -> dict[str, Any]:
+    """A piece's row when it is first seen (tracked past the cameras, not decided): where it is, and that
+    it rides to the default fraction unless its decision says otherwise."""
+    cpm = cfg.belt.counts_per_mm
+    return {
+        "id": p.id,
+        "t_wall": time.time(),
+        "t_capture": p.t_last_capture,
+        "count": round(p.u),
+        "count32": wrap32(round(p.u)),
+        "x_mm": p.x,
+        "x0_mm": p.x0,
+        "x1_mm": p.x1,
+        "length_mm": (p.u_trail - p.u_lead) / cpm,
+        "area_mm2": p.area_mm2,
+        "cameras": ",".join(p.cameras),
+        "n_views": p.n_views,
+        "fraction": cfg.routing.default_fraction,
+        "outcome": Outcome.SEEN,
+    }
 
 
 def piece_row(plan: Plan, cfg: LineConfig) -> dict[str, Any]:
