@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import sqlite3
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,7 @@ def test_all_is_every_fault_once_in_order_one_after_the_other_within_the_run() -
     faults = parse_faults("all", CAMS, 120.0)
     assert [f.label for f in faults] == ALL_FAULTS.split(",")
     assert {f.name for f in faults} == set(FAULT_KINDS)
-    for a, b in zip(faults, faults[1:], strict=False):
+    for a, b in pairwise(faults):
         assert b.at_s >= a.busy_until_s  # the next starts once the line has recovered from the last
     assert faults[-1].busy_until_s <= 120.0
     stall = next(f for f in faults if f.name == "camera-stall")
@@ -256,9 +257,10 @@ def test_nothing_in_the_product_reads_the_wall_clock_but_for_timestamps() -> Non
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute) and node.attr in ("time", "now", "utcnow", "strftime", "localtime"):
                 owner = node.value
-                name = owner.id if isinstance(owner, ast.Name) else owner.attr if isinstance(owner, ast.Attribute) else ""
+                name = owner.id if isinstance(owner, ast.Name) else getattr(owner, "attr", "")
                 if (node.attr == "time" and name == "time") or (node.attr != "time" and name in ("time", "datetime")):
-                    found.add((str(path.relative_to(ROOT)), f"{'datetime' if name == 'datetime' else 'time'}.{node.attr}"))
+                    module = "datetime" if name == "datetime" else "time"
+                    found.add((str(path.relative_to(ROOT)), f"{module}.{node.attr}"))
     assert found == WALL_CLOCK_READERS
 
 
