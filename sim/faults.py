@@ -553,8 +553,20 @@ async def run_fault_demo(
     truth, windows, meta = load_truth(truth_path)
     records = load_pieces(records_path) if records_path.exists() else []
     gaps = load_camera_gaps(records_path) if records_path.exists() else []
+    late = fed_late_ids(run_dir / "sim.log")
     report = fault_report(
-        cfg, truth, windows, records, sim.status or meta.get("status", {}), applied, watch, belt, t_feed, services, gaps
+        cfg,
+        truth,
+        windows,
+        records,
+        sim.status or meta.get("status", {}),
+        applied,
+        watch,
+        belt,
+        t_feed,
+        services,
+        gaps,
+        late,
     )
     report.update(
         {
@@ -660,6 +672,7 @@ def fault_report(
     t_feed: float,
     services: list[ServiceProcess],
     gaps: list[dict[str, Any]],
+    fed_late: frozenset[int] = frozenset(),
 ) -> dict[str, Any]:
     cpm = cfg.belt.counts_per_mm
     # piece ids are unique within a run of the service, not across its restarts
@@ -779,6 +792,9 @@ def fault_report(
         "pieces_unseen": len(unseen),
         "pieces_lost": len(lost),
         "lost_piece_ids": lost[:50],
+        # of those, pieces the starved simulator placed where a camera could already see them (sim.log):
+        # a machine too busy for the simulation, not the line
+        "lost_fed_late": sum(1 for i in lost if i in fed_late),
         "identity_holds": fed == accounted + len(unseen),
         "unseen_windows": blind,
         "frames_not_looked_at": skipped.summary(cpm),
@@ -799,6 +815,17 @@ def fault_report(
         # be joined to the records by seq (the plain demo's report has it)
     }
     return report
+
+
+def fed_late_ids(sim_log: Path) -> frozenset[int]:
+    """Pieces the simulator logged as placed late (it fell behind: a camera may have missed them)."""
+    ids = set()
+    with contextlib.suppress(OSError), sim_log.open() as f:
+        for raw in f:
+            if "placed late" in raw:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    ids.add(int(json.loads(raw)["piece"]))
+    return frozenset(ids)
 
 
 def load_camera_gaps(path: Path) -> list[dict[str, Any]]:
