@@ -324,3 +324,17 @@ def test_frame_gaps_explain_only_pieces_no_looking_camera_saw_whole(cfg) -> None
     assert not gaps.explains(piece(30, 400, 420))  # wholly in view of the last frame cam1 looked at
     assert not gaps.explains(piece(500, 400, 420))  # after the gap
     assert gaps.summary(cpm)["by_camera"]["cam1"] == {"gaps": 1, "frames": 7, "belt_mm": 400.0}
+
+
+def test_a_piece_in_a_touching_neighbours_record_is_accounted_not_unseen() -> None:
+    from sim.faults import seen_in_other_records
+
+    def row(i: int, s_mm: float, x0: float, x1: float, length: float) -> dict:
+        return {"id": i, "count": int(s_mm * 20), "count32": int(s_mm * 20), "x0_mm": x0, "x1_mm": x1,
+                "x_mm": (x0 + x1) / 2, "length_mm": length}  # fmt: skip
+
+    truth = [row(1, 1000, 100, 120, 20), row(2, 1020.5, 100, 120, 20), row(3, 2000, 300, 320, 20)]
+    blob = row(10, 1010, 100, 120, 41)  # pieces 1 and 2 touched: one record over both
+    seen = seen_in_other_records(truth, [blob], {1: blob}, 20.0)
+    assert set(seen) == {2} and "touching piece(s) [1]" in seen[2]
+    assert seen_in_other_records(truth, [], {}, 20.0) == {}  # no record over them: nothing to explain
