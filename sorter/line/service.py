@@ -228,7 +228,8 @@ class LineService:
             self.counters.frames_unplaced += 1
             return
         self._ref_count = count
-        self._note_gap(name, count)
+        if frame.count is not None:  # encoder-triggered: frames come every so many counts (free-run ones jitter)
+            self._note_gap(name, count)
         blobs = await loop.run_in_executor(self._vision, self._segment, frame)
         for tap in self.parts.frame_taps:
             tap(name, frame, count, blobs)  # a reference (the HMI's live view), no copy
