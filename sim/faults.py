@@ -505,7 +505,7 @@ async def run_fault_demo(
     applied: list[Applied] = []
     services: list[ServiceProcess] = []
     bar = cfg.magnetometer.port if cfg.magnetometer else None
-    sim = await SimProcess.start(cfg_path, truth_path, run_dir / "sim.log", bar)
+    sim = SerialSim(await SimProcess.start(cfg_path, truth_path, run_dir / "sim.log", bar))
     sampler: asyncio.Task[None] | None = None
     t_feed = t_feed_end = math.nan
     final: dict[str, Any] = {}
@@ -544,8 +544,7 @@ async def run_fault_demo(
     finally:
         if sampler is not None:
             sampler.cancel()
-        for svc in services:
-            final["service_exit"] = await svc.stop()
+        final["service_exits"] = [await svc.stop() for svc in services]  # the killed one: -9
         await sim.close()
         if disk is not None:
             disk.unmount(run_dir / "records.sqlite")
@@ -581,6 +580,30 @@ async def run_fault_demo(
     return report
 
 
+class SerialSim:
+    """The simulator's control channel, one command at a time: the belt sampler and the faults share it, and
+    each command's answer is the next event (two at once could take each other's)."""
+
+    def __init__(self, sim: SimProcess) -> None:
+        self.proc = sim
+        self._lock = asyncio.Lock()
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return self.proc.status
+
+    async def wait_for(self, event: str, timeout: float) -> dict[str, Any]:
+        return await self.proc.wait_for(event, timeout)
+
+    async def send(self, **cmd: Any) -> dict[str, Any]:
+        async with self._lock:
+            return await self.proc.send(**cmd)
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self.proc.close()
+
+
 async def _sleep_until(t: float) -> None:
     await asyncio.sleep(max(0.0, t - time.monotonic()))
 
@@ -605,7 +628,7 @@ async def _until_async(cond: Any, timeout: float, what: str) -> None:
 
 async def _apply(
     f: Fault,
-    sim: SimProcess,
+    sim: SerialSim,
     services: list[ServiceProcess],
     watch: LineWatch,
     cfg_path: Path,
