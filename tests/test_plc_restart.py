@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from sorter.core.messages import Outcome
-from sorter.drivers.plc.link import PlcCommand
 from tests.conftest import wait_until
 from tests.test_plc_link import LEAD, command, rig
 
@@ -27,9 +26,7 @@ async def test_a_plc_restart_is_noticed_and_the_mailbox_starts_again_from_seq_1(
         await wait_until(lambda: r.link.online and r.link.restarts == 1, 5.0, "the link back, the restart noticed")
         assert r.link.mailbox.last_accepted == 0
         assert r.link.status.ejects_done == 5  # the running total goes on across the PLC's counter reset
-        await r.link.command(PlcCommand.START_BELT)  # the line restarts its belt (LineControl: Unholding)
-        await wait_until(lambda: r.clock.ready, what="clock model")
-        await wait_until(lambda: r.link.status.queue_free > 0 and r.link.status.t_polled > 0, what="a poll")
+        await r.run_belt()  # the line restarts its belt (LineControl: Unholding); the clock model locks on again
         after = await r.link.send(command(r, 6, r.ahead(0.15)), LEAD)
         assert after.outcome is Outcome.ACCEPTED and after.seq == 1
         await wait_until(lambda: r.link.status.ejects_done == 6, what="it fired")
