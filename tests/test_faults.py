@@ -338,3 +338,29 @@ def test_a_piece_in_a_touching_neighbours_record_is_accounted_not_unseen() -> No
     seen = seen_in_other_records(truth, [blob], {1: blob}, 20.0)
     assert set(seen) == {2} and "touching piece(s) [1]" in seen[2]
     assert seen_in_other_records(truth, [], {}, 20.0) == {}  # no record over them: nothing to explain
+
+
+def test_the_shift_report_counts_lost_in_restart_and_undecided_rows(tmp_path, cfg) -> None:
+    from sorter.reports.shift import summarise_records
+
+    db = tmp_path / "records.sqlite"
+    dead = RecordStore(db, "run-dead")
+    dead.event("start")
+    dead.add_seen([_piece(1), _piece(2)], cfg)
+    decided = seen_row(_piece(2), cfg) | {"cls": "ndfeb", "confidence": 0.99, "fraction": "ndfeb", "outcome": "pending"}
+    dead.add_piece(decided)
+    dead.add_seen([_piece(3)], cfg)
+    dead.add_piece(seen_row(_piece(3), cfg) | {"cls": "steel", "confidence": 0.95, "outcome": "no_eject"})
+    dead.flush()  # killed here
+    new = RecordStore(db, "run-new")
+    new.close_dead_runs()
+    new.event("start")
+    new.add_seen([_piece(1)], cfg)  # the new run's first piece, not decided yet when the report is made
+    new.flush()
+    _, s = summarise_records(cfg, db=db)
+    assert s["pieces"] == 4 and s["lost_in_restart"] == 2
+    assert s["outcomes"] == {"lost_in_restart": 2, "no_eject": 1, "seen": 1}
+    assert s["classes"]["undecided"]["count"] == 2 and s["classes"]["undecided"]["mean_confidence"] is None
+    # the undecided ones ride to the default fraction; the routed one's air is unconfirmed
+    assert s["fractions"]["ndfeb"]["count"] == 1 and s["fractions"]["ndfeb"]["unconfirmed"] == 1
+    assert s["mass_balance"]["closes"]
