@@ -449,7 +449,10 @@ def fault_config(cfg: SimLineConfig, run_dir: Path, seed: int, records_on_tmpfs:
     if cfg.opcua_server is not None:
         update["opcua_server"] = cfg.opcua_server.model_copy(update={"enabled": False})
     if records_on_tmpfs:
-        update["records"] = cfg.records.model_copy(update={"path": run_dir.resolve() / "records" / "records.sqlite"})
+        update["records"] = cfg.records.model_copy(
+            # the low-space alarm scaled to the small disk: it should sound when the run fills it, not before
+            update={"path": run_dir.resolve() / "records" / "records.sqlite", "min_free_mb": RECORDS_FS_MB / 8}
+        )
     return cfg.model_copy(update=update)
 
 
@@ -761,10 +764,22 @@ def fault_report(
             if looking is not None:
                 blind.append(_window(f"{f.label}: no service", a.t_at, looking, belt, margin, cpm, [], t_feed))
         elif f.name == "records-disk-full":
-            detected = watch.first(a.t_at, lambda ln: str(ln.get("event", "")).startswith("ALARM records not written"))
-            back = watch.first(a.t_end or a.t_at, lambda ln: ln.get("event") == "records written again")
+            # noticed by the low-space alarm or by a refused write, whichever first; recovered when every
+            # one of them that was raised has cleared after the disk was freed
+            first = {
+                kind: watch.first(a.t_at, lambda ln, ev=ev: str(ln.get("event", "")).startswith(ev))
+                for kind, ev in (("low", "ALARM records_disk_low"), ("write", "ALARM records not written"))
+            }
+            raised: dict[str, float] = {
+                k: t for k, t in first.items() if t is not None and t <= (a.t_end or a.t_at) + 5.0
+            }
+            detected = min(raised.values(), default=None)
+            clears = {"low": "alarm cleared: records_disk_low", "write": "records written again"}
+            backs = [watch.first(a.t_end or a.t_at, lambda ln, ev=clears[k]: ln.get("event") == ev) for k in raised]
+            back = None if not backs or None in backs else max(t for t in backs if t is not None)
             recovered = watch.healthy_from(back) if detected is not None and back is not None else None
             out["filler_bytes"] = a.detail.get("filler_bytes")
+            out["writes_refused"] = "write" in raised
         elif f.name == "wall-clock-step":
             detected, recovered, effects = _wall_clock_effects(a, keyed, watch, f.step_s)
             out.update(effects)

@@ -90,7 +90,12 @@ def build_line(
     metrics = ServiceMetrics()
     parts = LineParts(
         classifier=load_checked_model(cfg.classifier.model, cfg),
-        records=RecordStore(cfg.records.path, run_id, buffer_max_rows=cfg.records.buffer_max_rows),
+        records=RecordStore(
+            cfg.records.path,
+            run_id,
+            buffer_max_rows=cfg.records.buffer_max_rows,
+            min_free_mb=cfg.records.min_free_mb,
+        ),
         clock=clock,
         plc=make_plc_link(cfg.plc, clock, log=log.bind(part="plc")),
         geoms=geoms,

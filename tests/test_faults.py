@@ -364,3 +364,21 @@ def test_the_shift_report_counts_lost_in_restart_and_undecided_rows(tmp_path, cf
     # the undecided ones ride to the default fraction; the routed one's air is unconfirmed
     assert s["fractions"]["ndfeb"]["count"] == 1 and s["fractions"]["ndfeb"]["unconfirmed"] == 1
     assert s["mass_balance"]["closes"]
+
+
+def test_a_nearly_full_records_disk_is_an_alarm_before_writes_fail(tmp_path) -> None:
+    store = RecordStore(tmp_path / "r.sqlite", "run", min_free_mb=1e12)  # more than any disk has free
+    store.check_free(now=0.0)
+    assert store.disk_low is not None and "below records.min_free_mb" in store.disk_low
+    names = {c.name for c in line_conditions(make_stats(records_disk_low=store.disk_low))}
+    assert "records_disk_low" in names
+    store.min_free_mb = 1e-6
+    store.check_free(now=0.5)  # not yet: checked at most once a second
+    assert store.disk_low is not None
+    store.check_free(now=1.5)
+    assert store.disk_low is None
+    store.close()
+    never = RecordStore(tmp_path / "n.sqlite", "run", min_free_mb=0)
+    never.check_free(now=10.0)
+    assert never.disk_low is None
+    never.close()

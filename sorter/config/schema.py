@@ -421,6 +421,14 @@ class RecordsConfig(Strict):
             "counted (alarm records_dropped). About 1 kB each: 50 000 is some 15 min of a busy line"
         ),
     )
+    min_free_mb: float = Field(
+        100.0,
+        ge=0,
+        description=(
+            "alarm records_disk_low while the disk holding the records has less free space than this, MB "
+            "(checked about once a second, after a flush): before the disk refuses writes. 0: never"
+        ),
+    )
 
 
 Role = Literal["viewer", "operator", "technician"]

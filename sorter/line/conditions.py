@@ -58,6 +58,15 @@ def line_conditions(stats: LineStats) -> list[Condition]:
                 "takes them, up to records.buffer_max_rows",
             )
         )
+    if stats.records_disk_low is not None:
+        out.append(
+            Condition(
+                "records_disk_low",
+                stats.records_disk_low,
+                "free space on the disk holding the records database before it fills up (rows would then wait "
+                "in memory, up to records.buffer_max_rows)",
+            )
+        )
     if stats.records_dropped:
         out.append(
             Condition(

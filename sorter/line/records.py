@@ -17,6 +17,8 @@ the OOM killer and lose everything it held. Both are alarms (the service raises 
 from __future__ import annotations
 
 import json
+import math
+import os
 import sqlite3
 import threading
 import time
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
     from sorter.core.planner import Plan
 
 DEFAULT_BUFFER_MAX_ROWS = 50_000  # the schema's default too (records.buffer_max_rows)
+DEFAULT_MIN_FREE_MB = 100.0  # the schema's default too (records.min_free_mb)
+FREE_CHECK_S = 1.0  # how often a flush looks at the disk's free space
 
 _PIECES_TABLE = """
 CREATE TABLE IF NOT EXISTS pieces (
@@ -117,7 +121,14 @@ _INSERT = (
 
 
 class RecordStore:
-    def __init__(self, path: Path, run_id: str, *, buffer_max_rows: int = DEFAULT_BUFFER_MAX_ROWS) -> None:
+    def __init__(
+        self,
+        path: Path,
+        run_id: str,
+        *,
+        buffer_max_rows: int = DEFAULT_BUFFER_MAX_ROWS,
+        min_free_mb: float = DEFAULT_MIN_FREE_MB,
+    ) -> None:
         if buffer_max_rows < 1:
             raise ValueError("records.buffer_max_rows must be at least 1")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,6 +137,11 @@ class RecordStore:
         self.buffer_max_rows = buffer_max_rows
         self.rows_dropped = 0  # rows refused because the buffer was full (the disk refused writes too long)
         self.error: str | None = None  # why the last flush failed; None once one succeeds
+        self.min_free_mb = min_free_mb
+        # why the disk is nearly full (None: it is not): a full disk is noticed before SQLite refuses a write,
+        # which in WAL mode can take a while (the log reuses its space until a checkpoint must grow the file)
+        self.disk_low: str | None = None
+        self._free_checked = -math.inf
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -221,7 +237,27 @@ class RecordStore:
     def pending_writes(self) -> int:
         return len(self._inserts) + len(self._updates) + len(self._events)
 
+    def check_free(self, now: float | None = None) -> None:
+        """Update `disk_low` from the free space of the database's disk (at most every FREE_CHECK_S)."""
+        now = time.monotonic() if now is None else now
+        if self.min_free_mb <= 0 or now - self._free_checked < FREE_CHECK_S:
+            return
+        self._free_checked = now
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError as exc:
+            self.disk_low = f"cannot read the free space of {self.path.parent}: {exc}"
+            return
+        free_mb = st.f_bavail * st.f_frsize / 1e6
+        self.disk_low = (
+            f"{free_mb:.1f} MB free on the records disk ({self.path.parent}), below records.min_free_mb "
+            f"{self.min_free_mb:g}"
+            if free_mb < self.min_free_mb
+            else None
+        )
+
     def flush(self) -> None:
+        self.check_free()  # on the writer thread: a disk that hangs must not hold up the service loop
         with self._lock:
             if not self.pending_writes:
                 return

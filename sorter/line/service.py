@@ -493,6 +493,7 @@ class LineService:
             alarms_shown=tuple(self.alarm_board.shown),
             records_error=self.records.error,
             records_dropped=self.records.rows_dropped,
+            records_disk_low=self.records.disk_low,
         )
 
     def _publish(self) -> None:
