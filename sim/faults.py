@@ -456,6 +456,12 @@ def fault_config(cfg: SimLineConfig, run_dir: Path, seed: int, records_on_tmpfs:
     return cfg.model_copy(update=update)
 
 
+def tracking_reach_mm(cfg: SimLineConfig) -> float:
+    """How far past a piece's crossing of the camera line the cameras must have looked before its track is
+    finalised and its row written: half a camera's view, the tracker's settle distance, half a large piece."""
+    return max(c.height * c.mapping.mm_per_px for c in cfg.cameras) / 2 + cfg.tracking.settle_mm + 25.0
+
+
 def window_margin_mm(cfg: SimLineConfig) -> float:
     """How far along the belt a piece may be from the cameras' line and still be in the service's hands
     unrecorded: half a camera's view, the tracker's settle distance, half a large piece, and 0.2 s of belt for
@@ -555,6 +561,7 @@ async def run_fault_demo(
     truth, windows, meta = load_truth(truth_path)
     records = load_pieces(records_path) if records_path.exists() else []
     gaps = load_camera_gaps(records_path) if records_path.exists() else []
+    looked = load_looked(records_path) if records_path.exists() else {}
     late = fed_late_ids(run_dir / "sim.log")
     report = fault_report(
         cfg,
@@ -569,6 +576,7 @@ async def run_fault_demo(
         services,
         gaps,
         late,
+        looked,
     )
     report.update(
         {
@@ -660,6 +668,7 @@ async def _apply(
         await asyncio.sleep(f.duration_s)
         await sim.send(cmd="hallbar", on=True)
     elif f.name == "service-kill":
+        a.detail["incarnation"] = watch.incarnation
         a.t_at = services[-1].kill()
         await services[-1].closed()
         a.detail["exit"] = services[-1].proc.returncode
@@ -699,6 +708,7 @@ def fault_report(
     services: list[ServiceProcess],
     gaps: list[dict[str, Any]],
     fed_late: frozenset[int] = frozenset(),
+    looked: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, Any]:
     cpm = cfg.belt.counts_per_mm
     # piece ids are unique within a run of the service, not across its restarts
@@ -762,7 +772,24 @@ def fault_report(
             recovered = watch.healthy_from(t_restart) if detected is not None else None
             out["restarted_s"] = rel(t_restart)
             if looking is not None:
-                blind.append(_window(f"{f.label}: no service", a.t_at, looking, belt, margin, cpm, [], t_feed))
+                kw = _window(f"{f.label}: no service", a.t_at, looking, belt, margin, cpm, [], t_feed)
+                # where the dead service had durably looked to (committed with its rows): a service that
+                # lagged behind the belt when it died stopped looking earlier than the kill
+                run = next(
+                    (ln.get("run_id") for _, inc, ln in watch.events
+                     if inc == a.detail.get("incarnation") and ln.get("event") == "service starting"),
+                    None,
+                )  # fmt: skip
+                seen_to = (looked or {}).get(str(run), {})
+                if seen_to and truth:
+                    ref = truth[len(truth) // 2]["count"]
+                    start = min(unwrap(c, ref) for c in seen_to.values()) - tracking_reach_mm(cfg) * cpm
+                    if start < kw["_lo"]:
+                        kw["_lo"] = start
+                        kw["belt_from_count"] = round(start)
+                        kw["belt_mm"] = round((kw["_hi"] - start) / cpm, 1)
+                    kw["looked_to_count"] = {cam: unwrap(c, ref) for cam, c in seen_to.items()}
+                blind.append(kw)
         elif f.name == "records-disk-full":
             # noticed by the low-space alarm or by a refused write, whichever first; recovered when every
             # one of them that was raised has cleared after the disk was freed
@@ -906,6 +933,20 @@ def fed_late_ids(sim_log: Path) -> frozenset[int]:
                 with contextlib.suppress(ValueError, KeyError, TypeError):
                     ids.add(int(json.loads(raw)["piece"]))
     return frozenset(ids)
+
+
+def load_looked(path: Path) -> dict[str, dict[str, int]]:
+    """run id -> camera -> count32 of the last frame it looked at, as committed with its rows."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT run_id, camera, count32 FROM looked").fetchall()
+    except sqlite3.OperationalError:  # a database from before the table
+        rows = []
+    db.close()
+    out: dict[str, dict[str, int]] = {}
+    for run, cam, c in rows:
+        out.setdefault(run, {})[cam] = int(c)
+    return out
 
 
 def load_camera_gaps(path: Path) -> list[dict[str, Any]]:

@@ -145,10 +145,10 @@ class FullDisk(RecordStore):
 
     full = True
 
-    def _write(self, ins, upd, ev) -> None:  # type: ignore[no-untyped-def]
+    def _write(self, ins, upd, ev, looked=()) -> None:  # type: ignore[no-untyped-def]
         if self.full:
             raise sqlite3.OperationalError("database or disk is full")
-        super()._write(ins, upd, ev)
+        super()._write(ins, upd, ev, list(looked))
 
 
 def test_a_full_disk_buffers_rows_up_to_the_bound_then_writes_them_in_order(tmp_path, cfg) -> None:
@@ -165,9 +165,14 @@ def test_a_full_disk_buffers_rows_up_to_the_bound_then_writes_them_in_order(tmp_
     stats = make_stats(records_error=store.error, records_pending=store.pending_writes, records_dropped=2)
     names = {c.name for c in line_conditions(stats)}
     assert {"records_disk", "records_dropped"} <= names
+    store.looked_at("cam0", 900)
+    with pytest.raises(sqlite3.OperationalError):
+        store.flush()
+    store.looked_at("cam0", 1000)  # a newer frame while the disk is full: the newer position is written
     store.full = False
     store.flush()
     assert store.error is None and store.pending_writes == 0
+    assert list(store._db.execute("SELECT run_id, camera, count32 FROM looked")) == [("run", "cam0", 1000)]
     store.close()
     rows = load_pieces(db)
     assert [(r["id"], r["outcome"]) for r in rows] == [(1, "no_eject"), (2, "seen"), (3, "seen"), (4, "seen")]

@@ -68,6 +68,11 @@ CREATE INDEX IF NOT EXISTS pieces_run ON pieces(run_id, t_wall);
 CREATE TABLE IF NOT EXISTS events (
     t_wall REAL NOT NULL, run_id TEXT NOT NULL, kind TEXT NOT NULL, detail TEXT
 );
+-- how far along the belt each camera's frames had been looked at, committed with the rows they produced:
+-- after a crash, the belt beyond this (less a piece's passage through the view) is belt nobody recorded
+CREATE TABLE IF NOT EXISTS looked (
+    run_id TEXT NOT NULL, camera TEXT NOT NULL, count32 INTEGER NOT NULL, PRIMARY KEY (run_id, camera)
+);
 """
 )
 
@@ -152,6 +157,7 @@ class RecordStore:
         self._events: list[tuple[Any, ...]] = []
         self._lock = threading.Lock()  # rows are added on the event loop and written on a worker thread
         self._writing = 0  # rows taken by a flush in progress: still in memory, they count against the bound
+        self._looked: dict[str, int] = {}  # camera -> count32 of its latest frame looked at, not yet written
         self.written = 0
 
     def _migrate(self) -> None:
@@ -204,6 +210,11 @@ class RecordStore:
         with self._lock:
             if self._room():
                 self._events.append((time.time(), self.run_id, kind, json.dumps(detail, default=str)))
+
+    def looked_at(self, camera: str, count32: int) -> None:
+        """The latest frame of `camera` the service has looked at (written with the next flush)."""
+        with self._lock:
+            self._looked[camera] = count32
 
     def close_dead_runs(self) -> int:
         """Mark `lost_in_restart` every row an earlier run of the service left open; returns how many.
@@ -259,16 +270,18 @@ class RecordStore:
     def flush(self) -> None:
         self.check_free()  # on the writer thread: a disk that hangs must not hold up the service loop
         with self._lock:
-            if not self.pending_writes:
+            if not self.pending_writes and not self._looked:
                 return
             ins, upd, ev = self._inserts, self._updates, self._events
             self._inserts, self._updates, self._events = [], [], []
+            looked, self._looked = self._looked, {}
             self._writing = len(ins) + len(upd) + len(ev)
         try:
-            self._write(ins, upd, ev)
+            self._write(ins, upd, ev, [(self.run_id, cam, c) for cam, c in looked.items()])
         except sqlite3.Error as exc:
             with self._lock:  # keep them for the next flush: a full or locked disk must not lose records
                 self._inserts[:0], self._updates[:0], self._events[:0] = ins, upd, ev
+                self._looked = looked | self._looked  # newer positions win
                 self._writing = 0
             self.error = str(exc)
             raise
@@ -277,7 +290,13 @@ class RecordStore:
         self.error = None
         self.written += len(ins)
 
-    def _write(self, ins: list[tuple[Any, ...]], upd: list[tuple[Any, ...]], ev: list[tuple[Any, ...]]) -> None:
+    def _write(
+        self,
+        ins: list[tuple[Any, ...]],
+        upd: list[tuple[Any, ...]],
+        ev: list[tuple[Any, ...]],
+        looked: list[tuple[str, str, int]] = [],  # noqa: B006 - never mutated
+    ) -> None:
         with self._db:  # one transaction
             self._db.execute("BEGIN")
             self._db.executemany(_INSERT, ins)
@@ -286,6 +305,7 @@ class RecordStore:
                 upd,
             )
             self._db.executemany("INSERT INTO events VALUES (?,?,?,?)", ev)
+            self._db.executemany("INSERT OR REPLACE INTO looked VALUES (?,?,?)", looked)
 
     def close(self) -> None:
         self.flush()

@@ -247,6 +247,8 @@ class LineService:
             self.records.add_seen(pieces, self.cfg)
             self._flush_soon.set()
             self._pieces.put_nowait(pieces)
+        # after the rows this frame finalised: a flush that writes this position has written them too
+        self.records.looked_at(name, wrap32(count))
 
     # --- pieces -> decisions -> commands ---
     def _classify(self, pieces: list[Piece]) -> tuple[list[np.ndarray | None], Classifier]:
