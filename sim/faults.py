@@ -856,8 +856,8 @@ def fault_report(
         "pieces_fed": fed,
         "pieces_accounted": accounted,
         "pieces_unseen": len(unseen),
-        # accounted without a record of their own: seen in one blob with a touching neighbour, or cut into
-        # fragments (README, known gaps: segmentation), so their pixels are in the records
+        # accounted without a matched record: seen in one blob with a touching neighbour, cut into fragments
+        # (README, known gaps: segmentation), or recorded off by more than the match tolerance
         "pieces_in_another_record": dict(sorted(in_other.items())),
         "pieces_lost": len(lost),
         "lost_piece_ids": lost[:50],
@@ -895,8 +895,9 @@ def seen_in_other_records(
     """Pieces without a record of their own whose pixels are in the records anyway: id -> why.
 
     Touching pieces are sometimes one blob (README, known gaps): the record of the blob covers both. A
-    non-convex piece is sometimes cut in two: two records, neither near its centre. Either way the service
-    saw the piece and recorded where it went; it is accounted, not unseen.
+    non-convex piece is sometimes cut in two: two records, neither near its centre. A piece seen only in
+    part has a record over it placed further off than the match tolerance (sim/report.py MATCH_MM), which
+    no other piece took. Either way the service saw the piece and recorded where it went: accounted.
     """
     ref = truth[len(truth) // 2]["count"] if truth else 0
 
@@ -908,6 +909,7 @@ def seen_in_other_records(
         return a[0] - tol <= b[1] and b[0] - tol <= a[1] and a[2] - tol <= b[3] and b[2] - tol <= a[3]
 
     used = {r["id"] for r in matched.values()}
+    taken: set[int] = set()  # unmatched records given to a piece here: one piece each
     rboxes = [(r, box(r, unwrap(int(r["count32"]), ref))) for r in records]
     tboxes = {t["id"]: box(t, t["count"]) for t in truth}
     out: dict[int, str] = {}
@@ -917,10 +919,14 @@ def seen_in_other_records(
         b = tboxes[t["id"]]
         over = [r for r, rb in rboxes if near(b, rb, 0.0)]
         touching = [i for i, nb in tboxes.items() if i != t["id"] and near(b, nb, TOUCH_MM)]
+        free = [r for r in over if r["id"] not in used and r["id"] not in taken]
         if over and touching:
             out[t["id"]] = f"in one blob with touching piece(s) {touching}"
-        elif len([r for r in over if r["id"] not in used]) >= 2:
+        elif len(free) >= 2:
             out[t["id"]] = "cut into fragments"
+        elif len(free) == 1:  # its own record, placed further off than the match tolerance (partial views)
+            taken.add(free[0]["id"])
+            out[t["id"]] = "its record is more than the match tolerance off"
     return out
 
 

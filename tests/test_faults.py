@@ -343,6 +343,9 @@ def test_a_piece_in_a_touching_neighbours_record_is_accounted_not_unseen() -> No
     seen = seen_in_other_records(truth, [blob], {1: blob}, 20.0)
     assert set(seen) == {2} and "touching piece(s) [1]" in seen[2]
     assert seen_in_other_records(truth, [], {}, 20.0) == {}  # no record over them: nothing to explain
+    off = row(11, 2009, 300, 320, 20)  # piece 3's record, 9 mm off along the belt: unmatched, over it
+    seen = seen_in_other_records(truth, [blob, off], {1: blob}, 20.0)
+    assert set(seen) == {2, 3} and "more than the match tolerance" in seen[3]
 
 
 def test_the_shift_report_counts_lost_in_restart_and_undecided_rows(tmp_path, cfg) -> None:
