@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -558,33 +559,70 @@ async def run_fault_demo(
         if disk is not None:
             disk.unmount(run_dir / "records.sqlite")
             records_path = run_dir / "records.sqlite"
-    truth, windows, meta = load_truth(truth_path)
+    observations = {
+        "t_feed": t_feed,
+        "t_feed_end": t_feed_end,
+        "seed": seed,
+        "records": str(records_path),
+        "sim_status": sim.status,
+        "applied": [
+            {"fault": dataclasses.asdict(a.fault), "t_at": a.t_at, "t_end": a.t_end, "detail": a.detail}
+            for a in applied
+        ],
+        "cameras": list(names),
+        "events": watch.events,
+        "timeline": watch.timeline,
+        "belt": belt.samples,
+        "service_starts": len(services),
+        "line_at_end": final,
+        "load_avg": list(os.getloadavg()),
+    }
+    # what the run saw, so that its report can be built again (rebuild_report) without running it again
+    (run_dir / "observations.json").write_text(json.dumps(observations))
+    return rebuild_report(run_dir)
+
+
+def rebuild_report(run_dir: Path) -> dict[str, Any]:
+    """The report of a fault run from its folder (config, truth, records, observations.json); writes report.json.
+
+    `python -m sim.faults RUN_DIR` does the same from the shell.
+    """
+    from sim.config import load_sim_config
+
+    obs = json.loads((run_dir / "observations.json").read_text())
+    cfg = load_sim_config(run_dir / "config.yaml")
+    records_path = Path(obs["records"])
+    truth, windows, meta = load_truth(run_dir / "truth.sqlite")
     records = load_pieces(records_path) if records_path.exists() else []
     gaps = load_camera_gaps(records_path) if records_path.exists() else []
     looked = load_looked(records_path) if records_path.exists() else {}
-    late = fed_late_ids(run_dir / "sim.log")
+    watch = LineWatch(tuple(obs["cameras"]))
+    watch.events = [(t, inc, ln) for t, inc, ln in obs["events"]]
+    watch.timeline = [(t, ok) for t, ok in obs["timeline"]]
+    belt = BeltTrack([(t, c) for t, c in obs["belt"]])
+    applied = [Applied(Fault(**a["fault"]), a["t_at"], a["t_end"], a["detail"]) for a in obs["applied"]]
     report = fault_report(
         cfg,
         truth,
         windows,
         records,
-        sim.status or meta.get("status", {}),
+        obs["sim_status"] or meta.get("status", {}),
         applied,
         watch,
         belt,
-        t_feed,
-        services,
+        obs["t_feed"],
+        obs["service_starts"],
         gaps,
-        late,
+        fed_late_ids(run_dir / "sim.log"),
         looked,
     )
     report.update(
         {
-            "duration_s": round(t_feed_end - t_feed, 2),
-            "seed": seed,
+            "duration_s": round(obs["t_feed_end"] - obs["t_feed"], 2),
+            "seed": obs["seed"],
             "run_dir": str(run_dir),
-            "line_at_end": final,
-            "load_avg": list(os.getloadavg()),
+            "line_at_end": obs["line_at_end"],
+            "load_avg": obs["load_avg"],
         }
     )
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
@@ -705,7 +743,7 @@ def fault_report(
     watch: LineWatch,
     belt: BeltTrack,
     t_feed: float,
-    services: list[ServiceProcess],
+    service_starts: int,
     gaps: list[dict[str, Any]],
     fed_late: frozenset[int] = frozenset(),
     looked: dict[str, dict[str, int]] | None = None,
@@ -869,7 +907,7 @@ def fault_report(
         "frames_not_looked_at": skipped.summary(cpm),
         "window_margin_mm": round(margin / cpm, 1),
         "fail_safe_ms": round(max(fail_safe), 1) if fail_safe else None,
-        "service_starts": len(services),
+        "service_starts": service_starts,
         "records": len(keyed),
         "records_by_run": _by_run(keyed),
         "outcomes": dict(sorted(outcomes.items())),
@@ -1105,3 +1143,9 @@ def _by_run(records: list[dict[str, Any]]) -> dict[str, int]:
     for r in records:
         out[r["run_id"]] = out.get(r["run_id"], 0) + 1
     return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or not (Path(sys.argv[1]) / "observations.json").is_file():
+        raise SystemExit("usage: python -m sim.faults RUN_DIR  (the folder of a fault run, with observations.json)")
+    print(json.dumps(rebuild_report(Path(sys.argv[1])), indent=2))
