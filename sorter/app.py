@@ -154,7 +154,13 @@ def build_line(
     }
     parts = LineParts(
         classifier=classifier,
-        records=RecordStore(cfg.records.path, run_id, wall=tb.wall),
+        records=RecordStore(
+            cfg.records.path,
+            run_id,
+            wall=tb.wall,
+            buffer_max_rows=cfg.records.buffer_max_rows,
+            min_free_mb=cfg.records.min_free_mb,
+        ),
         clock=clock,
         plc=plc,
         geoms=geoms,
