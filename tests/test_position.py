@@ -382,3 +382,18 @@ def test_the_service_refuses_to_start_with_a_camera_too_imprecise() -> None:
     text = str(err.value)
     assert text.startswith("cameras too imprecise for the eject margins")
     assert "cameras[0].source: camera `cam0`: position method `arrival`" in text and "±62.5 mm" in text
+
+
+def test_zero_margins_refuse_timed_cameras_but_never_encoder_placed_ones() -> None:
+    # calibrate_eject runs with zero eject margins: encoder-placed frames must still be accepted, since
+    # nothing places a frame better than the encoder that the valves fire by
+    from sim.config import load_sim_config
+
+    cfg = load_sim_config(Path(__file__).resolve().parents[1] / "config" / "sim.yaml")
+    zero = cfg.ejection.model_copy(update={"margin_lead_mm": 0.0, "margin_trail_mm": 0.0})
+    cfg = cfg.model_copy(update={"ejection": zero})
+    assert method_of(cfg.cameras[0]) == "latched" and position_errors(cfg) is None
+    assert all(r["ok"] for r in position_report(cfg))
+    rtsp = cfg.cameras[0].model_copy(update={"source": OpenCVSource(type="opencv", uri="rtsp://10.0.0.9/s")})
+    timed = cfg.model_copy(update={"cameras": [rtsp, *cfg.cameras[1:]]})
+    assert "`arrival`" in (position_errors(timed) or "")
