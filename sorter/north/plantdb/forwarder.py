@@ -1,0 +1,393 @@
+"""Ships the line's journal (its SQLite records, sorter/line/records.py) to the plant's PostgreSQL.
+
+The SQLite file stays the line's journal: the line sorts and records with no network at all. A thread
+`plantdb` reads the journal's rows in rowid order after a watermark and writes them to the central
+database in batches, one transaction per batch holding both the rows and the new watermark, so:
+
+- at-least-once: the watermark moves only with the rows it covers; after an outage or a restart the
+  forwarder resumes from the watermark stored in the central database;
+- idempotent: rows are upserted on (line, run, piece id) - a batch sent twice (a lost commit answer, a
+  watermark reset) changes nothing;
+- a piece row is written when decided and updated once its eject command's fate is known (outcome
+  `pending` until then, a few hundred ms). The forwarder stops at the first row of the running service
+  still pending, for at most `pending_grace_s`, so a row leaves the line in its final state. A row
+  forwarded pending after the grace keeps that outcome centrally (the journal keeps no change log to
+  send the update later): counted in `forwarded_pending` and logged. Rows of earlier runs never hold it
+  back: their service is gone, and with it any update to come.
+
+The lag (age of the oldest row not yet shipped, rows waiting) is a Prometheus metric and the alarm
+`plant_db_lag` past `lag_alarm_s`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from sorter.config import PlantDbConfig
+from sorter.core.alarms import Condition
+from sorter.line.records import PIECE_COLUMNS
+from sorter.north.plantdb.migrate import PlantDbError, migrate
+
+PENDING = "pending"
+_JSON = ("probs", "image_probs")
+_PG_COLUMNS = ["line", "run_id", "piece_id", *(("field_mt" if c == "field_mT" else c) for c in PIECE_COLUMNS[1:])]
+_UPDATED = ("outcome", "seq", "t_accepted", "latency_ms")  # what the journal changes after the insert
+_UPSERT_PIECES = (
+    f"INSERT INTO plant.pieces ({', '.join(_PG_COLUMNS)}) VALUES ({', '.join(['%s'] * len(_PG_COLUMNS))}) "
+    "ON CONFLICT (line, run_id, piece_id, t_wall) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in _UPDATED)
+    + ", forwarded_at = now()"
+)
+_UPSERT_EVENTS = (
+    "INSERT INTO plant.events (line, run_id, event_no, t_wall, kind, detail) VALUES (%s, %s, %s, %s, %s, %s) "
+    "ON CONFLICT (line, run_id, event_no, t_wall) DO NOTHING"
+)
+_WATERMARK = (
+    "INSERT INTO plant.forwarder_watermarks (line, source, last_rowid, last_key) VALUES (%s, %s, %s, %s) "
+    "ON CONFLICT (line, source) DO UPDATE SET last_rowid = EXCLUDED.last_rowid, last_key = EXCLUDED.last_key, "
+    "updated_at = now()"
+)
+
+
+@dataclass
+class Batch:
+    rows: list[dict[str, Any]]  # with `rowid`
+    blocked: bool  # stopped at a pending row of the running service
+
+
+def _ts(t: float) -> datetime:
+    return datetime.fromtimestamp(t, UTC)
+
+
+def piece_key(row: dict[str, Any]) -> str:
+    return f"{row['run_id']}/{row['id']}"
+
+
+def event_key(row: dict[str, Any]) -> str:
+    return f"{row['run_id']}/{row['t_wall']!r}/{row['kind']}"
+
+
+class Journal:
+    """Read-only access to the line's SQLite journal (its own connection, on the forwarder's thread)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = sqlite3.connect(path, check_same_thread=False, timeout=2.0)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA query_only = 1")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def pieces_after(self, rowid: int, limit: int, *, run_id: str | None, now: float, grace_s: float) -> Batch:
+        """Up to `limit` piece rows after `rowid`, stopping before a row `run_id` may still change."""
+        rows = [
+            dict(r)
+            for r in self._db.execute(
+                "SELECT rowid AS rowid, * FROM pieces WHERE rowid > ? ORDER BY rowid LIMIT ?", (rowid, limit)
+            )
+        ]
+        for i, r in enumerate(rows):
+            if r["outcome"] == PENDING and r["run_id"] == run_id and now - r["t_wall"] < grace_s:
+                return Batch(rows[:i], True)
+        return Batch(rows, False)
+
+    def events_after(self, rowid: int, limit: int) -> list[dict[str, Any]]:
+        return [
+            dict(r)
+            for r in self._db.execute(
+                "SELECT rowid AS rowid, * FROM events WHERE rowid > ? ORDER BY rowid LIMIT ?", (rowid, limit)
+            )
+        ]
+
+    def key_at(self, table: str, rowid: int) -> str | None:
+        """The identity of the row at `rowid` (None: no such row), to check a stored watermark."""
+        cols = "run_id, id" if table == "pieces" else "run_id, t_wall, kind"
+        r = self._db.execute(f"SELECT {cols} FROM {table} WHERE rowid = ?", (rowid,)).fetchone()
+        if r is None:
+            return None
+        return piece_key(dict(r)) if table == "pieces" else event_key(dict(r))
+
+    def backlog(self, rowid: int) -> tuple[int, float | None]:
+        """(piece rows after `rowid`, t_wall of the first of them)."""
+        n, t = self._db.execute("SELECT count(*), min(t_wall) FROM pieces WHERE rowid > ?", (rowid,)).fetchone()
+        return int(n), t
+
+    def count_pieces(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM pieces").fetchone()[0])
+
+
+def piece_values(line: str, r: dict[str, Any]) -> tuple[Any, ...]:
+    vals: list[Any] = [line, r["run_id"], r["id"]]
+    for c in PIECE_COLUMNS[1:]:
+        v = r[c]
+        if c == "t_wall":
+            v = _ts(v)
+        elif c in _JSON and v is not None:
+            v = psycopg.types.json.Jsonb(json.loads(v))
+        vals.append(v)
+    return tuple(vals)
+
+
+class RecordForwarder:
+    """A companion of the line (start, condition) and a closer (`close`: the final drain, then the end)."""
+
+    name = "plant_db"
+
+    def __init__(
+        self,
+        cfg: PlantDbConfig,
+        line: str,
+        journal: Path,
+        *,
+        run_id: str | None,
+        log: Any,
+        connect: Callable[..., Any] = psycopg.connect,
+    ) -> None:
+        self.cfg = cfg
+        self.line = line
+        self.journal_path = journal
+        self.run_id = run_id  # the running service's: its pending rows may still change
+        self.log = log
+        self._connect_fn = connect
+        self._conn: Any = None
+        self._journal: Journal | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._days: set[str] = set()
+        self.watermark = {"pieces": 0, "events": 0}
+        self.forwarded = 0  # piece rows written (each batch's, re-sends included)
+        self.forwarded_events = 0
+        self.forwarded_pending = 0
+        self.lag_rows = 0
+        self.lag_s = 0.0
+        self.error: str | None = None
+        self.online = False
+        self._events_left = True
+        self._gen = 0  # bumped by close(): a round that starts after it sees the service gone
+        self._done_gen = -1  # the last generation whose round found nothing left to ship
+        self._drained = threading.Condition()
+
+    # --- companion ---
+    async def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="plantdb", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Nothing yet: the service writes its last rows after its companions stop; `close` ships them."""
+
+    def close(self) -> None:
+        """After the journal's last write (a closer of the service): ship what is left, at most final_drain_s."""
+        with self._drained:
+            self.run_id = None  # the service is gone: no row will change any more
+            self._gen += 1
+            gen = self._gen
+        self._wake.set()
+        if self._thread is not None and self._thread.is_alive():
+            with self._drained:
+                done = self._drained.wait_for(lambda: self._done_gen >= gen, self.cfg.final_drain_s)
+            if not done:
+                self.log.warning(
+                    "plant database: rows left in the journal, forwarded at the next start",
+                    rows=self.lag_rows,
+                    error=self.error,
+                )
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(10.0)
+
+    def condition(self) -> Condition | None:
+        if self.lag_s > self.cfg.lag_alarm_s:
+            return Condition(
+                "plant_db_lag",
+                f"{self.lag_rows} records not yet in the plant database, the oldest {self.lag_s:.0f} s old"
+                + (f" ({self.error})" if self.error else ""),
+                "check the plant database and the network to it; the records are kept in the line's journal",
+            )
+        return None
+
+    # --- the thread ---
+    def _run(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            gen = self._gen
+            try:
+                if self._conn is None:
+                    self._open()
+                    backoff = 0.5
+                more = self.sync_once()
+            except (psycopg.Error, PlantDbError, OSError) as exc:
+                self._lost(exc)
+                self._update_lag()
+                self._wake.wait(backoff)
+                self._wake.clear()
+                backoff = min(backoff * 2, self.cfg.reconnect_max_s)
+                continue
+            except sqlite3.Error as exc:  # the journal locked or gone for a moment: the next round retries
+                self.error = f"journal {self.journal_path}: {exc}"
+                self.log.warning("plant database: cannot read the journal", error=str(exc))
+                more = False
+            if not more:
+                if self.lag_rows == 0 and not self._events_left:
+                    with self._drained:
+                        self._done_gen = gen
+                        self._drained.notify_all()
+                self._wake.wait(self.cfg.interval_s)
+                self._wake.clear()
+        self._close_conn()
+        if self._journal is not None:
+            self._journal.close()
+
+    def _open(self) -> None:
+        try:
+            conn = self._connect_fn(self.cfg.url, connect_timeout=self.cfg.connect_timeout_s, autocommit=True)
+        except psycopg.Error as exc:
+            raise PlantDbError(f"cannot connect to the plant database: {_one_line(exc)}") from None
+        try:
+            applied = migrate(conn)
+            if applied:
+                self.log.info("plant database schema migrated", versions=applied)
+            if self._journal is None:
+                self._journal = Journal(self.journal_path)
+            self._load_watermarks(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        if not self.online:
+            self.log.info("plant database connected", watermark=self.watermark)
+        self.online = True
+        self.error = None
+
+    def _load_watermarks(self, conn: Any) -> None:
+        assert self._journal is not None
+        for source in ("pieces", "events"):
+            row = conn.execute(
+                "SELECT last_rowid, last_key FROM plant.forwarder_watermarks WHERE line = %s AND source = %s",
+                (self.line, source),
+            ).fetchone()
+            rowid, key = (int(row[0]), row[1]) if row else (0, "")
+            if rowid and self._journal.key_at(source, rowid) != key:
+                # another journal than the one the watermark was made with (a new disk, a restored file):
+                # ship it all again; the upserts make the rows already there cost nothing
+                self.log.warning(
+                    "plant database: the journal changed under the watermark; sending it whole", source=source
+                )
+                rowid = 0
+            self.watermark[source] = rowid
+
+    def _lost(self, exc: BaseException) -> None:
+        msg = _one_line(exc)
+        if self.online or self.error != msg:
+            self.log.warning("plant database unreachable: the journal keeps the records", error=msg)
+        self.error = msg
+        self.online = False
+        self._close_conn()
+
+    def _close_conn(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except psycopg.Error:
+                pass
+            self._conn = None
+
+    def sync_once(self) -> bool:
+        """Ship one batch of pieces and one of events; True if there may be more right away."""
+        assert self._journal is not None and self._conn is not None
+        batch = self._journal.pieces_after(
+            self.watermark["pieces"],
+            self.cfg.batch_rows,
+            run_id=self.run_id,
+            now=time.time(),
+            grace_s=self.cfg.pending_grace_s,
+        )
+        events = self._journal.events_after(self.watermark["events"], self.cfg.batch_rows)
+        self._events_left = len(events) == self.cfg.batch_rows
+        if batch.rows or events:
+            self._ensure_partitions([r["t_wall"] for r in batch.rows] + [e["t_wall"] for e in events])
+            with self._conn.transaction(), self._conn.cursor() as cur:
+                if batch.rows:
+                    cur.executemany(_UPSERT_PIECES, [piece_values(self.line, r) for r in batch.rows])
+                    last = batch.rows[-1]
+                    cur.execute(_WATERMARK, (self.line, "pieces", last["rowid"], piece_key(last)))
+                if events:
+                    cur.executemany(
+                        _UPSERT_EVENTS,
+                        [
+                            (self.line, e["run_id"], e["rowid"], _ts(e["t_wall"]), e["kind"], e["detail"])
+                            for e in events
+                        ],
+                    )
+                    cur.execute(_WATERMARK, (self.line, "events", events[-1]["rowid"], event_key(events[-1])))
+            # committed: only now does the watermark move
+            if batch.rows:
+                self.watermark["pieces"] = batch.rows[-1]["rowid"]
+                self.forwarded += len(batch.rows)
+                pend = sum(1 for r in batch.rows if r["outcome"] == PENDING)
+                if pend:
+                    self.forwarded_pending += pend
+                    self.log.warning("plant database: pieces forwarded with their outcome still pending", n=pend)
+            if events:
+                self.watermark["events"] = events[-1]["rowid"]
+                self.forwarded_events += len(events)
+        self._update_lag()
+        return len(batch.rows) == self.cfg.batch_rows or len(events) == self.cfg.batch_rows
+
+    def _ensure_partitions(self, times: list[float]) -> None:
+        days = {_ts(t).strftime("%Y-%m-%d"): t for t in times}
+        new = [t for d, t in days.items() if d not in self._days]
+        if new:
+            self._conn.execute("SELECT plant.ensure_day_partitions(%s, %s)", (_ts(min(new)), _ts(max(new))))
+            self._days.update(days)
+
+    def _update_lag(self) -> None:
+        if self._journal is None:
+            return
+        try:
+            n, t_first = self._journal.backlog(self.watermark["pieces"])
+        except sqlite3.Error:
+            return
+        self.lag_rows = n
+        self.lag_s = max(0.0, time.time() - t_first) if t_first is not None else 0.0
+
+    # --- Prometheus ---
+    def collector(self) -> Collector:
+        return _ForwarderCollector(self)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class _ForwarderCollector(Collector):
+    def __init__(self, fwd: RecordForwarder) -> None:
+        self.fwd = fwd
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        f = self.fwd
+        yield GaugeMetricFamily(
+            "sorter_plantdb_lag_seconds", "age of the oldest piece record not yet in the plant database", f.lag_s
+        )
+        yield GaugeMetricFamily("sorter_plantdb_lag_rows", "piece records not yet in the plant database", f.lag_rows)
+        yield GaugeMetricFamily("sorter_plantdb_online", "1 while connected to the plant database", f.online)
+        yield CounterMetricFamily(
+            "sorter_plantdb_forwarded_rows", "piece records written to the plant database", f.forwarded
+        )
