@@ -66,6 +66,8 @@ class Broker:
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         conf = [f"listener {self.port} 127.0.0.1", "persistence false", "log_dest stderr", "log_type error"]
+        if os.geteuid() == 0:  # stay root: the default drops to user `mosquitto`, who cannot read a 0700 folder
+            conf.append("user root")
         if users:
             pw = self.dir / "passwd"
             pw.write_text("")
@@ -127,18 +129,50 @@ class Postgres:
             shutil.chown(self.sock, self.user)
             self.dir.chmod(0o755)
         self._run(
-            str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-            "--no-sync", "--locale=C",
+            str(PG_BIN / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--locale=C",
         )
         self.start()
         for sql in (f"CREATE ROLE {self.role} LOGIN", f"CREATE DATABASE plant OWNER {self.role}"):
-            self._run(str(PG_BIN / "psql"), "-h", str(self.sock), "-p", str(self.port), "-U", "postgres",
-                      "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-c", sql)
+            self._run(
+                str(PG_BIN / "psql"),
+                "-h",
+                str(self.sock),
+                "-p",
+                str(self.port),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            )
 
     def start(self) -> None:
         opts = f"-p {self.port} -k {self.sock} -c listen_addresses=127.0.0.1 -c fsync=off -c shared_buffers=16MB"
-        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "pg.log"), "-o", opts,
-                  "-w", "-t", "30", "start")
+        self._run(
+            str(PG_BIN / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.dir / "pg.log"),
+            "-o",
+            opts,
+            "-w",
+            "-t",
+            "30",
+            "start",
+        )
 
     def stop(self, mode: str = "fast") -> None:
         if (self.data / "postmaster.pid").exists():

@@ -543,7 +543,7 @@ class SparkplugConfig(Strict):
     reconnect_max_s: float = Field(5.0, gt=0, description="the wait doubles up to this")
     buffer_max: int = Field(
         20000,
-        ge=10,
+        ge=1,
         description="store-and-forward: NDATA messages kept while the broker is away (5 a second at most); when "
         "full the oldest are dropped and the alarm `sparkplug_buffer_full` is raised",
     )

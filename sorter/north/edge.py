@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -297,6 +297,7 @@ class EdgeNode:
         changes = {k: v for k, v in values.items() if self._last.get(k) != v}
         if not changes:
             return
+        first = not self._last  # the initial values: what the first NBIRTH says, not a change to keep
         self._last.update(changes)
         # when the line built these stats, as wall time (LineStats.t is the monotonic clock)
         ts = int((self._wall() - max(0.0, time.monotonic() - stats.t)) * 1000)
@@ -304,10 +305,10 @@ class EdgeNode:
         # carried the current values, and history is told apart by its flag and timestamps
         if self.born and self._session.connected:
             self._send_ndata(metric_map(changes), ts, historical=False)
-        else:
+        elif not first:
             self.buffer.add(ts, changes)
 
-    def _send_ndata(self, metrics: list[tuple[str, MetricValue, int | None]], ts: int, *, historical: bool) -> Any:
+    def _send_ndata(self, metrics: Sequence[tuple[str, MetricValue, int | None]], ts: int, *, historical: bool) -> Any:
         payload = encode(metrics, timestamp_ms=ts, seq=self._next_seq(), historical=historical)
         info = self._session.publish(topic(self.group, "NDATA", self.node), payload)
         self.sent["NDATA"] += 1

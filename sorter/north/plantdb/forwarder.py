@@ -21,6 +21,7 @@ The lag (age of the oldest row not yet shipped, rows waiting) is a Prometheus me
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -34,6 +35,7 @@ from typing import Any
 import psycopg
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from psycopg.types.json import Jsonb
 
 from sorter.config import PlantDbConfig
 from sorter.core.alarms import Condition
@@ -136,7 +138,7 @@ def piece_values(line: str, r: dict[str, Any]) -> tuple[Any, ...]:
         if c == "t_wall":
             v = _ts(v)
         elif c in _JSON and v is not None:
-            v = psycopg.types.json.Jsonb(json.loads(v))
+            v = Jsonb(json.loads(v))
         vals.append(v)
     return tuple(vals)
 
@@ -300,10 +302,8 @@ class RecordForwarder:
 
     def _close_conn(self) -> None:
         if self._conn is not None:
-            try:
+            with contextlib.suppress(psycopg.Error):
                 self._conn.close()
-            except psycopg.Error:
-                pass
             self._conn = None
 
     def sync_once(self) -> bool:
