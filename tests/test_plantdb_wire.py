@@ -1,0 +1,168 @@
+"""The journal forwarder against a real PostgreSQL on loopback: migrations, partitions, batches,
+idempotence, resume from the watermark after an outage and a restart, the lag and its alarm."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import structlog
+
+from sim.plantenv import Postgres, postgres_missing
+from sorter.config import PlantDbConfig
+from sorter.line.records import RecordStore
+from sorter.north.plantdb.forwarder import RecordForwarder
+from sorter.north.plantdb.migrate import migrate, migrations
+from tests.conftest import wait_until_blocking
+
+pytestmark = pytest.mark.wire
+
+
+@pytest.fixture(scope="module")
+def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
+    if (why := postgres_missing()) is not None:
+        from tests.conftest import skip_or_fail_in_ci
+
+        skip_or_fail_in_ci(why)
+    db = Postgres(tmp_path_factory.mktemp("pg"))
+    db.init()
+    yield db
+    db.cleanup()
+
+
+def rows(pg: Postgres, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(pg.url) as c:
+        return c.execute(sql, args).fetchall()
+
+
+def add(store: RecordStore, ids: range, *, outcome: str = "accepted", t: float | None = None) -> None:
+    for i in ids:
+        store.add_piece(
+            {
+                "id": i,
+                "t_wall": time.time() if t is None else t,
+                "t_capture": 1.0,
+                "count": i * 10,
+                "count32": i * 10,
+                "fraction": "ndfeb",
+                "outcome": outcome,
+                "probs": {"ndfeb": 0.95, "steel": 0.05},
+                "cls": "ndfeb",
+                "confidence": 0.95,
+                "field_mT": 12.5,
+            }
+        )
+    store.flush()
+
+
+def forwarder(pg: Postgres, journal: Path, line: str, run_id: str | None, **kw: Any) -> RecordForwarder:
+    cfg = PlantDbConfig(url=pg.url, interval_s=0.05, reconnect_max_s=0.3, **kw)
+    return RecordForwarder(cfg, line, journal, run_id=run_id, log=structlog.get_logger())
+
+
+def test_migrations_apply_once_and_tables_are_partitioned_by_day(pg: Postgres) -> None:
+    with psycopg.connect(pg.url, autocommit=True) as c:
+        first = migrate(c)
+        again = migrate(c)
+    assert again == [] and set(first) <= {m.version for m in migrations()}
+    assert rows(pg, "SELECT max(version) FROM plant.schema_migrations")[0][0] == len(migrations())
+    kinds = dict(rows(pg, "SELECT relname, relkind::text FROM pg_class WHERE relname IN ('pieces', 'events')"))
+    assert kinds == {"pieces": "p", "events": "p"}  # declaratively partitioned
+
+
+def test_batches_resume_and_idempotence(pg: Postgres, tmp_path: Path) -> None:
+    journal = tmp_path / "records.sqlite"
+    store = RecordStore(journal, "run-a")
+    day1 = time.mktime((2026, 3, 1, 23, 59, 0, 0, 0, -1))
+    add(store, range(0, 5), t=day1)  # rows of two days land in two partitions
+    add(store, range(5, 1205))
+    store.event("start", model="m-1")
+    store.flush()
+    fwd = forwarder(pg, journal, "L-resume", run_id=None, batch_rows=100)
+    asyncio.run(fwd.start())
+    wait_until_blocking(lambda: fwd.lag_rows == 0 and fwd.forwarded == 1205, 20, "first pass")
+    assert fwd.forwarded_events == 1
+    fwd.close()
+    assert rows(pg, "SELECT count(*), count(DISTINCT piece_id) FROM plant.pieces WHERE line='L-resume'")[0] == (
+        1205,
+        1205,
+    )
+    parts = {r[0] for r in rows(pg, "SELECT tableoid::regclass::text FROM plant.pieces WHERE line='L-resume'")}
+    assert len(parts) == 2, parts
+    row = rows(
+        pg,
+        "SELECT probs, field_mt, outcome, extract(epoch FROM t_wall) FROM plant.pieces "
+        "WHERE line='L-resume' AND piece_id=0",
+    )[0]
+    assert row[0] == {"ndfeb": 0.95, "steel": 0.05} and row[1] == 12.5 and row[2] == "accepted"
+    assert float(row[3]) == pytest.approx(day1, abs=1e-5)
+
+    # a new forwarder (a restart) resumes at the stored watermark: only the new rows go
+    add(store, range(1205, 1210))
+    fwd2 = forwarder(pg, journal, "L-resume", run_id=None)
+    asyncio.run(fwd2.start())
+    wait_until_blocking(lambda: fwd2.forwarded == 5 and fwd2.lag_rows == 0, 10, "resume")
+    fwd2.close()
+    assert fwd2.watermark["pieces"] == 1210
+
+    # the watermark lost (a restore of the database): everything is sent again, nothing doubles
+    rows(pg, "DELETE FROM plant.forwarder_watermarks WHERE line='L-resume' RETURNING line")
+    fwd3 = forwarder(pg, journal, "L-resume", run_id=None, batch_rows=1000)
+    asyncio.run(fwd3.start())
+    wait_until_blocking(lambda: fwd3.forwarded == 1210, 20, "full resend")
+    fwd3.close()
+    assert rows(pg, "SELECT count(*) FROM plant.pieces WHERE line='L-resume'")[0][0] == 1210
+    assert rows(pg, "SELECT count(*) FROM plant.events WHERE line='L-resume'")[0][0] == 1
+    store.close()
+
+
+def test_pending_rows_wait_for_their_outcome(pg: Postgres, tmp_path: Path) -> None:
+    journal = tmp_path / "records.sqlite"
+    store = RecordStore(journal, "run-p")
+    add(store, range(0, 3))
+    add(store, range(3, 4), outcome="pending")
+    add(store, range(4, 6))
+    fwd = forwarder(pg, journal, "L-pending", run_id="run-p")
+    asyncio.run(fwd.start())
+    wait_until_blocking(lambda: fwd.forwarded == 3, 10, "rows before the pending one")
+    time.sleep(0.3)
+    assert fwd.forwarded == 3 and fwd.lag_rows == 3  # held back: piece 3 is about to change
+    store.update_outcome(3, "accepted", 7, 1.0, 80.0)
+    store.flush()
+    wait_until_blocking(lambda: fwd.forwarded == 6, 10, "the rest once decided")
+    fwd.close()
+    got = dict(rows(pg, "SELECT piece_id, outcome FROM plant.pieces WHERE line='L-pending'"))
+    assert got == {i: "accepted" for i in range(6)}
+    store.close()
+
+
+def test_outage_lag_alarm_and_catch_up(pg: Postgres, tmp_path: Path) -> None:
+    journal = tmp_path / "records.sqlite"
+    store = RecordStore(journal, "run-o")
+    add(store, range(0, 10))
+    fwd = forwarder(pg, journal, "L-outage", run_id="run-o", lag_alarm_s=0.5)
+    asyncio.run(fwd.start())
+    wait_until_blocking(lambda: fwd.forwarded == 10, 10, "before the outage")
+    pg.stop()
+    try:
+        add(store, range(10, 50))
+        wait_until_blocking(lambda: not fwd.online, 10, "the outage noticed")
+        wait_until_blocking(lambda: fwd.condition() is not None, 10, "lag alarm")
+        cond = fwd.condition()
+        assert cond is not None and cond.name == "plant_db_lag" and "40 records" in cond.cause
+    finally:
+        pg.start()
+    wait_until_blocking(lambda: fwd.forwarded == 50 and fwd.lag_rows == 0, 15, "caught up")
+    assert fwd.condition() is None
+    add(store, range(50, 52))
+    store.close()
+    fwd.close()  # the final drain ships what the journal got last
+    assert rows(pg, "SELECT count(*), count(DISTINCT piece_id) FROM plant.pieces WHERE line='L-outage'")[0] == (
+        52,
+        52,
+    )
