@@ -166,3 +166,61 @@ def test_outage_lag_alarm_and_catch_up(pg: Postgres, tmp_path: Path) -> None:
         52,
         52,
     )
+
+
+def test_plant_report_equals_each_lines_own_report(pg: Postgres, tmp_path: Path) -> None:
+    from sorter.config import load_config
+    from sorter.reports.plant import make_plant_report
+    from sorter.reports.shift import summarise_records
+
+    cfg = load_config(Path(__file__).parent.parent / "config" / "sim.yaml")
+    t0 = time.time() - 100
+    journals = {}
+    for k, line in enumerate(("R-1", "R-2")):
+        journal = journals[line] = tmp_path / f"{line}.sqlite"
+        store = RecordStore(journal, f"run-{line}")
+        store.event("start", model="m-1")
+        for i in range(40 + 10 * k):
+            cls, frac, outcome = [
+                ("ndfeb", "ndfeb", "accepted"),
+                ("ferrite", "ferrite_smco", "expired"),  # no air: ends in residue
+                ("steel", "residue", "no_eject"),
+            ][i % 3]
+            store.add_piece(
+                {
+                    "id": i,
+                    "t_wall": t0 + i,
+                    "t_capture": 0.0,
+                    "count": i,
+                    "count32": i,
+                    "fraction": frac,
+                    "outcome": outcome,
+                    "cls": cls,
+                    "confidence": 0.9,
+                    "probs": {cls: 0.9},
+                    "area_mm2": 100.0 + i,
+                    "length_mm": 12.0,
+                    "x0_mm": 0.0,
+                    "x1_mm": 10.0,
+                    "latency_ms": 50.0 + i,
+                    "seq": i,
+                }
+            )
+        store.event("stop", pieces=40 + 10 * k)
+        store.close()
+        fwd = forwarder(pg, journal, line, run_id=None)
+        asyncio.run(fwd.start())
+        fwd.close()
+    out = tmp_path / "plant.html"
+    s = make_plant_report(cfg, out, pg.url, lines=["R-1", "R-2"], summary_json=tmp_path / "plant.json")
+    assert out.read_text().count("<h1>Line ") == 2
+    for line, journal in journals.items():
+        _, own = summarise_records(cfg, db=journal)
+        mine = s["lines"][line]
+        assert mine["fractions"] == own["fractions"]
+        assert mine["mass_balance"] == own["mass_balance"] and mine["outcomes"] == own["outcomes"]
+        assert mine["decision_latency_ms"] == own["decision_latency_ms"]
+    plant = s["plant"]
+    assert plant["pieces"] == 90 and plant["mass_balance"]["closes"]
+    # i % 3: ndfeb ejected (14 + 17); ferrite expired and steel both end in residue (26 + 33)
+    assert plant["fractions"]["residue"]["count"] == 59 and plant["fractions"]["ndfeb"]["count"] == 31
