@@ -226,6 +226,7 @@ class EdgeNode:
         self._final()
 
     _connecting = False  # TCP (and TLS) open, CONNACK not yet seen
+    _told_unreachable = False
 
     def _connect(self) -> None:
         self.bdseq = (self.bdseq + 1) % 256
@@ -233,9 +234,9 @@ class EdgeNode:
         try:
             self._session.connect(topic(self.group, "NDEATH", self.node), will)
         except SparkplugError as exc:
-            if self.offline_since is not None and self.online_since is None:
-                self.log.warning("MQTT broker not reachable", error=str(exc))
-            self.online_since = None
+            if not self._told_unreachable:  # once per outage: retries come every few seconds
+                self._told_unreachable = True
+                self.log.warning("MQTT broker not reachable, retrying", error=str(exc))
             return
         self._connecting = True
 
@@ -269,6 +270,7 @@ class EdgeNode:
         if not self.born:
             self.log.info("Sparkplug edge node online", broker=self._session.address, bdSeq=self.bdseq)
         self.born = True
+        self._told_unreachable = False
         self.online_since = time.monotonic()
         self.offline_since = None
 
@@ -276,6 +278,10 @@ class EdgeNode:
         self._connecting = False
         if self.born:
             self.log.warning("MQTT broker lost: buffering state changes", error=self._session.error)
+            self._told_unreachable = True
+        elif not self._told_unreachable:  # e.g. the broker refused the user name or password
+            self._told_unreachable = True
+            self.log.warning("MQTT broker not reachable, retrying", error=self._session.error)
         self.born = False
         self.online_since = None
         if self.offline_since is None:
