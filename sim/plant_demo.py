@@ -103,6 +103,7 @@ def line_config(base: Path, run_dir: Path, line: str, broker: Broker, db: Postgr
         "keepalive_s": 5,
     }
     raw["plant_db"] = {"url": db.url, "lag_alarm_s": 60.0}
+    raw["records"]["path"] = str(run_dir / line / "records.sqlite")  # where `sorter demo --out` keeps it
     path = run_dir / f"{line}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
