@@ -41,6 +41,27 @@ def register(app: typer.Typer) -> None:
     app.command("bench-opcua")(bench_opcua)
     app.command("bench-hmi")(bench_hmi)
     app.command("plant-demo")(plant_demo)
+    app.command("bench-plant")(bench_plant)
+
+
+def bench_plant(
+    config: SimConfigOpt = DEFAULT_CONFIG,
+    duration: Annotated[float, typer.Option(help="seconds of feed per run")] = 30.0,
+    seed: Annotated[int, typer.Option(help="feed seed")] = 7,
+    repeat: Annotated[int, typer.Option(min=1, help="pairs of runs; p99 pooled over them")] = 1,
+    out: Annotated[Path | None, typer.Option(help="folder for the runs (default runs/bench-plant-<time>)")] = None,
+) -> None:
+    """Decision latency p99 and frames dropped with the Sparkplug edge node and the plant database forwarder
+    on vs off, same seed, at the config's feed (sim/bench_plant.py)."""
+    from sim.bench_plant import run_bench_plant
+
+    setup_logging("warning")
+    run_dir = out or Path("runs") / time.strftime("bench-plant-%Y%m%d-%H%M%S")
+    try:
+        result = asyncio.run(run_bench_plant(_load(config), duration, seed, run_dir, repeat))
+    except RuntimeError as exc:
+        raise fail(str(exc), 1) from None
+    typer.echo(json.dumps(result, indent=2))
 
 
 def plant_demo(
