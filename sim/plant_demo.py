@@ -53,7 +53,7 @@ class Observer:
 
     def __init__(self, port: int) -> None:
         self.values: dict[str, dict[str, Any]] = {}
-        self.seen: dict[str, dict[str, int]] = {}
+        self.seen: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="plant-demo-observer")
         self.c.username_pw_set("observer", USERS["observer"])
@@ -70,6 +70,8 @@ class Observer:
             seen = self.seen.setdefault(node, {})
             seen[kind] = seen.get(kind, 0) + 1
             seen["historical_metrics"] = seen.get("historical_metrics", 0) + sum(m.is_historical for m in p.metrics)
+            if kind in ("NBIRTH", "NDEATH"):  # which session: a death that names an old bdSeq is stale
+                seen.setdefault(f"{kind}_bdSeq", []).append(p.values().get("bdSeq"))
             if kind in ("NBIRTH", "NDATA"):
                 self.values.setdefault(node, {}).update(p.values(live_only=True))
 
