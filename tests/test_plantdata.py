@@ -187,3 +187,36 @@ def test_config_refuses_what_cannot_work() -> None:
         SparkplugConfig(group_id="a/b")
     with pytest.raises(ValueError, match="tls: true"):
         SparkplugConfig(ca_file=Path("ca.pem"))
+
+
+def test_build_line_wires_the_edge_node_and_the_forwarder(tmp_path: Path) -> None:
+    """Companions, stats subscriber, final-drain closer and metrics collectors, only where configured."""
+    from sorter.app import build_line
+    from sorter.config import load_config
+
+    cfg = load_config(Path(__file__).parent.parent / "config" / "sim.yaml")
+    cfg = cfg.model_copy(
+        update={
+            "records": cfg.records.model_copy(update={"path": tmp_path / "records.sqlite"}),
+            "opcua_server": None,
+            "hmi": None,
+        }
+    )
+    plain = build_line(cfg, auto_start=False)
+    assert plain.edge is None and plain.forwarder is None
+    assert not plain.service.parts.companions
+    on = cfg.model_copy(
+        update={"sparkplug": SparkplugConfig(port=1), "plant_db": PlantDbConfig(url="postgresql://x@127.0.0.1:1/p")}
+    )
+    line = build_line(on, auto_start=False)
+    assert line.edge is not None and line.forwarder is not None
+    parts = line.service.parts
+    assert parts.companions == [line.edge, line.forwarder]
+    assert line.edge.publish in parts.subscribers
+    assert line.forwarder.close in parts.closers
+    assert line.forwarder.run_id == line.service.run_id  # its pending rows are the ones that may still change
+    assert line.edge.node == cfg.line
+    text = line.metrics.render()[0].decode()
+    assert "sorter_sparkplug_online 0.0" in text and "sorter_plantdb_lag_rows 0.0" in text
+    off = on.model_copy(update={"sparkplug": SparkplugConfig(enabled=False)})
+    assert build_line(off, auto_start=False, north=False).edge is None
