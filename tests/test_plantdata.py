@@ -220,3 +220,26 @@ def test_build_line_wires_the_edge_node_and_the_forwarder(tmp_path: Path) -> Non
     assert "sorter_sparkplug_online 0.0" in text and "sorter_plantdb_lag_rows 0.0" in text
     off = on.model_copy(update={"sparkplug": SparkplugConfig(enabled=False)})
     assert build_line(off, auto_start=False, north=False).edge is None
+
+
+def test_plant_check_refuses_plain_mqtt_and_a_password_in_the_db_url() -> None:
+    from sorter.config import load_config
+    from sorter.config.plant import check_plant
+
+    cfg = load_config(Path(__file__).parent.parent / "config" / "sim.yaml")
+    base = {str(p) for p in check_plant(cfg)}
+    cfg = cfg.model_copy(
+        update={
+            "sparkplug": SparkplugConfig(),
+            "plant_db": PlantDbConfig(url="postgresql://sorter:secret@db.plant/plant"),
+        }
+    )
+    new = {p.key for p in check_plant(cfg) if str(p) not in base}
+    assert new == {"sparkplug.tls", "plant_db.url"}
+    ok = cfg.model_copy(
+        update={
+            "sparkplug": SparkplugConfig(tls=True, port=8883),
+            "plant_db": PlantDbConfig(url="postgresql://sorter@db.plant/plant?sslmode=verify-full"),
+        }
+    )
+    assert {str(p) for p in check_plant(ok)} == base
