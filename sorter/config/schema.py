@@ -664,7 +664,8 @@ class LineConfig(Strict):
     plant: bool = Field(
         False,
         description="a real plant's line: the service refuses to start with a demo-only setting (the demo's users, "
-        "anonymous or None-policy OPC UA, an HMI without TLS, a Modbus PLC on a public address), as "
+        "anonymous or None-policy OPC UA, an HMI without TLS, a Modbus PLC on a public address, MQTT without TLS, "
+        "a password in the plant database URL), as "
         "`sorter check-config --plant` does",
     )
     belt: BeltConfig = Field(BeltConfig(), description="the conveyor belt and its encoder")
