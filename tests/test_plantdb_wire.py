@@ -224,3 +224,13 @@ def test_plant_report_equals_each_lines_own_report(pg: Postgres, tmp_path: Path)
     assert plant["pieces"] == 90 and plant["mass_balance"]["closes"]
     # i % 3: ndfeb ejected (14 + 17); ferrite expired and steel both end in residue (26 + 33)
     assert plant["fractions"]["residue"]["count"] == 59 and plant["fractions"]["ndfeb"]["count"] == 31
+    # the command line: the same report through `sorter report --db URL --line ...`; a line with no rows is an error
+    from typer.testing import CliRunner
+
+    from sorter.cli import app
+
+    base = ["report", "--config", str(Path(__file__).parent.parent / "config" / "sim.yaml"), "--db", pg.url]
+    r = CliRunner().invoke(app, [*base, "--line", "R-1", "--out", str(tmp_path / "r1.html")])
+    assert r.exit_code == 0 and "40 pieces from lines R-1" in r.output, r.output
+    r = CliRunner().invoke(app, [*base, "--line", "R-9", "--out", str(tmp_path / "r9.html")])
+    assert r.exit_code == 2 and "no piece records for R-9" in r.output, r.output
