@@ -37,6 +37,9 @@ class FakeSession:
         self.published: list[tuple[str, bytes]] = []
         self.wills: list[bytes] = []
 
+    def fail(self, why: str) -> None:
+        self.error = why
+
     def connect(self, will_topic: str, will: bytes) -> None:
         from sorter.north.sparkplug import SparkplugError
 

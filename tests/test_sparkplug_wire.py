@@ -238,3 +238,24 @@ def test_payload_fields_are_what_the_spec_numbers_say() -> None:
     assert (p.timestamp, p.seq) == (7, 3)
     assert dataclasses.astuple(p.metrics[0])[:4] == ("a", None, 123, 4) and p.metrics[0].value == -5
     assert p.metrics[1].is_null and p.metrics[1].datatype == 10 and p.metrics[1].value is None
+
+
+async def test_a_broker_that_never_answers_is_left_and_retried() -> None:
+    """A peer that takes the TCP connection and never answers the CONNECT (a hung broker, a wrong port)."""
+    import socket
+
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)
+        node = EdgeNode(
+            spb_cfg(mute.getsockname()[1], keepalive_s=2, offline_alarm_s=0.5), "line-m", log=structlog.get_logger()
+        )
+        node.publish(make_stats(line="line-m"))
+        await node.start()
+        try:
+            await wait_until(lambda: node.bdseq >= 1, 8, "a second attempt after the unanswered one")
+            cond = node.condition()
+            assert cond is not None and cond.name == "sparkplug_offline" and "did not a" in cond.cause, cond.cause
+            assert not node.born
+        finally:
+            await node.stop()

@@ -202,6 +202,15 @@ class EdgeNode:
             if stopping:
                 break
             s = self._session
+            if self._connecting and time.monotonic() - self._connect_t > 2 * self.cfg.keepalive_s:
+                # TCP (and TLS) went through but the broker never answered the CONNECT: start again. paho
+                # gives up after the keep-alive itself (2.x); this is the backstop should a release not
+                s.fail(f"the MQTT broker at {s.address} did not answer the connection in {2 * self.cfg.keepalive_s} s")
+                s.disconnect()
+                self._went_offline()
+                next_try = time.monotonic() + backoff
+                backoff = min(backoff * 2, self.cfg.reconnect_max_s)
+                continue
             if s.connected or self._connecting:
                 if not s.loop(0.05):
                     self._went_offline()
@@ -227,6 +236,7 @@ class EdgeNode:
 
     _connecting = False  # TCP (and TLS) open, CONNACK not yet seen
     _told_unreachable = False
+    _connect_t = 0.0
 
     def _connect(self) -> None:
         self.bdseq = (self.bdseq + 1) % 256
@@ -239,6 +249,7 @@ class EdgeNode:
                 self.log.warning("MQTT broker not reachable, retrying", error=str(exc))
             return
         self._connecting = True
+        self._connect_t = time.monotonic()
 
     def _on_connected(self) -> None:
         """CONNACK accepted (from loop(), on the worker): subscribe to commands, then the NBIRTH."""

@@ -170,6 +170,7 @@ class MqttSession:
         self._client.on_message = self._message
         self.connected = False  # the broker accepted the session (CONNACK success)
         self._socket_open = False
+        self._failed = False  # this attempt's error is known (a later, vaguer one must not replace it)
 
     @property
     def address(self) -> str:
@@ -177,13 +178,14 @@ class MqttSession:
 
     def connect(self, will_topic: str, will_payload: bytes) -> None:
         """Open the connection with this will (the NDEATH); the broker's answer comes through `loop()`."""
+        self._failed = False
         self._client.will_clear()
         # the will is QoS 1 and not retained (Sparkplug 3.0): the broker delivers it once the line is gone
         self._client.will_set(will_topic, will_payload, qos=1, retain=False)
         try:
             self._client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
         except (OSError, ssl.SSLError, ValueError) as exc:
-            self.error = f"cannot reach the MQTT broker at {self.address}: {exc}"
+            self.fail(f"cannot reach the MQTT broker at {self.address}: {exc}")
             raise SparkplugError(self.error) from None
         self._socket_open = True
 
@@ -193,8 +195,7 @@ class MqttSession:
             return False
         rc = self._client.loop(timeout=timeout)
         if rc != mqtt.MQTT_ERR_SUCCESS:
-            if self.error is None or self.connected:
-                self.error = f"connection to the MQTT broker at {self.address} lost ({mqtt.error_string(rc)})"
+            self.fail(f"connection to the MQTT broker at {self.address} lost ({mqtt.error_string(rc)})")
             self._drop()
             return False
         return self._socket_open
@@ -214,6 +215,12 @@ class MqttSession:
             self._client.loop(timeout=0.1)
         self._drop()
 
+    def fail(self, why: str) -> None:
+        """Why this attempt or session failed; the first reason given stands until the next connect()."""
+        if not self._failed:
+            self._failed = True
+            self.error = why
+
     def _drop(self) -> None:
         # paho closes the socket itself when loop() fails or a CONNACK refuses; connect() opens a new one
         self.connected = False
@@ -222,7 +229,7 @@ class MqttSession:
     # paho callbacks, called from loop() on the owner's thread
     def _connected(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any = None) -> None:
         if reason.is_failure:
-            self.error = f"the MQTT broker at {self.address} refused the connection: {reason}"
+            self.fail(f"the MQTT broker at {self.address} refused the connection: {reason}")
             self._drop()
             return
         self.connected = True
@@ -230,8 +237,10 @@ class MqttSession:
         self._on_connected()
 
     def _disconnected(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any = None) -> None:
-        if self.connected and self.error is None:
-            self.error = f"the MQTT broker at {self.address} closed the connection ({reason})"
+        if self.connected:
+            self.fail(f"the MQTT broker at {self.address} closed the connection ({reason})")
+        else:
+            self.fail(f"the MQTT broker at {self.address} did not accept the connection ({reason})")
         self.connected = False
         self._socket_open = False
 

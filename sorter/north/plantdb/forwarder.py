@@ -256,7 +256,18 @@ class RecordForwarder:
 
     def _open(self) -> None:
         try:
-            conn = self._connect_fn(self.cfg.url, connect_timeout=self.cfg.connect_timeout_s, autocommit=True)
+            conn = self._connect_fn(
+                self.cfg.url,
+                connect_timeout=self.cfg.connect_timeout_s,
+                autocommit=True,
+                application_name=f"sorter-forwarder-{self.line}"[:63],
+                # a server or network that goes silent (no reset) must fail the batch in seconds, not hours
+                keepalives=1,
+                keepalives_idle=5,
+                keepalives_interval=2,
+                keepalives_count=3,
+                tcp_user_timeout=15000,
+            )
         except psycopg.Error as exc:
             raise PlantDbError(f"cannot connect to the plant database: {_one_line(exc)}") from None
         try:
