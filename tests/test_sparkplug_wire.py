@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import signal
 import subprocess
 import sys
@@ -190,37 +189,39 @@ async def test_store_and_forward_across_a_broker_outage(broker: Broker) -> None:
         host.close()
 
 
-_KILLED_NODE = """
-import sys, time, structlog
-from sorter.config import SparkplugConfig
-from sorter.north.edge import EdgeNode
-from tests.test_metrics import make_stats
-import asyncio
-cfg = SparkplugConfig(port=int(sys.argv[1]), group_id="plant-test", username="line", password="s3cret",
-                      keepalive_s=2)
-node = EdgeNode(cfg, "line-k", log=structlog.get_logger())
-node.publish(make_stats(line="line-k"))
-asyncio.run(node.start())
-while True:
-    time.sleep(1)
-"""
+def test_ndeath_when_the_line_service_is_killed(broker: Broker, tmp_path: Path) -> None:
+    """`sorter run` of a line whose PLC and cameras are not there (it starts, alarms and waits for them), its
+    edge node born on the broker; SIGKILL: the broker publishes the will, the NDEATH of that session."""
+    import yaml
 
-
-def test_ndeath_when_the_service_is_killed(broker: Broker) -> None:
+    root = Path(__file__).parent.parent
+    raw = yaml.safe_load((root / "config" / "sim.yaml").read_text())
+    raw.pop("simulator")
+    raw |= {"line": "line-k", "hmi": None, "opcua_server": None, "magnetometer": None}
+    raw["classifier"]["model"] = str(root / "models" / "sorter-cnn.onnx")
+    raw["records"]["path"] = str(tmp_path / "records.sqlite")
+    raw["plc"]["port"] = 1  # nothing there: the service holds its line and retries
+    for cam in raw["cameras"]:
+        cam["source"]["address"] = "127.0.0.1:1"
+    raw["sparkplug"] = spb_cfg(broker.port).model_dump(mode="json")
+    cfg = tmp_path / "line.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
     host = Host(broker.port)
     proc = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_NODE, str(broker.port)],
-        cwd=Path(__file__).parent.parent,
-        env=os.environ | {"PYTHONPATH": str(Path(__file__).parent.parent)},
+        [sys.executable, "-m", "sorter", "run", "--config", str(cfg), "--log-level", "warning"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
-        wait_until_blocking(lambda: len(host.of("NBIRTH")) == 1, 15, "NBIRTH of the process")
-        bdseq = host.of("NBIRTH")[0].values()["bdSeq"]
+        wait_until_blocking(lambda: len(host.of("NBIRTH")) == 1 or proc.poll() is not None, 30, "NBIRTH")
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        birth = host.of("NBIRTH")[0].values()
+        assert birth["Line/Name"] == "line-k" and birth["PLC/Online"] is False
         proc.send_signal(signal.SIGKILL)
         proc.wait(5)
         # the broker sends the will once keep-alive x1.5 (3 s) has passed without a word
         took = wait_until_blocking(lambda: len(host.of("NDEATH")) == 1, 8, "NDEATH from the will")
-        assert host.of("NDEATH")[0].values() == {"bdSeq": bdseq}
+        assert host.of("NDEATH")[0].values() == {"bdSeq": birth["bdSeq"]}
         assert took < 6
     finally:
         if proc.poll() is None:
