@@ -246,3 +246,18 @@ def test_plant_check_refuses_plain_mqtt_and_a_password_in_the_db_url() -> None:
         }
     )
     assert {str(p) for p in check_plant(ok)} == base
+
+
+def test_every_journal_column_has_a_column_in_the_plant_schema() -> None:
+    """A column added to the journal (sorter/line/records.py) needs a migration, or the forwarder would stop."""
+    import re
+
+    from sorter.line.records import PIECE_COLUMNS
+
+    sql = "\n".join(m.sql for m in migrations())
+    table = sql[sql.index("CREATE TABLE plant.pieces") :]
+    table = table[: table.index(") PARTITION BY")]
+    declared = {m.group(1) for m in re.finditer(r"^\s+([a-z_0-9]+)\s+[a-z]", table, re.M)}
+    declared |= {m.group(1) for m in re.finditer(r"ALTER TABLE plant\.pieces ADD COLUMN (\w+)", sql)}
+    wanted = {"piece_id" if c == "id" else c.lower() for c in PIECE_COLUMNS}
+    assert wanted <= declared, f"journal columns without a plant.pieces column: {sorted(wanted - declared)}"
