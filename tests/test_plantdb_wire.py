@@ -234,3 +234,21 @@ def test_plant_report_equals_each_lines_own_report(pg: Postgres, tmp_path: Path)
     assert r.exit_code == 0 and "40 pieces from lines R-1" in r.output, r.output
     r = CliRunner().invoke(app, [*base, "--line", "R-9", "--out", str(tmp_path / "r9.html")])
     assert r.exit_code == 2 and "no piece records for R-9" in r.output, r.output
+
+
+def test_database_away_from_the_start_is_alarmed_by_the_lag(tmp_path: Path) -> None:
+    """No database at all when the line starts: the journal's backlog is still measured and alarmed."""
+    from sim.plantenv import free_port
+
+    journal = tmp_path / "records.sqlite"
+    store = RecordStore(journal, "run-n")
+    add(store, range(0, 3), t=time.time() - 5)
+    cfg = PlantDbConfig(url=f"postgresql://plant@127.0.0.1:{free_port()}/plant", lag_alarm_s=1, final_drain_s=0.2)
+    fwd = RecordForwarder(cfg, "L-none", journal, run_id="run-n", log=structlog.get_logger())
+    asyncio.run(fwd.start())
+    wait_until_blocking(lambda: fwd.condition() is not None, 5, "lag alarm without a database")
+    cond = fwd.condition()
+    assert cond is not None and "3 records" in cond.cause and "cannot connect" in cond.cause
+    assert not fwd.online
+    fwd.close()
+    store.close()

@@ -228,6 +228,8 @@ class RecordForwarder:
         while not self._stop.is_set():
             gen = self._gen
             try:
+                if self._journal is None:  # first, so that the lag is known (and alarmed) without the database
+                    self._journal = Journal(self.journal_path)
                 if self._conn is None:
                     self._open()
                     backoff = 0.5
@@ -274,8 +276,6 @@ class RecordForwarder:
             applied = migrate(conn)
             if applied:
                 self.log.info("plant database schema migrated", versions=applied)
-            if self._journal is None:
-                self._journal = Journal(self.journal_path)
             self._load_watermarks(conn)
         except BaseException:
             conn.close()
