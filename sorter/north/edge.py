@@ -141,7 +141,8 @@ class EdgeNode:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._last: dict[str, MetricValue] = {}  # every metric's latest value (what an NBIRTH carries)
-        self.bdseq = -1  # incremented at each connect: the first session has 0
+        self.bdseq = 0  # of the current (or next) session: the first has 0
+        self._bdseq_sent = False  # a CONNECT with this bdSeq in its will went out
         self.seq = 0
         self.born = False  # NBIRTH sent in the current session
         self._need_birth = False
@@ -239,7 +240,11 @@ class EdgeNode:
     _connect_t = 0.0
 
     def _connect(self) -> None:
-        self.bdseq = (self.bdseq + 1) % 256
+        # bdSeq goes up by one from the last CONNECT the broker received (Sparkplug 3.0): an attempt that
+        # never reached it (refused, unreachable) sent no CONNECT, so the next one keeps its number
+        if self._bdseq_sent:
+            self.bdseq = (self.bdseq + 1) % 256
+            self._bdseq_sent = False
         will = encode([(BDSEQ, MetricValue(UINT64, self.bdseq), None)], timestamp_ms=self._ms(), seq=None)
         try:
             self._session.connect(topic(self.group, "NDEATH", self.node), will)
@@ -248,6 +253,7 @@ class EdgeNode:
                 self._told_unreachable = True
                 self.log.warning("MQTT broker not reachable, retrying", error=str(exc))
             return
+        self._bdseq_sent = True
         self._connecting = True
         self._connect_t = time.monotonic()
 
