@@ -52,8 +52,11 @@ class FakeSession:
     def loop(self, timeout: float) -> bool:
         return self.connected
 
-    def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
+    def publish(self, topic: str, payload: bytes, qos: int = 0) -> object | None:
+        if not self.connected:  # paho refuses to queue without a connection
+            return None
         self.published.append((topic, payload))
+        return object()
 
     def subscribe(self, topic: str, qos: int = 0) -> None:
         pass
@@ -261,3 +264,23 @@ def test_every_journal_column_has_a_column_in_the_plant_schema() -> None:
     declared |= {m.group(1) for m in re.finditer(r"ALTER TABLE plant\.pieces ADD COLUMN (\w+)", sql)}
     wanted = {"piece_id" if c == "id" else c.lower() for c in PIECE_COLUMNS}
     assert wanted <= declared, f"journal columns without a plant.pieces column: {sorted(wanted - declared)}"
+
+
+def test_a_message_paho_refuses_is_kept_for_later() -> None:
+    """The session dropped between two loops: the NDATA that could not be queued goes into the buffer."""
+    n, s = node()
+    n.publish(make_stats(t=time.monotonic()))
+    n._drain_inbox()
+    n._connect()
+    n._birth()
+    s.connected = False  # gone, and the worker has not looped yet
+    n.publish(make_stats(t=time.monotonic(), state=State.HELD))
+    n._drain_inbox()
+    assert s.kinds() == ["NBIRTH"] and len(n.buffer) == 1
+    s.connected = True
+    n._replay()
+    assert s.kinds() == ["NBIRTH", "NDATA"] and len(n.buffer) == 0
+    s.connected = False
+    n.buffer.add(1, {"x": MetricValue(UINT64, 1)})
+    n._replay()  # refused: back in the buffer, in order
+    assert len(n.buffer) == 1

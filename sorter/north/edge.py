@@ -327,13 +327,16 @@ class EdgeNode:
         # live changes go out at once even while history is still being replayed: the NBIRTH already
         # carried the current values, and history is told apart by its flag and timestamps
         if self.born and self._session.connected:
-            self._send_ndata(metric_map(changes), ts, historical=False)
+            if self._send_ndata(metric_map(changes), ts, historical=False) is None:
+                self.buffer.add(ts, changes)  # the session went in the meantime: keep it for the next birth
         elif not first:
             self.buffer.add(ts, changes)
 
     def _send_ndata(self, metrics: Sequence[tuple[str, MetricValue, int | None]], ts: int, *, historical: bool) -> Any:
         payload = encode(metrics, timestamp_ms=ts, seq=self._next_seq(), historical=historical)
         info = self._session.publish(topic(self.group, "NDATA", self.node), payload)
+        if info is None:
+            return None
         self.sent["NDATA"] += 1
         if historical:
             self.sent["historical"] += 1
@@ -343,7 +346,9 @@ class EdgeNode:
         """After a new NBIRTH, the changes made while away, as historical metrics at their own times."""
         batch = self.buffer.take(HISTORICAL_PER_MESSAGE)
         metrics = [(k, v, ts) for ts, changes in batch for k, v in changes.items()]
-        self._send_ndata(metrics, self._ms(), historical=True)
+        if self._send_ndata(metrics, self._ms(), historical=True) is None:
+            self.buffer.items.extendleft(reversed(batch))  # not queued: the session went; replayed next time
+            return
         if not len(self.buffer):
             if self.buffer.dropped_now:
                 self.log.warning("store-and-forward buffer was full", dropped=self.buffer.dropped_now)
