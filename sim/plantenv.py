@@ -60,7 +60,14 @@ def _wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None =
 class Broker:
     """mosquitto on 127.0.0.1:port; with `users` ({name: password}) anonymous clients are refused."""
 
-    def __init__(self, workdir: Path, port: int | None = None, users: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        users: dict[str, str] | None = None,
+        tls: tuple[Path, Path] | None = None,
+    ) -> None:
+        """`tls`: (certificate, key) PEM files: the listener speaks TLS only."""
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -68,6 +75,8 @@ class Broker:
         conf = [f"listener {self.port} 127.0.0.1", "persistence false", "log_dest stderr", "log_type error"]
         if os.geteuid() == 0:  # stay root: the default drops to user `mosquitto`, who cannot read a 0700 folder
             conf.append("user root")
+        if tls is not None:
+            conf += [f"certfile {tls[0]}", f"keyfile {tls[1]}"]
         if users:
             pw = self.dir / "passwd"
             pw.write_text("")

@@ -260,3 +260,34 @@ async def test_a_broker_that_never_answers_is_left_and_retried() -> None:
             assert not node.born
         finally:
             await node.stop()
+
+
+async def test_tls_to_the_broker_checks_its_certificate(tmp_path: Path) -> None:
+    """TLS with user/password: born with the broker's certificate as CA; refused (alarmed) with another CA."""
+    from sorter.north.hmi.tls import make_server_certificate
+
+    if (why := mosquitto_missing()) is not None:
+        skip_or_fail_in_ci(why)
+    cert, key = tmp_path / "broker.pem", tmp_path / "broker-key.pem"
+    make_server_certificate(cert, key, hostnames=["127.0.0.1", "localhost"], common_name="test broker")
+    other, other_key = tmp_path / "other.pem", tmp_path / "other-key.pem"
+    make_server_certificate(other, other_key, hostnames=["127.0.0.1"], common_name="not the broker")
+    b = Broker(tmp_path / "mqtt", users=USERS, tls=(cert, key))
+    b.start()
+    try:
+        good = EdgeNode(spb_cfg(b.port, tls=True, ca_file=cert), "line-t", log=structlog.get_logger())
+        bad = EdgeNode(spb_cfg(b.port, tls=True, ca_file=other, client_id="bad"), "line-u", log=structlog.get_logger())
+        for n in (good, bad):
+            n.publish(make_stats(line=n.node))
+            await n.start()
+        try:
+            await wait_until(lambda: good.born, 10, "born over TLS")
+            await wait_until(lambda: bad.condition() is not None, 10, "alarm for an unknown certificate")
+            cond = bad.condition()
+            assert cond is not None and "CERTIFICATE_VERIFY_FAILED" in cond.cause, cond.cause
+            assert not bad.born and good.condition() is None
+        finally:
+            for n in (good, bad):
+                await n.stop()
+    finally:
+        b.stop()
