@@ -111,14 +111,15 @@ def line_config(base: Path, run_dir: Path, line: str, broker: Broker, db: Postgr
     return path
 
 
-def journal_states(journal: Path, t0: float, t1: float) -> list[str]:
-    """The line's PackML states over [t0, t1] from its journal's state events."""
+def journal_states(journal: Path, t0: float, t1: float) -> tuple[list[str], list[str]]:
+    """The line's PackML states over [t0, t1] from its journal's state events, and why it left Execute."""
     con = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
     rows = con.execute("SELECT t_wall, detail FROM events WHERE kind = 'state' ORDER BY t_wall").fetchall()
     con.close()
     before = [json.loads(d)["new"] for t, d in rows if t <= t0]
-    during = [json.loads(d)["new"] for t, d in rows if t0 < t <= t1]
-    return ([before[-1]] if before else []) + during
+    during = [json.loads(d) for t, d in rows if t0 < t <= t1]
+    why = sorted({d.get("why", "?") for d in during if d.get("old") == "Execute"})
+    return ([before[-1]] if before else []) + [d["new"] for d in during], why
 
 
 async def run_plant_demo(duration: float, seed: int, run_dir: Path, base_config: Path) -> dict[str, Any]:
@@ -233,7 +234,12 @@ def _result(
                 "database": db_counts,
                 "equal": report_counts == broker_counts == db_counts,
                 "rows": {"journal": n_journal, "database": n_rows, "duplicates": n_rows - n_keys},
-                "states_during_outages": {o["stopped"]: journal_states(journal, o["from"], o["to"]) for o in outages},
+                "states_during_outages": {
+                    o["stopped"]: journal_states(journal, o["from"], o["to"])[0] for o in outages
+                },
+                "left_execute_because": {
+                    o["stopped"]: why for o in outages if (why := journal_states(journal, o["from"], o["to"])[1])
+                },
                 "sparkplug_messages": observer.seen.get(line, {}),
                 "decision_latency_ms": reports[line].get("decision_latency_ms"),
                 "frames_dropped": reports[line].get("frames_dropped"),
