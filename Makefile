@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: demo test lint bench model clean-venv node-client browser plant-tools plant-demo
+.PHONY: demo test lint bench model golden clean-venv node-client browser plant-tools plant-demo
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -67,6 +67,11 @@ test: $(STAMP) node-client browser plant-tools
 	t0=$$(date +%s); $(BIN)/python -m pytest -q -m line; line=$$?; \
 	echo "line tier: $$(( $$(date +%s) - t0 )) s"; \
 	test $$wire = 0 && test $$line = 0
+
+# After a change meant to move the line's figures: write the lockstep run's new golden figures, then review
+# the diff of tests/golden/ and commit it with the change.
+golden: $(STAMP)
+	$(BIN)/python -m pytest -q tests/test_lockstep.py --update-golden
 
 lint: $(STAMP)
 	$(BIN)/ruff check sorter sim hw tests

@@ -43,6 +43,7 @@ class Belt:
         self.encoder_start = encoder_start
         self.drift = drift
         self._clock = clock
+        self._seed = seed
         self._rng = random.Random(seed)
         self._setpoint = nominal_speed_mm_s
         self._drift_factor = 1.0
@@ -110,6 +111,13 @@ class Belt:
             raise ValueError("belt speed must be positive")
         self._setpoint = mm_s
         self._rebase(self._actual_speed())
+
+    def restart_drift(self) -> None:
+        """The drift's random walk from its start again (the nominal speed, the seed's first step next)."""
+        self._rng = random.Random(self._seed)
+        self._drift_factor = 1.0
+        if self._running:
+            self._rebase(self._actual_speed())
 
     def step_drift(self) -> None:
         """One random-walk step of the speed within +-drift; call a few times a second."""

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
-from sim.config import SimLineConfig, load_sim_config
+from sim.config import SimLineConfig, load_sim_config, operating_point
 from sorter.cli_common import LogOpt, fail, stderr_console
 from sorter.config import ConfigError
 from sorter.logs import setup_logging
@@ -103,6 +104,19 @@ def demo(
         str | None,
         typer.Option(help="PLC protocol for this run, modbus or opcua (the virtual PLC serves both); default: config"),
     ] = None,
+    speed: Annotated[float | None, typer.Option(help="belt speed, mm/s (default: the config's)")] = None,
+    rate: Annotated[float | None, typer.Option(help="feed rate, pieces/s (default: the config's)")] = None,
+    touching: Annotated[
+        float | None, typer.Option(help="share of pieces fed touching another, 0..1 (default: the config's)")
+    ] = None,
+    lockstep: Annotated[
+        bool,
+        typer.Option(
+            "--lockstep",
+            help="simulator and service on one virtual clock, in one process: as fast as the CPU allows, "
+            "the same figures every run (docs/architecture.md)",
+        ),
+    ] = False,
     log_level: LogOpt = "warning",
 ) -> None:
     """Run the simulated line sorted by the real line service and print the report."""
@@ -119,10 +133,21 @@ def demo(
         raise fail(f"--plc must be modbus or opcua, not {plc!r}")
     if plc is not None:
         cfg = cfg.model_copy(update={"plc": cfg.plc.model_copy(update={"protocol": plc})})
-    run_dir = out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    try:
+        cfg = operating_point(cfg, speed, rate, touching)
+    except ValidationError as exc:
+        raise fail(f"operating point: {exc}") from None
+    run_dir = out or Path("runs") / time.strftime("lockstep-%Y%m%d-%H%M%S" if lockstep else "demo-%Y%m%d-%H%M%S")
+    if lockstep and (capture is not None or cfg.plc.protocol != "modbus"):
+        raise fail("--lockstep runs the Modbus PLC link and takes no --capture")
     try:
         show = not as_json and sys.stderr.isatty()
-        report = asyncio.run(run_demo(cfg, duration, seed, run_dir, progress=show, capture=capture))
+        if lockstep:
+            from sim.lockstep import run_lockstep
+
+            report = run_lockstep(cfg, duration, seed, run_dir)
+        else:
+            report = asyncio.run(run_demo(cfg, duration, seed, run_dir, progress=show, capture=capture))
     except (ModelError, DemoError) as exc:
         raise fail(str(exc), 1) from None
     if as_json:
@@ -323,3 +348,37 @@ def sim_crosscheck(
     typer.echo("cross-check with the demo report: " + ("equal" if not bad else f"DIFFERENT: {', '.join(bad)}"))
     if bad:
         raise typer.Exit(1)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise fail(f"not a comma-separated list of numbers: {text!r}") from None
+
+
+@sim_app.command()
+def envelope(
+    config: SimConfigOpt = DEFAULT_CONFIG,
+    speeds: Annotated[str, typer.Option(help="belt speeds, mm/s, comma-separated")] = "2000,2750,3500",
+    rates: Annotated[str, typer.Option(help="feed rates, pieces/s, comma-separated")] = "20,40,60",
+    touching: Annotated[str, typer.Option(help="touching shares, comma-separated")] = "0,0.15",
+    duration: Annotated[float, typer.Option(help="seconds of feed per point")] = 30.0,
+    seed: Annotated[int, typer.Option(help="feed seed (report on seeds >= 100: the rules were tuned below)")] = 101,
+    real_time: Annotated[
+        bool, typer.Option("--real-time", help="real-time demos (frames dropped, latency: on a quiet machine)")
+    ] = False,
+    out: Annotated[Path | None, typer.Option(help="folder (default runs/envelope-<time>)")] = None,
+) -> None:
+    """The line over a grid of its operating envelope: a table, a plot, and the points short of a target."""
+    from sim.envelope import grid, run_envelope
+
+    points = grid(_floats(speeds), _floats(rates), _floats(touching))
+    folder = out or Path("runs") / time.strftime("envelope-%Y%m%d-%H%M%S")
+    con = stderr_console()
+
+    def progress(i: int, n: int, p: object) -> None:
+        con.print(f"point {i + 1}/{n}: {p}")
+
+    run_envelope(config, points, duration=duration, seed=seed, out=folder, lockstep=not real_time, progress=progress)
+    typer.echo((folder / "envelope.md").read_text())

@@ -114,3 +114,17 @@ class SimLineConfig(LineConfig):
 def load_sim_config(path: str | Path) -> SimLineConfig:
     """Load a line config with its `simulator:` section (ConfigError as `load_config`)."""
     return load_config(path, SimLineConfig)
+
+
+def operating_point(
+    cfg: SimLineConfig, speed: float | None = None, rate: float | None = None, touching: float | None = None
+) -> SimLineConfig:
+    """The config at another point of the operating envelope: belt speed (mm/s), feed rate (pieces/s),
+    touching share; None keeps the config's. Validated as the file is (pydantic.ValidationError)."""
+    assert cfg.simulator is not None
+    data = cfg.model_dump()
+    feed = data["simulator"]["feed"]
+    feed |= {k: v for k, v in (("rate_per_s", rate), ("touching_share", touching)) if v is not None}
+    if speed is not None:
+        data["belt"]["nominal_speed_mm_s"] = speed
+    return SimLineConfig.model_validate(data)

@@ -239,7 +239,7 @@ async def run_demo(
             log.info("OPC UA server", endpoint=line.scada.endpoint_url)
             print(f"OPC UA server: {line.scada.endpoint_url}", file=sys.stderr, flush=True)
         log.info("line running, feeding", duration_s=duration)
-        await sim.send(cmd="feed", on=True)
+        await sim.send(cmd="feed", on=True, for_s=duration)  # the simulator times the feed: same pieces every run
         t_feed = time.monotonic()
         acting = asyncio.create_task(during(line, sim)) if during else None
         with contextlib.suppress(TimeoutError):
@@ -268,31 +268,15 @@ async def run_demo(
         loop.remove_signal_handler(signal.SIGINT)
         loop.remove_signal_handler(signal.SIGTERM)
 
-    truth, windows, meta = load_truth(truth_path)
-    records = load_pieces(cfg.records.path, service.run_id) if service else []
-    summary = service.summary() if service else {}
-    report = build_report(cfg, truth, windows, records, summary, sim.status or meta.get("status", {}))
-    report.update(
-        {
-            "duration_s": round((t_end or time.monotonic()) - (t_feed or time.monotonic()), 2),
-            "seed": seed,
-            "interrupted": interrupted.is_set(),
-            "run_dir": str(run_dir),
-            "model": str(cfg.classifier.model.name),
-            "model_version": service.classifier.version if service else None,
-            "stage_ms": {k: round(v, 3) for k, v in service.times.mean_ms().items()} if service else {},
-            "late_views": service.tracker.late_views if service else 0,
-            "merged_views": service.tracker.merged_views if service else 0,
-            "partial_views": service.tracker.partial_views if service else 0,
-            "cameras": summary.get("cameras", {}),
-            "frames_failed": service.counters.frames_failed if service else 0,
-            "batches_failed": service.counters.batches_failed if service else 0,
-            "field_wait_timeouts": service.counters.field_wait_timeouts if service else 0,
-            "magnetometer": summary.get("magnetometer"),
-            "field_states": {k.value: v for k, v in service.counters.field_states.items()} if service else {},
-            "hmi_url": line.hmi.url if line and line.hmi else None,
-            "opcua_endpoint": line.scada.endpoint_url if line and line.scada else None,
-        }
+    report = demo_report(
+        cfg,
+        line,
+        truth_path,
+        sim.status,
+        seed=seed,
+        run_dir=run_dir,
+        duration_s=(t_end or time.monotonic()) - (t_feed or time.monotonic()),
+        interrupted=interrupted.is_set(),
     )
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
@@ -315,3 +299,45 @@ async def _progress(interrupted: asyncio.Event, duration: float, show: bool, ser
                 description=f"sorting: {s['pieces']} pieces, {s['ejects_accepted']} ejects",
             )
             await asyncio.sleep(0.25)
+
+
+def demo_report(
+    cfg: SimLineConfig,
+    line: Line | None,
+    truth_path: Path,
+    sim_status: dict[str, Any] | None,
+    *,
+    seed: int,
+    run_dir: Path,
+    duration_s: float,
+    interrupted: bool,
+) -> dict[str, Any]:
+    """A demo run's report: the simulator's truth against the service's records and summary."""
+    service = line.service if line is not None else None
+    truth, windows, meta = load_truth(truth_path)
+    records = load_pieces(cfg.records.path, service.run_id) if service else []
+    summary = service.summary() if service else {}
+    report = build_report(cfg, truth, windows, records, summary, sim_status or meta.get("status", {}))
+    report.update(
+        {
+            "duration_s": round(duration_s, 2),
+            "seed": seed,
+            "interrupted": interrupted,
+            "run_dir": str(run_dir),
+            "model": str(cfg.classifier.model.name),
+            "model_version": service.classifier.version if service else None,
+            "stage_ms": {k: round(v, 3) for k, v in service.times.mean_ms().items()} if service else {},
+            "late_views": service.tracker.late_views if service else 0,
+            "merged_views": service.tracker.merged_views if service else 0,
+            "partial_views": service.tracker.partial_views if service else 0,
+            "cameras": summary.get("cameras", {}),
+            "frames_failed": service.counters.frames_failed if service else 0,
+            "batches_failed": service.counters.batches_failed if service else 0,
+            "field_wait_timeouts": service.counters.field_wait_timeouts if service else 0,
+            "magnetometer": summary.get("magnetometer"),
+            "field_states": {k.value: v for k, v in service.counters.field_states.items()} if service else {},
+            "hmi_url": line.hmi.url if line and line.hmi else None,
+            "opcua_endpoint": line.scada.endpoint_url if line and line.scada else None,
+        }
+    )
+    return report

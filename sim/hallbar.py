@@ -141,6 +141,7 @@ class SimHallBar:
         self._seq = 0
         self._boot_t = 0.0
         self._start_us = 0
+        self._latched = (0.0, 0.0)  # (t, belt position) of the last latch: the next line's interval starts there
         self.last_clean_seq: int | None = None  # newest data line written intact
         # counters
         self.lines_sent = 0  # written to the pty (garbled ones included)
@@ -276,29 +277,38 @@ class SimHallBar:
             self.log.exception("sim hallbar failed")
             raise
 
-    def _board(self, gen: int) -> None:
-        """One power-up of the board: runs until stopped, unplugged or replugged."""
-        t = self._clock()
+    def boot(self, t: float) -> bytes:
+        """The board powers up at PC time t (a new clock start, sequence 0); returns its info line."""
         self._boot_t = t
         self._start_us = T_MOD - int(self._boot_rng.uniform(*WRAP_AFTER_S) * 1e6)
         self._seq = 0
-        pitch_um = round(self.pitch_mm * 1000)
-        info = format_info(self.channels, pitch_um, FW)
+        self._latched = (t, self.belt.position_mm(t))
+        return format_info(self.channels, round(self.pitch_mm * 1000), FW)
+
+    def latch(self, t: float) -> tuple[int, bytes]:
+        """Latch the peaks held since the last line into a data line stamped t: (its seq, the line)."""
+        prev_t, prev_pos = self._latched
+        pos = self.belt.position_mm(t)
+        values = self.readings(prev_pos, pos, t - prev_t)
+        self._latched = (t, pos)
+        seq = self._seq
+        self._seq = (seq + 1) % SEQ_MOD
+        return seq, format_data(seq, self.board_us(t), values)
+
+    def _board(self, gen: int) -> None:
+        """One power-up of the board, on the pty: runs until stopped, unplugged or replugged."""
+        t = self._clock()
+        info = self.boot(t)  # sent again every INFO_PERIOD_S
         wire_free = self._send(info, t, data=False)
         next_info = t + INFO_PERIOD_S
-        prev_t, prev_pos = t, self.belt.position_mm(t)
         next_latch = t + self.hb.period_ms / 1000
         while not self._stop.is_set() and self._generation == gen and self._plugged:
             if self._stop.wait(max(0.0, max(next_latch, wire_free) - self._clock())):
                 return
             now = self._clock()
-            pos = self.belt.position_mm(now)
-            values = self.readings(prev_pos, pos, now - prev_t)
-            prev_t, prev_pos = now, pos
-            seq = self._seq
-            self._seq = (seq + 1) % SEQ_MOD
+            seq, line = self.latch(now)
             next_latch = now + self.hb.period_ms / 1000
-            wire_free = self._send(format_data(seq, self.board_us(now), values), now, data=True, seq=seq)
+            wire_free = self._send(line, now, data=True, seq=seq)
             if wire_free >= next_info:
                 wire_free = self._send(info, wire_free, data=False)
                 next_info += INFO_PERIOD_S

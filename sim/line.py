@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from sorter.core.geometry import CameraGeometry
 # pieces land this far upstream of the cameras' centre line: far enough that a simulator starved of CPU
 # for a moment (2 cores shared with the service) still places them before the cameras can see them
 FEED_DROP_MM = 1500.0
+DRIFT_STEP_S = 0.1
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -60,6 +63,8 @@ class SimLine:
         record_dir: Path | None = None,
         seed: int | None = None,
         hallbar_link: Path | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if cfg.simulator is None:
             raise ValueError("the config has no `simulator:` section")
@@ -70,13 +75,16 @@ class SimLine:
         # the encoder's true resolution: everything physical converts mm <-> counts with it (encoder,
         # camera trigger and latched counts, PLC firing, ejection physics); the service uses the config's
         cpm = sim.encoder_counts_per_mm or cfg.belt.counts_per_mm
-        self.belt = Belt(cpm, cfg.belt.nominal_speed_mm_s, sim.encoder_start, sim.speed_drift, sim.seed)
+        self.clock = clock  # real time beside the service, or the lockstep simulation's virtual clock
+        self.belt = Belt(cpm, cfg.belt.nominal_speed_mm_s, sim.encoder_start, sim.speed_drift, sim.seed, clock=clock)
         self.geoms = [true_geometry(cfg, sim, i) for i in range(len(cfg.cameras))]
         self._mm_per_px = self.geoms[0].mm_per_px
         self.feed = FeedGenerator(sim.feed, cfg.belt.width_mm, cfg.belt.nominal_speed_mm_s, sim.seed)
         self.physics = EjectionPhysics(cfg.ejection, sim, cpm, sim.encoder_start)
         self.truth = TruthStore(truth_path) if truth_path else None
-        self.plc = VirtualPlc(cfg.plc.registers, self.belt, sim, banks=len(cfg.ejection.banks), on_eject=self._fired)
+        self.plc = VirtualPlc(
+            cfg.plc.registers, self.belt, sim, banks=len(cfg.ejection.banks), on_eject=self._fired, clock=clock
+        )
         # the same PLC also serves OPC UA, on plc.opcua.endpoint
         self.plc_opcua = (
             PlcOpcUaServer(self.plc, cfg.plc.opcua, sim.plc_opcua)
@@ -88,6 +96,8 @@ class SimLine:
         self._visible: tuple[tuple[Any, Any], ...] = ()  # (SimPiece, Sprite) snapshot read by camera threads
         self._sprites: dict[int, Any] = {}
         self.feeding = False
+        self._next_drift = 0.0  # when the belt's speed takes its next random step (clock seconds)
+        self._feed_until: float | None = None  # when a feed started with a duration stops (clock seconds)
         self._feed_offset = 0.0
         self._feed_pos = 0.0  # how far (in the generator's own coordinate) pieces were generated
         self.fed = 0
@@ -124,7 +134,7 @@ class SimLine:
         self._field = (min(g.field_mm()[2] for g in self.geoms) - 60, max(g.field_mm()[3] for g in self.geoms) + 60)
         # the Hall bar streams over a pty whose slave `hallbar_link` points to (the service's magnetometer.port)
         self.hallbar = (
-            SimHallBar(cfg, self.belt, lambda: tuple(self._on_belt), hallbar_link, sim.seed + 300)
+            SimHallBar(cfg, self.belt, lambda: tuple(self._on_belt), hallbar_link, sim.seed + 300, clock=clock)
             if hallbar_link is not None and sim.hallbar.enabled
             else None
         )
@@ -179,16 +189,29 @@ class SimLine:
             self.renderers[i].blur_px = blur_px
 
     # --- feed and bins ---
-    def set_feed(self, on: bool) -> None:
+    def set_feed(self, on: bool, duration_s: float | None = None) -> None:
+        """Start or stop the feeder; `duration_s`: it stops by itself after that many seconds of the clock,
+        exactly (pieces up to where the belt was then), however late the simulator's next tick comes."""
         if on and not self.feeding:
             self._feed_offset = self.belt.position_mm() + FEED_DROP_MM - self._feed_pos
+            # the belt's speed wanders the same way from the start of every feed, whatever the line did
+            # before (a start-up takes longer in real time than in lockstep): same seed, same belt, same feed
+            self.belt.restart_drift()
+            self._next_drift = self.clock() + DRIFT_STEP_S
+        if not on and self.feeding:
+            self._feed_step()  # the pieces up to now (or up to the end of a timed feed) are on the belt
+        self._feed_until = self.clock() + duration_s if on and duration_s is not None else None
         self.feeding = on
-        self.log.info("feed", on=on)
+        self.log.info("feed", on=on, duration_s=duration_s)
 
     def _feed_step(self) -> None:
         if not self.feeding or not self.belt.running:
             return
-        target = self.belt.position_mm() + FEED_DROP_MM - self._feed_offset
+        t = self.clock()
+        if self._feed_until is not None and t >= self._feed_until:
+            t, self.feeding = self._feed_until, False
+            self.log.info("feed", on=False, why="its duration is over")
+        target = self.belt.position_mm(t) + FEED_DROP_MM - self._feed_offset
         new = self.feed.pieces_until(target)
         self._feed_pos = target
         if not new:
@@ -253,6 +276,9 @@ class SimLine:
 
     async def _tick(self) -> None:
         n = 0
+        # the belt's speed wanders by one random step every DRIFT_STEP_S of the clock, however late the
+        # ticks: the same seed gives the same speed over time in real time and in lockstep
+        self._next_drift = self.clock() + DRIFT_STEP_S
         while True:
             try:
                 self._feed_step()
@@ -261,13 +287,21 @@ class SimLine:
                 self.log.exception("sim step failed")
                 raise
             n += 1
-            if n % 10 == 0:
+            while self.clock() >= self._next_drift:
                 self.belt.step_drift()
+                self._next_drift += DRIFT_STEP_S
             if n % 50 == 0 and self.truth:
                 self.truth.commit()  # twice a second: a commit per tick would stall the PLC scan on the disk
             await asyncio.sleep(0.01)
 
-    async def start(self) -> None:
+    async def start(self, *, serve: bool = True) -> None:
+        """Run the line; `serve=False`: the PLC scans and the belt, feed and bins move, but nothing is served
+        on the wire (no Modbus/OPC UA server, no camera stream, no pty): the lockstep simulation carries
+        registers, frames and the bar's lines in-process (sim/lockstep.py)."""
+        if not serve:
+            self.plc.start_scan()
+            self._tasks.append(asyncio.create_task(self._tick()))
+            return
         await self.plc.start(self.cfg.plc.host, self.cfg.plc.port)
         if self.plc_opcua:
             await self.plc_opcua.start()

@@ -144,10 +144,14 @@ class VirtualPlc:
     # --- lifecycle ---
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         """Start scanning and serving on host:port (0 picks a free port; see `port`)."""
-        if self._scan_task is None:
-            self._scan_task = asyncio.create_task(self._scan_loop(), name="virtual-plc-scan")
+        self.start_scan()
         self._host, self._port = host, port
         await self.set_reachable(True)
+
+    def start_scan(self) -> None:
+        """Start scanning without serving Modbus TCP (requests then come through `request`)."""
+        if self._scan_task is None:
+            self._scan_task = asyncio.create_task(self._scan_loop(), name="virtual-plc-scan")
 
     async def stop(self) -> None:
         await self.set_reachable(False)
@@ -427,10 +431,10 @@ class VirtualPlc:
                 [SimData(0, count=len(self._hr), values=0, datatype=DataType.REGISTERS)],
                 [SimData(0, count=len(self._ir), values=0, datatype=DataType.REGISTERS)],
             ),
-            action=self._on_request,
+            action=self.request,
         )
 
-    async def _on_request(
+    async def request(
         self,
         func_code: int,
         start: int,
@@ -439,7 +443,9 @@ class VirtualPlc:
         registers: list[int],
         values: list[int] | list[bool] | None,
     ) -> ExcCodes | None:
-        """pymodbus' per-request hook; `registers` is its block, `start` the block's first address."""
+        """One Modbus request against the register images, whatever carried it: pymodbus' per-request hook
+        (`registers` is its block, `start` the block's first address), or the lockstep simulation's in-process
+        transport. Returns an exception code, or None: done (a read's values are in `registers`)."""
         if func_code in (1, 5, 15):
             return self._on_coils(start, address, count, registers, values)
         if func_code == 4:

@@ -4,6 +4,7 @@ With `--control stdio` it takes JSON-line commands on stdin and answers with
 JSON-line events on stdout — how `sorter demo` drives the feeder and learns
 when the belt has emptied, without the service knowing anything about it:
     {"cmd": "feed", "on": true}   {"cmd": "speed", "mm_s": 2600}
+    {"cmd": "feed", "on": true, "for_s": 60}   (the feeder stops by itself after 60 s of the simulator's clock)
     {"cmd": "status"}             {"cmd": "stop"}
     {"cmd": "hallbar", "on": false}   (pull the Hall bar's cable; true plugs it back)
     {"cmd": "plc_opcua", "on": false} (the PLC's OPC UA server goes down; true restarts it on the same port)
@@ -96,7 +97,8 @@ async def run_sim(
                     _emit("error", detail=f"bad command line: {raw[:200]!r}")
                     continue
                 if cmd == "feed":
-                    line.set_feed(bool(msg.get("on", True)))
+                    for_s = msg.get("for_s")
+                    line.set_feed(bool(msg.get("on", True)), None if for_s is None else float(for_s))
                 elif cmd == "speed":
                     line.belt.set_speed(float(msg["mm_s"]))
                 elif cmd == "hallbar":

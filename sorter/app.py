@@ -17,24 +17,31 @@ import asyncio
 import signal
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
-from sorter.config import ConfigError, LineConfig, load_config
+from sorter.config import CameraConfig, ConfigError, LineConfig, PlcConfig, load_config
 from sorter.config.plant import check_plant
 from sorter.core.clock import ClockModel
 from sorter.core.geometry import camera_geometries
 from sorter.core.messages import Decision, PackMLRequest, SwapModel
 from sorter.core.planner import EjectPlanner
+from sorter.core.timebase import REAL_TIME, Timebase
 from sorter.core.tracking import Tracker
+from sorter.drivers.cameras.base import FrameSource
 from sorter.drivers.cameras.capture import CameraCapture
+from sorter.drivers.cameras.registry import make_source
 from sorter.drivers.hallbar import FieldMap, HallBar
 from sorter.drivers.plc import make_plc_link
+from sorter.drivers.plc.base import PlcLinkBase
+from sorter.drivers.plc.link import PlcLink, RegisterClient
 from sorter.line.crop_capture import CropCapture
 from sorter.line.records import RecordStore
-from sorter.line.service import LineParts, LineService
+from sorter.line.service import LineParts, LineService, worker_thread
 from sorter.north.edge import EdgeNode
 from sorter.north.hmi import HmiServer
 from sorter.north.metrics import ServiceMetrics
@@ -54,6 +61,20 @@ def load_checked_model(path: Path, cfg: LineConfig) -> Classifier:
     if missing:
         raise ModelError(f"{path}: the model has no class {missing} that the line's routing needs")
     return clf
+
+
+@dataclass(frozen=True)
+class Transports:
+    """How a line's parts reach time and the world. The defaults are the plant's (and the real-time demo's):
+    real clocks, worker threads, camera drivers from the config, Modbus TCP or OPC UA, the Hall bar's serial
+    port. The lockstep simulation (sim/lockstep.py) passes its own: one virtual clock, work done in place,
+    frames rendered on demand, the virtual PLC's registers in-process and the bar's lines handed over."""
+
+    timebase: Timebase = REAL_TIME
+    executor: Callable[[str], Executor] = worker_thread
+    camera_source: Callable[[CameraConfig], FrameSource] = make_source
+    plc_registers: Callable[[PlcConfig], RegisterClient] | None = None  # None: the protocol the config names
+    hallbar_owns_port: bool = True
 
 
 @dataclass
@@ -77,6 +98,7 @@ def build_line(
     capture: Path | None = None,
     planner: EjectPlanner | None = None,
     north: bool = True,
+    transports: Transports = Transports(),
 ) -> Line:
     """Every part of one line, wired. `planner`: another eject planner (calibrate_eject's); `north=False`:
     no HMI and no OPC UA server whatever the config says (benches and scripts that only sort).
@@ -90,25 +112,45 @@ def build_line(
             )
     log = structlog.get_logger("sorter")
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-    clock = ClockModel()
+    tb = transports.timebase
+    clock = ClockModel(clock=tb.now)
     geoms = camera_geometries(cfg)
     metrics = ServiceMetrics()
+    plc: PlcLinkBase
+    if transports.plc_registers is not None:
+        plc = PlcLink(cfg.plc, clock, log=log.bind(part="plc"), now=tb.now, client=transports.plc_registers(cfg.plc))
+    else:
+        plc = make_plc_link(cfg.plc, clock, log=log.bind(part="plc"), now=tb.now)
+    captures = {
+        c.name: CameraCapture(
+            c, cfg.queues, log.bind(camera=c.name), source_factory=transports.camera_source, now=tb.now
+        )
+        for c in cfg.cameras
+    }
     parts = LineParts(
         classifier=load_checked_model(cfg.classifier.model, cfg),
-        records=RecordStore(cfg.records.path, run_id),
+        records=RecordStore(cfg.records.path, run_id, wall=tb.wall),
         clock=clock,
-        plc=make_plc_link(cfg.plc, clock, log=log.bind(part="plc")),
+        plc=plc,
         geoms=geoms,
-        captures={c.name: CameraCapture(c, cfg.queues, log.bind(camera=c.name)) for c in cfg.cameras},
+        captures=captures,
         tracker=Tracker.for_line(cfg, geoms),
         planner=planner or EjectPlanner.for_line(cfg),
         load_model=lambda path: load_checked_model(path, cfg),
         on_stage=metrics.observe_stage,
         on_latency_ms=metrics.observe_latency_ms,
+        timebase=tb,
+        executor=transports.executor,
     )
     if cfg.magnetometer is not None:
         parts.fieldmap = FieldMap(cfg.magnetometer, cfg.belt.counts_per_mm, clock.count_at)
-        parts.hallbar = HallBar(cfg.magnetometer, log.bind(part="hallbar"), on_reading=parts.fieldmap.add)
+        parts.hallbar = HallBar(
+            cfg.magnetometer,
+            log.bind(part="hallbar"),
+            on_reading=parts.fieldmap.add,
+            clock=tb.now,
+            own_port=transports.hallbar_owns_port,
+        )
     service = LineService(cfg, parts, run_id=run_id, auto_start=auto_start)
     line = Line(service, metrics)
     parts.subscribers.append(metrics.publish)
@@ -133,13 +175,13 @@ def build_line(
         parts.companions.append(scada)
         parts.subscribers.append(scada.publish)
     if north and cfg.sparkplug is not None and cfg.sparkplug.enabled:
-        edge = line.edge = EdgeNode(cfg.sparkplug, cfg.line, log=log.bind(part="sparkplug"))
+        edge = line.edge = EdgeNode(cfg.sparkplug, cfg.line, log=log.bind(part="sparkplug"), wall=tb.wall, now=tb.now)
         parts.companions.append(edge)
         parts.subscribers.append(edge.publish)
         metrics.registry.register(edge.collector())
     if north and cfg.plant_db is not None and cfg.plant_db.enabled:
         fwd = line.forwarder = RecordForwarder(
-            cfg.plant_db, cfg.line, cfg.records.path, run_id=run_id, log=log.bind(part="plant_db")
+            cfg.plant_db, cfg.line, cfg.records.path, run_id=run_id, log=log.bind(part="plant_db"), wall=tb.wall
         )
         parts.companions.append(fwd)
         # the service writes its last rows after its companions stop: the final drain is a closer

@@ -8,8 +8,9 @@ tier with a module-level `pytestmark`; collection fails for a test without exact
   The whole tier runs in well under two minutes on two cores and goes first (`-x`).
 - `wire`: real protocol peers on loopback (Modbus and OPC UA servers, a pty, the node-opcua client,
   a headless browser), subprocesses, short runs of the simulator.
-- `line`: end-to-end runs of the simulated line in real time (tens of seconds each). `slow`, the
-  old name, still marks (and selects) this tier.
+- `line`: end-to-end runs of the simulated line: in lockstep (virtual time, exact figures against a
+  golden file: tests/test_lockstep.py), and in real time for what only wall-clock time shows (tens of
+  seconds each). `slow`, the old name, still marks (and selects) this tier.
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ import pytest
 
 TIERS = ("fast", "wire", "line")
 ALIASES = {"slow": "line"}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--update-golden",
+        action="store_true",
+        help="write the lockstep run's figures as the new golden ones (tests/test_lockstep.py; `make golden`)",
+    )
 
 
 def _tiers_of(item: pytest.Item) -> set[str]:

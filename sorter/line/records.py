@@ -12,6 +12,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,10 +102,11 @@ _INSERT = f"INSERT INTO pieces (run_id, {', '.join(PIECE_COLUMNS)}) VALUES ({','
 
 
 class RecordStore:
-    def __init__(self, path: Path, run_id: str) -> None:
+    def __init__(self, path: Path, run_id: str, *, wall: Callable[[], float] = time.time) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.run_id = run_id
+        self._wall = wall  # events' timestamps (the line's Timebase.wall)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -149,7 +151,7 @@ class RecordStore:
 
     def event(self, kind: str, **detail: Any) -> None:
         with self._lock:
-            self._events.append((time.time(), self.run_id, kind, json.dumps(detail, default=str)))
+            self._events.append((self._wall(), self.run_id, kind, json.dumps(detail, default=str)))
 
     @property
     def pending_writes(self) -> int:
@@ -196,13 +198,13 @@ def load_pieces(path: Path, run_id: str | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def piece_row(plan: Plan, cfg: LineConfig) -> dict[str, Any]:
+def piece_row(plan: Plan, cfg: LineConfig, t_wall: float) -> dict[str, Any]:
     """A decided piece's row of the `pieces` table (its outcome `pending` until the PLC answers its command)."""
     d, cmd, cpm = plan.decision, plan.command, cfg.belt.counts_per_mm
     p = d.piece
     return {
         "id": p.id,
-        "t_wall": time.time(),
+        "t_wall": t_wall,
         "t_capture": p.t_last_capture,
         "count": round(p.u),
         "count32": wrap32(round(p.u)),

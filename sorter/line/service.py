@@ -17,7 +17,7 @@ import gc
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,6 +47,7 @@ from sorter.core.messages import (
 )
 from sorter.core.packml import Command
 from sorter.core.planner import EjectPlanner, Plan
+from sorter.core.timebase import REAL_TIME, Timebase
 from sorter.core.tracking import Tracker
 from sorter.drivers.cameras.capture import CameraCapture, CaptureClosed
 from sorter.drivers.hallbar import FieldMap, HallBar
@@ -93,6 +94,11 @@ class StageTimes:
         return {k: 1000 * v / self.n[k] for k, v in self.total.items() if self.n[k]}
 
 
+def worker_thread(name: str) -> Executor:
+    """One worker thread for one kind of work (pixels, inference, the records' disk writes)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+
 @dataclass
 class LineParts:
     """What the service works with, built by the wiring (sorter/app.py): each part ready to run."""
@@ -117,6 +123,10 @@ class LineParts:
     on_latency_ms: Callable[[float], None] | None = None  # decision latencies (metrics histogram)
     extra_stats: dict[str, Callable[[], Any]] = field(default_factory=dict)  # more for the periodic log line
     closers: list[Callable[[], None]] = field(default_factory=list)  # called off the loop at the very end
+    # the clocks, and where work that must not hold up the loop runs: real time and worker threads on a
+    # plant; one virtual clock and work done in place in the lockstep simulation (docs/architecture.md)
+    timebase: Timebase = REAL_TIME
+    executor: Callable[[str], Executor] = worker_thread
 
 
 class LineService:
@@ -138,9 +148,10 @@ class LineService:
         self.fieldmap = parts.fieldmap
         # pixels and inference on their own threads (both release the GIL): a burst of crops to
         # classify must not hold up the next frames, nor either of them the PLC polling on the loop
-        self._vision = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision")
-        self._infer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="records")
+        self._vision = parts.executor("vision")
+        self._infer = parts.executor("infer")
+        self._writer = parts.executor("records")
+        self._now, self._wall = parts.timebase.now, parts.timebase.wall
         self._pieces: asyncio.Queue[list[Piece]] = asyncio.Queue()
         self._sends: set[asyncio.Task[None]] = set()
         self._ref_count: int | None = None
@@ -158,6 +169,7 @@ class LineService:
             cameras_online=lambda: all(c.online for c in self.captures.values()),
             record_event=self.records.event,
             log=self.log,
+            now=self._now,
         )
         self.control.listeners.append(lambda old, new, why: self._publish())
         self.stats: LineStats = self._build_stats()
@@ -277,9 +289,9 @@ class LineService:
         c.by_fraction[d.fraction] += 1
         c.pieces += 1
         if plan.command is None:  # no air: it ends in the default fraction (an ejected one: once the PLC took it)
-            self.live.add(d, self.cfg.routing.default_fraction)
+            self.live.add(d, self.cfg.routing.default_fraction, self._now())
             c.outcomes[plan.outcome] += 1
-        self.records.add_piece(piece_row(plan, self.cfg))
+        self.records.add_piece(piece_row(plan, self.cfg, self._wall()))
 
     async def _send(self, plan: Plan) -> None:
         cmd = plan.command
@@ -288,14 +300,15 @@ class LineService:
         try:
             result = await self.plc.send(cmd, self.cfg.ejection.min_lead_ms / 1000)
         except asyncio.CancelledError:
-            self.live.add(plan.decision, self.cfg.routing.default_fraction)
+            self.live.add(plan.decision, self.cfg.routing.default_fraction, self._now())
             self.counters.outcomes[Outcome.CANCELLED] += 1
             self.records.update_outcome(cmd.piece_id, Outcome.CANCELLED, None, None, None)
             raise
         self.times.add("plc_send", time.perf_counter() - t0)
         # where it ends: the product only if the PLC took the command (counted as the line shows it)
         accepted = result.outcome is Outcome.ACCEPTED
-        self.live.add(plan.decision, plan.decision.fraction if accepted else self.cfg.routing.default_fraction)
+        fraction = plan.decision.fraction if accepted else self.cfg.routing.default_fraction
+        self.live.add(plan.decision, fraction, self._now())
         latency = None
         if accepted and result.t_accepted is not None:
             latency = 1000 * (result.t_accepted - plan.decision.piece.t_last_capture)
@@ -311,15 +324,15 @@ class LineService:
         if bar is None or fmap is None or mag is None:
             return [NO_BAR] * len(pieces)
         need = max(fmap.window(p.u_lead, p.u_trail)[1] for p in pieces)
-        t0 = time.monotonic()
+        t0 = self._now()
         deadline = t0 + mag.wait_ms / 1000
         while bar.online and ((c := fmap.covered_until()) is None or c < need):
-            if time.monotonic() >= deadline:
+            if self._now() >= deadline:
                 self.counters.field_wait_timeouts += 1
                 self.log.debug("field wait timed out", behind_mm=(need - (c or need)) / self.cfg.belt.counts_per_mm)
                 break
             await asyncio.sleep(0.005)
-        self.times.add("field_wait", time.monotonic() - t0)
+        self.times.add("field_wait", self._now() - t0)
         out = []
         for p in pieces:
             r = fmap.query(p.u_lead, p.u_trail, p.x0, p.x1)
@@ -358,7 +371,7 @@ class LineService:
             case PackMLRequest(command, user):
                 return await self.control.command(Command(command), user)
             case AckAlarm(name, user):
-                alarm = self.alarm_board.acknowledge(name, user)
+                alarm = self.alarm_board.acknowledge(name, user, now=self._wall())
                 if alarm is not None:
                     self.records.event("alarm_ack", alarm=alarm.name, user=user)
                     self._publish()
@@ -434,7 +447,7 @@ class LineService:
         return LineStats(
             line=self.cfg.line,
             run_id=self.run_id,
-            t=time.monotonic(),
+            t=self._now(),
             state=self.control.state,
             allowed=tuple(c.value for c in self.control.machine.allowed()),
             counters=self.counters.copy(),
@@ -454,7 +467,7 @@ class LineService:
             min_confidence=self.cfg.routing.min_confidence,
             fallback_min_confidence=self.cfg.routing.fallback_min_confidence,
             fraction_counts=dict(self.live.counts),
-            pieces_per_minute=self.live.pieces_per_minute(),
+            pieces_per_minute=self.live.pieces_per_minute(self._now()),
             purity=self.live.purity(),
             latency_ms_p99=round(float(np.percentile(lat, 99)), 1) if lat else None,
             alarms_active=tuple(self.alarm_board.active),
@@ -478,7 +491,7 @@ class LineService:
     def _watch_alarms(self) -> None:
         conditions = line_conditions(self.stats)
         conditions += [c for comp in self.parts.companions if (c := comp.condition()) is not None]
-        raised, cleared = self.alarm_board.update(conditions)
+        raised, cleared = self.alarm_board.update(conditions, now=self._wall())
         for a in raised:
             self.log.warning(f"ALARM {a.name}", cause=a.cause, action=a.action)
             self.records.event("alarm", alarm=a.name, reason=a.cause, action=a.action)
@@ -503,14 +516,14 @@ class LineService:
                 )
 
     async def _stats_loop(self) -> None:
-        last_log = time.monotonic()
+        last_log = self._now()
         while True:
             await asyncio.sleep(STATS_S)
             self._publish()
             self._watch_bar()
             self._watch_alarms()
-            if time.monotonic() - last_log > 5:
-                last_log = time.monotonic()
+            if self._now() - last_log > 5:
+                last_log = self._now()
                 self.log.info("line", **self.summary())
 
     async def _start_companion(self, comp: Companion) -> None:

@@ -123,12 +123,16 @@ class EdgeNode:
         log: Any,
         session_factory: Callable[..., Any] = MqttSession,
         wall: Callable[[], float] = time.time,
+        now: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`wall`, `now`: the line's clocks (its Timebase), to stamp each change with when the line built the
+        stats; the network's own waits (reconnects, deadlines) run on the PC's monotonic clock."""
         self.cfg = cfg
         self.log = log
         self.group = cfg.group_id
         self.node = cfg.edge_node_id or line
         self._wall = wall
+        self._now = now
         self._session = session_factory(
             cfg,
             cfg.client_id or f"{self.group}-{self.node}",
@@ -323,7 +327,7 @@ class EdgeNode:
         first = not self._last  # the initial values: what the first NBIRTH says, not a change to keep
         self._last.update(changes)
         # when the line built these stats, as wall time (LineStats.t is the monotonic clock)
-        ts = int((self._wall() - max(0.0, time.monotonic() - stats.t)) * 1000)
+        ts = int((self._wall() - max(0.0, self._now() - stats.t)) * 1000)
         # live changes go out at once even while history is still being replayed: the NBIRTH already
         # carried the current values, and history is told apart by its flag and timestamps
         if self.born and self._session.connected:

@@ -41,6 +41,7 @@ class CameraCapture:
         log: FilteringBoundLogger,
         *,
         source_factory: Callable[[CameraConfig], FrameSource] = make_source,
+        now: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
         self.name = cfg.name
@@ -48,6 +49,7 @@ class CameraCapture:
         self.drop_policy = queues.drop_policy
         self.log = log.bind(camera=cfg.name)
         self._factory = source_factory
+        self._now = now
         self._buf: deque[Frame] = deque()  # bounded by hand: every drop must be counted
         self._wake = asyncio.Event()
         self.state: State = "offline"
@@ -92,7 +94,7 @@ class CameraCapture:
         return len(self._buf)
 
     def stats(self) -> dict[str, Any]:
-        age = None if self.last_frame_at is None else round(time.monotonic() - self.last_frame_at, 3)
+        age = None if self.last_frame_at is None else round(self._now() - self.last_frame_at, 3)
         return {
             "camera": self.name,
             "state": self.state,

@@ -95,8 +95,12 @@ class HallBar:
         track_baseline: bool = True,
         baseline_lines: int = 500,
         clock: Callable[[], float] = time.monotonic,
+        own_port: bool = True,
     ) -> None:
         self.cfg = cfg
+        # False: no serial port and no reader thread; the bytes come through receive() from whoever
+        # carries them (the lockstep simulation's wire, sim/lockstep.py)
+        self.own_port = own_port
         self.log = (log or structlog.get_logger("hallbar")).bind(hallbar=cfg.port)
         self.on_reading = on_reading
         n = cfg.channels
@@ -133,6 +137,9 @@ class HallBar:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("HallBar already started")
+        if not self.own_port:
+            self._begin_session()
+            return
         self._thread = threading.Thread(target=self._run, name="hallbar", daemon=True)
         self._thread.start()
 
@@ -231,6 +238,10 @@ class HallBar:
             if now - last > self.cfg.stall_timeout_s:
                 return f"no valid data line for {self.cfg.stall_timeout_s:g} s"
         return None
+
+    def receive(self, chunk: bytes, now: float) -> None:
+        """Bytes that arrived at `now` (the line's monotonic clock), on a bar that does not own its port."""
+        self._feed(chunk, now)
 
     def _feed(self, chunk: bytes, now: float) -> None:
         for kind, data in self._splitter.feed(chunk):

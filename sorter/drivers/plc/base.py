@@ -107,9 +107,12 @@ def check_valve(bank: int, valve: int) -> None:
 class PlcLinkBase:
     """Connection lifecycle, status publication and alarm logging shared by the protocol links."""
 
-    def __init__(self, cfg: PlcConfig, clock: ClockModel, *, log: Any, where: str) -> None:
+    def __init__(
+        self, cfg: PlcConfig, clock: ClockModel, *, log: Any, where: str, now: Callable[[], float] = time.monotonic
+    ) -> None:
         self.cfg = cfg
         self.clock = clock
+        self._now = now  # the line's Timebase.now: the same clock as the poll times fed to `clock`
         self.log = (log or structlog.get_logger("plc")).bind(plc=where)
         self.heartbeat_enabled = True  # commissioning: switch off to prove the PLC's watchdog trips
         self._status = PlcStatus(alarms=["offline"])
@@ -186,14 +189,14 @@ class PlcLinkBase:
     async def _every_poll(self, step: Callable[[], Awaitable[None]]) -> None:
         """Run step() every plc.poll_interval_ms (late: skip ahead rather than burst) until it raises."""
         interval = self.cfg.poll_interval_ms / 1000.0
-        next_t = time.monotonic()
+        next_t = self._now()
         while True:
             next_t += interval
-            wait = next_t - time.monotonic()
+            wait = next_t - self._now()
             if wait > 0:
                 await asyncio.sleep(wait)
             else:
-                next_t = time.monotonic()
+                next_t = self._now()
             await step()
 
     async def _pause(self, seconds: float) -> None:
@@ -260,7 +263,7 @@ class PlcLinkBase:
     def _expired(self, cmd: EjectCommand, min_lead_s: float) -> bool:
         """Would the command reach the PLC less than min_lead_s before its open count?"""
         one_way = self._status.rtt_ms / 2000.0
-        return self.clock.count_at(time.monotonic() + one_way + min_lead_s) >= cmd.open_at
+        return self.clock.count_at(self._now() + one_way + min_lead_s) >= cmd.open_at
 
     # --- the interface every link has ---
     async def send(self, cmd: EjectCommand, min_lead_s: float, max_wait_s: float | None = None) -> EjectResult:

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from sorter.config import PlcConfig
 from sorter.core.clock import ClockModel
@@ -51,12 +52,48 @@ MAILBOX_STUCK_TIMEOUTS = 4
 MAILBOX_STUCK_MIN_S = 0.5
 
 
+class RegisterClient(Protocol):
+    """What the link needs of its transport: ModbusClient (Modbus TCP) on a plant and in the real-time demo,
+    the virtual PLC's registers reached in-process in the lockstep simulation (sim/lockstep.py)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def connect(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    async def read_input_registers_timed(self, address: int, count: int) -> tuple[list[int], float, float]: ...
+
+    async def read_input_registers(self, address: int, count: int) -> list[int]: ...
+
+    async def read_holding_registers(self, address: int, count: int) -> list[int]: ...
+
+    async def write_register(self, address: int, value: int) -> None: ...
+
+    async def write_registers(self, address: int, values: Sequence[int]) -> None: ...
+
+    async def write_coil(self, address: int, on: bool) -> None: ...
+
+    async def read_coils(self, address: int, count: int) -> list[bool]: ...
+
+
 class PlcLink(PlcLinkBase):
-    def __init__(self, cfg: PlcConfig, clock: ClockModel, *, log: Any = None) -> None:
-        super().__init__(cfg, clock, log=log, where=f"{cfg.host}:{cfg.port}")
+    def __init__(
+        self,
+        cfg: PlcConfig,
+        clock: ClockModel,
+        *,
+        log: Any = None,
+        now: Callable[[], float] = time.monotonic,
+        client: RegisterClient | None = None,
+    ) -> None:
+        super().__init__(cfg, clock, log=log, where=f"{cfg.host}:{cfg.port}", now=now)
         self.regs = r = cfg.registers
         self.mailbox = Mailbox(r.slot_count)
-        self._client = ModbusClient(cfg.host, cfg.port, unit_id=r.unit_id, timeout_s=cfg.timeout_s)
+        self._client: RegisterClient = client or ModbusClient(
+            cfg.host, cfg.port, unit_id=r.unit_id, timeout_s=cfg.timeout_s, now=now
+        )
         addrs = r.input_addresses
         self._ir_lo = min(addrs)
         self._ir_count = max(addrs) - self._ir_lo + 1
@@ -180,11 +217,11 @@ class PlcLink(PlcLinkBase):
 
     async def _poll_after(self, t: float, timeout: float) -> None:
         """Wait for a poll whose request left after PC time t (so it shows what happened before t)."""
-        deadline = time.monotonic() + timeout
+        deadline = self._now() + timeout
         while self._t_poll_request <= t:
             if not self.online:
                 raise PlcError("PLC went offline")
-            left = deadline - time.monotonic()
+            left = deadline - self._now()
             if left <= 0:
                 raise PlcError(f"no poll of the PLC within {timeout:g} s")
             await self._wait_tick(left)
@@ -212,7 +249,7 @@ class PlcLink(PlcLinkBase):
         or written but no acceptance seen within timeout_s; seq tells which).
         """
         check_command(cmd)
-        give_up = time.monotonic() + (self.cfg.timeout_s if max_wait_s is None else max_wait_s)
+        give_up = self._now() + (self.cfg.timeout_s if max_wait_s is None else max_wait_s)
         async with self._send_lock:  # FIFO: commands go out in the order send() was called
             while True:
                 if not self.online or not self.clock.ready:
@@ -221,14 +258,14 @@ class PlcLink(PlcLinkBase):
                     return EjectResult(None, Outcome.EXPIRED, None, None)
                 if self._can_write():
                     break
-                left = give_up - time.monotonic()
+                left = give_up - self._now()
                 if left <= 0:
                     return EjectResult(None, Outcome.TIMEOUT, None, None)
                 await self._wait_tick(min(left, self.cfg.timeout_s))
             seq, slot = self.mailbox.reserve()
             fut: asyncio.Future[float | Outcome] = asyncio.get_running_loop().create_future()
             self._waiters[seq] = fut
-            t_sent = time.monotonic()
+            t_sent = self._now()
             # shielded: once a seq is reserved its slot write must finish even if the caller
             # gives up, or the PLC would wait for that seq forever
             write = asyncio.ensure_future(self._write_slot(seq, slot, cmd))
@@ -271,16 +308,16 @@ class PlcLink(PlcLinkBase):
         if not self.online:
             raise PlcError(f"command {code.name}: PLC offline")
         timeout = timeout_s if timeout_s is not None else max(1.0, 4 * self.cfg.timeout_s)
-        deadline = time.monotonic() + timeout
+        deadline = self._now() + timeout
         await self._client.write_register(self.regs.hr_command, int(code))
         while True:
             (value,) = await self._client.read_holding_registers(self.regs.hr_command, 1)
             if value == 0:
                 break
-            if time.monotonic() > deadline:
+            if self._now() > deadline:
                 raise PlcError(f"command {code.name}: PLC did not clear the command register within {timeout:g} s")
             await asyncio.sleep(self.cfg.poll_interval_ms / 1000.0)
-        await self._poll_after(time.monotonic(), max(deadline - time.monotonic(), self.cfg.timeout_s))
+        await self._poll_after(self._now(), max(deadline - self._now(), self.cfg.timeout_s))
         self.log.info("plc command done", command=code.name)
 
     async def set_valve(self, bank: int, valve: int, on: bool) -> None:

@@ -49,7 +49,16 @@ EXCEPTION_NAMES = {
 
 
 class ModbusClient:
-    def __init__(self, host: str, port: int, *, unit_id: int = 1, timeout_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        unit_id: int = 1,
+        timeout_s: float = 0.5,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._now = now  # request/response times, on the clock the link's clock model runs on
         self.host = host
         self.port = port
         self.unit_id = unit_id
@@ -161,11 +170,11 @@ class ModbusClient:
         t = [0.0]
 
         async def req(c: AsyncModbusTcpClient) -> Any:
-            t[0] = time.monotonic()  # taken under the lock, right as the request goes out
+            t[0] = self._now()  # taken under the lock, right as the request goes out
             return await c.read_input_registers(address, count=count, device_id=self.unit_id)
 
         response = await self._call(f"read input registers {address}..{address + count - 1}", 4, req)
-        t_response = time.monotonic()
+        t_response = self._now()
         return self._registers(response, count, address), t[0], t_response
 
     async def read_input_registers(self, address: int, count: int) -> list[int]:

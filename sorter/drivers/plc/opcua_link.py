@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sorter.config import PlcConfig
@@ -41,8 +42,10 @@ U32 = 1 << 32
 
 
 class OpcUaPlcLink(PlcLinkBase):
-    def __init__(self, cfg: PlcConfig, clock: ClockModel, *, log: Any = None) -> None:
-        super().__init__(cfg, clock, log=log, where=cfg.opcua.endpoint)
+    def __init__(
+        self, cfg: PlcConfig, clock: ClockModel, *, log: Any = None, now: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__(cfg, clock, log=log, where=cfg.opcua.endpoint, now=now)
         self.mailbox = Mailbox(16)  # only the seq rules matter here: calls are answered one at a time
         self._client = OpcUaPlcClient(cfg.opcua, cfg.timeout_s)
         self._values: dict[str, Any] = {}
@@ -135,7 +138,7 @@ class OpcUaPlcLink(PlcLinkBase):
     async def send(self, cmd: EjectCommand, min_lead_s: float, max_wait_s: float | None = None) -> EjectResult:
         """Call ScheduleEject and return its outcome (the same outcomes as the Modbus link's send)."""
         check_command(cmd)
-        give_up = time.monotonic() + (self.cfg.timeout_s if max_wait_s is None else max_wait_s)
+        give_up = self._now() + (self.cfg.timeout_s if max_wait_s is None else max_wait_s)
         async with self._send_lock:  # FIFO, and the seq rules need one call at a time
             while True:
                 if not self.online or not self.clock.ready:
@@ -144,7 +147,7 @@ class OpcUaPlcLink(PlcLinkBase):
                     return EjectResult(None, Outcome.EXPIRED, None, None)
                 if self._can_send():
                     seq, _ = self.mailbox.reserve()
-                    t_sent = time.monotonic()
+                    t_sent = self._now()
                     try:
                         accepted = await asyncio.shield(self._schedule(seq, cmd))
                     except PlcError as exc:
@@ -155,10 +158,10 @@ class OpcUaPlcLink(PlcLinkBase):
                         return EjectResult(seq, Outcome.OFFLINE, t_sent, None)
                     if accepted:
                         self.mailbox.on_accepted(seq)
-                        return EjectResult(seq, Outcome.ACCEPTED, t_sent, time.monotonic())
+                        return EjectResult(seq, Outcome.ACCEPTED, t_sent, self._now())
                     self.mailbox.resync(self.mailbox.last_accepted)  # refused: the seq is free again
                     self.log.debug("plc refused ScheduleEject, waiting", seq=seq, status=self._status.alarms)
-                left = give_up - time.monotonic()
+                left = give_up - self._now()
                 if left <= 0:
                     return EjectResult(None, Outcome.TIMEOUT, None, None)
                 await self._wait_tick(min(left, self.cfg.timeout_s))
@@ -176,10 +179,10 @@ class OpcUaPlcLink(PlcLinkBase):
         if not self.online:
             raise PlcError(f"command {code.name}: PLC offline")
         timeout = timeout_s if timeout_s is not None else max(1.0, 4 * self.cfg.timeout_s)
-        deadline = time.monotonic() + timeout
+        deadline = self._now() + timeout
         await self._client.write("command", u16(int(code)))
         while await self._client.read("command") != 0:
-            if time.monotonic() > deadline:
+            if self._now() > deadline:
                 raise PlcError(f"command {code.name}: PLC did not clear Command within {timeout:g} s")
             await asyncio.sleep(self.cfg.poll_interval_ms / 1000.0)
         # don't wait for the next notification: callers look at belt_running right away

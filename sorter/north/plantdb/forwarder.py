@@ -157,13 +157,16 @@ class RecordForwarder:
         run_id: str | None,
         log: Any,
         connect: Callable[..., Any] = psycopg.connect,
+        wall: Callable[[], float] = time.time,
     ) -> None:
+        """`wall`: the clock the journal's t_wall comes from (the line's Timebase), for the lag and the grace."""
         self.cfg = cfg
         self.line = line
         self.journal_path = journal
         self.run_id = run_id  # the running service's: its pending rows may still change
         self.log = log
         self._connect_fn = connect
+        self._wall = wall
         self._conn: Any = None
         self._journal: Journal | None = None
         self._stop = threading.Event()
@@ -324,7 +327,7 @@ class RecordForwarder:
             self.watermark["pieces"],
             self.cfg.batch_rows,
             run_id=self.run_id,
-            now=time.time(),
+            now=self._wall(),
             grace_s=self.cfg.pending_grace_s,
         )
         events = self._journal.events_after(self.watermark["events"], self.cfg.batch_rows)
@@ -374,7 +377,7 @@ class RecordForwarder:
         except sqlite3.Error:
             return
         self.lag_rows = n
-        self.lag_s = max(0.0, time.time() - t_first) if t_first is not None else 0.0
+        self.lag_s = max(0.0, self._wall() - t_first) if t_first is not None else 0.0
 
     # --- Prometheus ---
     def collector(self) -> Collector:
