@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: demo test lint bench model golden clean-venv node-client browser plant-tools plant-demo
+.PHONY: demo test lint bench model golden clean-venv node-client browser genicam plant-tools plant-demo
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,24 @@ browser:
 		fi; \
 	fi
 
+# The GenICam tests (tests/test_genicam_wire.py) talk GigE Vision on loopback to Debian's fake camera
+# (aravis-tools) through Aravis's bindings (gir1.2-aravis-0.8) and PyGObject, built into the venv against
+# Debian's gobject-introspection (the `genicam` extra: not in `dev`, which must install without a C compiler).
+# Installed when missing and this is root (CI); otherwise say how, and those tests skip (fail in CI).
+ARAVIS_DEBS := aravis-tools gir1.2-aravis-0.8 libgirepository1.0-dev libcairo2-dev pkg-config gcc python3-dev
+genicam: $(STAMP)
+	@if ! command -v arv-fake-gv-camera-0.8 >/dev/null || ! pkg-config --exists gobject-introspection-1.0 cairo \
+		|| [ -z "$$(find /usr/lib -name 'Aravis-0.8.typelib' 2>/dev/null | head -1)" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(ARAVIS_DEBS); \
+		else \
+			echo "GenICam tests need: sudo apt-get install --no-install-recommends $(ARAVIS_DEBS); make genicam"; \
+			exit 0; \
+		fi; \
+	fi; \
+	$(BIN)/python -c "import gi; gi.require_version('Aravis', '0.8')" 2>/dev/null \
+		|| $(BIN)/pip install --quiet -e '.[genicam]'
+
 # The plant's MQTT broker and PostgreSQL (the Sparkplug and plant database tests, `make plant-demo`): Debian's
 # mosquitto and PostgreSQL 15, run by the tests and the demo in temp folders on loopback, never as services.
 # Installed when missing and this is root (CI); otherwise say how, and those tests skip (fail in CI).
@@ -59,7 +77,7 @@ demo: $(STAMP)
 
 # The suite in its tiers (tests/conftest.py): `fast` first, stopping at its first failure, and only if it
 # passed `wire` (real protocol peers on loopback) and `line` (end-to-end runs of the simulated line).
-test: $(STAMP) node-client browser plant-tools
+test: $(STAMP) node-client browser genicam plant-tools
 	@t0=$$(date +%s); $(BIN)/python -m pytest -q -x -m fast; rc=$$?; \
 	echo "fast tier: $$(( $$(date +%s) - t0 )) s"; exit $$rc
 	@t0=$$(date +%s); $(BIN)/python -m pytest -q -m wire; wire=$$?; \

@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from hw.cameras import Grabbed, grab
+from hw.cameras import Grabbed, free_run, genicam_cameras, grab
 from hw.common import (
     Change,
     HwError,
@@ -37,7 +37,7 @@ from hw.common import (
     yes_option,
 )
 from hw.target import ChArUcoTarget
-from sorter.config import CameraConfig
+from sorter.config import CameraConfig, LineConfig
 from sorter.core.geometry import CameraGeometry
 from sorter.logs import setup_logging
 
@@ -283,6 +283,7 @@ def main(
     cameras' centre-line mark (the line the valve-bank distances are measured from: --target-y-mm).
     Switch the cameras to free-run (trigger mode off) in their configuration tool, since an
     encoder-triggered camera sends nothing while the belt stands; switch them back afterwards.
+    GenICam cameras need none of that: the script opens them free-running itself.
 
     Found per camera: centre (belt x, y of the image centre), mm per pixel and rotation, each with
     its fit uncertainty (the target's placement adds its own to centre and rotation), and the
@@ -293,6 +294,11 @@ def main(
     and offset; the simulator's cameras have none): a max error well above the rms points at
     distortion or a slanted camera. Writes each camera's mapping in the config (diff shown; confirm,
     or --yes); nothing is written if a camera's rms error exceeds --max-residual-mm.
+
+    Latency: a GenICam camera placed by time (`position: timestamp` or `arrival`) is then triggered 40
+    times by software and its trigger -> stamp latency (median) written as `cameras[].latency_ms`, with
+    its spread reported (set `timing_jitter_ms` from it: docs/cameras.md). Cameras placed by count need
+    none.
     """
     setup_logging("error")
     with script_errors():
@@ -313,11 +319,12 @@ def main(
         console.print(f"target: {spec.describe()}")
         prompt(
             "stop the belt; lay the target across it under every camera: left edge against the left guide, "
-            "grey strip upstream, centre-line ticks on the cameras' centre-line mark; switch the cameras to "
-            "free-run (trigger off)",
+            "grey strip upstream, centre-line ticks on the cameras' centre-line mark; switch the cameras that are "
+            "not GenICam to free-run (trigger off): the script sets GenICam cameras itself",
             yes,
         )
-        grabbed = asyncio.run(grab(cfg, seconds, keep=frames, what="looking at the target"))
+        # GenICam cameras are switched to free-run here (and left in their configured trigger by the line)
+        grabbed = asyncio.run(grab(free_run(cfg), seconds, keep=frames, what="looking at the target"))
         corners = {g.camera.name: find_corners(g, spec) for g in grabbed}
         fits = []
         for g in grabbed:
@@ -348,6 +355,9 @@ def main(
                 Change(f"{key}.mm_per_px", round(geom.mm_per_px, 7)),
                 Change(f"{key}.rotation_deg", round(geom.rotation_deg, 4)),
             ]
+        latencies = camera_latencies(cfg)
+        for i, lat in latencies.items():
+            changes.append(Change(f"cameras[{i}].latency_ms", lat["median_ms"]))
         write_changes(
             config,
             changes,
@@ -360,8 +370,37 @@ def main(
             measured={
                 "target": asdict(spec) | {"x_mm": x_mm, "y_mm": target_y_mm},
                 **{f.camera: _measured(f) | {"grey": grey[f.camera]} for f in fits},
+                "latency": {cfg.cameras[i].name: lat for i, lat in latencies.items()},
             },
         )
+
+
+def camera_latencies(cfg: LineConfig) -> dict[int, dict[str, Any]]:
+    """Trigger -> stamp latency of each GenICam camera placed by time (position `timestamp` or `arrival`), by
+    software triggers: camera index -> the measurement of its method (median_ms is written as latency_ms).
+
+    Cameras placed by count (`chunk`, `trigger`) need none; OpenCV sources cannot be triggered from the PC, so
+    their latency stays as configured (docs/cameras.md)."""
+    timed = [(i, src) for i, _, src in genicam_cameras(cfg) if src.position in ("timestamp", "arrival")]
+    if not timed:
+        return {}
+    try:
+        from sorter.drivers.cameras.genicam import GenICamError, measure_latency
+    except ImportError as exc:
+        raise HwError(f"cannot measure the GenICam cameras' latency: {exc}", "`make genicam`") from None
+    out: dict[int, dict[str, Any]] = {}
+    for i, src in timed:
+        try:
+            m = measure_latency(src.device, 40)
+        except GenICamError as exc:
+            raise HwError(str(exc), "is the camera free (the line service stopped)?") from None
+        got = m[src.position]
+        out[i] = got | {"trigger_command_ms": m["trigger_command_ms"], "method": src.position}
+        console.print(
+            f"{cfg.cameras[i].name}: trigger -> {src.position} latency {got['median_ms']:.2f} ms "
+            f"(±{got['jitter_ms']:.2f} ms; the trigger command itself {m['trigger_command_ms']:.2f} ms)"
+        )
+    return out
 
 
 def _measured(f: Fit) -> dict[str, Any]:

@@ -19,9 +19,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from hw.cameras import Grabbed, describe_source, grab
+from hw.cameras import Grabbed, describe_source, genicam_facts, grab
 from hw.common import HwError, config_option, console, load, prompt, run_app, script_errors
-from sorter.config import LineConfig
+from sorter.config import GenICamSource, LineConfig
+from sorter.config.precision import position_report
 from sorter.core.geometry import diff32
 from sorter.logs import setup_logging
 
@@ -97,7 +98,10 @@ def analyse(g: Grabbed, cfg: LineConfig, limits: Limits) -> tuple[CameraResult, 
     steps = [diff32(c1, c0) / (q1 - q0) for (q0, c0), (q1, c1) in itertools.pairwise(counts) if q1 > q0]
     travel = float(np.median(steps)) / cfg.belt.counts_per_mm if steps else None
     # only a camera that latches the encoder at exposure time-stamps the exposure; others stamp the grab
-    exposed = [s for s in st if s.count is not None]
+    # a GenICam camera placed by count or device timestamp stamps its frames with the exposure time too
+    src = cam.source
+    device_timed = isinstance(src, GenICamSource) and src.position != "arrival"
+    exposed = [s for s in st if s.count is not None or device_timed]
     delay = None
     if exposed:
         d = np.array([s.t_received - s.t_capture for s in exposed]) * 1000.0
@@ -236,6 +240,28 @@ def main(
         console.print("local camera devices: " + ("none" if not devices else ""))
         for row in devices:
             console.print(f"  {row}")
+        gige, facts = genicam_facts(cfg)
+        if gige or facts:
+            console.print(f"GenICam cameras found: {len(gige)}")
+            for d in gige:
+                console.print(f"  {d['vendor']} {d['model']} serial {d['serial']} at {d['address']}")
+        failures: dict[str, list[str]] = {}
+        for name, fact in facts.items():
+            if "error" in fact:
+                raise HwError(fact["error"], "`sorter cameras discover`; docs/cameras.md")
+            console.print(
+                f"{name}: trigger {fact['trigger_mode']} on {fact['trigger_source']}, {fact['pixel_format']}, "
+                f"exposure {fact['exposure_us']} µs, chunks {'yes' if fact['chunks_available'] else 'no'}, "
+                f"{fact['frame_id_bits']}-bit frame IDs, position from {fact['position']}"
+            )
+            if fact["position"] == "trigger" and fact["trigger_mode"] != "On":
+                failures.setdefault(name, []).append("position `trigger` but the camera's trigger is off")
+        positions = position_report(cfg)
+        for pos in positions:
+            if not pos["ok"]:
+                failures.setdefault(str(pos["camera"]), []).append(
+                    f"position `{pos['method']}` is off by ±{pos['error_mm']} mm > margin {pos['margin_mm']} mm"
+                )
         prompt(
             "run the belt at production speed (cameras encoder-triggered) and feed some scrap: "
             "focus and exposure are judged on what lies on the belt",
@@ -249,6 +275,7 @@ def main(
         results = []
         for g in grabbed:
             r, image = analyse(g, cfg, limits)
+            r.failures += failures.get(r.camera, [])
             if image is not None:
                 png = out / f"{r.camera}.png"
                 if not cv2.imwrite(str(png), image):
@@ -260,6 +287,8 @@ def main(
             "seconds": seconds,
             "limits": asdict(limits),
             "devices": devices,
+            "genicam": {"found": gige, "cameras": facts},
+            "positions": positions,
             "cameras": [asdict(r) for r in results],
             "passed": all(r.passed for r in results),
         }

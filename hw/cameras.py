@@ -11,12 +11,13 @@ import asyncio
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from hw.common import HwError, console
-from sorter.config import CameraConfig, LineConfig, SimCameraSource
+from sorter.config import CameraConfig, GenICamSource, LineConfig, SimCameraSource
 from sorter.core.messages import Frame
 from sorter.drivers.cameras.capture import CameraCapture, CaptureClosed
 
@@ -47,6 +48,9 @@ def describe_source(cam: CameraConfig) -> str:
     src = cam.source
     if isinstance(src, SimCameraSource):
         return f"{src.type} camera at {src.address}"
+    if isinstance(src, GenICamSource):
+        trig = {"line": f"triggered on {src.trigger_line}", "software": "software-triggered", "free": "free-running"}
+        return f"GenICam camera {src.device!r} ({trig[src.trigger]}, position from {src.position})"
     where = getattr(src, "uri", None)  # a source type of its own names itself by its settings
     shown = (
         repr(where)
@@ -56,7 +60,60 @@ def describe_source(cam: CameraConfig) -> str:
     return f"{src.type} source {shown}"
 
 
+def free_run(cfg: LineConfig) -> LineConfig:
+    """The config with its GenICam cameras free-running: for scripts that look at the stopped belt (an
+    encoder-triggered camera sends nothing while the belt stands). Frame positions do not matter there."""
+    cams = [
+        c.model_copy(update={"source": c.source.model_copy(update={"trigger": "free", "position": "arrival"})})
+        if isinstance(c.source, GenICamSource)
+        else c
+        for c in cfg.cameras
+    ]
+    return cfg.model_copy(update={"cameras": cams})
+
+
+def genicam_cameras(cfg: LineConfig) -> list[tuple[int, CameraConfig, GenICamSource]]:
+    return [(i, c, c.source) for i, c in enumerate(cfg.cameras) if isinstance(c.source, GenICamSource)]
+
+
+def genicam_facts(cfg: LineConfig) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The GenICam cameras that answer discovery, and each configured one opened and set up exactly as the line
+    does it (hw.camera_check): its trigger mode and source, pixel format, region, exposure, whether it has
+    chunk data, how wide its frame IDs are. A camera that cannot be opened gets its error instead."""
+    cams = genicam_cameras(cfg)
+    try:
+        from sorter.drivers.cameras.genicam import GenICamCamera, GenICamError, discover
+    except ImportError as exc:
+        if cams:
+            raise HwError(f"the config has GenICam cameras but: {exc}", "`make genicam`") from None
+        return [], {}
+    found = [d.__dict__ for d in discover()]
+    facts: dict[str, dict[str, Any]] = {}
+    for _, cam, src in cams:
+        source = GenICamCamera.from_config(cam)
+        try:
+            dev = source.open_device()
+        except GenICamError as exc:
+            facts[cam.name] = {"error": str(exc)}
+            continue
+        try:
+            facts[cam.name] = dev.describe() | {
+                "position": src.position,
+                "device": dev.info.__dict__ if dev.info else None,
+            }
+        finally:
+            dev.close()
+    return found, facts
+
+
 def _silent(cam: CameraConfig, index: int, reason: str | None) -> str:
+    if isinstance(cam.source, GenICamSource) and not (reason and reason.startswith("stalled")):
+        check = (
+            f"is it powered, connected and on this PC's subnet? `sorter cameras discover` lists what answers; "
+            f"`sorter cameras grab --serial {cam.source.device}` tries it alone (docs/cameras.md)"
+        )
+        what = reason or "nothing received"
+        return f"camera {cam.name} ({describe_source(cam)}) delivers no frames: {what}\n    {check}"
     if reason and reason.startswith("stalled"):
         check = (
             "it answers but sends no frames: the cameras are encoder-triggered, so run the belt, "

@@ -26,6 +26,7 @@ import structlog
 
 from sorter.config import CameraConfig, ConfigError, LineConfig, PlcConfig, load_config
 from sorter.config.plant import check_plant
+from sorter.config.precision import position_errors, position_report
 from sorter.core.clock import ClockModel
 from sorter.core.geometry import camera_geometries
 from sorter.core.messages import Decision, PackMLRequest, SwapModel
@@ -103,14 +104,19 @@ def build_line(
     """Every part of one line, wired. `planner`: another eject planner (calibrate_eject's); `north=False`:
     no HMI and no OPC UA server whatever the config says (benches and scripts that only sort).
 
-    ConfigError if the config says `plant: true` and has a demo-only setting (sorter/config/plant.py)."""
+    ConfigError if the config says `plant: true` and has a demo-only setting (sorter/config/plant.py), or a
+    camera's frames would be placed on the belt worse than the eject margins (sorter/config/precision.py)."""
     if cfg.plant:  # a plant's line does not start with a demo-only setting (docs/config.md, `plant`)
         problems = check_plant(cfg)
         if problems:
             raise ConfigError(
                 "plant: true, but the config has demo-only settings:\n" + "\n".join(f"  {p}" for p in problems)
             )
+    if why := position_errors(cfg):  # frames placed worse than the eject margins: the valves would miss
+        raise ConfigError("cameras too imprecise for the eject margins:\n" + why)
     log = structlog.get_logger("sorter")
+    for pos in position_report(cfg):  # reported at start: how each camera's frames are placed on the belt
+        log.info("camera position", **pos)
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     tb = transports.timebase
     clock = ClockModel(clock=tb.now)

@@ -8,7 +8,7 @@ import sys
 import time
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -469,6 +469,77 @@ def hmi_certs(
         f"in the line config:\n  hmi:\n    tls: true\n    certificate: {cert_path.resolve()}\n"
         f"    private_key: {key_path.resolve()}"
     )
+
+
+# --- `sorter cameras`: find GenICam and OpenCV cameras, grab from one (docs/cameras.md) ---
+
+cameras_app = typer.Typer(help="Cameras: find GenICam (GigE Vision / USB3 Vision) and OpenCV devices, grab frames.")
+app.add_typer(cameras_app, name="cameras")
+
+
+def _genicam() -> Any:
+    """The GenICam driver module, or exit 2 saying how to install its library."""
+    try:
+        from sorter.drivers.cameras import genicam
+    except ImportError as exc:
+        raise fail(str(exc)) from None
+    return genicam
+
+
+@cameras_app.command("discover")
+def cameras_discover(
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """List every GenICam camera found (GigE Vision on this PC's subnets, USB3 Vision) and every video device."""
+    from sorter.drivers.cameras.opencv import opencv_devices
+
+    genicam = _genicam()
+    devices = [d.__dict__ for d in genicam.discover()]
+    video = opencv_devices()
+    if as_json:
+        typer.echo(json.dumps({"library": genicam.LIBRARY, "genicam": devices, "opencv": video}, indent=2))
+        return
+    typer.echo(f"GenICam cameras ({genicam.LIBRARY}): {len(devices)}")
+    for d in devices:
+        typer.echo(
+            f"  {d['vendor']} {d['model']}  serial {d['serial']}  {d['protocol']} {d['address']}  ({d['device_id']})"
+        )
+    typer.echo(f"OpenCV video devices: {len(video)}")
+    for v in video:
+        typer.echo(f"  index {v['index']}  {v['device']}  {v['name']}")
+
+
+@cameras_app.command("grab")
+def cameras_grab(
+    serial: Annotated[str, typer.Option("--serial", help="the camera: serial number, user ID or IP address")],
+    frames: Annotated[int, typer.Option("--frames", min=1, help="complete frames to grab")] = 10,
+    trigger: Annotated[
+        str, typer.Option("--trigger", help="software: one software trigger per frame; free: free-running")
+    ] = "software",
+    timeout_s: Annotated[float, typer.Option("--timeout-s", help="give up after this long without a frame")] = 5.0,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Open one GenICam camera, grab N frames and print each one's frame ID, timestamp, size, pixel format and
+    chunk values, plus the incomplete and lost counts. Exit 2 if the camera is absent, busy or refuses."""
+    if trigger not in ("software", "free"):
+        raise fail(f"--trigger must be software or free, not {trigger!r}")
+    genicam = _genicam()
+    try:
+        result = genicam.grab(serial, frames, trigger=trigger, timeout_s=timeout_s)
+    except genicam.GenICamError as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    dev = result["device"]
+    typer.echo(f"{dev['vendor']} {dev['model']} serial {dev['serial']} at {dev['address']}: {result['settings']}")
+    for f in result["frames"]:
+        chunks = " ".join(f"{k}={v}" for k, v in f["chunks"].items())
+        typer.echo(
+            f"  frame {f['frame_id']:>8}  t {f['timestamp_ns']} ns  {f['width']}x{f['height']} {f['pixel_format']}"
+            + (f"  {chunks}" if chunks else "")
+        )
+    typer.echo(f"incomplete {result['incomplete']}  lost {result['lost']}  stream {result['stream']}")
 
 
 _add_plugin_commands()

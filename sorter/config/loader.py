@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from sorter.config.precision import position_problems
 from sorter.config.schema import LineConfig
 
 C = TypeVar("C", bound=LineConfig)
@@ -34,6 +35,8 @@ def _line(text: str, mark: yaml.Mark) -> int:
 
 
 def _line_of(node: yaml.Node | None, path: tuple[int | str, ...], text: str) -> int | None:
+    # pydantic puts the camera source's `type` tag after `source` in its paths: not a key of the YAML
+    path = tuple(k for i, k in enumerate(path) if not (i > 0 and path[i - 1] == "source"))
     for key in path:
         if isinstance(node, yaml.MappingNode):
             node = next((v for k, v in node.value if k.value == key), None)
@@ -121,6 +124,14 @@ def load_config(path: str | Path, schema: type[C] = LineConfig) -> C:  # type: i
             line = _line_of(root, loc, text)
             at = f" (line {line})" if line else ""
             problems.append(f"{path}: {_key_path(loc)}{at}: must be a finite number, not {value}")
+        raise ConfigError("\n".join(problems))
+    if isinstance(cfg, LineConfig) and (imprecise := position_problems(cfg)):
+        # a camera whose frames land further off than the eject margins: the valves would miss (docs/cameras.md)
+        problems = []
+        for loc, msg in imprecise:
+            line = _line_of(root, loc, text)
+            at = f" (line {line})" if line else ""
+            problems.append(f"{path}: {_key_path(loc)}{at}: {msg}")
         raise ConfigError("\n".join(problems))
     base = path.resolve().parent
     return cfg.model_copy(update=cfg.paths_resolved(base))

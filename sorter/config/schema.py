@@ -62,7 +62,86 @@ class OpenCVSource(Strict):
     fps: float | None = Field(None, gt=0, description="frame rate to request from a device")
 
 
-SourceConfig = Annotated[SimCameraSource | OpenCVSource, Field(discriminator="type")]
+GENICAM_PIXEL_FORMATS = ("Mono8", "BayerRG8", "BayerGR8", "BayerGB8", "BayerBG8", "RGB8", "BGR8")
+
+
+class GenICamSource(Strict):
+    """A GigE Vision or USB3 Vision camera through its GenICam features (sorter/drivers/cameras/genicam.py).
+
+    Where each frame was on the belt (`position`, docs/cameras.md): `chunk` reads the encoder count the camera
+    latched at exposure from the frame's chunk data; `trigger` counts frames of a camera triggered every
+    `counts_per_trigger` encoder counts; `timestamp` maps the camera's timestamp to PC time and through the
+    clock model to counts; `arrival` uses the time the frame reached the PC. The service refuses a method whose
+    expected error at the belt's speed exceeds the eject margins.
+    """
+
+    type: Literal["genicam"] = Field("genicam", description="a GigE Vision / USB3 Vision camera (GenICam)")
+    device: str = Field(
+        description="which camera: its serial number, user-defined name (DeviceUserID), IP address or the "
+        "library's device id (`sorter cameras discover` lists them)"
+    )
+    pixel_format: Literal["Mono8", "BayerRG8", "BayerGR8", "BayerGB8", "BayerBG8", "RGB8", "BGR8"] | None = Field(
+        None,
+        description="pixel format set at open (Bayer is debayered on the PC, Mono8 made grey BGR); null: keep "
+        "the camera's",
+    )
+    exposure_us: float | None = Field(None, gt=0, description="exposure time set at open, µs; null: keep the camera's")
+    gain_db: float | None = Field(None, ge=0, description="gain set at open, dB; null: keep the camera's")
+    offset_x: int = Field(0, ge=0, description="region of interest: first column, px (width is cameras[].width)")
+    offset_y: int = Field(0, ge=0, description="region of interest: first row, px (height is cameras[].height)")
+    trigger: Literal["line", "software", "free"] = Field(
+        "line",
+        description="`line`: FrameStart on a hardware input (the encoder trigger, production); `software`: "
+        "triggered by the PC at 10 Hz (tests, checks); `free`: free-running at the camera's frame rate (checks)",
+    )
+    trigger_line: str = Field("Line0", description="the input the encoder trigger is wired to (TriggerSource)")
+    trigger_activation: Literal["RisingEdge", "FallingEdge"] = Field(
+        "RisingEdge", description="the trigger input's active edge"
+    )
+    position: Literal["chunk", "trigger", "timestamp", "arrival"] = Field(
+        "trigger",
+        description="how a frame's belt position is known: `chunk` (encoder count in the chunk data), `trigger` "
+        "(frame ID × counts_per_trigger), `timestamp` (device timestamp → clock model), `arrival` (PC arrival "
+        "time → clock model)",
+    )
+    chunk: str = Field(
+        "EncoderValue",
+        description="the chunk holding the encoder count latched at exposure, as ChunkSelector names it "
+        "(SFNC `EncoderValue`, or `CounterValue`; vendors differ); enabled at open, read as Chunk<name>",
+    )
+    counts_per_trigger: int | None = Field(
+        None, ge=1, description="encoder counts between two triggers (the PLC's compare step); needed for `trigger`"
+    )
+    trigger_phase: int = Field(
+        0,
+        ge=0,
+        description="the encoder count (mod counts_per_trigger) at which the PLC fires the trigger "
+        "(docs/cameras.md); used with `trigger`",
+    )
+    settings: list[str] = Field(
+        [],
+        description="further GenICam features written at open, in order, as `Name=Value` (e.g. "
+        "`CounterSelector=Counter0`, `GevSCPSPacketSize=8192`); a refused one is an error naming it",
+    )
+    buffers: int = Field(8, ge=2, le=256, description="frame buffers queued to the stream")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GenICamSource:
+        if self.position == "trigger":
+            if self.counts_per_trigger is None:
+                raise ValueError("position `trigger` needs counts_per_trigger (the PLC's trigger step in counts)")
+            if self.trigger != "line":
+                raise ValueError(
+                    f"position `trigger` counts encoder triggers: it needs trigger `line`, not `{self.trigger}`"
+                )
+        for setting in self.settings:
+            name, sep, value = setting.partition("=")
+            if not sep or not name.strip() or not value.strip() or " " in name.strip():
+                raise ValueError(f"setting {setting!r} is not `Name=Value`")
+        return self
+
+
+SourceConfig = Annotated[SimCameraSource | OpenCVSource | GenICamSource, Field(discriminator="type")]
 
 
 class CameraConfig(Strict):
@@ -72,6 +151,19 @@ class CameraConfig(Strict):
     height: int = Field(720, gt=0, description="image height the camera delivers, px")
     mapping: CameraMapping = Field(description="pixel -> belt mm (hw.calibrate_camera writes it)")
     stall_timeout_s: float = Field(2.0, gt=0, description="no frame for this long marks the camera offline")
+    latency_ms: float = Field(
+        0.0,
+        ge=0,
+        description="exposure → time the frame is stamped with (its arrival, or the mapped device timestamp), "
+        "ms; subtracted where a frame is placed by time (opencv sources, genicam `timestamp`/`arrival`); "
+        "hw.calibrate_camera measures it",
+    )
+    timing_jitter_ms: float | None = Field(
+        None,
+        ge=0,
+        description="the spread (±) of that latency as measured on this camera (hw.camera_check), ms; null: the "
+        "method's typical value (docs/cameras.md). Sets the expected position error checked against the margins",
+    )
 
 
 class VisionConfig(Strict):

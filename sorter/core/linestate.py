@@ -141,11 +141,12 @@ class CameraStats:
     queued: int  # frames waiting for the vision thread
     stalls: int
     reconnects: int
+    missing: int = 0  # sent by the camera, never arrived (gaps in its frame IDs: GenICam)
 
     @property
     def lost(self) -> int:
         """Every frame lost anywhere between the camera and the vision thread."""
-        return self.dropped + self.torn + self.source_dropped
+        return self.dropped + self.torn + self.source_dropped + self.missing
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +227,7 @@ class LineStats:
                     "dropped": c.dropped,
                     "torn": c.torn,
                     "source_dropped": c.source_dropped,
+                    "missing": c.missing,
                     "stalls": c.stalls,
                     "reconnects": c.reconnects,
                 }

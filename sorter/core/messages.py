@@ -61,6 +61,9 @@ class Frame:
     t_capture: float  # PC monotonic seconds at exposure (grab time where the source knows no better)
     count: int | None  # 32-bit encoder count latched at exposure; None where the source has none
     t_received: float
+    # a camera triggered every N encoder counts (GenICam `position: trigger`): its unwrapped frame ID, gaps
+    # included; the service places it on the trigger grid (core/position.py). None for every other source
+    trigger_index: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ from sorter.config import LineConfig, RoutingConfig
 from sorter.core.alarms import AlarmBoard, Condition
 from sorter.core.clock import ClockModel
 from sorter.core.decide import decide
-from sorter.core.geometry import CameraGeometry, unwrap
+from sorter.core.geometry import CameraGeometry
 from sorter.core.linestate import BarStats, CameraStats, LineCounters, LineStats, LiveStats
 from sorter.core.messages import (
     NO_BAR,
@@ -47,6 +47,7 @@ from sorter.core.messages import (
 )
 from sorter.core.packml import Command
 from sorter.core.planner import EjectPlanner, Plan
+from sorter.core.position import FramePlacer, TriggerGrid
 from sorter.core.timebase import REAL_TIME, Timebase
 from sorter.core.tracking import Tracker
 from sorter.drivers.cameras.capture import CameraCapture, CaptureClosed
@@ -62,6 +63,16 @@ from sorter.vision.segment import materialise, segment
 LATENCY_WINDOW = 10_000  # decision latencies kept in memory (the records hold every one)
 LATENCY_P99_OVER = 500  # the live p99 is taken over the latest this many
 STATS_S = 0.2  # how often the line's stats are built and published
+# a chunk count further than this from where the clock model puts its frame is not the PLC's count: ten times
+# the timestamp method's own error at 3.5 m/s (sorter/config/precision.py), so only counters out of step trip it
+CHUNK_TOLERANCE_MM = 70.0
+PLACEMENT_EVENTS = {
+    "slipped": "trigger-counted position slipped: re-anchored on the clock model (a trigger the camera ignored: "
+    "trigger rate above what exposure + readout allow, or a noisy trigger input)",
+    "doubtful": "trigger-counted frame not placed: its timestamp disagrees with the trigger grid",
+    "chunk_mismatch": "chunk encoder count disagrees with the PLC's count: frame not placed (is the camera's "
+    "counter counting the PLC's encoder and reset with it? docs/cameras.md)",
+}
 
 
 class Companion(Protocol):
@@ -155,6 +166,19 @@ class LineService:
         self._pieces: asyncio.Queue[list[Piece]] = asyncio.Queue()
         self._sends: set[asyncio.Task[None]] = set()
         self._ref_count: int | None = None
+        # where each frame is on the belt (core/position.py): trigger-counted cameras on their grid, chunk
+        # counts checked against the clock model (a camera counter out of step with the PLC's would misplace
+        # every frame silently)
+        self.placer = FramePlacer(
+            grids={
+                c.name: TriggerGrid(c.source.counts_per_trigger, c.source.trigger_phase)
+                for c in cfg.cameras
+                if c.source.type == "genicam" and c.source.position == "trigger" and c.source.counts_per_trigger
+            },
+            checked={c.name for c in cfg.cameras if c.source.type == "genicam" and c.source.position == "chunk"},
+            tolerance=CHUNK_TOLERANCE_MM * cfg.belt.counts_per_mm,
+        )
+        self._placement_events: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.times = StageTimes(on_add=parts.on_stage)
         self.counters = LineCounters()
         self.latencies_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
@@ -176,15 +200,13 @@ class LineService:
 
     # --- frames -> pieces ---
     def _frame_count(self, frame: Frame) -> int | None:
-        """The frame's unwrapped encoder count: latched by the camera, else from the clock model."""
-        if frame.count is None:
-            if not self.clock.ready:
-                return None
-            return round(self.clock.count_at(frame.t_capture))
-        if self.clock.ready:
-            return self.clock.unwrap(frame.count)
-        ref = self._ref_count if self._ref_count is not None else frame.count
-        return unwrap(frame.count, ref)
+        """The frame's unwrapped encoder count (core/position.py, FramePlacer); None: not placed."""
+        count, event = self.placer.place(frame, self.clock, self._ref_count)
+        if event is not None:
+            n = self._placement_events[frame.camera, event] = self._placement_events[frame.camera, event] + 1
+            if event == "slipped" or n == 1 or n % 100 == 0:  # every slip; the others now and then
+                self.log.warning(PLACEMENT_EVENTS[event], camera=frame.camera, frame=frame.seq, times=n)
+        return count
 
     def _segment(self, frame: Frame) -> list[Any]:
         t0 = time.perf_counter()
@@ -441,6 +463,7 @@ class LineService:
                 queued=c.queued,
                 stalls=c.stalls,
                 reconnects=c.reconnects,
+                missing=c.missing,
             )
             for n, c in self.captures.items()
         )

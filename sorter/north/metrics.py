@@ -158,7 +158,8 @@ def _cameras(s: LineStats) -> Iterator[Metric]:
     captured = CounterMetricFamily("sorter_frames_captured", "Frames captured per camera", labels=["camera"])
     dropped = CounterMetricFamily(
         "sorter_frames_dropped",
-        "Frames lost per camera: queue overflow, torn shared-memory slot, dropped at the source hand-off",
+        "Frames lost per camera: queue overflow, torn (shared-memory slot overwritten, GenICam frame incomplete), "
+        "dropped at the source hand-off, missing (a gap in the camera's frame IDs)",
         labels=["camera", "reason"],
     )
     online = GaugeMetricFamily("sorter_camera_online", "1 if the camera delivers frames", labels=["camera"])
@@ -167,7 +168,12 @@ def _cameras(s: LineStats) -> Iterator[Metric]:
     queued = GaugeMetricFamily("sorter_frame_queue_depth", "Frames queued for the vision thread", labels=["camera"])
     for cam in s.cameras:
         captured.add_metric([cam.name], cam.captured)
-        for reason, lost in (("queue", cam.dropped), ("torn", cam.torn), ("source", cam.source_dropped)):
+        for reason, lost in (
+            ("queue", cam.dropped),
+            ("torn", cam.torn),
+            ("source", cam.source_dropped),
+            ("missing", cam.missing),  # never arrived: a gap in the camera's frame IDs (GenICam)
+        ):
             dropped.add_metric([cam.name, reason], lost)
         online.add_metric([cam.name], 1.0 if cam.online else 0.0)
         stalls.add_metric([cam.name], cam.stalls)

@@ -40,6 +40,9 @@ class FrameSource(Protocol):
         """Frames the source discarded because its consumer was behind."""
         ...
 
+    # optional: `lost`, frames the camera sent that never arrived (its frame IDs show the gap); the capture
+    # adds it to its `missing` count where a source has it (genicam.py)
+
     def frames(self) -> AsyncIterator[Frame]:
         """Open the source (on first iteration) and yield its frames; raises SourceError."""
         ...

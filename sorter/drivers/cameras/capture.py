@@ -61,6 +61,7 @@ class CameraCapture:
         self.reconnects = 0
         self._torn_done = 0  # counters of sources already closed
         self._src_dropped_done = 0
+        self._missing_done = 0
         self._source: FrameSource | None = None
         self._task: asyncio.Task[Any] | None = None
         self._stopping = False
@@ -77,6 +78,12 @@ class CameraCapture:
     @property
     def source_dropped(self) -> int:
         return self._src_dropped_done + (self._source.dropped if self._source is not None else 0)
+
+    @property
+    def missing(self) -> int:
+        """Frames the camera sent that never arrived (gaps in its frame IDs), from sources that know (GenICam:
+        an optional `lost` member of the source)."""
+        return self._missing_done + (getattr(self._source, "lost", 0) if self._source is not None else 0)
 
     async def get(self) -> Frame:
         """The oldest queued frame; waits for one. Raises CaptureClosed once stopped/ended and drained."""
@@ -104,6 +111,7 @@ class CameraCapture:
             "dropped": self.dropped,
             "torn": self.torn,
             "source_dropped": self.source_dropped,
+            "missing": self.missing,
             "queued": self.queued,
             "stalls": self.stalls,
             "reconnects": self.reconnects,
@@ -200,6 +208,7 @@ class CameraCapture:
                 self.log.warning("closing the frame source failed", error=repr(exc))
         self._torn_done += source.torn
         self._src_dropped_done += source.dropped
+        self._missing_done += getattr(source, "lost", 0)
         self._source = None
         if cancelled:
             raise asyncio.CancelledError

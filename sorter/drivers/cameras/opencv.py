@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import cv2
 import numpy as np
@@ -57,7 +57,15 @@ class OpenCVCaptureSource:
     def from_config(cls, cfg: CameraConfig) -> OpenCVCaptureSource:
         src = cfg.source
         assert isinstance(src, OpenCVSource)
-        return cls(cfg.name, src.uri, realtime=src.realtime, fps=src.fps, width=cfg.width, height=cfg.height)
+        return cls(
+            cfg.name,
+            src.uri,
+            realtime=src.realtime,
+            fps=src.fps,
+            width=cfg.width,
+            height=cfg.height,
+            latency_ms=cfg.latency_ms,
+        )
 
     def __init__(
         self,
@@ -69,8 +77,11 @@ class OpenCVCaptureSource:
         width: int | None = None,
         height: int | None = None,
         handoff: int = 2,
+        latency_ms: float = 0.0,
     ) -> None:
         self._name = name
+        # exposure -> grab, calibrated (hw.calibrate_camera): the grab time minus it is the exposure's time
+        self.latency_s = latency_ms / 1000.0
         self.uri = uri
         self.kind = uri_kind(uri)
         self.realtime = realtime
@@ -207,7 +218,7 @@ class OpenCVCaptureSource:
                     self._finish_stream()
                     return
                 self.grabbed += 1
-                t_capture = t_grab
+                t_capture = t_grab - self.latency_s
                 if paced:
                     pos_s = cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
                     if not (math.isfinite(pos_s) and pos_s >= 0) or (seq > 0 and pos_s == 0):
@@ -253,3 +264,14 @@ class OpenCVCaptureSource:
                 "fix cameras[].width/height; frames are never resized",
             )
         return image
+
+
+def opencv_devices() -> list[dict[str, Any]]:
+    """The PC's video devices OpenCV can open by index (V4L2 nodes, named from sysfs without opening them:
+    a device the line is using stays undisturbed)."""
+    out = []
+    for node in sorted(Path("/sys/class/video4linux").glob("video*"), key=lambda p: int(p.name[5:] or 0)):
+        name_file = node / "name"
+        name = name_file.read_text().strip() if name_file.is_file() else ""
+        out.append({"index": int(node.name[5:]), "device": f"/dev/{node.name}", "name": name})
+    return out
