@@ -115,6 +115,9 @@ class SimCameraServer:
         # free-run (trigger mode off): expose on the camera's own timer at this rate, belt moving or not,
         # as an industrial camera does when its trigger is switched off for commissioning
         self.free_run_fps: float | None = None
+        # fault injection: a hung camera (firmware, driver) stays connected and triggered but delivers nothing;
+        # its frame seq runs on, so the gap shows when it delivers again
+        self.stalled = False
         self._next_free_run = 0.0
         self._video: cv2.VideoWriter | None = None
         self._csv_file: IO[str] | None = None
@@ -262,6 +265,9 @@ class SimCameraServer:
         seq, slot = self._seq, self._seq % self.slots
         with self._counter_lock:
             self.frames_triggered += 1
+        if self.stalled:
+            self._skip()
+            return
         connected = self._client is not None
         if not connected and self._video is None:
             self._skip()  # nobody to deliver to: do not spend CPU rendering

@@ -17,7 +17,17 @@ import typer
 from pydantic import ValidationError
 
 from sim.config import SimLineConfig, load_sim_config, operating_point
-from sorter.cli_common import LogOpt, fail, stderr_console
+from sorter.cli_common import (
+    LogOpt,
+    RecordBufferMbOpt,
+    RecordFramesOpt,
+    RecordLevelOpt,
+    RecordMaxMbOpt,
+    RecordOpt,
+    fail,
+    record_options,
+    stderr_console,
+)
 from sorter.config import ConfigError
 from sorter.logs import setup_logging
 
@@ -117,16 +127,35 @@ def demo(
             "the same figures every run (docs/architecture.md)",
         ),
     ] = False,
+    record: RecordOpt = None,
+    record_level: RecordLevelOpt = "frames",
+    record_max_mb: RecordMaxMbOpt = 4096,
+    record_frames: RecordFramesOpt = "npy",
+    record_buffer_mb: RecordBufferMbOpt = 1024,
     log_level: LogOpt = "warning",
+    faults: Annotated[
+        str | None,
+        typer.Option(
+            "--faults",
+            help="inject faults, e.g. 'plc-restart,camera-stall:cam0:3s@40,service-kill' or 'all' "
+            "(sim/faults.py); the service then runs as its own process",
+        ),
+    ] = None,
 ) -> None:
     """Run the simulated line sorted by the real line service and print the report."""
     from sim.demo import DemoError, run_demo
+    from sorter.line.recording import RecordingError
     from sorter.vision.classify import ModelError
 
     setup_logging(log_level)
     cfg = _load(config)
     if cfg.simulator is None:
         raise fail(f"{config}: the demo needs a `simulator:` section")
+    if faults is not None:
+        if capture is not None:
+            raise fail("--capture is not available with --faults")
+        _fault_demo(cfg, faults, duration, seed, as_json, out, camera_only, plc)
+        return
     if camera_only:
         cfg = cfg.model_copy(update={"magnetometer": None})
     if plc not in (None, "modbus", "opcua"):
@@ -140,20 +169,68 @@ def demo(
     run_dir = out or Path("runs") / time.strftime("lockstep-%Y%m%d-%H%M%S" if lockstep else "demo-%Y%m%d-%H%M%S")
     if lockstep and (capture is not None or cfg.plc.protocol != "modbus"):
         raise fail("--lockstep runs the Modbus PLC link and takes no --capture")
+    rec = record_options(record, record_level, record_max_mb, record_frames, record_buffer_mb)
     try:
         show = not as_json and sys.stderr.isatty()
         if lockstep:
             from sim.lockstep import run_lockstep
 
-            report = run_lockstep(cfg, duration, seed, run_dir)
+            report = run_lockstep(cfg, duration, seed, run_dir, rec)
         else:
-            report = asyncio.run(run_demo(cfg, duration, seed, run_dir, progress=show, capture=capture))
-    except (ModelError, DemoError) as exc:
+            report = asyncio.run(run_demo(cfg, duration, seed, run_dir, progress=show, capture=capture, record=rec))
+    except (ModelError, DemoError, RecordingError) as exc:
         raise fail(str(exc), 1) from None
     if as_json:
         typer.echo(json.dumps(report))
     else:
         _print_report(report)
+
+
+def _fault_demo(
+    cfg: SimLineConfig,
+    spec: str,
+    duration: float,
+    seed: int,
+    as_json: bool,
+    out: Path | None,
+    camera_only: bool,
+    plc: str | None,
+) -> None:
+    """`sorter demo --faults`: exit 0 only if every fault was detected and recovered and every piece accounted."""
+    from sim.demo import DemoError
+    from sim.faults import FaultSpecError, parse_faults, run_fault_demo
+
+    if camera_only:
+        cfg = cfg.model_copy(update={"magnetometer": None})
+    if plc not in (None, "modbus"):
+        raise fail("--faults runs with the Modbus PLC link (plc-restart resynchronisation is the Modbus link's)")
+    cfg = cfg.model_copy(update={"plc": cfg.plc.model_copy(update={"protocol": "modbus"})})
+    try:
+        faults = parse_faults(spec, [c.name for c in cfg.cameras], duration)
+        if cfg.magnetometer is None and any(f.name == "hallbar-unplug" for f in faults):
+            raise FaultSpecError("hallbar-unplug: this line has no Hall bar (--camera-only)")
+        run_dir = out or Path("runs") / time.strftime("faults-%Y%m%d-%H%M%S")
+        report = asyncio.run(run_fault_demo(cfg, duration, seed, run_dir, faults))
+    except FaultSpecError as exc:
+        raise fail(f"--faults: {exc}") from None
+    except DemoError as exc:
+        raise fail(str(exc), 1) from None
+    if as_json:
+        typer.echo(json.dumps(report))
+    else:
+        for f in report["faults"]:
+            typer.echo(
+                f"{f['name']:<28} at {f['at_s']:>7} s  detected {f['detected_s']!s:>7} s  "
+                f"recovered {f['recovered_s']!s:>7} s  pieces affected {f['pieces_affected']}"
+            )
+        typer.echo(
+            f"pieces fed {report['pieces_fed']} = accounted {report['pieces_accounted']} + unseen "
+            f"{report['pieces_unseen']} ({'holds' if report['identity_holds'] else 'DOES NOT HOLD'}); "
+            f"fail-safe {report['fail_safe_ms']} ms; NdFeB purity {report['ndfeb_purity']}; "
+            f"report: {report['run_dir']}/report.json"
+        )
+    if not (report["identity_holds"] and report["all_detected_and_recovered"]):
+        raise typer.Exit(1)
 
 
 def _print_report(report: dict) -> None:  # type: ignore[type-arg]

@@ -14,6 +14,7 @@ import contextlib
 import json
 import signal
 import socket
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -29,6 +30,7 @@ from sim.truth import load_truth
 from sorter.app import Line, build_line
 from sorter.config import OpcUaServerConfig
 from sorter.core.packml import State
+from sorter.line.recording import RecordOptions
 from sorter.line.records import load_pieces
 from sorter.line.service import LineService
 
@@ -183,6 +185,7 @@ async def run_demo(
     progress: bool = False,
     during: Callable[[Line, SimProcess], Coroutine[Any, Any, None]] | None = None,
     capture: Path | None = None,
+    record: RecordOptions | None = None,
 ) -> dict[str, Any]:
     """Run the simulated line sorted by the service for `duration` s of feed; returns the report.
 
@@ -213,7 +216,7 @@ async def run_demo(
     try:
         ready = await sim.wait_for("ready", 30)
         bar_simulated = bool(ready.get("hallbar"))  # simulator.hallbar.enabled: false leaves the port dead
-        line = build_line(cfg, capture=capture)
+        line = build_line(cfg, capture=capture, record=record)
         service = line.service
         svc_task = asyncio.create_task(service.run(stop))
 
@@ -279,7 +282,25 @@ async def run_demo(
         interrupted=interrupted.is_set(),
     )
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    if record is not None:
+        keep_truth(record, truth_path, report)
     return report
+
+
+def keep_truth(record: RecordOptions, truth_path: Path, report: dict[str, Any]) -> None:
+    """A recording of the simulated line keeps the simulator's ground truth and the live run's report beside it,
+    so that `sorter replay` can judge purity and recovery (docs/recording.md, `truth.sqlite`)."""
+    if not (record.folder / "manifest.json").exists():
+        return  # the line never started, so nothing was recorded
+    src = sqlite3.connect(truth_path)
+    try:
+        dst = sqlite3.connect(record.folder / "truth.sqlite")
+        with dst:
+            src.backup(dst)  # a consistent copy, WAL included
+        dst.close()
+    finally:
+        src.close()
+    (record.folder / "live_report.json").write_text(json.dumps(report, indent=2))
 
 
 async def _progress(interrupted: asyncio.Event, duration: float, show: bool, service: LineService) -> None:

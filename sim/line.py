@@ -165,6 +165,23 @@ class SimLine:
             raise RuntimeError("the simulated line runs no Hall bar (no link path, or simulator.hallbar.enabled off)")
         self.hallbar.set_plugged(on)
 
+    async def set_camera_fault(self, name: str, fault: str) -> None:
+        """Fault injection on one camera: "unplug" (its cable pulled: connection and listener gone),
+        "stall" (connected, delivers nothing), "none" (back to normal; an unplugged one serves again on
+        its port)."""
+        cams = {c.name: c for c in self.cameras}
+        if name not in cams:
+            raise ValueError(f"no camera {name!r} (cameras: {', '.join(cams)})")
+        if fault not in ("unplug", "stall", "none"):
+            raise ValueError(f"camera fault {fault!r}: unplug, stall or none")
+        cam = cams[name]
+        cam.stalled = fault == "stall"
+        unplugged = cam.shm_name is None
+        if fault == "unplug" and not unplugged:
+            await cam.stop()
+        elif fault != "unplug" and unplugged:
+            await cam.start()
+
     # --- camera commissioning (sim/target.py) ---
     def set_target(self, target: SimTarget | None) -> None:
         """Lay the calibration target on the belt (None takes it away)."""
@@ -321,6 +338,7 @@ class SimLine:
         return {
             "belt_mm_s": round(self.belt.speed_mm_s(), 1),
             "count32": self.belt.count32(),
+            "count": self.belt.count(),  # unwrapped, as the truth's piece counts
             "feeding": self.feeding,
             "fed": self.fed,
             "fed_late": self.fed_late,
@@ -331,6 +349,10 @@ class SimLine:
                 "executed": self.plc.executed,
                 "late": self.plc.late,
                 "chutes": list(self.plc.chute_counts),
+                "restarts": self.plc.restarts,
+                "reachable": self.plc.reachable,
+                "last_fire_t": self.plc.last_fire_t,
+                "fail_safes": self.plc.fail_safes[-20:],
             },
             "cameras": {
                 c.name: {"triggered": c.frames_triggered, "sent": c.frames_sent, "skipped": c.frames_skipped}

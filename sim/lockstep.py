@@ -13,7 +13,8 @@ only what crosses a wire or a thread:
 - time: one `VirtualClock` is the loop's clock and the line's `Timebase` (wall time = a fixed start plus
   the virtual time, so record timestamps repeat too);
 - threads: the worker threads for pixels, inference and disk writes become an executor that runs the
-  work in place, on the loop (and so does asyncio's default executor);
+  work in place, on the loop (and so does asyncio's default executor); the loop and the executor are the
+  product's (sorter/line/virtualtime.py), which `sorter replay` runs on too;
 - frames: a camera source that renders frame k with the simulator's renderer when the belt reaches
   trigger count k, and delivers it after the simulated delivery delay;
 - the PLC: the link's Modbus requests reach the virtual PLC's register images in-process (the same
@@ -26,13 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import random
-import selectors
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import structlog
@@ -40,7 +39,7 @@ import yaml
 
 from sim.camera import SimCameraServer
 from sim.config import SimLineConfig
-from sim.demo import demo_report
+from sim.demo import demo_report, keep_truth
 from sim.hallbar import INFO_PERIOD_S, SimHallBar
 from sim.line import SimLine
 from sim.plc import VALVES_PER_BANK, VirtualPlc
@@ -53,73 +52,14 @@ from sorter.core.timebase import Timebase
 from sorter.drivers.hallbar import HallBar
 from sorter.drivers.hallbar.protocol import wire_seconds
 from sorter.drivers.plc.base import PlcError
-
-T = TypeVar("T")
+from sorter.line.recording import RecordOptions
+from sorter.line.virtualtime import InPlace, VirtualClock, VirtualTimeLoop
 
 VT0 = 1000.0  # the virtual monotonic clock at the start of a run
 WALL0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z: the wall clock at VT0, the same in every run
 ONE_WAY_S = 0.0004  # a Modbus request, or its answer, on the PLC's Ethernet
 START_TIMEOUT_S = 30.0  # virtual seconds for the line to come up, and for the belt to empty after the feed
 POLL_S = 0.05
-
-
-class VirtualClock:
-    def __init__(self, t0: float = VT0) -> None:
-        self.t = t0
-
-    def now(self) -> float:
-        return self.t
-
-    def wall(self) -> float:
-        return WALL0 + (self.t - VT0)
-
-
-class _JumpingSelector:
-    """The loop's selector, except that waiting means moving the virtual clock to the next timer.
-
-    I/O already pending (the loop's own self-pipe, written by call_soon_threadsafe) is taken first; the
-    run has no other I/O. With nothing pending and nothing scheduled the run is deadlocked: that raises
-    rather than blocking for ever.
-    """
-
-    def __init__(self, inner: selectors.BaseSelector, clock: VirtualClock) -> None:
-        self._inner = inner
-        self._clock = clock
-
-    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        ready = self._inner.select(0)
-        if ready or timeout == 0:
-            return ready
-        if timeout is None:
-            raise RuntimeError("lockstep: every task waits and no timer is set (a deadlock in virtual time)")
-        self._clock.t += timeout
-        return []
-
-    def __getattr__(self, name: str) -> Any:  # register, unregister, modify, get_key, get_map, close
-        return getattr(self._inner, name)
-
-
-class VirtualTimeLoop(asyncio.SelectorEventLoop):
-    def __init__(self, clock: VirtualClock) -> None:
-        super().__init__(_JumpingSelector(selectors.DefaultSelector(), clock))  # type: ignore[arg-type]
-        self.vclock = clock
-        self.set_default_executor(InPlace())  # asyncio.to_thread too
-
-    def time(self) -> float:
-        return self.vclock.t
-
-
-class InPlace(ThreadPoolExecutor):
-    """An executor that runs the work at once, on the caller's thread: the lockstep run's worker threads.
-    (A ThreadPoolExecutor only because asyncio's default executor must be one; it never starts a thread.)"""
-
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
-        fut: Future[T] = Future()
-        try:
-            fut.set_result(fn(*args, **kwargs))
-        except BaseException as exc:  # the caller sees it where it awaits the future, as with a thread
-            fut.set_exception(exc)
-        return fut
 
 
 class PlcRegisters:
@@ -273,7 +213,9 @@ async def _until(cond: Callable[[], bool], what: str, timeout: float = START_TIM
         await asyncio.sleep(POLL_S)
 
 
-async def _run(cfg: SimLineConfig, duration: float, seed: int, run_dir: Path, clock: VirtualClock) -> dict[str, Any]:
+async def _run(
+    cfg: SimLineConfig, duration: float, seed: int, run_dir: Path, clock: VirtualClock, record: RecordOptions | None
+) -> dict[str, Any]:
     log = structlog.get_logger("lockstep")
     truth_path = run_dir / "truth.sqlite"
     for old in (truth_path, cfg.records.path):  # a rerun in the same folder starts from nothing
@@ -299,6 +241,7 @@ async def _run(cfg: SimLineConfig, duration: float, seed: int, run_dir: Path, cl
         camera_source=camera_source,
         plc_registers=plc_registers,
         hallbar_owns_port=False,
+        record_in_place=True,
     )
     await sim.start(serve=False)
     line: Line | None = None
@@ -306,7 +249,7 @@ async def _run(cfg: SimLineConfig, duration: float, seed: int, run_dir: Path, cl
     tasks: list[asyncio.Task[None]] = []
     wall0 = time.perf_counter()
     try:
-        line = build_line(cfg, run_id=f"lockstep-seed{seed}", north=False, transports=transports)
+        line = build_line(cfg, run_id=f"lockstep-seed{seed}", north=False, transports=transports, record=record)
         service = line.service
         tasks.append(asyncio.create_task(service.run(stop), name="service"))
         if sim.hallbar is not None and service.hallbar is not None and cfg.magnetometer is not None:
@@ -349,14 +292,18 @@ async def _run(cfg: SimLineConfig, duration: float, seed: int, run_dir: Path, cl
     }
     report["lockstep"]["speed_factor"] = round(report["lockstep"]["virtual_s"] / report["lockstep"]["wall_s"], 3)
     log.info("lockstep run done", **report["lockstep"])
+    if record is not None:
+        keep_truth(record, truth_path, report)
     return report
 
 
-def run_lockstep(cfg: SimLineConfig, duration: float, seed: int, run_dir: Path) -> dict[str, Any]:
+def run_lockstep(
+    cfg: SimLineConfig, duration: float, seed: int, run_dir: Path, record: RecordOptions | None = None
+) -> dict[str, Any]:
     """Run the simulated line sorted by the service in virtual time; returns the demo's report."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = lockstep_config(cfg, run_dir, seed)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    clock = VirtualClock()
+    clock = VirtualClock(VT0, WALL0)
     with asyncio.Runner(loop_factory=lambda: VirtualTimeLoop(clock)) as runner:
-        return runner.run(_run(cfg, duration, seed, run_dir, clock))
+        return runner.run(_run(cfg, duration, seed, run_dir, clock, record))

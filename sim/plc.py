@@ -130,6 +130,14 @@ class VirtualPlc:
         self._hb_last = 0
         self._hb_t = clock()
         self.coil_log: list[tuple[float, int, bool]] = []
+        # what the input registers count from: the totals at the last power-up (restart() keeps the run's
+        # totals above for the simulator's report, the PLC's registers start again from 0 as a real one's do)
+        self._boot_executed, self._boot_late, self._boot_chutes = 0, 0, [0] * banks
+        self.restarts = 0
+        self.last_fire_t: float | None = None  # monotonic time the belt reached the last fired command's count
+        # each fail-safe (watchdog trip, e-stop): when, why, how many queued commands it dropped and when the
+        # last command had fired before it - what a fault run measures the fail-safe by
+        self.fail_safes: list[dict[str, Any]] = []
         # called (no arguments) after every scan and after state changes made between scans (inputs,
         # schedule_eject), e.g. to push changed values to the OPC UA side; keep them cheap: the scan runs
         # every few milliseconds
@@ -188,6 +196,28 @@ class VirtualPlc:
             server, self._server = self._server, None
             await server.shutdown()
             self.log.info("virtual plc unreachable", port=self._port)
+
+    async def restart(self, down_s: float = 2.0) -> None:
+        """Fault injection: a power cycle of the PLC. Its network goes down for `down_s` (it boots), and it
+        comes back as after power-up: eject queue, last accepted seq, counters and holding registers lost
+        (0), watchdog unarmed, valves off, belt stopped (its outputs dropped while it was off)."""
+        await self.set_reachable(False)
+        self.restarts += 1
+        dropped = len(self.queue)
+        self.queue.clear()
+        self._coils = [False] * len(self._coils)
+        self.belt.stop()
+        self.last_seq = 0
+        self._boot_executed, self._boot_late, self._boot_chutes = self.executed, self.late, list(self.chute_counts)
+        self._hr[:] = [0] * len(self._hr)  # in place: the Modbus side reads this very list
+        self.watchdog_tripped = self.overflow = False
+        self._armed = False
+        self._hb_last, self._hb_t = 0, self._clock()
+        self._update_inputs()
+        self._notify()
+        self.log.warning("virtual plc restarting", dropped=dropped, down_s=down_s)
+        await asyncio.sleep(down_s)
+        await self.set_reachable(True)
 
     def drop_connections(self) -> int:
         """Fault injection: close every client connection (the listener stays); returns how many."""
@@ -284,6 +314,7 @@ class VirtualPlc:
         dropped = len(self.queue)
         self.queue.clear()
         self._coils = [False] * len(self._coils)
+        self.fail_safes.append({"t": self._clock(), "reason": why, "dropped": dropped, "last_fire_t": self.last_fire_t})
         self.log.warning("virtual plc fail-safe", reason=why, dropped=dropped)
 
     def _execute(self, code: int, now: float) -> None:
@@ -380,6 +411,7 @@ class VirtualPlc:
             t = self.belt.time_at_position(self.belt.position_at_count(open_at))
             t_fire = min(t, now) if t is not None else now  # None: the belt stopped right on it
             self.executed += 1
+            self.last_fire_t = t_fire if self.last_fire_t is None else max(self.last_fire_t, t_fire)
             if self.on_eject is not None and self.air_ok:
                 ex = ExecutedEject(q.seq, q.bank, q.valve_mask, open_at, q.open_for, t_fire)
                 try:
@@ -407,11 +439,11 @@ class VirtualPlc:
         ir[r.ir_status] = self.status_word()
         ir[r.ir_queue_free] = self.queue_free
         ir[r.ir_last_seq] = self.last_seq
-        ir[r.ir_ejects_done] = self.executed & 0xFFFF
-        ir[r.ir_ejects_late] = self.late & 0xFFFF
+        ir[r.ir_ejects_done] = (self.executed - self._boot_executed) & 0xFFFF
+        ir[r.ir_ejects_late] = (self.late - self._boot_late) & 0xFFFF
         if r.ir_chute_counts is not None:
             for b, n in enumerate(self.chute_counts):
-                ir[r.ir_chute_counts + b] = n & 0xFFFF
+                ir[r.ir_chute_counts + b] = (n - self._boot_chutes[b]) & 0xFFFF
 
     def _refresh_encoder(self) -> None:
         r, ir = self.regs, self._ir

@@ -9,6 +9,8 @@ when the belt has emptied, without the service knowing anything about it:
     {"cmd": "hallbar", "on": false}   (pull the Hall bar's cable; true plugs it back)
     {"cmd": "plc_opcua", "on": false} (the PLC's OPC UA server goes down; true restarts it on the same port)
     {"cmd": "plc_link", "on": false}  (pull the PLC's network cable: Modbus side down, the PLC scans on; true: back)
+    {"cmd": "camera_fault", "camera": "cam1", "fault": "unplug"}  ("stall": connected, no frames; "none": back)
+    {"cmd": "plc_restart", "down_s": 2}  (power-cycle the PLC: queue, seq, counters lost; answered at once)
     {"cmd": "target", "on": true, "x_mm": 15, "y_mm": 0, "angle_deg": 0}   (lay the camera calibration target)
     {"cmd": "camera_trigger", "mode": "free_run", "fps": 15}   ("encoder" again for production; "camera": one only)
     {"cmd": "camera_focus", "camera": "cam1", "blur_px": 3}   (defocus a lens; 0 = sharp)
@@ -121,6 +123,21 @@ async def run_sim(
                     except OSError as exc:  # the port was taken meanwhile: report it, keep the channel alive
                         _emit("error", detail=str(exc))
                         continue
+                elif cmd == "camera_fault":
+                    try:
+                        await line.set_camera_fault(str(msg["camera"]), str(msg.get("fault", "none")))
+                    except (KeyError, ValueError, OSError) as exc:
+                        _emit("error", detail=f"camera_fault: {exc!r}")
+                        continue
+                elif cmd == "plc_restart":
+                    try:
+                        down_s = float(msg.get("down_s", 2.0))
+                    except (TypeError, ValueError) as exc:
+                        _emit("error", detail=f"plc_restart: {exc}")
+                        continue
+                    # it takes down_s: answered now, so the channel stays responsive while the PLC boots
+                    restart = asyncio.create_task(line.plc.restart(down_s))
+                    tasks.append(restart)
                 elif cmd == "ref_magnet":
                     if line.hallbar is None:
                         _emit("error", detail="no Hall bar is simulated (start with --hallbar-link)")

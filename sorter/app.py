@@ -41,6 +41,7 @@ from sorter.drivers.plc import make_plc_link
 from sorter.drivers.plc.base import PlcLinkBase
 from sorter.drivers.plc.link import PlcLink, RegisterClient
 from sorter.line.crop_capture import CropCapture
+from sorter.line.recording import Recorder, RecordOptions
 from sorter.line.records import RecordStore
 from sorter.line.service import LineParts, LineService, worker_thread
 from sorter.north.edge import EdgeNode
@@ -76,6 +77,9 @@ class Transports:
     camera_source: Callable[[CameraConfig], FrameSource] = make_source
     plc_registers: Callable[[PlcConfig], RegisterClient] | None = None  # None: the protocol the config names
     hallbar_owns_port: bool = True
+    # a recording (build_line(record=...)) is written on the recorder's own threads in real time; in virtual
+    # time at once, in place, so that it is complete and the same every run
+    record_in_place: bool = False
 
 
 @dataclass
@@ -89,6 +93,7 @@ class Line:
     capture: CropCapture | None = None
     edge: EdgeNode | None = None
     forwarder: RecordForwarder | None = None
+    recorder: Recorder | None = None
 
 
 def build_line(
@@ -100,9 +105,11 @@ def build_line(
     planner: EjectPlanner | None = None,
     north: bool = True,
     transports: Transports = Transports(),
+    record: RecordOptions | None = None,
 ) -> Line:
     """Every part of one line, wired. `planner`: another eject planner (calibrate_eject's); `north=False`:
-    no HMI and no OPC UA server whatever the config says (benches and scripts that only sort).
+    no HMI and no OPC UA server whatever the config says (benches and scripts that only sort); `record`:
+    record what the line's sensors deliver and what it decides (sorter/line/recording.py, docs/recording.md).
 
     ConfigError if the config says `plant: true` and has a demo-only setting (sorter/config/plant.py), or a
     camera's frames would be placed on the belt worse than the eject margins (sorter/config/precision.py)."""
@@ -122,20 +129,43 @@ def build_line(
     clock = ClockModel(clock=tb.now)
     geoms = camera_geometries(cfg)
     metrics = ServiceMetrics()
+    classifier = load_checked_model(cfg.classifier.model, cfg)
+    recorder: Recorder | None = None
+    camera_source = transports.camera_source
+    if record is not None:
+        recorder = Recorder(
+            record,
+            config=cfg.model_dump(mode="json"),
+            run_id=run_id,
+            model_version=classifier.version,
+            now=tb.now,
+            wall=tb.wall,
+            in_place=transports.record_in_place,
+            log=log.bind(part="recording"),
+        )
+        rec = recorder
+
+        def camera_source(cam: CameraConfig) -> FrameSource:  # every frame as delivered, before any queue
+            return rec.wrap_source(transports.camera_source(cam))
+
     plc: PlcLinkBase
     if transports.plc_registers is not None:
         plc = PlcLink(cfg.plc, clock, log=log.bind(part="plc"), now=tb.now, client=transports.plc_registers(cfg.plc))
     else:
         plc = make_plc_link(cfg.plc, clock, log=log.bind(part="plc"), now=tb.now)
     captures = {
-        c.name: CameraCapture(
-            c, cfg.queues, log.bind(camera=c.name), source_factory=transports.camera_source, now=tb.now
-        )
+        c.name: CameraCapture(c, cfg.queues, log.bind(camera=c.name), source_factory=camera_source, now=tb.now)
         for c in cfg.cameras
     }
     parts = LineParts(
-        classifier=load_checked_model(cfg.classifier.model, cfg),
-        records=RecordStore(cfg.records.path, run_id, wall=tb.wall),
+        classifier=classifier,
+        records=RecordStore(
+            cfg.records.path,
+            run_id,
+            wall=tb.wall,
+            buffer_max_rows=cfg.records.buffer_max_rows,
+            min_free_mb=cfg.records.min_free_mb,
+        ),
         clock=clock,
         plc=plc,
         geoms=geoms,
@@ -157,8 +187,17 @@ def build_line(
             clock=tb.now,
             own_port=transports.hallbar_owns_port,
         )
+    if recorder is not None:
+        plc.poll_taps.append(recorder.poll)
+        if parts.hallbar is not None:
+            parts.hallbar.chunk_taps.append(recorder.bar_chunk)
+        parts.decision_taps.append(recorder.decided)
+        parts.taken_taps.append(recorder.processed)
+        parts.extra_stats["recording"] = recorder.stats
+        rec_ = recorder
+        parts.closers.append(lambda: rec_.close(cfg.records.path))  # after the records are closed
     service = LineService(cfg, parts, run_id=run_id, auto_start=auto_start)
-    line = Line(service, metrics)
+    line = Line(service, metrics, recorder=recorder)
     parts.subscribers.append(metrics.publish)
     if capture is not None:
         crops = line.capture = CropCapture(capture, run_id, with_field=cfg.magnetometer is not None)
@@ -202,9 +241,16 @@ def build_line(
     return line
 
 
-async def run_line(config: Path, cfg: LineConfig, *, auto_start: bool = True, capture: Path | None = None) -> None:
+async def run_line(
+    config: Path,
+    cfg: LineConfig,
+    *,
+    auto_start: bool = True,
+    capture: Path | None = None,
+    record: RecordOptions | None = None,
+) -> None:
     """`sorter run`: the line until SIGINT/SIGTERM; SIGHUP swaps to the config's (re-read) classifier.model."""
-    line = build_line(cfg, auto_start=auto_start, capture=capture)
+    line = build_line(cfg, auto_start=auto_start, capture=capture, record=record)
     service = line.service
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -12,7 +12,17 @@ from typing import Annotated, Any
 
 import typer
 
-from sorter.cli_common import ConfigOpt, LogOpt, fail
+from sorter.cli_common import (
+    ConfigOpt,
+    LogOpt,
+    RecordBufferMbOpt,
+    RecordFramesOpt,
+    RecordLevelOpt,
+    RecordMaxMbOpt,
+    RecordOpt,
+    fail,
+    record_options,
+)
 from sorter.config import ConfigError, LineConfig, load_config
 from sorter.logs import setup_logging
 
@@ -44,6 +54,11 @@ def run(
         Path | None,
         typer.Option(help="save each piece's crop (and field) to DIR/{train,val,test}/<decided class>/ for review"),
     ] = None,
+    record: RecordOpt = None,
+    record_level: RecordLevelOpt = "frames",
+    record_max_mb: RecordMaxMbOpt = 4096,
+    record_frames: RecordFramesOpt = "npy",
+    record_buffer_mb: RecordBufferMbOpt = 1024,
     log_level: LogOpt = "info",
 ) -> None:
     """Run the line service: cameras -> classifier -> PLC, until Ctrl-C or SIGTERM.
@@ -52,14 +67,113 @@ def run(
     (after `sorter model check`; a model that fails is refused and the running one stays).
     """
     from sorter.app import run_line
+    from sorter.line.recording import RecordingError
     from sorter.vision.classify import ModelError
 
     setup_logging(log_level)
     cfg = _load(config)
+    rec = record_options(record, record_level, record_max_mb, record_frames, record_buffer_mb)
     try:
-        asyncio.run(run_line(config, cfg, auto_start=start, capture=capture))
+        asyncio.run(run_line(config, cfg, auto_start=start, capture=capture, record=rec))
+    except RecordingError as exc:
+        raise fail(str(exc)) from None
     except (ModelError, ConfigError) as exc:  # ConfigError: `plant: true` with a demo-only setting
         raise fail(f"{config}: {exc}" if isinstance(exc, ConfigError) else str(exc)) from None
+
+
+@app.command()
+def replay(
+    recording: Annotated[Path, typer.Argument(help="a recording folder (`sorter run --record DIR`)")],
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="line config to replay with (default: the recorded one)")
+    ] = None,
+    model: Annotated[Path | None, typer.Option(help="classifier model to replay with (default: the config's)")] = None,
+    compare: Annotated[
+        tuple[Path, Path] | None,
+        typer.Option(help="replay with A and with B (each a model .onnx or a line config) and show what changes"),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder (default: RECORDING/replay-<time>)")] = None,
+    all_frames: Annotated[
+        bool,
+        typer.Option(
+            "--all-frames", help="give the pipeline every recorded frame, also those the live line dropped when behind"
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as one JSON object")] = False,
+    log_level: LogOpt = "warning",
+) -> None:
+    """Run a recording through the pipeline in virtual time: decisions, records and a report; or compare two
+    models/configs on it (docs/recording.md). Exit 2 on bad input, 1 if the replay fails."""
+    from sorter.line.recording import RecordingError
+    from sorter.replay import ReplayError, Variant, run_replay
+    from sorter.replay import compare as run_compare
+    from sorter.vision.classify import ModelError
+
+    setup_logging(log_level)
+    folder = out or recording / time.strftime("replay-%Y%m%d-%H%M%S")
+    try:
+        if compare is not None:
+            if config is not None or model is not None:
+                raise fail("--compare takes its two variants itself; leave out --config and --model")
+            a, b = (Variant.parse(p) for p in compare)
+            a.all_frames = b.all_frames = all_frames
+            result = run_compare(recording, a, b, folder)
+            typer.echo(json.dumps(result) if as_json else _compare_text(result))
+            return
+        report, _ = run_replay(recording, Variant(config, model, all_frames), folder)
+    except (RecordingError, ReplayError, ConfigError) as exc:
+        raise fail(str(exc)) from None
+    except ModelError as exc:
+        raise fail(str(exc), 1) from None
+    typer.echo(json.dumps(report) if as_json else _replay_text(report))
+
+
+def _replay_text(r: dict) -> str:  # type: ignore[type-arg]
+    lines = [
+        f"replay of {r['recording']} with {r['variant']} (model {r['model_version']}): "
+        f"{r['virtual_s']} s of line in {r['wall_s']} s",
+        f"frames: {r['frames_replayed']} replayed of {r['frames_in_recording']} recorded; pieces decided {r['pieces']}",
+        "by fraction: " + ", ".join(f"{k} {v}" for k, v in sorted(r["by_fraction"].items())),
+    ]
+    if "live" in r:
+        lv = r["live"]
+        lines.append(
+            f"same decision as the live line: {lv['same_decision']} of {lv['live_decided']} ({lv['agreement']}); "
+            f"differ {len(lv['differ'])}, live pieces not found {len(lv['live_unmatched'])}"
+        )
+    if "truth" in r:
+        lines.append(
+            "decisions vs truth: "
+            + ", ".join(
+                f"{f} purity {v['purity']} recovery {v['recovery']}" for f, v in r["truth"]["fractions"].items()
+            )
+        )
+    lines.append(f"records: {r['records']}")
+    return "\n".join(lines)
+
+
+def _compare_text(c: dict) -> str:  # type: ignore[type-arg]
+    lines = [f"A = {c['a']} ({c['model_a']}), B = {c['b']} ({c['model_b']}) on {c['recording']}"]
+    for f, row in c["fractions"].items():
+        text = f"  {f}: count {row['count_a']} -> {row['count_b']}"
+        text += f", estimated purity {row['estimated_purity_a']} -> {row['estimated_purity_b']}"
+        if "purity_a" in row:
+            text += f", purity (truth) {row['purity_a']} -> {row['purity_b']}"
+            text += f", recovery (truth) {row['recovery_a']} -> {row['recovery_b']}"
+        lines.append(text)
+    lines.append(
+        f"pieces decided otherwise (class or fraction): {len(c['changed'])}, "
+        f"to another fraction: {c['changed_fraction']}"
+    )
+    for p in c["changed"]:
+        lines.append(
+            f"  piece {p['id_a']} at count {p['count']}, x {p['x_mm']} mm: "
+            f"{p['a']['cls']}->{p['a']['fraction']} ({p['a']['confidence']}) becomes "
+            f"{p['b']['cls']}->{p['b']['fraction']} ({p['b']['confidence']})"
+            + (f"; truly {p['true_cls']}" if p["true_cls"] else "")
+        )
+    lines.append(f"page with the crops: {c['html']}")
+    return "\n".join(lines)
 
 
 @model_app.command("train")

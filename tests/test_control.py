@@ -157,6 +157,31 @@ async def test_a_tripped_watchdog_holds_until_the_plc_is_reset(line):
     assert plc.sent[-1] is PlcCommand.RESET and not plc.status.watchdog_tripped
 
 
+async def test_an_automatic_unhold_that_loses_the_link_again_goes_back_to_held_and_retries(line):
+    ctl, plc, clock, events = line
+    await executing(ctl)
+    plc.set(watchdog_tripped=True)
+    ctl.check()
+    await settle(ctl, State.HELD)
+    real = plc.command
+
+    async def link_drops(cmd: PlcCommand, timeout_s: float = 2.0) -> None:
+        plc.set(online=False)  # the reset's write never gets through: the connection is lost meanwhile
+        raise RuntimeError("write holding register 1: connection lost")
+
+    plc.command = link_drops  # type: ignore[method-assign]
+    ctl.check()  # the link is up: unhold (which resets the PLC), and that fails
+    await settle(ctl, State.HELD)
+    assert any("unholding failed" in kw["why"] for kind, kw in events if kind == "state")
+    plc.command = real  # type: ignore[method-assign]
+    plc.set(online=True)
+    ctl.check()
+    assert ctl.state is State.HELD  # not before the retry delay
+    clock.t += 10.0
+    ctl.check()
+    await settle(ctl, State.EXECUTE)  # held by the line, lifted by the line: no operator needed
+
+
 async def test_a_dry_feed_suspends_the_line_and_the_next_piece_resumes_it(line):
     ctl, _, clock, _ = line
     await executing(ctl)

@@ -15,7 +15,7 @@ from sorter.config import PlantDbConfig, SparkplugConfig
 from sorter.core.packml import State
 from sorter.line.records import RecordStore
 from sorter.north.edge import EdgeNode, StoreForward, node_metrics
-from sorter.north.plantdb.forwarder import Journal
+from sorter.north.plantdb.forwarder import Hold, Journal, cut_at_open
 from sorter.north.plantdb.migrate import migrations
 from sorter.north.sparkplug import UINT64, MetricValue
 from tests.test_metrics import make_stats
@@ -159,23 +159,32 @@ def test_offline_alarm_after_its_delay() -> None:
     assert cond is not None and cond.name == "sparkplug_offline"
 
 
-def test_journal_stops_before_a_pending_row_of_the_running_service(tmp_path: Path) -> None:
+def test_open_rows_hold_the_forwarder_for_the_grace_only(tmp_path: Path) -> None:
     db = tmp_path / "j.sqlite"
     store = RecordStore(db, "now")
     t = time.time()
-    for i, outcome in enumerate(["accepted", "held", "pending", "accepted"]):
+    for i, outcome in enumerate(["accepted", "held", "pending", "accepted", "seen"]):
         store.add_piece(
             {"id": i, "t_wall": t, "t_capture": 0.0, "count": i, "count32": i, "fraction": "x", "outcome": outcome}
         )
     store.flush()
     j = Journal(db)
-    b = j.pieces_after(0, 10, run_id="now", now=t, grace_s=30)
-    assert [r["id"] for r in b.rows] == [0, 1] and b.blocked
-    # another run's pending row never changes again; past the grace, the running one's neither waits
-    assert len(j.pieces_after(0, 10, run_id="other", now=t, grace_s=30).rows) == 4
-    assert len(j.pieces_after(0, 10, run_id="now", now=t + 31, grace_s=30).rows) == 4
-    assert j.key_at("pieces", 2) == "now/1" and j.key_at("pieces", 99) is None
-    assert j.backlog(1) == (3, t)
+    rows = j.pieces_after(0, 10)
+    assert [r["id"] for r in rows] == [0, 1, 2, 3, 4]
+    # the first open row (pending) holds the rest back, from when it is first met
+    b, hold = cut_at_open(rows, None, now=100.0, grace_s=30, final=False)
+    assert [r["id"] for r in b.rows] == [0, 1] and b.blocked and hold == Hold("now/2", 100.0)
+    b, hold2 = cut_at_open(rows, hold, now=129.0, grace_s=30, final=False)
+    assert len(b.rows) == 2 and hold2 is hold
+    # past the grace it goes as it is; the next open row (seen) is a new wait
+    b, hold3 = cut_at_open(rows, hold, now=131.0, grace_s=30, final=False)
+    assert [r["id"] for r in b.rows] == [0, 1, 2, 3] and hold3 == Hold("now/4", 131.0)
+    # the service has stopped: nothing will change, nothing waits
+    b, hold4 = cut_at_open(rows, None, now=0.0, grace_s=30, final=True)
+    assert len(b.rows) == 5 and not b.blocked and hold4 is None
+    assert j.key_at("pieces", 3) == "now/2" and j.key_at("pieces", 99) is None
+    assert j.backlog(1) == (4, t)
+    assert [r["id"] for r in j.rows_at([5, 1])] == [0, 4]
     j.close()
     store.close()
 

@@ -252,3 +252,33 @@ def test_database_away_from_the_start_is_alarmed_by_the_lag(tmp_path: Path) -> N
     assert not fwd.online
     fwd.close()
     store.close()
+
+
+def test_a_row_shipped_open_is_replaced_by_its_final_state(pg: Postgres, tmp_path: Path) -> None:
+    """Held longer than the grace, an open (`seen`) row goes as it is; once the journal has it decided, with
+    the decision's own t_wall, the central row is replaced (not doubled: t_wall is in the central key)."""
+    import sqlite3
+
+    journal = tmp_path / "records.sqlite"
+    store = RecordStore(journal, "run-s")
+    t_seen = time.time() - 2
+    add(store, range(0, 1), outcome="seen", t=t_seen)
+    add(store, range(1, 3))
+    fwd = forwarder(pg, journal, "L-amend", run_id="run-s", pending_grace_s=0.3)
+    asyncio.run(fwd.start())
+    wait_until_blocking(lambda: fwd.forwarded == 3, 10, "all three, the open one after the grace")
+    assert fwd.forwarded_pending == 1
+    t_decided = time.time()
+    con = sqlite3.connect(journal)  # what the service's next flush does when it decides the piece
+    with con:
+        con.execute("UPDATE pieces SET outcome = 'accepted', t_wall = ?, cls = 'ndfeb' WHERE id = 0", (t_decided,))
+    con.close()
+    wait_until_blocking(lambda: fwd.amended == 1, 10, "the final state sent")
+    got = rows(
+        pg,
+        "SELECT outcome, extract(epoch FROM t_wall), cls FROM plant.pieces WHERE line='L-amend' AND piece_id=0",
+    )
+    assert len(got) == 1 and got[0][0] == "accepted" and float(got[0][1]) == pytest.approx(t_decided, abs=1e-5)
+    assert rows(pg, "SELECT count(*) FROM plant.pieces WHERE line='L-amend'")[0][0] == 3
+    fwd.close()
+    store.close()

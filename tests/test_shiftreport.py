@@ -18,7 +18,6 @@ from sim.config import load_sim_config
 from sim.crosscheck import crosscheck_run
 from sorter.cli import app
 from sorter.config import MassRule, ReportsConfig, load_config
-from sorter.line import records as records_mod
 from sorter.line.records import RecordStore
 from sorter.reports.load import load_range
 from sorter.reports.mass import estimate_mass_g
@@ -75,11 +74,10 @@ def piece(i: int, t: float, cls: str, fraction: str, outcome: str, conf: float =
 def build_db(path: Path, monkeypatch) -> dict[str, Any]:
     """Two runs: r1 06:00-06:10 (600 pieces, a PLC alarm and a hold 06:03:20-06:03:50), r2 06:20-06:22."""
     now = {"t": T0}
-    monkeypatch.setattr(records_mod.time, "time", lambda: now["t"])
     expected: dict[str, Any] = {"r1": {}, "r2": {}}
 
     def run(run_id: str, t_start: float, n: int, hold: tuple[float, float] | None) -> None:
-        store = RecordStore(path, run_id)
+        store = RecordStore(path, run_id, wall=lambda: now["t"])  # the events' wall clock, driven by hand
         now["t"] = t_start
         store.event("start", model="m1")
         for i, (old, new) in enumerate(

@@ -504,6 +504,23 @@ class RecordsConfig(Strict):
         Path("runs/records.sqlite"),
         description="SQLite database with one row per piece (relative to the config file)",
     )
+    buffer_max_rows: int = Field(
+        50_000,
+        ge=100,
+        description=(
+            "rows (pieces, outcome updates, events) kept in memory while the disk refuses writes (full, "
+            "read-only): written in order once it takes them again; past this many new rows are refused and "
+            "counted (alarm records_dropped). About 1 kB each: 50 000 is some 15 min of a busy line"
+        ),
+    )
+    min_free_mb: float = Field(
+        100.0,
+        ge=0,
+        description=(
+            "alarm records_disk_low while the disk holding the records has less free space than this, MB "
+            "(checked about once a second, after a flush): before the disk refuses writes. 0: never"
+        ),
+    )
 
 
 Role = Literal["viewer", "operator", "technician"]

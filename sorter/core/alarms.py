@@ -46,18 +46,27 @@ class AlarmBoard:
     def __init__(self, delay_s: float = 1.0) -> None:
         self.delay_s = delay_s  # a condition must hold this long to raise an alarm (no flicker at start-up)
         self._shown: dict[str, Alarm] = {}  # active, or cleared but not yet acknowledged
-        self._pending: dict[str, float] = {}  # condition name -> when first seen
+        self._pending: dict[str, float] = {}  # condition name -> when first seen (monotonic seconds)
         self.history: deque[Alarm] = deque(maxlen=HISTORY)  # every alarm once it has left the board
 
-    def update(self, conditions: list[Condition], now: float | None = None) -> tuple[list[Alarm], list[Alarm]]:
-        """Raise alarms whose condition held delay_s, clear those whose condition went; returns (raised, cleared)."""
+    def update(
+        self, conditions: list[Condition], now: float | None = None, t_mono: float | None = None
+    ) -> tuple[list[Alarm], list[Alarm]]:
+        """Raise alarms whose condition held delay_s, clear those whose condition went; returns (raised, cleared).
+
+        `now` (wall clock) only stamps the alarms; how long a condition held is measured on `t_mono`
+        (monotonic; `now` where a test passes only that), so a step of the wall clock (NTP, an operator
+        setting the time) neither raises a flickering condition at once nor delays an alarm by the step.
+        """
+        if t_mono is None:
+            t_mono = time.monotonic() if now is None else now
         now = time.time() if now is None else now
         holding = {c.name: c for c in conditions}
-        self._pending = {n: self._pending.get(n, now) for n in holding}
+        self._pending = {n: self._pending.get(n, t_mono) for n in holding}
         raised, cleared = [], []
         for name, c in holding.items():
             old = self._shown.get(name)
-            if (old is None or not old.active) and now - self._pending[name] >= self.delay_s:
+            if (old is None or not old.active) and t_mono - self._pending[name] >= self.delay_s:
                 if old is not None:
                     self.history.append(old)  # came back before anyone acknowledged it: keep the first spell
                 a = Alarm(name, c.cause, c.action, now)

@@ -187,6 +187,9 @@ class LineStats:
     latency_ms_p99: float | None  # decision latency over the latest commands
     alarms_active: tuple[Alarm, ...]
     alarms_shown: tuple[Alarm, ...]  # active, and cleared but not yet acknowledged; newest first
+    records_error: str | None = None  # why the disk refused the last flush of the records (None: it took it)
+    records_dropped: int = 0  # rows refused since start: the buffer for an unwritable disk was full
+    records_disk_low: str | None = None  # the records disk is nearly full (why), before it refuses writes
 
     @property
     def frames_captured(self) -> int:

@@ -29,16 +29,22 @@ class Outcome(StrEnum):
     CONFLICT = "conflict"  # the air would also hit a piece of another fraction: skipped for purity
     NO_SPEED = "no_speed"  # the belt stood still (or the PLC was offline) when it was planned
     HELD = "held"  # the line was not ejecting (Held, Stopping, ...): the piece went to the default fraction
-    # record states of a command in flight
+    # record states of a piece in flight
+    SEEN = "seen"  # tracked past the cameras, not decided yet: its row is written before the decision
     PLANNED = "planned"  # the planner made a command (before it is sent)
     PENDING = "pending"  # sent, waiting for the PLC's answer
     CANCELLED = "cancelled"  # the service stopped before the PLC answered
+    # set by the next start of the service on rows an earlier run left seen/planned/pending: that run died
+    # (SIGKILL, power loss) before it knew the piece's fate; the PLC's watchdog made the line fail safe
+    LOST_IN_RESTART = "lost_in_restart"
 
     @property
     def ejected(self) -> bool:
         return self is Outcome.ACCEPTED
 
 
+# rows in these states are open: a service that stops cleanly closes them; the next start closes a dead run's
+OPEN_OUTCOMES = (Outcome.SEEN, Outcome.PLANNED, Outcome.PENDING)
 COMMAND_OUTCOMES = (Outcome.ACCEPTED, Outcome.EXPIRED, Outcome.OFFLINE, Outcome.TIMEOUT)
 NO_COMMAND_OUTCOMES = (Outcome.NO_EJECT, Outcome.CONFLICT, Outcome.NO_SPEED, Outcome.HELD)
 

@@ -48,6 +48,33 @@ def line_conditions(stats: LineStats) -> list[Condition]:
             for c in stats.cameras
             if not c.online
         ]
+    if stats.records_error is not None:
+        out.append(
+            Condition(
+                "records_disk",
+                f"the records database refuses writes ({stats.records_error}); "
+                f"{stats.records_pending} rows held in memory",
+                "free space on (or repair) the disk holding the records database: the rows are written once it "
+                "takes them, up to records.buffer_max_rows",
+            )
+        )
+    if stats.records_disk_low is not None:
+        out.append(
+            Condition(
+                "records_disk_low",
+                stats.records_disk_low,
+                "free space on the disk holding the records database before it fills up (rows would then wait "
+                "in memory, up to records.buffer_max_rows)",
+            )
+        )
+    if stats.records_dropped:
+        out.append(
+            Condition(
+                "records_dropped",
+                f"{stats.records_dropped} rows refused: the in-memory buffer (records.buffer_max_rows) was full",
+                "these rows are lost: free the records disk; the shift report misses those pieces",
+            )
+        )
     if stats.records_pending > RECORDS_BACKLOG:
         out.append(
             Condition(

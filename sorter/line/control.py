@@ -100,6 +100,7 @@ class LineControl:
         self._record_event("state", old=old.label, new=new.label, why=why)
         if new is State.EXECUTE:
             self._t_activity = self._now()
+            self._auto_held = False  # an automatic hold ends only once the line is producing again
         for fn in self.listeners:
             fn(old, new, why)
 
@@ -237,7 +238,8 @@ class LineControl:
             and self._plc_ready()
             and now >= self._retry_unhold_at
         ):
-            self._auto_held = False
+            # _auto_held stays set until Execute: if the link drops again while Unholding, the line goes
+            # back to Held and retries, instead of stopping for an operator (seen in a fault run under load)
             self.log.info("PLC link back: unholding")
             self._auto(Command.UNHOLD, why="PLC link back")
         elif st is State.EXECUTE and now - self._t_activity > self.states.starved_after_s:

@@ -1,14 +1,24 @@
 """Piece records in an embedded SQLite database (WAL).
 
-One row per piece, written when the piece is decided and updated when its
-eject command's fate is known, so a piece that was seen is never silently lost:
-if the service stops before a command is answered, the row says so.
+One row per piece, written when the piece is first seen (tracked past the cameras: outcome `seen`),
+completed when it is decided and updated when its eject command's fate is known, so a piece that was
+seen is never silently lost: if the service stops cleanly before a command is answered, the row says
+so (`cancelled`); if it dies (SIGKILL, power loss), the next start marks every row it left open
+`lost_in_restart` (`close_dead_runs`).
 Writes are batched into one transaction per flush to keep the hot path cheap.
+
+When the disk refuses a flush (full, read-only, I/O error) the rows stay in memory, in order, up to
+`records.buffer_max_rows`, and are written by the first flush that succeeds. Past the bound, new rows
+are refused and counted (`rows_dropped`): a service that grows its heap without end would be killed by
+the OOM killer and lose everything it held. Both are alarms (the service raises them from
+`error` and `rows_dropped`).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import sqlite3
 import threading
 import time
@@ -17,11 +27,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sorter.core.geometry import wrap32
-from sorter.core.messages import Outcome
+from sorter.core.messages import OPEN_OUTCOMES, Outcome
 
 if TYPE_CHECKING:
     from sorter.config import LineConfig
+    from sorter.core.messages import Piece
     from sorter.core.planner import Plan
+
+DEFAULT_BUFFER_MAX_ROWS = 50_000  # the schema's default too (records.buffer_max_rows)
+DEFAULT_MIN_FREE_MB = 100.0  # the schema's default too (records.min_free_mb)
+FREE_CHECK_S = 1.0  # how often a flush looks at the disk's free space
 
 _PIECES_TABLE = """
 CREATE TABLE IF NOT EXISTS pieces (
@@ -53,6 +68,11 @@ SCHEMA = (
 CREATE INDEX IF NOT EXISTS pieces_run ON pieces(run_id, t_wall);
 CREATE TABLE IF NOT EXISTS events (
     t_wall REAL NOT NULL, run_id TEXT NOT NULL, kind TEXT NOT NULL, detail TEXT
+);
+-- how far along the belt each camera's frames had been looked at, committed with the rows they produced:
+-- after a crash, the belt beyond this (less a piece's passage through the view) is belt nobody recorded
+CREATE TABLE IF NOT EXISTS looked (
+    run_id TEXT NOT NULL, camera TEXT NOT NULL, count32 INTEGER NOT NULL, PRIMARY KEY (run_id, camera)
 );
 """
 )
@@ -98,15 +118,38 @@ PIECE_COLUMNS = (
     "threshold",
 )
 _JSON_COLUMNS = ("probs", "image_probs")
-_INSERT = f"INSERT INTO pieces (run_id, {', '.join(PIECE_COLUMNS)}) VALUES ({','.join('?' * (len(PIECE_COLUMNS) + 1))})"
+# a piece's row is first written when it is seen, then completed when it is decided: the same statement
+# inserts or overwrites it, so the order of the two in one flush is the only thing that matters
+_INSERT = (
+    f"INSERT INTO pieces (run_id, {', '.join(PIECE_COLUMNS)}) VALUES ({','.join('?' * (len(PIECE_COLUMNS) + 1))})"
+    f" ON CONFLICT(run_id, id) DO UPDATE SET {', '.join(f'{c}=excluded.{c}' for c in PIECE_COLUMNS if c != 'id')}"
+)
 
 
 class RecordStore:
-    def __init__(self, path: Path, run_id: str, *, wall: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        path: Path,
+        run_id: str,
+        *,
+        buffer_max_rows: int = DEFAULT_BUFFER_MAX_ROWS,
+        min_free_mb: float = DEFAULT_MIN_FREE_MB,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        if buffer_max_rows < 1:
+            raise ValueError("records.buffer_max_rows must be at least 1")
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.run_id = run_id
-        self._wall = wall  # events' timestamps (the line's Timebase.wall)
+        self._wall = wall  # rows' and events' timestamps (the line's Timebase.wall)
+        self.buffer_max_rows = buffer_max_rows
+        self.rows_dropped = 0  # rows refused because the buffer was full (the disk refused writes too long)
+        self.error: str | None = None  # why the last flush failed; None once one succeeds
+        self.min_free_mb = min_free_mb
+        # why the disk is nearly full (None: it is not): a full disk is noticed before SQLite refuses a write,
+        # which in WAL mode can take a while (the log reuses its space until a checkpoint must grow the file)
+        self.disk_low: str | None = None
+        self._free_checked = -math.inf
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -116,6 +159,8 @@ class RecordStore:
         self._updates: list[tuple[Any, ...]] = []
         self._events: list[tuple[Any, ...]] = []
         self._lock = threading.Lock()  # rows are added on the event loop and written on a worker thread
+        self._writing = 0  # rows taken by a flush in progress: still in memory, they count against the bound
+        self._looked: dict[str, int] = {}  # camera -> count32 of its latest frame looked at, not yet written
         self.written = 0
 
     def _migrate(self) -> None:
@@ -136,42 +181,125 @@ class RecordStore:
                 self._db.execute("DROP TABLE pieces_v1")
                 self._db.execute("CREATE INDEX IF NOT EXISTS pieces_run ON pieces(run_id, t_wall)")
 
+    def _room(self) -> bool:
+        """Whether one more row fits the buffer (call with the lock held); counts the refusal if not."""
+        if self.pending_writes + self._writing < self.buffer_max_rows:
+            return True
+        self.rows_dropped += 1
+        return False
+
     def add_piece(self, row: dict[str, Any]) -> None:
+        """Insert a piece's row, or complete the row its first sighting wrote (same run and id)."""
         values = [
             json.dumps(row[c]) if c in _JSON_COLUMNS and row.get(c) is not None else row.get(c) for c in PIECE_COLUMNS
         ]
         with self._lock:
-            self._inserts.append((self.run_id, *values))
+            if self._room():
+                self._inserts.append((self.run_id, *values))
+
+    def add_seen(self, pieces: list[Piece], cfg: LineConfig) -> None:
+        """Rows for pieces just tracked past the cameras, before their decision (outcome `seen`)."""
+        for p in pieces:
+            self.add_piece(seen_row(p, cfg, self._wall()))
 
     def update_outcome(
         self, piece_id: int, outcome: str, seq: int | None, t_accepted: float | None, latency_ms: float | None
     ) -> None:
         with self._lock:
-            self._updates.append((outcome, seq, t_accepted, latency_ms, self.run_id, piece_id))
+            if self._room():
+                self._updates.append((outcome, seq, t_accepted, latency_ms, self.run_id, piece_id))
 
     def event(self, kind: str, **detail: Any) -> None:
         with self._lock:
-            self._events.append((self._wall(), self.run_id, kind, json.dumps(detail, default=str)))
+            if self._room():
+                self._events.append((self._wall(), self.run_id, kind, json.dumps(detail, default=str)))
+
+    def looked_at(self, camera: str, count32: int) -> None:
+        """The latest frame of `camera` the service has looked at (written with the next flush)."""
+        with self._lock:
+            self._looked[camera] = count32
+
+    def close_dead_runs(self) -> int:
+        """Mark `lost_in_restart` every row an earlier run of the service left open; returns how many.
+
+        A run that stops cleanly closes its rows (decided, or `cancelled`); rows still `seen`, `planned`
+        or `pending` belong to a run that died before it knew their fate. Called once at start, before
+        this run writes anything (so none of its own rows can be caught). Raises sqlite3.Error if the
+        database cannot be written.
+        """
+        marks = ",".join("?" * len(OPEN_OUTCOMES))
+        with self._db:
+            self._db.execute("BEGIN")
+            rows = list(
+                self._db.execute(
+                    f"SELECT run_id, COUNT(*) FROM pieces WHERE run_id<>? AND outcome IN ({marks}) GROUP BY run_id",
+                    (self.run_id, *OPEN_OUTCOMES),
+                )
+            )
+            self._db.execute(
+                f"UPDATE pieces SET outcome=? WHERE run_id<>? AND outcome IN ({marks})",
+                (Outcome.LOST_IN_RESTART, self.run_id, *OPEN_OUTCOMES),
+            )
+            for run, n in rows:
+                detail = json.dumps({"dead_run": run, "pieces": n})
+                self._db.execute(
+                    "INSERT INTO events VALUES (?,?,?,?)", (self._wall(), self.run_id, "lost_in_restart", detail)
+                )
+        return sum(n for _, n in rows)
 
     @property
     def pending_writes(self) -> int:
         return len(self._inserts) + len(self._updates) + len(self._events)
 
+    def check_free(self, now: float | None = None) -> None:
+        """Update `disk_low` from the free space of the database's disk (at most every FREE_CHECK_S)."""
+        now = time.monotonic() if now is None else now
+        if self.min_free_mb <= 0 or now - self._free_checked < FREE_CHECK_S:
+            return
+        self._free_checked = now
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError as exc:
+            self.disk_low = f"cannot read the free space of {self.path.parent}: {exc}"
+            return
+        free_mb = st.f_bavail * st.f_frsize / 1e6
+        self.disk_low = (
+            f"{free_mb:.1f} MB free on the records disk ({self.path.parent}), below records.min_free_mb "
+            f"{self.min_free_mb:g}"
+            if free_mb < self.min_free_mb
+            else None
+        )
+
     def flush(self) -> None:
+        self.check_free()  # on the writer thread: a disk that hangs must not hold up the service loop
         with self._lock:
-            if not self.pending_writes:
+            if not self.pending_writes and not self._looked:
                 return
             ins, upd, ev = self._inserts, self._updates, self._events
             self._inserts, self._updates, self._events = [], [], []
+            looked, self._looked = self._looked, {}
+            self._writing = len(ins) + len(upd) + len(ev)
         try:
-            self._write(ins, upd, ev)
-        except sqlite3.Error:
+            self._write(ins, upd, ev, [(self.run_id, cam, c) for cam, c in looked.items()])
+        except sqlite3.Error as exc:
             with self._lock:  # keep them for the next flush: a full or locked disk must not lose records
                 self._inserts[:0], self._updates[:0], self._events[:0] = ins, upd, ev
+                self._looked = looked | self._looked  # newer positions win
+                self._writing = 0
+            self.error = str(exc)
             raise
+        with self._lock:
+            self._writing = 0
+        self.error = None
         self.written += len(ins)
 
-    def _write(self, ins: list[tuple[Any, ...]], upd: list[tuple[Any, ...]], ev: list[tuple[Any, ...]]) -> None:
+    def _write(
+        self,
+        ins: list[tuple[Any, ...]],
+        upd: list[tuple[Any, ...]],
+        ev: list[tuple[Any, ...]],
+        looked: list[tuple[str, str, int]] = [],  # noqa: B006 - never mutated
+    ) -> None:
         with self._db:  # one transaction
             self._db.execute("BEGIN")
             self._db.executemany(_INSERT, ins)
@@ -180,6 +308,7 @@ class RecordStore:
                 upd,
             )
             self._db.executemany("INSERT INTO events VALUES (?,?,?,?)", ev)
+            self._db.executemany("INSERT OR REPLACE INTO looked VALUES (?,?,?)", looked)
 
     def close(self) -> None:
         self.flush()
@@ -196,6 +325,28 @@ def load_pieces(path: Path, run_id: str | None = None) -> list[dict[str, Any]]:
         for c in _JSON_COLUMNS:
             r[c] = json.loads(r[c]) if r[c] else {}
     return rows
+
+
+def seen_row(p: Piece, cfg: LineConfig, t_wall: float) -> dict[str, Any]:
+    """A piece's row when it is first seen (tracked past the cameras, not decided): where it is, and that
+    it rides to the default fraction unless its decision says otherwise."""
+    cpm = cfg.belt.counts_per_mm
+    return {
+        "id": p.id,
+        "t_wall": t_wall,
+        "t_capture": p.t_last_capture,
+        "count": round(p.u),
+        "count32": wrap32(round(p.u)),
+        "x_mm": p.x,
+        "x0_mm": p.x0,
+        "x1_mm": p.x1,
+        "length_mm": (p.u_trail - p.u_lead) / cpm,
+        "area_mm2": p.area_mm2,
+        "cameras": ",".join(p.cameras),
+        "n_views": p.n_views,
+        "fraction": cfg.routing.default_fraction,
+        "outcome": Outcome.SEEN,
+    }
 
 
 def piece_row(plan: Plan, cfg: LineConfig, t_wall: float) -> dict[str, Any]:

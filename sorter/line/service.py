@@ -13,6 +13,7 @@ as messages (`handle()`: PackML commands, alarm acknowledgements, thresholds, mo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import time
 from collections import defaultdict, deque
@@ -29,7 +30,7 @@ from sorter.config import LineConfig, RoutingConfig
 from sorter.core.alarms import AlarmBoard, Condition
 from sorter.core.clock import ClockModel
 from sorter.core.decide import decide
-from sorter.core.geometry import CameraGeometry
+from sorter.core.geometry import CameraGeometry, wrap32
 from sorter.core.linestate import BarStats, CameraStats, LineCounters, LineStats, LiveStats
 from sorter.core.messages import (
     NO_BAR,
@@ -129,6 +130,9 @@ class LineParts:
     companions: list[Companion] = field(default_factory=list)
     subscribers: list[Callable[[LineStats], None]] = field(default_factory=list)
     frame_taps: list[Callable[[str, Frame, int, list[Any]], None]] = field(default_factory=list)
+    # every frame the pipeline takes off a capture queue, before anything is done with it (the recorder:
+    # which frames a replay gives the pipeline, and when; docs/recording.md)
+    taken_taps: list[Callable[[str, Frame], None]] = field(default_factory=list)
     decision_taps: list[Callable[[list[Decision]], None]] = field(default_factory=list)
     on_stage: Callable[[str, float], None] | None = None  # stage wall times (metrics histograms)
     on_latency_ms: Callable[[float], None] | None = None  # decision latencies (metrics histogram)
@@ -164,6 +168,7 @@ class LineService:
         self._writer = parts.executor("records")
         self._now, self._wall = parts.timebase.now, parts.timebase.wall
         self._pieces: asyncio.Queue[list[Piece]] = asyncio.Queue()
+        self._flush_soon = asyncio.Event()  # first-seen rows are waiting: commit them now, not at the next tick
         self._sends: set[asyncio.Task[None]] = set()
         self._ref_count: int | None = None
         # where each frame is on the belt (core/position.py): trigger-counted cameras on their grid, chunk
@@ -179,6 +184,8 @@ class LineService:
             tolerance=CHUNK_TOLERANCE_MM * cfg.belt.counts_per_mm,
         )
         self._placement_events: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self._last_frame_count: dict[str, int] = {}  # per camera: the last frame looked at (unwrapped count)
+        self._frame_spacing: dict[str, int] = {}  # per camera: the smallest step between two frames (counts)
         self.times = StageTimes(on_add=parts.on_stage)
         self.counters = LineCounters()
         self.latencies_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
@@ -208,6 +215,29 @@ class LineService:
                 self.log.warning(PLACEMENT_EVENTS[event], camera=frame.camera, frame=frame.seq, times=n)
         return count
 
+    def _note_gap(self, name: str, count: int) -> None:
+        """Record the belt a camera's frames skipped (dropped, torn, not delivered) as a `camera_gap` event.
+
+        Frames are triggered every so many counts, so the smallest step between two processed frames is the
+        trigger spacing; a step of more than 1.5 of it means frames between were never looked at, and a
+        piece that crossed the camera line there may be missing from the records for that reason alone.
+        """
+        last, self._last_frame_count[name] = self._last_frame_count.get(name), count
+        if last is None or count <= last:
+            return
+        step = count - last
+        spacing = self._frame_spacing.get(name)
+        if spacing is None or step < spacing:
+            self._frame_spacing[name] = spacing = step
+        if step > 1.5 * spacing:
+            self.records.event(
+                "camera_gap",
+                camera=name,
+                from_count32=wrap32(last),
+                to_count32=wrap32(count),
+                frames=step // spacing - 1,
+            )
+
     def _segment(self, frame: Frame) -> list[Any]:
         t0 = time.perf_counter()
         blobs = segment(
@@ -224,6 +254,8 @@ class LineService:
             except CaptureClosed:
                 return
             try:
+                for tap in self.parts.taken_taps:
+                    tap(name, frame)
                 await self._process(name, frame, loop)
             except Exception:  # one bad frame must not stop the line: count it, log it, go on
                 self.counters.frames_failed += 1
@@ -235,6 +267,8 @@ class LineService:
             self.counters.frames_unplaced += 1
             return
         self._ref_count = count
+        if frame.count is not None:  # encoder-triggered: frames come every so many counts (free-run ones jitter)
+            self._note_gap(name, count)
         blobs = await loop.run_in_executor(self._vision, self._segment, frame)
         for tap in self.parts.frame_taps:
             tap(name, frame, count, blobs)  # a reference (the HMI's live view), no copy
@@ -248,7 +282,12 @@ class LineService:
         self.times.add("track", time.perf_counter() - t0)
         self.counters.frames_processed += 1
         if pieces:
+            # its row before its decision, written at once: a service killed meanwhile loses nothing silently
+            self.records.add_seen(pieces, self.cfg)
+            self._flush_soon.set()
             self._pieces.put_nowait(pieces)
+        # after the rows this frame finalised: a flush that writes this position has written them too
+        self.records.looked_at(name, wrap32(count))
 
     # --- pieces -> decisions -> commands ---
     def _classify(self, pieces: list[Piece]) -> tuple[list[np.ndarray | None], Classifier]:
@@ -495,6 +534,9 @@ class LineService:
             latency_ms_p99=round(float(np.percentile(lat, 99)), 1) if lat else None,
             alarms_active=tuple(self.alarm_board.active),
             alarms_shown=tuple(self.alarm_board.shown),
+            records_error=self.records.error,
+            records_dropped=self.records.rows_dropped,
+            records_disk_low=self.records.disk_low,
         )
 
     def _publish(self) -> None:
@@ -514,7 +556,7 @@ class LineService:
     def _watch_alarms(self) -> None:
         conditions = line_conditions(self.stats)
         conditions += [c for comp in self.parts.companions if (c := comp.condition()) is not None]
-        raised, cleared = self.alarm_board.update(conditions, now=self._wall())
+        raised, cleared = self.alarm_board.update(conditions, now=self._wall(), t_mono=self._now())
         for a in raised:
             self.log.warning(f"ALARM {a.name}", cause=a.cause, action=a.action)
             self.records.event("alarm", alarm=a.name, reason=a.cause, action=a.action)
@@ -527,16 +569,28 @@ class LineService:
     # --- housekeeping ---
     async def _flush_loop(self) -> None:
         loop = asyncio.get_running_loop()
+        failing = False
         while True:
-            await asyncio.sleep(0.2)
+            if failing:  # the disk refuses: retry at the tick, not at every new row
+                await asyncio.sleep(0.2)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._flush_soon.wait(), 0.2)
+            self._flush_soon.clear()
             # a commit can wait on the disk (WAL checkpoints): never on the loop that polls the PLC
             try:
                 await loop.run_in_executor(self._writer, self.records.flush)
             except Exception as exc:  # rows stay queued and are retried; the line goes on
                 self.counters.records_flush_failed += 1
-                self.log.error(
-                    "ALARM records not written, retrying", error=str(exc), pending=self.records.pending_writes
-                )
+                if not failing:
+                    self.log.error(
+                        "ALARM records not written, retrying", error=str(exc), pending=self.records.pending_writes
+                    )
+                failing = True
+                continue
+            if failing:
+                self.log.info("records written again", dropped=self.records.rows_dropped)
+            failing = False
 
     async def _stats_loop(self) -> None:
         last_log = self._now()
@@ -548,6 +602,16 @@ class LineService:
             if self._now() - last_log > 5:
                 last_log = self._now()
                 self.log.info("line", **self.summary())
+
+    async def _close_dead_runs(self) -> None:
+        """Rows an earlier run left open (it died: SIGKILL, power loss) become `lost_in_restart`."""
+        try:
+            lost = await asyncio.get_running_loop().run_in_executor(self._writer, self.records.close_dead_runs)
+        except Exception as exc:  # an unwritable disk must not keep the line from sorting: the next start retries
+            self.log.error("ALARM earlier runs' open records not closed", error=str(exc))
+            return
+        if lost:
+            self.log.warning("pieces of a run that died recorded lost_in_restart", pieces=lost)
 
     async def _start_companion(self, comp: Companion) -> None:
         """Start a side service; one that cannot start is an alarm (its condition()), not a reason to stop sorting."""
@@ -565,6 +629,7 @@ class LineService:
             provider=self.classifier.provider,
             records=str(self.records.path),
         )
+        await self._close_dead_runs()
         self.records.event("start", model=self.classifier.version)
         self._publish()
         for comp in self.parts.companions:

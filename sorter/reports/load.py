@@ -46,12 +46,17 @@ def load_range(db: Path, t_from: float | None = None, t_to: float | None = None,
     for p in pieces:
         for c in ("probs", "image_probs"):
             p[c] = json.loads(p[c]) if p[c] else {}
+        if p["cls"] is None:  # seen but never decided (still open, or lost_in_restart): no class, no confidence
+            p["cls"] = UNDECIDED
     for e in events:
         e["detail"] = json.loads(e["detail"]) if e["detail"] else {}
     lo = t_from if t_from is not None else min([pieces[0]["t_wall"], *(e["t_wall"] for e in events)])
     last = max([pieces[-1]["t_wall"], *(e["t_wall"] for e in events)])
     hi = t_to if t_to is not None else math.nextafter(last, math.inf)  # `to` is exclusive: include the last
     return ShiftData(db, pieces, events, lo, max(hi, lo + 1e-3), run, run_ids)
+
+
+UNDECIDED = "undecided"  # the class shown for a piece recorded before its decision
 
 
 def _read(

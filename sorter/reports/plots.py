@@ -136,7 +136,7 @@ def confidence_figure(pieces: list[dict[str, Any]], summary: dict[str, Any], cfg
     fig, ax = plt.subplots(figsize=(9, 3.0))
     bins = [i / 50 for i in range(51)]
     for c in summary["classes"]:
-        conf = [p["confidence"] for p in pieces if p["cls"] == c]
+        conf = [p["confidence"] for p in pieces if p["cls"] == c and p["confidence"] is not None]
         ax.hist(conf, bins=bins, histtype="step", lw=1.4, color=CLASS_COLOURS.get(c, OTHER_CLASS_COLOUR), label=c)
     for thr, style in ((cfg.routing.min_confidence, "--"), (cfg.routing.fallback_min_confidence, ":")):
         ax.axvline(thr, color="k", ls=style, lw=1)

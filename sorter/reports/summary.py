@@ -19,8 +19,10 @@ from sorter.reports.load import ShiftData
 from sorter.reports.stats import percentiles
 
 # outcomes after which no air was fired for the piece, and those where the PLC never confirmed the command
-NO_AIR = frozenset({"expired", "offline", "conflict", "no_speed", "cancelled"})
-UNCONFIRMED = frozenset({"timeout", "pending"})
+NO_AIR = frozenset({"expired", "offline", "conflict", "no_speed", "cancelled", "seen"})
+# lost_in_restart: the service died after seeing the piece; whether its air fired before the PLC's watchdog
+# made the line fail safe is unknown
+UNCONFIRMED = frozenset({"timeout", "pending", "planned", "lost_in_restart"})
 
 RUN_STOP_GRACE_S = 60.0  # a run whose stop event comes this soon after the range still counts as ended in it
 
@@ -72,6 +74,7 @@ def summarise(data: ShiftData, cfg: LineConfig) -> dict[str, Any]:
         "held": outcomes.get("held", 0),
         "expired": outcomes.get("expired", 0),
         "conflict": outcomes.get("conflict", 0),
+        "lost_in_restart": outcomes.get("lost_in_restart", 0),
         "ejects_sent": sum(1 for p in pieces if p["seq"] is not None),
         "field_states": dict(sorted(Counter(p["field_state"] or "-" for p in pieces).items())),
         "decision_latency_ms": percentiles(latencies),
@@ -81,6 +84,12 @@ def summarise(data: ShiftData, cfg: LineConfig) -> dict[str, Any]:
         "run_checks": run_checks(data, fractions),
         "mass_model": {c: r.model_dump() for c, r in cfg.reports.mass_model.items()},
     }
+
+
+def _mean_confidence(pieces: list[dict[str, Any]]) -> float | None:
+    """Mean decision confidence of the decided pieces among `pieces` (None if none was decided)."""
+    conf = [p["confidence"] for p in pieces if p["confidence"] is not None]
+    return round(float(np.mean(conf)), 4) if conf else None
 
 
 def fraction_rows(
@@ -104,7 +113,7 @@ def fraction_rows(
             "mass_est_kg": round(m / 1000, 3),
             "mass_share": round(m / mass_g, 4) if mass_g else None,
             "by_class": dict(sorted(Counter(p["cls"] for p in inside).items())),
-            "mean_confidence": round(float(np.mean([p["confidence"] for p in inside])), 4) if inside else None,
+            "mean_confidence": _mean_confidence(inside),
             # what the model believes, not a measurement: mean probability that a piece here belongs here
             "purity_est": round(float(np.mean([belongs(p, f) for p in inside])), 4) if inside else None,
         }
@@ -134,7 +143,7 @@ def class_rows(pieces: list[dict[str, Any]], routing: RoutingConfig) -> dict[str
         c: {
             "count": sum(1 for p in pieces if p["cls"] == c),
             "mass_est_kg": round(sum(p["mass_est_g"] for p in pieces if p["cls"] == c) / 1000, 3),
-            "mean_confidence": round(float(np.mean([p["confidence"] for p in pieces if p["cls"] == c])), 4),
+            "mean_confidence": _mean_confidence([p for p in pieces if p["cls"] == c]),
             "routed_to": routing.classes.get(c, routing.default_fraction),
         }
         for c in sorted({p["cls"] for p in pieces})

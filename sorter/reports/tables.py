@@ -164,7 +164,8 @@ OUTCOMES_NOTE = (
     "accepted: the PLC took the command; no_eject: default fraction, no air; held: the line was not in "
     "Execute, the piece went to the default fraction; expired: too late to reach the PLC, not sent; conflict: "
     "the valves would have hit a neighbour of another fraction; offline/timeout: the PLC link; cancelled: "
-    "unanswered at shutdown."
+    "unanswered at shutdown; lost_in_restart: the service died (killed, power loss) after seeing the piece, "
+    "its fate is unknown (the PLC's watchdog stopped the air within 0.5 s)."
 )
 
 

@@ -103,6 +103,9 @@ class HallBar:
         self.own_port = own_port
         self.log = (log or structlog.get_logger("hallbar")).bind(hallbar=cfg.port)
         self.on_reading = on_reading
+        # who wants the bar's raw bytes with their arrival time (the recorder, sorter/line/recording.py): called
+        # on the reader thread (or receive()'s caller) before parsing; must not block
+        self.chunk_taps: list[Callable[[bytes, float], None]] = []
         n = cfg.channels
         self._offsets = np.asarray(cfg.offsets_mT if cfg.offsets_mT is not None else np.zeros(n), dtype=np.float32)
         self._gains = np.asarray(cfg.gains if cfg.gains is not None else np.ones(n), dtype=np.float32)
@@ -244,6 +247,8 @@ class HallBar:
         self._feed(chunk, now)
 
     def _feed(self, chunk: bytes, now: float) -> None:
+        for tap in self.chunk_taps:
+            tap(chunk, now)
         for kind, data in self._splitter.feed(chunk):
             if kind == "fragment":
                 self._reject("truncated")

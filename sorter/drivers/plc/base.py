@@ -119,6 +119,9 @@ class PlcLinkBase:
         self._stop = asyncio.Event()
         self._tick = asyncio.Event()  # replaced and set after every status update and on going offline
         self._run_done: asyncio.Future[None] | None = None
+        # who wants each encoder poll as the clock model gets it: (t_request, t_response, count32, the status
+        # after the poll); the recorder (sorter/line/recording.py). Called on the loop; must not block.
+        self.poll_taps: list[Callable[[float, float, int, PlcStatus], None]] = []
 
     # --- public state ---
     @property
@@ -243,6 +246,10 @@ class PlcLinkBase:
         if st.alarms != prev.alarms:
             self._log_alarms(prev.alarms, st.alarms)
         self._notify()
+
+    def _tap_poll(self, t_req: float, t_resp: float, count32: int) -> None:
+        for tap in self.poll_taps:
+            tap(t_req, t_resp, count32, self._status)
 
     def _log_alarms(self, before: list[str], after: list[str]) -> None:
         for name in after:

@@ -50,6 +50,26 @@ SLOT_WORDS = 7  # seq, bank, mask hi, mask lo, open-at hi, open-at lo, open-for;
 # watchdog until the next heartbeat) has lost the write, and the link reconnects to resynchronise.
 MAILBOX_STUCK_TIMEOUTS = 4
 MAILBOX_STUCK_MIN_S = 0.5
+# The PLC's counters only count up and wrap (docs/plc-interface.md section 3); between two polls they move by
+# at most the commands it can execute in that time, far below half their range. A step "backwards" (a modular
+# difference of half the range or more) is a counter that started again from 0: the PLC restarted.
+COUNTER_BACKSTEP = 0x8000
+
+
+def plc_restarted(pc_last_seq: int, plc_last_seq: int, counters: tuple[tuple[int | None, int], ...]) -> str | None:
+    """Why the PLC's registers show it restarted since the PC last saw them (None: they do not).
+
+    - its last accepted seq is 0 although the PC saw it accept `pc_last_seq` > 0: seq never returns to 0
+      (65535 is followed by 1), only a power-up clears it;
+    - one of its counters (ejects done, late), given as (last raw value seen or None, raw value now), stepped
+      back: they count since power-up and are never reset.
+    """
+    if plc_last_seq == 0 and pc_last_seq != 0:
+        return f"its last accepted seq went from {pc_last_seq} to 0"
+    for old, new in counters:
+        if old is not None and (new - old) & 0xFFFF >= COUNTER_BACKSTEP:
+            return f"a counter stepped back from {old} to {new}"
+    return None
 
 
 class RegisterClient(Protocol):
@@ -107,6 +127,7 @@ class PlcLink(PlcLinkBase):
         self._done_total = 0
         self._late_total = 0
         self._t_poll_request = 0.0
+        self.restarts = 0  # PLC restarts noticed (seq or counters back at their power-up values)
         self._stuck_s = max(MAILBOX_STUCK_TIMEOUTS * cfg.timeout_s, MAILBOX_STUCK_MIN_S)
         self._waiting_since: float | None = None  # since when the PLC could take a pending seq and has not
 
@@ -119,6 +140,7 @@ class PlcLink(PlcLinkBase):
 
     async def _session(self) -> None:
         regs, t_req, t_resp = await self._client.read_input_registers_timed(self._ir_lo, self._ir_count)
+        self._check_restart(regs)  # a PLC that was power-cycled while the link was down
         # the PLC's register 5 is the only truth about what it has taken
         self.mailbox.resync(regs[self.regs.ir_last_seq - self._ir_lo])
         self._waiting_since = None
@@ -156,7 +178,9 @@ class PlcLink(PlcLinkBase):
         def reg(address: int) -> int:
             return regs[address - self._ir_lo]
 
-        self.clock.add(t_req, t_resp, (reg(r.ir_encoder) << 16) | reg(r.ir_encoder + 1))
+        count32 = (reg(r.ir_encoder) << 16) | reg(r.ir_encoder + 1)
+        self.clock.add(t_req, t_resp, count32)
+        self._check_restart(regs)  # a restart the connection survived (a gateway in between keeps it up)
         last_seq = reg(r.ir_last_seq)
         try:
             accepted = self.mailbox.on_accepted(last_seq)
@@ -195,7 +219,39 @@ class PlcLink(PlcLinkBase):
                 t_polled=t_resp,
             )
         )
+        self._tap_poll(t_req, t_resp, count32)
         self._check_mailbox_moves(bool(accepted), t_resp)
+
+    def _check_restart(self, regs: list[int]) -> None:
+        """Notice a PLC restart from its registers and resynchronise with it.
+
+        The restart lost its eject queue (commands it had accepted will not fire: their pieces ride into the
+        default fraction), its last accepted seq and its counters. The mailbox starts again from the PLC's
+        seq, commands waiting for acceptance end `offline` (the PLC never took them), and the running
+        totals go on from the new counter values instead of counting the step back as a wrap.
+        """
+        r = self.regs
+        last_seq = regs[r.ir_last_seq - self._ir_lo]
+        done, late = regs[r.ir_ejects_done - self._ir_lo], regs[r.ir_ejects_late - self._ir_lo]
+        why = plc_restarted(self.mailbox.last_accepted, last_seq, ((self._raw_done, done), (self._raw_late, late)))
+        if why is None:
+            return
+        self.restarts += 1
+        self.log.warning(
+            "ALARM plc restarted: its eject queue and counters were lost, resynchronising",
+            reason=why,
+            pc_last_seq=self.mailbox.last_accepted,
+            plc_last_seq=last_seq,
+            pending=self.mailbox.pending,
+            action="commands the PLC had queued will not fire; check why the PLC restarted (power, watchdog, program)",
+        )
+        self.mailbox.resync(last_seq)
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_result(Outcome.OFFLINE)
+        self._waiters.clear()
+        self._raw_done, self._raw_late = done, late
+        self._waiting_since = None
 
     def _check_mailbox_moves(self, progress: bool, t: float) -> None:
         """Raise PlcError if the PLC sits on a written command although nothing stops it taking it.

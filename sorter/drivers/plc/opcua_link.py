@@ -110,6 +110,7 @@ class OpcUaPlcLink(PlcLinkBase):
         count, t_req, t_resp = await self._client.read_timed("encoder_count")
         self.clock.add(t_req, t_resp, int(count))
         self._rtt_ms, self._t_polled = (t_resp - t_req) * 1000.0, t_resp
+        self._tap_poll(t_req, t_resp, int(count))
 
     async def _clock_loop(self) -> None:
         async def step() -> None:

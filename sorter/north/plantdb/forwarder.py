@@ -8,12 +8,14 @@ database in batches, one transaction per batch holding both the rows and the new
   forwarder resumes from the watermark stored in the central database;
 - idempotent: rows are upserted on (line, run, piece id) - a batch sent twice (a lost commit answer, a
   watermark reset) changes nothing;
-- a piece row is written when decided and updated once its eject command's fate is known (outcome
-  `pending` until then, a few hundred ms). The forwarder stops at the first row of the running service
-  still pending, for at most `pending_grace_s`, so a row leaves the line in its final state. A row
-  forwarded pending after the grace keeps that outcome centrally (the journal keeps no change log to
-  send the update later): counted in `forwarded_pending` and logged. Rows of earlier runs never hold it
-  back: their service is gone, and with it any update to come.
+- a piece row is written when the piece is seen (outcome `seen`), completed when it is decided and
+  updated once its eject command's fate is known (`planned`, `pending` until then: a second at most);
+  a run that died leaves rows open, which the next start closes (`lost_in_restart`). The forwarder
+  stops before the first open row and waits for it at most `pending_grace_s` from when it met it, so a
+  row leaves the line in its final state; after the grace it is forwarded as it is and keeps that
+  outcome centrally (the journal keeps no change log to send the update later): counted in
+  `forwarded_pending` and logged. At the final drain (the service stopped and closed its rows) nothing
+  waits.
 
 The lag (age of the oldest row not yet shipped, rows waiting) is a Prometheus metric and the alarm
 `plant_db_lag` past `lag_alarm_s`.
@@ -39,13 +41,18 @@ from psycopg.types.json import Jsonb
 
 from sorter.config import PlantDbConfig
 from sorter.core.alarms import Condition
+from sorter.core.messages import OPEN_OUTCOMES
 from sorter.line.records import PIECE_COLUMNS
 from sorter.north.plantdb.migrate import PlantDbError, migrate
 
-PENDING = "pending"
+# a row in one of these states will still change (decided, answered, or closed by the next start)
+OPEN = frozenset(str(o) for o in OPEN_OUTCOMES)
 _JSON = ("probs", "image_probs")
 _PG_COLUMNS = ["line", "run_id", "piece_id", *(("field_mt" if c == "field_mT" else c) for c in PIECE_COLUMNS[1:])]
-_UPDATED = ("outcome", "seq", "t_accepted", "latency_ms")  # what the journal changes after the insert
+# everything but the key: a row re-sent (seen, then decided; a resend after a lost watermark) is the newer
+_UPDATED = tuple(c for c in _PG_COLUMNS if c not in ("line", "run_id", "piece_id", "t_wall"))
+AMEND_MAX = 10_000  # rows forwarded open whose final state is still to be sent (in memory)
+_DELETE_OLD = "DELETE FROM plant.pieces WHERE line = %s AND run_id = %s AND piece_id = %s AND t_wall = %s"
 _UPSERT_PIECES = (
     f"INSERT INTO plant.pieces ({', '.join(_PG_COLUMNS)}) VALUES ({', '.join(['%s'] * len(_PG_COLUMNS))}) "
     "ON CONFLICT (line, run_id, piece_id, t_wall) DO UPDATE SET "
@@ -66,7 +73,32 @@ _WATERMARK = (
 @dataclass
 class Batch:
     rows: list[dict[str, Any]]  # with `rowid`
-    blocked: bool  # stopped at a pending row of the running service
+    blocked: bool  # stopped before an open row
+
+
+@dataclass
+class Hold:
+    """The open row the forwarder is waiting on, and since when (the forwarder's wall clock)."""
+
+    key: str
+    since: float
+
+
+def cut_at_open(
+    rows: list[dict[str, Any]], hold: Hold | None, *, now: float, grace_s: float, final: bool
+) -> tuple[Batch, Hold | None]:
+    """The rows to ship now: up to the first open row (seen, planned, pending), which is waited on for at
+    most `grace_s` from when the forwarder first met it; `final` (the service has stopped): no wait."""
+    for i, r in enumerate(rows):
+        if r["outcome"] not in OPEN or final:
+            continue
+        key = piece_key(r)
+        if hold is None or hold.key != key:
+            return Batch(rows[:i], True), Hold(key, now)
+        if now - hold.since < grace_s:
+            return Batch(rows[:i], True), hold
+        # waited long enough: this one goes as it is, the rest of the batch with it
+    return Batch(rows, False), None
 
 
 def _ts(t: float) -> datetime:
@@ -93,18 +125,23 @@ class Journal:
     def close(self) -> None:
         self._db.close()
 
-    def pieces_after(self, rowid: int, limit: int, *, run_id: str | None, now: float, grace_s: float) -> Batch:
-        """Up to `limit` piece rows after `rowid`, stopping before a row `run_id` may still change."""
-        rows = [
+    def pieces_after(self, rowid: int, limit: int) -> list[dict[str, Any]]:
+        """Up to `limit` piece rows after `rowid`, in rowid order."""
+        return [
             dict(r)
             for r in self._db.execute(
                 "SELECT rowid AS rowid, * FROM pieces WHERE rowid > ? ORDER BY rowid LIMIT ?", (rowid, limit)
             )
         ]
-        for i, r in enumerate(rows):
-            if r["outcome"] == PENDING and r["run_id"] == run_id and now - r["t_wall"] < grace_s:
-                return Batch(rows[:i], True)
-        return Batch(rows, False)
+
+    def rows_at(self, rowids: list[int]) -> list[dict[str, Any]]:
+        """The piece rows with these rowids (those that exist)."""
+        if not rowids:
+            return []
+        marks = ",".join("?" * len(rowids))
+        return [
+            dict(r) for r in self._db.execute(f"SELECT rowid AS rowid, * FROM pieces WHERE rowid IN ({marks})", rowids)
+        ]
 
     def events_after(self, rowid: int, limit: int) -> list[dict[str, Any]]:
         return [
@@ -163,7 +200,7 @@ class RecordForwarder:
         self.cfg = cfg
         self.line = line
         self.journal_path = journal
-        self.run_id = run_id  # the running service's: its pending rows may still change
+        self.run_id = run_id  # the running service's; None once it has stopped (close): no row changes any more
         self.log = log
         self._connect_fn = connect
         self._wall = wall
@@ -176,12 +213,19 @@ class RecordForwarder:
         self.watermark = {"pieces": 0, "events": 0}
         self.forwarded = 0  # piece rows written (each batch's, re-sends included)
         self.forwarded_events = 0
-        self.forwarded_pending = 0
+        self.forwarded_pending = 0  # rows shipped while still open (after the grace)
+        self.amended = 0  # of those, sent again once final
+        self.amend_dropped = 0  # of those, forgotten (more than AMEND_MAX waiting)
         self.lag_rows = 0
         self.lag_s = 0.0
         self.error: str | None = None
         self.online = False
         self._events_left = True
+        self._hold: Hold | None = None
+        # rows shipped while still open: journal rowid -> the t_wall they were shipped with. Their final state
+        # is sent when the journal has it (the old row deleted first: a decided row has a new t_wall, which is
+        # in the central key). Kept in memory: after a restart the next start has closed them in the journal.
+        self._amend: dict[int, float] = {}
         self._gen = 0  # bumped by close(): a round that starts after it sees the service gone
         self._done_gen = -1  # the last generation whose round found nothing left to ship
         self._drained = threading.Condition()
@@ -249,7 +293,7 @@ class RecordForwarder:
                 self.log.warning("plant database: cannot read the journal", error=str(exc))
                 more = False
             if not more:
-                if self.lag_rows == 0 and not self._events_left:
+                if self.lag_rows == 0 and not self._events_left and not self._amend:
                     with self._drained:
                         self._done_gen = gen
                         self._drained.notify_all()
@@ -323,18 +367,23 @@ class RecordForwarder:
     def sync_once(self) -> bool:
         """Ship one batch of pieces and one of events; True if there may be more right away."""
         assert self._journal is not None and self._conn is not None
-        batch = self._journal.pieces_after(
-            self.watermark["pieces"],
-            self.cfg.batch_rows,
-            run_id=self.run_id,
-            now=self._wall(),
+        batch, self._hold = cut_at_open(
+            self._journal.pieces_after(self.watermark["pieces"], self.cfg.batch_rows),
+            self._hold,
+            now=time.monotonic(),
             grace_s=self.cfg.pending_grace_s,
+            final=self.run_id is None,
         )
         events = self._journal.events_after(self.watermark["events"], self.cfg.batch_rows)
         self._events_left = len(events) == self.cfg.batch_rows
-        if batch.rows or events:
-            self._ensure_partitions([r["t_wall"] for r in batch.rows] + [e["t_wall"] for e in events])
+        amends = self._amendable()
+        if batch.rows or events or amends:
+            times = [r["t_wall"] for r in (*batch.rows, *events, *(r for r, _ in amends))]
+            self._ensure_partitions(times)
             with self._conn.transaction(), self._conn.cursor() as cur:
+                for r, old_t in amends:
+                    cur.execute(_DELETE_OLD, (self.line, r["run_id"], r["id"], _ts(old_t)))
+                    cur.execute(_UPSERT_PIECES, piece_values(self.line, r))
                 if batch.rows:
                     cur.executemany(_UPSERT_PIECES, [piece_values(self.line, r) for r in batch.rows])
                     last = batch.rows[-1]
@@ -352,15 +401,36 @@ class RecordForwarder:
             if batch.rows:
                 self.watermark["pieces"] = batch.rows[-1]["rowid"]
                 self.forwarded += len(batch.rows)
-                pend = sum(1 for r in batch.rows if r["outcome"] == PENDING)
-                if pend:
-                    self.forwarded_pending += pend
-                    self.log.warning("plant database: pieces forwarded with their outcome still pending", n=pend)
+                still_open = [r for r in batch.rows if r["outcome"] in OPEN]
+                if still_open:
+                    self.forwarded_pending += len(still_open)
+                    self.log.warning(
+                        "plant database: pieces forwarded with their outcome still open; their final state follows",
+                        n=len(still_open),
+                    )
+                    for r in still_open:
+                        if len(self._amend) >= AMEND_MAX:
+                            self._amend.pop(next(iter(self._amend)))
+                            self.amend_dropped += 1
+                        self._amend[r["rowid"]] = r["t_wall"]
             if events:
                 self.watermark["events"] = events[-1]["rowid"]
                 self.forwarded_events += len(events)
+            for r, _ in amends:
+                del self._amend[r["rowid"]]
+                self.amended += 1
         self._update_lag()
         return len(batch.rows) == self.cfg.batch_rows or len(events) == self.cfg.batch_rows
+
+    def _amendable(self) -> list[tuple[dict[str, Any], float]]:
+        """Rows shipped open whose journal row has closed since (or is final because the service stopped)."""
+        if not self._amend or self._journal is None:
+            return []
+        out = []
+        for r in self._journal.rows_at(list(self._amend)[:500]):
+            if r["outcome"] not in OPEN or self.run_id is None:
+                out.append((r, self._amend[r["rowid"]]))
+        return out
 
     def _ensure_partitions(self, times: list[float]) -> None:
         days = {_ts(t).strftime("%Y-%m-%d"): t for t in times}
