@@ -689,8 +689,8 @@ class PlantDbConfig(Strict):
     pending_grace_s: float = Field(
         30.0,
         gt=0,
-        description="a piece of the running service whose eject outcome is still pending holds the forwarder "
-        "back (its row is about to change) at most this long; then it is forwarded as it is",
+        description="an open piece row (seen, planned, pending: about to change) holds the forwarder back at most "
+        "this long from when it meets it; then it is forwarded as it is, and its final state follows",
     )
     lag_alarm_s: float = Field(
         120.0, gt=0, description="the oldest record not yet forwarded older than this raises `plant_db_lag`"
