@@ -245,7 +245,7 @@ def _result(
                 "frames_dropped": reports[line].get("frames_dropped"),
             }
     out["plant_mass_balance_closes"] = plant["plant"]["mass_balance"]["closes"]
-    out["ok"] = all(
+    out["ok"] = out["plant_mass_balance_closes"] and all(
         v["equal"]
         and v["rows"]["journal"] == v["rows"]["database"]
         and v["rows"]["duplicates"] == 0

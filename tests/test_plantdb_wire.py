@@ -221,7 +221,8 @@ def test_plant_report_equals_each_lines_own_report(pg: Postgres, tmp_path: Path)
         assert mine["mass_balance"] == own["mass_balance"] and mine["outcomes"] == own["outcomes"]
         assert mine["decision_latency_ms"] == own["decision_latency_ms"]
     plant = s["plant"]
-    assert plant["pieces"] == 90 and plant["mass_balance"]["closes"]
+    assert plant["pieces"] == 90 and plant["mass_balance"]["closes"] and plant["mass_balance"]["lines_close"]
+    assert plant["mass_est_kg"] == pytest.approx(sum(s["lines"][x]["mass_est_kg"] for x in journals), abs=0.002)
     # i % 3: ndfeb ejected (14 + 17); ferrite expired and steel both end in residue (26 + 33)
     assert plant["fractions"]["residue"]["count"] == 59 and plant["fractions"]["ndfeb"]["count"] == 31
     # the command line: the same report through `sorter report --db URL --line ...`; a line with no rows is an error

@@ -109,30 +109,35 @@ def load_plant(url: str, lines: list[str] | None, t_from: float | None, t_to: fl
     return out
 
 
-def plant_totals(summaries: dict[str, dict[str, Any]], fractions: list[str]) -> dict[str, Any]:
-    """The plant's pieces and estimated mass per fraction, and its mass balance, from the lines' summaries."""
+def plant_totals(
+    data: dict[str, ShiftData], summaries: dict[str, dict[str, Any]], fractions: list[str]
+) -> dict[str, Any]:
+    """The plant's pieces and estimated mass per fraction and its mass balance, from every line's records
+    (after summarise() set each piece's `dest`; sums of unrounded masses: the lines' rounded figures would
+    not add up to the last gram)."""
     count: Counter[str] = Counter()
-    mass: Counter[str] = Counter()
-    for s in summaries.values():
-        for f, row in s["fractions"].items():
-            count[f] += row["count"]
-            mass[f] += row["mass_est_kg"]
-    n = sum(s["pieces"] for s in summaries.values())
-    in_mass = sum(s["mass_est_kg"] for s in summaries.values())
+    mass_g: Counter[str] = Counter()
+    for d in data.values():
+        for p in d.pieces:
+            count[p["dest"]] += 1
+            mass_g[p["dest"]] += p["mass_est_g"]
+    n = sum(len(d.pieces) for d in data.values())
+    in_mass = sum(p["mass_est_g"] for d in data.values() for p in d.pieces)
     out_count = sum(count[f] for f in fractions)
-    out_mass = sum(mass[f] for f in fractions)
+    out_mass = sum(mass_g[f] for f in fractions)
+    order = [*fractions, *sorted(set(count) - set(fractions))]
     return {
         "lines": sorted(summaries),
         "pieces": n,
-        "mass_est_kg": round(in_mass, 3),
-        "fractions": {f: {"count": count[f], "mass_est_kg": round(mass[f], 3)} for f in count},
+        "mass_est_kg": round(in_mass / 1000, 3),
+        "fractions": {f: {"count": count[f], "mass_est_kg": round(mass_g[f] / 1000, 3)} for f in order},
         "mass_balance": {
             "in_count": n,
             "out_count": out_count,
-            "in_mass_est_kg": round(in_mass, 3),
-            "out_mass_est_kg": round(out_mass, 3),
-            "unaccounted": n - out_count,
-            "closes": n == out_count and math.isclose(in_mass, out_mass, rel_tol=1e-6, abs_tol=1e-3),
+            "in_mass_est_kg": round(in_mass / 1000, 3),
+            "out_mass_est_kg": round(out_mass / 1000, 3),
+            "unaccounted": n - out_count,  # records naming a fraction the config does not have
+            "closes": n == out_count and math.isclose(in_mass, out_mass, rel_tol=1e-9, abs_tol=1e-9),
             "lines_close": all(s["mass_balance"]["closes"] for s in summaries.values()),
         },
     }
@@ -148,7 +153,8 @@ def summarise_plant(
     for line, d in data.items():
         add_mass_estimates(d.pieces, cfg.reports.mass_model)
         per_line[line] = summarise(d, cfg)
-    summary = {"database": redact(url), "plant": plant_totals(per_line, cfg.fractions), "lines": per_line}
+    plant = plant_totals(data, per_line, cfg.fractions)
+    summary = {"database": redact(url), "plant": plant, "lines": per_line}
     return data, summary
 
 
