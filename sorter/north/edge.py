@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 from sorter.config import SparkplugConfig
 from sorter.core.alarms import Condition
 from sorter.core.linestate import LineStats
+from sorter.core.timebase import REAL_TIME
 from sorter.north.sparkplug import (
     BDSEQ,
     BOOLEAN,
@@ -122,8 +123,8 @@ class EdgeNode:
         *,
         log: Any,
         session_factory: Callable[..., Any] = MqttSession,
-        wall: Callable[[], float] = time.time,
-        now: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = REAL_TIME.wall,
+        now: Callable[[], float] = REAL_TIME.now,
     ) -> None:
         """`wall`, `now`: the line's clocks (its Timebase), to stamp each change with when the line built the
         stats; the network's own waits (reconnects, deadlines) run on the PC's monotonic clock."""

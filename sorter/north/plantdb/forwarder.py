@@ -42,6 +42,7 @@ from psycopg.types.json import Jsonb
 from sorter.config import PlantDbConfig
 from sorter.core.alarms import Condition
 from sorter.core.messages import OPEN_OUTCOMES
+from sorter.core.timebase import REAL_TIME
 from sorter.line.records import PIECE_COLUMNS
 from sorter.north.plantdb.migrate import PlantDbError, migrate
 
@@ -194,7 +195,7 @@ class RecordForwarder:
         run_id: str | None,
         log: Any,
         connect: Callable[..., Any] = psycopg.connect,
-        wall: Callable[[], float] = time.time,
+        wall: Callable[[], float] = REAL_TIME.wall,
     ) -> None:
         """`wall`: the clock the journal's t_wall comes from (the line's Timebase), for the lag and the grace."""
         self.cfg = cfg
