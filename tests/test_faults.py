@@ -249,7 +249,8 @@ def test_alarm_debounce_ignores_a_wall_clock_step() -> None:
 
 # wall time is read only to stamp things; a new reader must be looked at (and added here) deliberately
 WALL_CLOCK_READERS = {
-    ("sorter/line/records.py", "time.time"),  # record and event timestamps
+    ("sorter/core/timebase.py", "time.time"),  # the real-time line's Timebase.wall: timestamps only
+    ("sorter/line/records.py", "time.time"),  # record and event timestamps (the Timebase's, by default)
     ("sorter/core/alarms.py", "time.time"),  # alarm timestamps (the debounce is monotonic)
     ("sorter/north/hmi/live.py", "time.time"),  # the time shown on the live view
     ("sorter/north/hmi/server.py", "datetime.now"),  # certificate expiry
