@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: demo test lint bench model golden clean-venv node-client browser genicam
+.PHONY: demo test lint bench model golden clean-venv node-client browser genicam plant-tools plant-demo
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -52,12 +52,32 @@ genicam: $(STAMP)
 	$(BIN)/python -c "import gi; gi.require_version('Aravis', '0.8')" 2>/dev/null \
 		|| $(BIN)/pip install --quiet -e '.[genicam]'
 
+# The plant's MQTT broker and PostgreSQL (the Sparkplug and plant database tests, `make plant-demo`): Debian's
+# mosquitto and PostgreSQL 15, run by the tests and the demo in temp folders on loopback, never as services.
+# Installed when missing and this is root (CI); otherwise say how, and those tests skip (fail in CI).
+PG_BIN := /usr/lib/postgresql/15/bin
+plant-tools:
+	@missing=""; \
+	{ [ -x /usr/sbin/mosquitto ] && command -v mosquitto_passwd >/dev/null; } || missing="$$missing mosquitto"; \
+	[ -x $(PG_BIN)/initdb ] || missing="$$missing postgresql-15"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+		else \
+			echo "missing:$$missing: run 'sudo apt-get install --no-install-recommends$$missing' for the plant data tests"; \
+		fi; \
+	fi
+
+# Two simulated lines on one MQTT broker and one PostgreSQL, each stopped 10 s while they run (sim/plant_demo.py).
+plant-demo: $(STAMP) plant-tools
+	$(BIN)/sorter plant-demo --config config/sim.yaml --duration 60 --seed 7
+
 demo: $(STAMP)
 	$(BIN)/sorter demo --config config/sim.yaml --duration 60 --seed 7
 
 # The suite in its tiers (tests/conftest.py): `fast` first, stopping at its first failure, and only if it
 # passed `wire` (real protocol peers on loopback) and `line` (end-to-end runs of the simulated line).
-test: $(STAMP) node-client browser genicam
+test: $(STAMP) node-client browser genicam plant-tools
 	@t0=$$(date +%s); $(BIN)/python -m pytest -q -x -m fast; rc=$$?; \
 	echo "fast tier: $$(( $$(date +%s) - t0 )) s"; exit $$rc
 	@t0=$$(date +%s); $(BIN)/python -m pytest -q -m wire; wire=$$?; \

@@ -51,6 +51,51 @@ def register(app: typer.Typer) -> None:
     app.command()(bench)
     app.command("bench-opcua")(bench_opcua)
     app.command("bench-hmi")(bench_hmi)
+    app.command("plant-demo")(plant_demo)
+    app.command("bench-plant")(bench_plant)
+
+
+def bench_plant(
+    config: SimConfigOpt = DEFAULT_CONFIG,
+    duration: Annotated[float, typer.Option(help="seconds of feed per run")] = 30.0,
+    seed: Annotated[int, typer.Option(help="feed seed")] = 7,
+    repeat: Annotated[int, typer.Option(min=1, help="pairs of runs; p99 pooled over them")] = 1,
+    out: Annotated[Path | None, typer.Option(help="folder for the runs (default runs/bench-plant-<time>)")] = None,
+) -> None:
+    """Decision latency p99 and frames dropped with the Sparkplug edge node and the plant database forwarder
+    on vs off, same seed, at the config's feed (sim/bench_plant.py)."""
+    from sim.bench_plant import run_bench_plant
+
+    setup_logging("warning")
+    run_dir = out or Path("runs") / time.strftime("bench-plant-%Y%m%d-%H%M%S")
+    try:
+        result = asyncio.run(run_bench_plant(_load(config), duration, seed, run_dir, repeat))
+    except RuntimeError as exc:
+        raise fail(str(exc), 1) from None
+    typer.echo(json.dumps(result, indent=2))
+
+
+def plant_demo(
+    config: SimConfigOpt = DEFAULT_CONFIG,
+    duration: Annotated[float, typer.Option(help="seconds of feed per line (the outages need 45)")] = 60.0,
+    seed: Annotated[int, typer.Option(help="feed seed of the first line (the second: seed + 1)")] = 7,
+    out: Annotated[Path | None, typer.Option(help="run folder (default runs/plant-demo-<time>)")] = None,
+) -> None:
+    """Two simulated lines on one MQTT broker (Sparkplug B) and one PostgreSQL, each stopped 10 s while
+    they run; prints one JSON object (sim/plant_demo.py). Exit 1 if a count differs or a row is missing."""
+    from sim.plant_demo import run_plant_demo
+
+    setup_logging("warning")
+    if duration < 45:
+        raise fail("--duration must be at least 45 s: the broker and the database are each stopped 10 s in it")
+    run_dir = out or Path("runs") / time.strftime("plant-demo-%Y%m%d-%H%M%S")
+    try:
+        result = asyncio.run(run_plant_demo(duration, seed, run_dir, config))
+    except RuntimeError as exc:
+        raise fail(str(exc), 1) from None
+    typer.echo(json.dumps(result, indent=2))
+    if not result["ok"]:
+        raise typer.Exit(1)
 
 
 def demo(

@@ -2,7 +2,8 @@
 
     drivers (cameras, PLC link, Hall bar) + vision (model) + core (clock, tracker, planner)
         -> LineService (sorter/line)
-    north side (HMI, OPC UA server, metrics) <- LineStats snapshots; -> requests (LineService.handle)
+    north side (HMI, OPC UA server, metrics, Sparkplug edge node) <- LineStats snapshots; -> requests
+    the journal (records SQLite) -> the plant database forwarder (sorter/north/plantdb/)
 
 Nothing else builds a LineService: the CLI (`sorter run`), the simulator's demo and its OPC UA and HMI
 benches, and the commissioning scripts all come here, each with what is theirs to change (a planner of
@@ -43,8 +44,10 @@ from sorter.line.crop_capture import CropCapture
 from sorter.line.recording import Recorder, RecordOptions
 from sorter.line.records import RecordStore
 from sorter.line.service import LineParts, LineService, worker_thread
+from sorter.north.edge import EdgeNode
 from sorter.north.hmi import HmiServer
 from sorter.north.metrics import ServiceMetrics
+from sorter.north.plantdb.forwarder import RecordForwarder
 from sorter.north.scada import ScadaServer
 from sorter.vision.classify import Classifier, ModelError
 from sorter.vision.modelcheck import check_model
@@ -88,6 +91,8 @@ class Line:
     hmi: HmiServer | None = None
     scada: ScadaServer | None = None
     capture: CropCapture | None = None
+    edge: EdgeNode | None = None
+    forwarder: RecordForwarder | None = None
     recorder: Recorder | None = None
 
 
@@ -214,6 +219,19 @@ def build_line(
         )
         parts.companions.append(scada)
         parts.subscribers.append(scada.publish)
+    if north and cfg.sparkplug is not None and cfg.sparkplug.enabled:
+        edge = line.edge = EdgeNode(cfg.sparkplug, cfg.line, log=log.bind(part="sparkplug"), wall=tb.wall, now=tb.now)
+        parts.companions.append(edge)
+        parts.subscribers.append(edge.publish)
+        metrics.registry.register(edge.collector())
+    if north and cfg.plant_db is not None and cfg.plant_db.enabled:
+        fwd = line.forwarder = RecordForwarder(
+            cfg.plant_db, cfg.line, cfg.records.path, run_id=run_id, log=log.bind(part="plant_db"), wall=tb.wall
+        )
+        parts.companions.append(fwd)
+        # the service writes its last rows after its companions stop: the final drain is a closer
+        parts.closers.append(fwd.close)
+        metrics.registry.register(fwd.collector())
     if north and cfg.hmi is not None and cfg.hmi.enabled:
         hmi = line.hmi = HmiServer(cfg.hmi, cfg, service.handle, metrics, log=log.bind(part="hmi"))
         parts.companions.append(hmi)

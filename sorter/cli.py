@@ -301,20 +301,46 @@ def shift_report(
     csv: Annotated[Path | None, typer.Option("--csv", help="also export the range's records as CSV")] = None,
     summary_json: Annotated[Path | None, typer.Option("--json", help="also write the numbers as JSON")] = None,
     db: Annotated[
-        Path | None, typer.Option("--db", help="records database (default: the config's records.path)")
+        str | None,
+        typer.Option(
+            "--db",
+            help="records database (default: the config's records.path), or the plant's PostgreSQL "
+            "(postgresql://...): the plant report, one section per line plus the plant's totals",
+        ),
+    ] = None,
+    lines: Annotated[
+        list[str] | None,
+        typer.Option("--line", help="with --db postgresql://...: this line only (repeat for several; default: all)"),
     ] = None,
 ) -> None:
     """Shift or batch report from the piece records: throughput, composition, mass balance, alarms and stops.
 
     Exit 2 on bad input (no records in range, missing database, --from not before --to)."""
+    from sorter.reports.plant import is_db_url, make_plant_report
     from sorter.reports.shift import ReportError, make_report
 
     cfg = _load(config)
+    if db is not None and is_db_url(db):
+        if run_id or pdf or csv:
+            raise fail("--run, --pdf and --csv are for a line's own records; the plant report has HTML and --json")
+        try:
+            p = make_plant_report(cfg, out, db, lines=lines, t_from=from_, t_to=to, summary_json=summary_json)
+        except ReportError as exc:
+            raise fail(str(exc)) from None
+        b = p["plant"]["mass_balance"]
+        typer.echo(
+            f"{out}: {p['plant']['pieces']} pieces from lines {', '.join(p['plant']['lines'])}, "
+            f"{p['plant']['mass_est_kg']:.2f} kg estimated, plant mass balance "
+            f"{'closes' if b['closes'] else 'does NOT close'} (in {b['in_count']}, out {b['out_count']})"
+        )
+        return
+    if lines:
+        raise fail("--line needs --db postgresql://... (a line's own records hold that line only)")
     try:
         s = make_report(
             cfg,
             out,
-            db=db,
+            db=Path(db) if db is not None else None,
             t_from=from_,
             t_to=to,
             run=run_id,

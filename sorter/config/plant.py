@@ -9,7 +9,9 @@ Each is fine in the demo (config/sim.yaml) and a hole at a plant:
   not checked;
 - an HMI without TLS: operators' passwords and session cookies in plain text on the plant network;
 - a Modbus TCP PLC on an address outside the private ranges: Modbus has no authentication at all, so the PLC
-  that fires the valves must sit on the line's own network (RFC 1918, loopback, link-local; IPv6 unique-local).
+  that fires the valves must sit on the line's own network (RFC 1918, loopback, link-local; IPv6 unique-local);
+- a Sparkplug edge node talking to its broker without TLS (the broker's password and the line's state in plain
+  text), and a password written into the plant database's URL (it belongs in ~/.pgpass or PGPASSFILE).
 
 check_plant() returns every problem found, each with the key path to change; the caller decides what to do
 (the CLI prints them and exits 2, the service refuses to start: sorter/app.py).
@@ -18,6 +20,7 @@ check_plant() returns every problem found, each with the key path to change; the
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 
 from argon2 import PasswordHasher
@@ -72,7 +75,7 @@ class PlantProblem:
 
 def check_plant(cfg: LineConfig) -> list[PlantProblem]:
     """Every setting of `cfg` that a plant must not run with (empty: none)."""
-    return [*_users(cfg), *_opcua_server(cfg), *_hmi(cfg), *_plc(cfg)]
+    return [*_users(cfg), *_opcua_server(cfg), *_hmi(cfg), *_plc(cfg), *_plant_data(cfg)]
 
 
 def _users(cfg: LineConfig) -> list[PlantProblem]:
@@ -175,3 +178,25 @@ def _plc(cfg: LineConfig) -> list[PlantProblem]:
             "has no authentication, the PLC that fires the valves must be on the line's own network",
         )
     ]
+
+
+def _plant_data(cfg: LineConfig) -> list[PlantProblem]:
+    out = []
+    spb = cfg.sparkplug
+    if spb is not None and spb.enabled and not spb.tls:
+        out.append(
+            PlantProblem(
+                "sparkplug.tls",
+                "the edge node talks to the MQTT broker without TLS (its user's password and the line's data in "
+                "plain text): tls: true, with the broker's CA in sparkplug.ca_file",
+            )
+        )
+    db = cfg.plant_db
+    if db is not None and db.enabled and re.match(r"^postgres(?:ql)?://[^/@]*:[^/@]*@", db.url):
+        out.append(
+            PlantProblem(
+                "plant_db.url",
+                "the URL holds a password: keep it in ~/.pgpass (or PGPASSFILE) of the service's user instead",
+            )
+        )
+    return out

@@ -617,6 +617,99 @@ class HmiConfig(Strict):
         return self.certificate is not None
 
 
+class SparkplugConfig(Strict):
+    """The line as a Sparkplug B edge node on the plant's MQTT broker (docs/plant-data.md)."""
+
+    enabled: bool = Field(True, description="false: the service starts without its edge node")
+    host: str = Field("127.0.0.1", description="the MQTT broker's host name or address")
+    port: int = Field(1883, ge=1, le=65535, description="the broker's port (8883 is the usual one for TLS)")
+    group_id: str = Field(
+        "magnet-sorting", min_length=1, description="Sparkplug group id: the first level of the line's topics"
+    )
+    edge_node_id: str | None = Field(None, description="Sparkplug edge node id; null: the line's name (`line`)")
+    client_id: str | None = Field(
+        None, description="MQTT client id; null: `<group_id>-<edge_node_id>` (unique per broker)"
+    )
+    username: str | None = Field(None, description="user name at the broker; null: none sent")
+    password: str | None = Field(
+        None,
+        description="the broker user's password (keep the config file readable by the service's user only); "
+        "null: none sent",
+    )
+    tls: bool = Field(False, description="connect over TLS (the broker's certificate is checked)")
+    ca_file: Path | None = Field(
+        None, description="CA certificate(s) (PEM) that signed the broker's certificate; null: the system's CAs"
+    )
+    certificate: Path | None = Field(None, description="client certificate (PEM) where the broker asks for one")
+    private_key: Path | None = Field(None, description="the client certificate's private key (PEM)")
+    keepalive_s: int = Field(
+        10,
+        ge=2,
+        le=600,
+        description="MQTT keep-alive: the broker publishes the NDEATH this long x1.5 after it last heard the line",
+    )
+    reconnect_min_s: float = Field(0.5, gt=0, description="first wait before connecting again after a failure")
+    reconnect_max_s: float = Field(5.0, gt=0, description="the wait doubles up to this")
+    buffer_max: int = Field(
+        20000,
+        ge=1,
+        description="store-and-forward: NDATA messages kept while the broker is away (5 a second at most); when "
+        "full the oldest are dropped and the alarm `sparkplug_buffer_full` is raised",
+    )
+    offline_alarm_s: float = Field(
+        10.0, gt=0, description="the broker unreachable this long raises the alarm `sparkplug_offline`"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SparkplugConfig:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        if not self.tls and (self.ca_file is not None or self.certificate is not None):
+            raise ValueError("ca_file, certificate and private_key need tls: true")
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ValueError("reconnect_min_s must not be above reconnect_max_s")
+        for name, v in (("group_id", self.group_id), ("edge_node_id", self.edge_node_id)):
+            if v is not None and any(ch in v for ch in "/+#"):
+                raise ValueError(f"{name} must not contain '/', '+' or '#' (they are MQTT topic separators)")
+        return self
+
+
+class PlantDbConfig(Strict):
+    """The forwarder of the piece records to the plant's central PostgreSQL (docs/plant-data.md)."""
+
+    enabled: bool = Field(True, description="false: the records stay in the line's SQLite only")
+    url: str = Field(
+        description="libpq connection URI, e.g. postgresql://sorter@db.plant:5432/plant?sslmode=verify-full; "
+        "keep the password out of it (~/.pgpass or PGPASSFILE)"
+    )
+    batch_rows: int = Field(500, ge=1, le=10000, description="rows per transaction at most")
+    interval_s: float = Field(1.0, gt=0, description="how often the forwarder looks for new rows when caught up")
+    connect_timeout_s: int = Field(5, ge=1, description="a connection attempt gives up after this long")
+    reconnect_max_s: float = Field(10.0, gt=0, description="the wait between connection attempts doubles up to this")
+    pending_grace_s: float = Field(
+        30.0,
+        gt=0,
+        description="an open piece row (seen, planned, pending: about to change) holds the forwarder back at most "
+        "this long from when it meets it; then it is forwarded as it is, and its final state follows",
+    )
+    lag_alarm_s: float = Field(
+        120.0, gt=0, description="the oldest record not yet forwarded older than this raises `plant_db_lag`"
+    )
+    final_drain_s: float = Field(
+        10.0,
+        ge=0,
+        description="at shutdown, the forwarder tries this long to ship the last rows (the rest "
+        "follows at the next start)",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, v: str) -> str:
+        if not v.startswith(("postgresql://", "postgres://")):
+            raise ValueError("url must be a postgresql:// connection URI")
+        return v
+
+
 class StateMachineConfig(Strict):
     """The line's PackML state machine (docs/opcua-server.md)."""
 
@@ -680,7 +773,8 @@ class LineConfig(Strict):
     plant: bool = Field(
         False,
         description="a real plant's line: the service refuses to start with a demo-only setting (the demo's users, "
-        "anonymous or None-policy OPC UA, an HMI without TLS, a Modbus PLC on a public address), as "
+        "anonymous or None-policy OPC UA, an HMI without TLS, a Modbus PLC on a public address, MQTT without TLS, "
+        "a password in the plant database URL), as "
         "`sorter check-config --plant` does",
     )
     belt: BeltConfig = Field(BeltConfig(), description="the conveyor belt and its encoder")
@@ -704,6 +798,12 @@ class LineConfig(Strict):
         None, description="the line's OPC UA server for SCADA/MES; absent: none is started"
     )
     hmi: HmiConfig | None = Field(None, description="the operator's web HMI; absent: none is served")
+    sparkplug: SparkplugConfig | None = Field(
+        None, description="the line's Sparkplug B edge node on the plant's MQTT broker; absent: none"
+    )
+    plant_db: PlantDbConfig | None = Field(
+        None, description="forwarding the piece records to the plant's PostgreSQL; absent: SQLite only"
+    )
     users: list[UserConfig] = Field([], description="who may log in to the line's OPC UA server and HMI")
 
     @field_validator("cameras")
@@ -760,6 +860,11 @@ class LineConfig(Strict):
             update["hmi"] = hmi.model_copy(
                 update={"certificate": rel(hmi.certificate), "private_key": rel(hmi.private_key)}
             )
+        spb = cfg.sparkplug
+        if spb is not None:
+            spb_paths = {k: rel(v) for k in ("ca_file", "certificate", "private_key") if (v := getattr(spb, k))}
+            if spb_paths:
+                update["sparkplug"] = spb.model_copy(update=spb_paths)
         mag = cfg.magnetometer
         if mag is not None and "/" in mag.port and not Path(mag.port).is_absolute():  # not a bare name such as COM3
             update["magnetometer"] = mag.model_copy(update={"port": str(rel(Path(mag.port)))})

@@ -72,6 +72,11 @@ METRICS = {
     "sorter_field_readings_total": "counter{state}: ok, incomplete, missing, offline",
     "sorter_hallbar_online": "gauge (absent without a Hall bar)",
     "sorter_model": "info{version,provider}",
+    # registered by the wiring where the config has them (sorter/north/edge.py, plantdb/forwarder.py)
+    "sorter_sparkplug_online, sorter_sparkplug_buffered": "gauge: edge node born; changes waiting for the broker",
+    "sorter_sparkplug_dropped_total, sorter_sparkplug_messages_total{type}": "counter: buffer overflow; sent",
+    "sorter_plantdb_lag_seconds, sorter_plantdb_lag_rows": "gauge: records not yet in the plant database",
+    "sorter_plantdb_online, sorter_plantdb_forwarded_rows_total": "gauge, counter: the journal forwarder",
 }
 
 

@@ -45,6 +45,15 @@ def write_html(path: Path, summary: dict[str, Any], tables: list[Table], figs: d
         f"<p class='note'>From the piece records in <code>{html.escape(summary['database'])}</code> only "
         f"(no ground truth). Generated {iso(datetime.now().timestamp())} by <code>sorter report</code>.</p>",
     ]
+    parts.append(sections_html(tables, figs))
+    parts.append("</body></html>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts))
+
+
+def sections_html(tables: list[Table], figs: dict[str, Any]) -> str:
+    """The tables and plots of one report, in page order (the plant report repeats it per line)."""
+    parts = []
     by_title = {t.title: t for t in tables}
     done: set[str] = set()
     for key in SECTION_ORDER + [t.title for t in tables]:
@@ -55,9 +64,7 @@ def write_html(path: Path, summary: dict[str, Any], tables: list[Table], figs: d
             parts.append(table_html(by_title[key]))
         elif key in figs:
             parts.append(f"<img alt='{key}' src='data:image/png;base64,{png_base64(figs[key])}'>")
-    parts.append("</body></html>")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(parts))
+    return "\n".join(parts)
 
 
 def table_html(t: Table) -> str:

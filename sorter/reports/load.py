@@ -19,7 +19,7 @@ from sorter.reports.times import iso
 
 @dataclass
 class ShiftData:
-    db: Path
+    db: Path | str  # the SQLite journal, or the plant database and line (sorter/reports/plant.py)
     pieces: list[dict[str, Any]]
     events: list[dict[str, Any]]  # every event of the runs involved (state timelines need what came before)
     t_from: float
