@@ -142,7 +142,7 @@ def edited_configs(draw: st.DrawFn) -> tuple[str, Any, bool]:
     """(base name, edited data, whether an unknown key was added where the service reads)."""
     name = draw(st.sampled_from(sorted(BASES)))
     data = copy.deepcopy(BASE_DATA[name])
-    unknown = False
+    added: list[tuple[Path_, Any, str]] = []  # (where, the mapping, the unknown key put in it)
     for _ in range(draw(st.integers(1, 3))):
         paths = paths_of(data)
         path = draw(st.sampled_from(paths))
@@ -154,14 +154,25 @@ def edited_configs(draw: st.DrawFn) -> tuple[str, Any, bool]:
         elif op == "unknown_key" and isinstance(node, dict):
             key = draw(st.text(min_size=1, max_size=12).filter(lambda k, n=node: k not in n))
             node[key] = draw(odd_values)
-            unknown = unknown or not (reserved(path) or (not path and key in RESERVED_SECTIONS))
+            if not (reserved(path) or (not path and key in RESERVED_SECTIONS)):
+                added.append((path, node, key))
         elif op == "number" and isinstance(node, int | float) and not isinstance(node, bool) and path:
             get(data, path[:-1])[path[-1]] = draw(odd_numbers)
         elif op == "wrap" and path:  # the right value, one level too deep or as a list
             get(data, path[:-1])[path[-1]] = draw(st.sampled_from([[node], {"value": node}]))
         elif path:
             get(data, path[:-1])[path[-1]] = draw(odd_values)
+    # an unknown key counts only if a later edit left it where it was (a delete or replace may have
+    # removed the mapping it was put in, or the key itself)
+    unknown = any(_holds(data, path, node, key) for path, node, key in added)
     return name, data, unknown
+
+
+def _holds(data: Any, path: Path_, node: Any, key: str) -> bool:
+    try:
+        return get(data, path) is node and key in node
+    except (KeyError, IndexError, TypeError):
+        return False
 
 
 def edit(name: str, *changes: tuple[Path_, Any]) -> tuple[str, Any, bool]:
