@@ -242,7 +242,10 @@ async def run_demo(
             log.info("OPC UA server", endpoint=line.scada.endpoint_url)
             print(f"OPC UA server: {line.scada.endpoint_url}", file=sys.stderr, flush=True)
         log.info("line running, feeding", duration_s=duration)
-        await sim.send(cmd="feed", on=True, for_s=duration)  # the simulator times the feed: same pieces every run
+        # the simulator times the feed (the same pieces every run, as in lockstep); with an action beside the
+        # feed (`during`), the feed lasts until the action is over too, so the action acts on a fed line
+        timed = {} if during else {"for_s": duration}
+        await sim.send(cmd="feed", on=True, **timed)
         t_feed = time.monotonic()
         acting = asyncio.create_task(during(line, sim)) if during else None
         with contextlib.suppress(TimeoutError):
