@@ -247,7 +247,27 @@ class EjectionConfig(Strict):
     valve_close_delay_ms: float = Field(3.0, ge=0, description="command -> air off at the valve row")
     min_lead_ms: float = Field(30.0, ge=0, description="a command must reach the PLC this long before it fires")
     min_valve_coverage: float = Field(0.5, gt=0, le=1, description="share of a piece's width its valves must cover")
-    protect_purity: bool = Field(True, description="skip an ejection that would also blow a piece of another fraction")
+    protect_purity: bool = Field(
+        True,
+        description="skip an ejection that would also blow a piece of another fraction (unless "
+        "`conflict_value` says it is worth it); false: eject anyway",
+    )
+    min_footprint_share: float = Field(
+        0.6,
+        gt=0,
+        le=1,
+        description="when no window over the whole piece spares a touching neighbour, a window over part of it "
+        "(trimmed along to the neighbour's edge and across to fewer valves, still over its centroid) ejects it "
+        "if it covers at least this share of the piece's footprint (its box); 1: never trim over the piece",
+    )
+    conflict_value: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description="per ejected fraction: what recovering one of its pieces is worth, in units of what one piece "
+        "of another fraction blown into it costs. When the air cannot spare a neighbour, the piece is ejected "
+        "anyway if this value times the probability that it belongs there exceeds the pieces of another "
+        "fraction expected in with it (each neighbour hit, weighted by the probability that it does not "
+        "belong there); a fraction not listed: 0, the neighbour is always spared",
+    )
     neighbour_hit_share: float = Field(
         0.1, ge=0, le=1, description="air on more than this share of a neighbour's footprint counts as hitting it"
     )
@@ -616,6 +636,8 @@ class LineConfig(Strict):
             raise ValueError(f"fractions {sorted(missing)} are routed to but no ejection bank serves them")
         if self.routing.default_fraction in fractions:
             raise ValueError("the default fraction must be the one that is not ejected")
+        if unknown := set(self.ejection.conflict_value) - fractions:
+            raise ValueError(f"ejection.conflict_value names fractions no bank serves: {sorted(unknown)}")
         width = self.ejection.valves_per_bank * self.ejection.valve_pitch_mm
         if self.ejection.first_valve_x_mm + width < self.belt.width_mm - 1e-6:
             raise ValueError(f"valves cover {width} mm but the belt is {self.belt.width_mm} mm wide")
