@@ -186,7 +186,9 @@ def test_diagonal_touching_neighbour_is_spared_by_a_window_over_most_of_the_targ
     cmd = plans[0].command
     assert plans[0].outcome == "planned" and cmd is not None
     on, off = air_window(cmd)
-    assert on <= target.u_lead and target.u < off <= corner.u_lead + 1  # the centroid under air, not the steel
+    assert target.u < off <= corner.u_lead + 1  # the air is off before the steel arrives
+    assert abs((on + off) / 2 - target.u) <= 1  # centred on the magnet's centroid, so it is not spun off
+    assert off - on >= 0.5 * (target.u_trail - target.u_lead)  # over half of it at least
     # without a window over part of the piece (share 1) the magnet is spared instead
     strict = EjectPlanner(EJ.model_copy(update={"min_footprint_share": 1.0}), ["ndfeb", "ferrite_smco"], CPM)
     assert strict.plan([decision(target, "ndfeb"), decision(corner, "residue")], 2500)[0].outcome == "conflict"

@@ -253,12 +253,13 @@ class EjectionConfig(Strict):
         "`conflict_value` says it is worth it); false: eject anyway",
     )
     min_footprint_share: float = Field(
-        0.6,
+        0.5,
         gt=0,
         le=1,
         description="when no window over the whole piece spares a touching neighbour, a window over part of it "
-        "(trimmed along to the neighbour's edge and across to fewer valves, still over its centroid) ejects it "
-        "if it covers at least this share of the piece's footprint (its box); 1: never trim over the piece",
+        "(centred on its centroid, shortened to the neighbour's edge along and narrowed to fewer valves across) "
+        "ejects it if it covers at least this share of the piece's footprint (its box); 1: never trim over the "
+        "piece",
     )
     conflict_value: dict[str, Annotated[float, Field(ge=0)]] = Field(
         default_factory=dict,

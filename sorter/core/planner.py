@@ -147,7 +147,7 @@ class EjectPlanner:
                 valves.remove(v)
         if not valves or self._coverage(valves, p.x0, p.x1) < cfg.min_valve_coverage:
             # the whole piece cannot have its air without a neighbour: a window over part of the piece
-            # (a touching pair whose boxes overlap diagonally: trimmed along and across at once)
+            # (a touching pair whose boxes overlap diagonally: shortened along and narrowed across at once)
             trimmed = self._trim_over_piece(p, full_open, full_close, full_valves, [n.piece for n in others])
             if trimmed is not None:
                 open_u, close_u, valves = trimmed
@@ -176,31 +176,32 @@ class EjectPlanner:
     def _trim_over_piece(
         self, p: Piece, full_open: float, full_close: float, full_valves: list[int], others: list[Piece]
     ) -> tuple[float, float, list[int]] | None:
-        """The window that puts the most air on p while hitting none of `others`, trimmed to the
-        neighbours' edges along and to a run of p's valves across; it must keep p's centroid under air
-        (the jet deflects a piece through its centre of mass) and cover at least
-        `ejection.min_footprint_share` of p's footprint. None if there is no such window."""
+        """The window that puts the most air on p while hitting none of `others`: centred on p's centroid
+        and shortened to the nearest neighbour's edge along, over a run of p's valves across, covering at
+        least `ejection.min_footprint_share` of p's footprint (its box). Centred, because a jet that
+        pushes a piece off its centre of mass spins it off its trajectory (and a shifted window would
+        also shift where the air meets the piece by the whole trim). None if there is no such window."""
         cfg, gap = self._cfg, 0.5 * self._cpm
         if cfg.min_footprint_share >= 1.0 or not full_valves:
             return None
-        opens = {full_open} | {q.u_trail + gap for q in others if full_open < q.u_trail + gap < p.u}
-        closes = {full_close} | {q.u_lead - gap for q in others if p.u < q.u_lead - gap < full_close}
+        halves = {min(p.u - full_open, full_close - p.u)}
+        halves |= {p.u - (q.u_trail + gap) for q in others if full_open < q.u_trail + gap < p.u}
+        halves |= {q.u_lead - gap - p.u for q in others if p.u < q.u_lead - gap < full_close}
         runs = [
             full_valves[a:b]
             for a in range(len(full_valves))
             for b in range(a + 1, len(full_valves) + 1)
             if valve_span(cfg, full_valves[a])[0] <= p.x <= valve_span(cfg, full_valves[b - 1])[1]
         ]
-        best: tuple[float, float, float, list[int]] | None = None
-        for lo in sorted(opens):
-            for hi in sorted(closes):
-                for run in runs:
-                    if any(self._hits(q, lo, hi, run) for q in others):
-                        continue
-                    share = self._share(p, lo, hi, run)
-                    if share >= cfg.min_footprint_share and (best is None or share > best[0]):
-                        best = (share, lo, hi, run)
-        return None if best is None else (best[1], best[2], list(best[3]))
+        best: tuple[float, float, list[int]] | None = None
+        for h in sorted(halves, reverse=True):
+            for run in runs:
+                if any(self._hits(q, p.u - h, p.u + h, run) for q in others):
+                    continue
+                share = self._share(p, p.u - h, p.u + h, run)
+                if share >= cfg.min_footprint_share and (best is None or share > best[0]):
+                    best = (share, h, run)
+        return None if best is None else (p.u - best[1], p.u + best[1], list(best[2]))
 
     def _worth_blowing_both(self, d: Decision, others: list[Decision], lo: float, hi: float, valves: list[int]) -> bool:
         """Expected value of ejecting d with the neighbours its air cannot spare: d's recovery, worth
