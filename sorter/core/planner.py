@@ -181,7 +181,9 @@ class EjectPlanner:
         least `ejection.min_footprint_share` of p's footprint (its box). Centred, because a jet that
         pushes a piece off its centre of mass spins it off its trajectory (and a shifted window would
         also shift where the air meets the piece by the whole trim). None if there is no such window."""
-        cfg, gap = self._cfg, 0.5 * self._cpm
+        # where two pieces touch, segmentation places the border between them only to within a few mm:
+        # the window stops `touching_gap_mm` short of the neighbour's edge as the records have it
+        cfg, gap = self._cfg, self._cfg.touching_gap_mm * self._cpm
         if cfg.min_footprint_share >= 1.0 or not full_valves:
             return None
         halves = {min(p.u - full_open, full_close - p.u)}
