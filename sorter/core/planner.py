@@ -8,8 +8,11 @@ moves the ejection point.
 
 It also protects product purity: if the air window would also hit a piece of
 another fraction that is still on the belt at that bank, the window gives up its
-margins or the edge valves over that neighbour, and if the target is then no
-longer covered the ejection is skipped (the target goes to the default fraction).
+margins or the edge valves over that neighbour; if the target is then no longer
+covered, a window centred on it over part of it (a touching neighbour) may still
+spare the neighbour (`ejection.min_footprint_share`); failing that, the expected
+value decides (`ejection.conflict_value`), and by default the ejection is skipped
+(the target goes to the default fraction).
 """
 
 from __future__ import annotations
