@@ -89,6 +89,13 @@ class VisionConfig(Strict):
     edge_margin_px: int = Field(2, ge=0, description="blobs this close to the top/bottom edge are partial views")
     crop_min_mm: float = Field(24.0, gt=0, description="crops never cover less than this, so size stays visible")
     crop_margin_mm: float = Field(3.0, ge=0, description="belt shown around a piece in its classifier crop, mm")
+    crop_seam_mm: float = Field(
+        1.0,
+        ge=0,
+        description="a piece parted from a touching neighbour is shown in its classifier crop without this much "
+        "of its side along the neighbour, mm: segmentation may misplace that border, and a sliver of a bright "
+        "magnet in a ferrite's crop makes it look like a magnet; 0 keeps the whole mask",
+    )
     neck_sure: float = Field(
         0.45,
         gt=0,
