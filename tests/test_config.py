@@ -89,3 +89,12 @@ def test_users_need_a_password_hash_not_a_password() -> None:
 
     with pytest.raises(ValueError, match="argon2 hash"):
         UserConfig(name="op", role="operator", password_hash="secret")
+
+
+def test_conflict_value_names_served_fractions_and_is_not_negative(tmp_path: Path) -> None:
+    # a value for the residue (no bank ejects it) or a negative value would be silently meaningless
+    for new in ("conflict_value: {residue: 1.0}", "conflict_value: {ndfeb: -1.0}"):
+        with pytest.raises(ConfigError, match="conflict_value"):
+            load_config(_bad(tmp_path, "conflict_value: {}", new))
+    cfg = load_config(_bad(tmp_path, "conflict_value: {}", "conflict_value: {ndfeb: 0.5}"))
+    assert cfg.ejection.conflict_value == {"ndfeb": 0.5}

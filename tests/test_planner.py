@@ -168,3 +168,71 @@ def test_an_edge_valve_that_only_grazes_the_neighbour_stays_on_the_target():
     plans = pl.plan([decision(target, "ndfeb"), decision(beside, "residue")], 2500)
     cmd = plans[0].command
     assert cmd is not None and cmd.valve_mask >> 7 & 1 and not cmd.valve_mask >> 8 & 1
+
+
+def air_window(cmd, speed_mm_s: float = 2500) -> tuple[float, float]:
+    """Where the air is really on, back in belt-fixed counts at the camera line (bank A's row)."""
+    counts_per_ms = speed_mm_s * CPM / 1000
+    on = cmd.open_at + EJ.valve_open_delay_ms * counts_per_ms - 1000 * CPM
+    return on, cmd.open_at + cmd.open_for + EJ.valve_close_delay_ms * counts_per_ms - 1000 * CPM
+
+
+def test_diagonal_touching_neighbour_is_spared_by_a_window_over_most_of_the_target():
+    # a steel piece touching the magnet's back corner: their boxes overlap along (no closing early over
+    # the margin alone) and across (dropping valves leaves too little of the magnet under air)
+    target = piece(1, 100_000, 100, 130)  # 20 mm long, valves 5-6
+    corner = piece(2, 100_000 + 18 * CPM, 115, 145)  # leading edge 8 mm behind the magnet's centroid
+    plans = planner().plan([decision(target, "ndfeb"), decision(corner, "residue")], 2500)
+    cmd = plans[0].command
+    assert plans[0].outcome == "planned" and cmd is not None
+    on, off = air_window(cmd)
+    # the air is off before the steel arrives, by the uncertainty of the border between touching pieces
+    assert target.u < off <= corner.u_lead - EJ.touching_gap_mm * CPM + 1
+    assert abs((on + off) / 2 - target.u) <= 1  # centred on the magnet's centroid, so it is not spun off
+    assert off - on >= 0.5 * (target.u_trail - target.u_lead)  # over half of it at least
+    # without a window over part of the piece (share 1) the magnet is spared instead
+    strict = EjectPlanner(EJ.model_copy(update={"min_footprint_share": 1.0}), ["ndfeb", "ferrite_smco"], CPM)
+    assert strict.plan([decision(target, "ndfeb"), decision(corner, "residue")], 2500)[0].outcome == "conflict"
+
+
+def test_a_window_over_part_of_the_target_keeps_its_centroid_and_share():
+    # the neighbour's edge 1.5 mm behind the centroid: the air over the front half only is not enough
+    target = piece(1, 100_000, 100, 110)
+    behind = piece(2, 100_000 + 11.5 * CPM, 95, 115)
+    assert planner().plan([decision(target, "ndfeb"), decision(behind, "residue")], 2500)[0].outcome == "conflict"
+
+
+def probs_decision(p: Piece, fraction: str, probs: dict[str, float]) -> Decision:
+    return Decision(p, probs, max(probs, key=lambda c: probs[c]), max(probs.values()), fraction)
+
+
+def test_conflict_decided_by_expected_value():
+    target = piece(1, 100_000, 100, 110)
+    over = piece(2, 100_000 + 12 * CPM, 95, 115)  # right behind, same valves: no window spares it
+    magnet = {"ndfeb": 0.99, "steel": 0.01}
+    routes = dict(ROUTING.classes)
+    ej = EJ.model_copy(update={"conflict_value": {"ndfeb": 0.5}})
+
+    def outcome(neighbour_probs: dict[str, float], cfg: EjectionConfig = ej) -> str:
+        pl = EjectPlanner(cfg, ["ndfeb", "ferrite_smco"], CPM, routes=routes)
+        d = probs_decision(target, "ndfeb", magnet)
+        n = probs_decision(over, "residue", neighbour_probs)  # unsure: residue
+        return pl.plan([d, n], 2500)[0].outcome
+
+    # an unsure neighbour that is most likely a magnet too: 0.5 x 0.99 > 0.3 expected contaminant
+    assert outcome({"ndfeb": 0.7, "steel": 0.3}) == "planned"
+    # a neighbour that is surely steel: 0.5 x 0.99 < 0.95 expected contaminant, the magnet is spared
+    assert outcome({"ndfeb": 0.05, "steel": 0.95}) == "conflict"
+    # no value said in the config: the neighbour is always spared
+    assert outcome({"ndfeb": 0.7, "steel": 0.3}, EJ) == "conflict"
+
+
+def test_a_window_over_part_of_the_target_keeps_clear_of_the_uncertain_border():
+    # 6.5 mm from the centroid to the neighbour's edge as segmented: 6 mm of air each way (0.5 mm short
+    # of it) covers 60 % of the 20 mm magnet; 2 mm short, 4.5 mm each way, only 45 %
+    target = piece(1, 100_000, 100, 130)
+    corner = piece(2, 100_000 + 16.5 * CPM, 115, 145)
+    d = [decision(target, "ndfeb"), decision(corner, "residue")]
+    assert EJ.touching_gap_mm == 0.5 and planner().plan(d, 2500)[0].outcome == "planned"
+    wary = EjectPlanner(EJ.model_copy(update={"touching_gap_mm": 2.0}), ["ndfeb", "ferrite_smco"], CPM)
+    assert wary.plan(d, 2500)[0].outcome == "conflict"

@@ -163,3 +163,21 @@ def test_vision_thresholds_must_be_ordered():
         VisionConfig(cut_sure=1.5, cut_ratio=1.3)
     with pytest.raises(ValidationError):
         VisionConfig(cut_depth_mm=0)
+
+
+def test_a_crop_leaves_out_the_seam_along_a_touching_neighbour():
+    # a dark ferrite block pressed against a bright magnet disc: the flood puts their border on the chord
+    # between the notches, not on the disc's arc, so without a seam the block's crop shows a rim of the disc
+    img = frame()
+    cv2.circle(img, (300, 300), 40, (220, 220, 220), -1)
+    cv2.rectangle(img, (336, 270), (398, 330), (70, 70, 70), -1)
+    blobs = segment(img, CFG, 0.25, crop_size=64)
+    assert len(blobs) == 2
+    block = max(blobs, key=lambda b: b.cu)
+    crop = block.crop
+    assert crop is not None and not callable(crop)
+    assert int(crop.max()) < 150  # no pixel of the magnet
+    # the area and centroid still count the block's every pixel
+    assert abs(block.area_px - 63 * 61) < 0.1 * 63 * 61
+    seamless = segment(img, CFG.model_copy(update={"crop_seam_mm": 0.0}), 0.25, crop_size=64)
+    assert int(max(seamless, key=lambda b: b.cu).crop.max()) >= 150

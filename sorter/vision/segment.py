@@ -407,7 +407,10 @@ def segment(
                 for part in _split_touching(comp, colour, cfg)
                 for cut in _cut_concavities(part, colour, depth_px, cfg, cfg.cut_levels)
             ]
-        for part in parts:
+        # a part's crop leaves out a seam along its touching neighbours (`vision.crop_seam_mm`); its area
+        # and centroid keep every pixel
+        seam_px = int(np.ceil(cfg.crop_seam_mm / (mm_per_px * ds))) if len(parts) > 1 else 0
+        for i, part in enumerate(parts):
             m = cv2.moments(part, binaryImage=True)
             if m["m00"] < min_px:
                 continue
@@ -416,10 +419,20 @@ def segment(
             top_bottom = py0 <= edge or py1 >= sh - edge
             crop: Crop | None = None
             if crop_size and not top_bottom:  # partial views along the belt are never classified
+                shown = part
+                if seam_px:
+                    others = np.zeros_like(part)
+                    for j, other in enumerate(parts):
+                        if j != i:
+                            others = cv2.bitwise_or(others, other)
+                    near = cv2.dilate(others, np.ones((2 * seam_px + 1, 2 * seam_px + 1), np.uint8))
+                    kept = cv2.bitwise_and(part, cv2.bitwise_not(near))
+                    # a thin piece along its neighbour would lose most of itself to the seam: it keeps its mask
+                    shown = kept if cv2.countNonZero(kept) >= m["m00"] / 2 else part
                 cut = functools.partial(
                     _cut,
                     image,
-                    part[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1],
+                    shown[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1],
                     (px0 * ds, py0 * ds, px1 * ds, py1 * ds),
                     mm_per_px,
                     cfg,
