@@ -70,7 +70,7 @@ class SimCameraServer:
         seed: int,
         host: str,
         port: int,
-        slots: int = 32,
+        slots: int = 64,  # ~1 s at 60 fps, like a GigE camera driver's stream buffers (Aravis: n_buffers)
         record: Path | None = None,
     ) -> None:
         if trigger_counts <= 0:
