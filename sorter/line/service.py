@@ -311,6 +311,11 @@ class LineService:
                 pieces += self._pieces.get_nowait()
             try:
                 await self._decide(pieces, loop)
+            except asyncio.CancelledError:
+                # stopped while this batch was classified or waited for the bar (nothing of it is recorded
+                # before both are done): back in the queue, where the shutdown decides and records it
+                self._pieces.put_nowait(pieces)
+                raise
             except Exception:  # record what can be recorded; never let the decision loop die
                 self.counters.batches_failed += 1
                 self.log.exception("decision batch failed", pieces=len(pieces))
