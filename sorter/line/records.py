@@ -351,21 +351,8 @@ def seen_row(p: Piece, cfg: LineConfig, t_wall: float) -> dict[str, Any]:
 
 def piece_row(plan: Plan, cfg: LineConfig, t_wall: float) -> dict[str, Any]:
     """A decided piece's row of the `pieces` table (its outcome `pending` until the PLC answers its command)."""
-    d, cmd, cpm = plan.decision, plan.command, cfg.belt.counts_per_mm
-    p = d.piece
-    return {
-        "id": p.id,
-        "t_wall": t_wall,
-        "t_capture": p.t_last_capture,
-        "count": round(p.u),
-        "count32": wrap32(round(p.u)),
-        "x_mm": p.x,
-        "x0_mm": p.x0,
-        "x1_mm": p.x1,
-        "length_mm": (p.u_trail - p.u_lead) / cpm,
-        "area_mm2": p.area_mm2,
-        "cameras": ",".join(p.cameras),
-        "n_views": p.n_views,
+    d, cmd = plan.decision, plan.command
+    return seen_row(d.piece, cfg, t_wall) | {
         "probs": d.probs,
         "image_probs": d.image_probs,
         "field_mT": d.field.field_mT,
