@@ -43,17 +43,16 @@ from sim.demo import demo_report, keep_truth
 from sim.hallbar import INFO_PERIOD_S, SimHallBar
 from sim.line import SimLine
 from sim.plc import VALVES_PER_BANK, VirtualPlc
-from sorter.app import Line, Transports, build_line
+from sorter.app import Line, build_line, virtual_transports
 from sorter.config import CameraConfig, PlcConfig
 from sorter.core.geometry import wrap32
 from sorter.core.messages import Frame
 from sorter.core.packml import State
-from sorter.core.timebase import Timebase
 from sorter.drivers.hallbar import HallBar
 from sorter.drivers.hallbar.protocol import wire_seconds
 from sorter.drivers.plc.base import PlcError
 from sorter.line.recording import RecordOptions
-from sorter.line.virtualtime import InPlace, VirtualClock, VirtualTimeLoop
+from sorter.line.virtualtime import VirtualClock, VirtualTimeLoop
 
 VT0 = 1000.0  # the virtual monotonic clock at the start of a run
 WALL0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z: the wall clock at VT0, the same in every run
@@ -235,14 +234,7 @@ async def _run(
     def plc_registers(_: PlcConfig) -> PlcRegisters:
         return PlcRegisters(sim.plc, clock.now)
 
-    transports = Transports(
-        timebase=Timebase(now=clock.now, wall=clock.wall),
-        executor=lambda _name: InPlace(),
-        camera_source=camera_source,
-        plc_registers=plc_registers,
-        hallbar_owns_port=False,
-        record_in_place=True,
-    )
+    transports = virtual_transports(clock, camera_source, plc_registers)
     await sim.start(serve=False)
     line: Line | None = None
     stop = asyncio.Event()

@@ -44,6 +44,7 @@ from sorter.line.crop_capture import CropCapture
 from sorter.line.recording import Recorder, RecordOptions
 from sorter.line.records import RecordStore
 from sorter.line.service import LineParts, LineService, worker_thread
+from sorter.line.virtualtime import InPlace, VirtualClock
 from sorter.north.edge import EdgeNode
 from sorter.north.hmi import HmiServer
 from sorter.north.metrics import ServiceMetrics
@@ -80,6 +81,23 @@ class Transports:
     # a recording (build_line(record=...)) is written on the recorder's own threads in real time; in virtual
     # time at once, in place, so that it is complete and the same every run
     record_in_place: bool = False
+
+
+def virtual_transports(
+    clock: VirtualClock,
+    camera_source: Callable[[CameraConfig], FrameSource],
+    plc_registers: Callable[[PlcConfig], RegisterClient],
+) -> Transports:
+    """The transports of a line on a virtual clock (lockstep, replay): that clock for both time bases, work
+    and recording done in place, the bar's lines handed over; the caller brings frames and PLC registers."""
+    return Transports(
+        timebase=Timebase(now=clock.now, wall=clock.wall),
+        executor=lambda _name: InPlace(),
+        camera_source=camera_source,
+        plc_registers=plc_registers,
+        hallbar_owns_port=False,
+        record_in_place=True,
+    )
 
 
 @dataclass

@@ -33,15 +33,14 @@ import cv2
 import numpy as np
 import structlog
 
-from sorter.app import Transports, build_line
+from sorter.app import build_line, virtual_transports
 from sorter.config import CameraConfig, LineConfig, PlcConfig, load_config
 from sorter.core.geometry import unwrap, wrap32
 from sorter.core.messages import Decision
-from sorter.core.timebase import Timebase
 from sorter.drivers.plc.replay import ReplayPlc
 from sorter.line.recording import Recording, RecordingError, ReplaySource
 from sorter.line.records import load_pieces
-from sorter.line.virtualtime import InPlace, VirtualClock, VirtualTimeLoop
+from sorter.line.virtualtime import VirtualClock, VirtualTimeLoop
 from sorter.vision.segment import materialise
 
 MATCH_MM = 6.0  # two decisions closer than this along and across the belt are about the same piece
@@ -132,14 +131,7 @@ async def _replay(
         plc_box.append(plc)
         return plc
 
-    transports = Transports(
-        timebase=Timebase(now=clock.now, wall=clock.wall),
-        executor=lambda _name: InPlace(),
-        camera_source=camera_source,
-        plc_registers=plc_registers,
-        hallbar_owns_port=False,
-        record_in_place=True,
-    )
+    transports = virtual_transports(clock, camera_source, plc_registers)
     if cfg.plc.protocol != "modbus":  # the replay PLC is a register transport: the Modbus link runs on it
         cfg = cfg.model_copy(update={"plc": cfg.plc.model_copy(update={"protocol": "modbus"})})
     line = build_line(cfg, run_id=run_id, north=False, transports=transports)
