@@ -41,6 +41,7 @@ from sorter.drivers.plc import make_plc_link
 from sorter.drivers.plc.base import PlcLinkBase
 from sorter.drivers.plc.link import PlcLink, RegisterClient
 from sorter.line.crop_capture import CropCapture
+from sorter.line.loopwatch import LoopWatch
 from sorter.line.recording import Recorder, RecordOptions
 from sorter.line.records import RecordStore
 from sorter.line.service import LineParts, LineService, worker_thread
@@ -81,6 +82,7 @@ class Transports:
     # a recording (build_line(record=...)) is written on the recorder's own threads in real time; in virtual
     # time at once, in place, so that it is complete and the same every run
     record_in_place: bool = False
+    watch_loop: bool = True  # log the event loop's stalls (sorter/line/loopwatch.py): real time only
 
 
 def virtual_transports(
@@ -97,6 +99,7 @@ def virtual_transports(
         plc_registers=plc_registers,
         hallbar_owns_port=False,
         record_in_place=True,
+        watch_loop=False,
     )
 
 
@@ -214,6 +217,10 @@ def build_line(
         parts.extra_stats["recording"] = recorder.stats
         rec_ = recorder
         parts.closers.append(lambda: rec_.close(cfg.records.path))  # after the records are closed
+    if transports.watch_loop:
+        watch = LoopWatch(log=log.bind(part="loop"))
+        parts.companions.append(watch)
+        parts.extra_stats["loop"] = watch.stats
     service = LineService(cfg, parts, run_id=run_id, auto_start=auto_start)
     line = Line(service, metrics, recorder=recorder)
     parts.subscribers.append(metrics.publish)

@@ -33,7 +33,7 @@ browse names from the Objects folder; "N:Name" names a node in namespace index N
     {"op": "call", "path": ["SortingLine"], "method": "Start", "args": []}
                                                      -> "statusCode", "outputArguments", "callSeconds"
        args are plain JSON values converted to the method's InputArguments types, or {"type": "UInt16", "value": 3}
-    {"op": "subscribe", "path": [...], "seconds": 5, "background": false}
+    {"op": "subscribe", "path": [...], "seconds": 5, "until": n, "background": false}  # until: stop after n values
                                                      -> "values": [{"value", "statusCode", "sourceTimestamp", "t"}]
     {"op": "events", "path": ["SortingLine"], "seconds": 3, "background": false}
                                                      -> "events": [{"Message", "Severity", "EventType", "SourceName",

@@ -74,7 +74,8 @@ async def test_scada_drives_the_packml_state_machine_over_signandencrypt(tmp_pat
                     {"op": "browse", "path": sl},
                     {"op": "read", "path": [*sl, "State"]},
                     {"op": "read", "path": [*sl, "StateCurrent"]},
-                    {"op": "subscribe", "path": [*sl, "Fractions", "ndfeb", "Count"], "seconds": 3},
+                    # until the count changed (~0.1 s at 32 pieces/s); 10 s for a machine busy with other tests
+                    {"op": "subscribe", "path": [*sl, "Fractions", "ndfeb", "Count"], "seconds": 10, "until": 2},
                     {"op": "call", "path": sl, "method": "Hold"},
                     {"op": "wait_value", "path": [*sl, "State"], "equals": "Held", "timeout": 5},
                     # a held spell of its own length (not just two calls long: CI once saw no piece decided

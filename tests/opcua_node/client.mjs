@@ -327,8 +327,11 @@ async function stepSubscribe(step) {
         (dataValue) => values.push(dataValueToJson(dataValue, tStart)),
     );
     const finish = async () => {
-        const remaining = (step.seconds ?? 5) * 1000 - (performance.now() - tStart);
-        if (remaining > 0) await sleep(remaining);
+        // `until`: stop as soon as that many values came (a busy machine can be slow to change a value)
+        const deadline = tStart + (step.seconds ?? 5) * 1000;
+        while (performance.now() < deadline && !(step.until && values.length >= step.until)) {
+            await sleep(Math.min(50, deadline - performance.now()));
+        }
         await item.terminate().catch(() => {});
         return { ok: true, nodeId: nodeId.toString(), values };
     };

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+import structlog
 
 from sorter.config import CameraConfig, SimCameraSource
 from sorter.core.messages import Frame
@@ -150,6 +151,7 @@ class SimCameraClient:
         self.connect_timeout_s = connect_timeout_s
         self.received = 0  # headers received
         self._torn = 0
+        self._log = structlog.get_logger("sorter").bind(camera=name)
         self._writer: asyncio.StreamWriter | None = None
         self._closing = False
         self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"copy-{name}")
@@ -219,6 +221,7 @@ class SimCameraClient:
                 mm.close()
                 raise self._error(f"shared memory {shm_name!r} is smaller than its layout")
             ring = _Ring(mm, layout)
+            torn_run = False
             while True:
                 try:
                     data = await reader.readexactly(FRAME_HEADER.size)
@@ -236,7 +239,19 @@ class SimCameraClient:
                 image = await asyncio.get_running_loop().run_in_executor(self._copier, ring.read, slot, seq)
                 if image is None:  # overwritten before we got to it: the consumer is too slow
                     self._torn += 1
+                    if not torn_run:  # once per run of torn frames: which side was late tells the cause
+                        self._log.warning(
+                            "frames torn: the ring was overwritten before the copy",
+                            seq=seq,
+                            # late header: the simulator sent it late or this loop read it late
+                            header_late_ms=round((t_received - t_exp) * 1000, 1),
+                            # late copy: the copy thread was held up
+                            copy_late_ms=round((time.monotonic() - t_received) * 1000, 1),
+                            ring_slots=layout.slots,
+                        )
+                    torn_run = True
                     continue
+                torn_run = False
                 yield Frame(self._name, seq, image, t_exp, count, t_received)
         finally:
             if ring is not None:
