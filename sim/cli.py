@@ -167,15 +167,15 @@ def demo(
     except ValidationError as exc:
         raise fail(f"operating point: {exc}") from None
     run_dir = out or Path("runs") / time.strftime("lockstep-%Y%m%d-%H%M%S" if lockstep else "demo-%Y%m%d-%H%M%S")
-    if lockstep and (capture is not None or cfg.plc.protocol != "modbus"):
-        raise fail("--lockstep runs the Modbus PLC link and takes no --capture")
+    if lockstep and cfg.plc.protocol != "modbus":
+        raise fail("--lockstep runs the Modbus PLC link")
     rec = record_options(record, record_level, record_max_mb, record_frames, record_buffer_mb)
     try:
         show = not as_json and sys.stderr.isatty()
         if lockstep:
             from sim.lockstep import run_lockstep
 
-            report = run_lockstep(cfg, duration, seed, run_dir, rec)
+            report = run_lockstep(cfg, duration, seed, run_dir, rec, capture=capture)
         else:
             report = asyncio.run(run_demo(cfg, duration, seed, run_dir, progress=show, capture=capture, record=rec))
     except (ModelError, DemoError, RecordingError) as exc:

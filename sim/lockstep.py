@@ -213,7 +213,13 @@ async def _until(cond: Callable[[], bool], what: str, timeout: float = START_TIM
 
 
 async def _run(
-    cfg: SimLineConfig, duration: float, seed: int, run_dir: Path, clock: VirtualClock, record: RecordOptions | None
+    cfg: SimLineConfig,
+    duration: float,
+    seed: int,
+    run_dir: Path,
+    clock: VirtualClock,
+    record: RecordOptions | None,
+    capture: Path | None,
 ) -> dict[str, Any]:
     log = structlog.get_logger("lockstep")
     truth_path = run_dir / "truth.sqlite"
@@ -241,7 +247,9 @@ async def _run(
     tasks: list[asyncio.Task[None]] = []
     wall0 = time.perf_counter()
     try:
-        line = build_line(cfg, run_id=f"lockstep-seed{seed}", north=False, transports=transports, record=record)
+        line = build_line(
+            cfg, run_id=f"lockstep-seed{seed}", north=False, transports=transports, record=record, capture=capture
+        )
         service = line.service
         tasks.append(asyncio.create_task(service.run(stop), name="service"))
         if sim.hallbar is not None and service.hallbar is not None and cfg.magnetometer is not None:
@@ -290,12 +298,18 @@ async def _run(
 
 
 def run_lockstep(
-    cfg: SimLineConfig, duration: float, seed: int, run_dir: Path, record: RecordOptions | None = None
+    cfg: SimLineConfig,
+    duration: float,
+    seed: int,
+    run_dir: Path,
+    record: RecordOptions | None = None,
+    capture: Path | None = None,
 ) -> dict[str, Any]:
-    """Run the simulated line sorted by the service in virtual time; returns the demo's report."""
+    """Run the simulated line sorted by the service in virtual time; returns the demo's report. `capture`: save
+    each decided piece's crop as a labelled data set there (sorter/line/crop_capture.py), as `sorter run --capture`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = lockstep_config(cfg, run_dir, seed)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     clock = VirtualClock(VT0, WALL0)
     with asyncio.Runner(loop_factory=lambda: VirtualTimeLoop(clock)) as runner:
-        return runner.run(_run(cfg, duration, seed, run_dir, clock, record))
+        return runner.run(_run(cfg, duration, seed, run_dir, clock, record, capture))

@@ -1,9 +1,10 @@
 """Commissioning end to end: a line whose config is wrong about its hardware sorts badly; after the hw/
 scripts have calibrated it (in the order of docs/commissioning.md), it sorts as the demo should again.
 
-Real time: the scripts are processes of their own that measure the simulated plant through its real
-interfaces as on a plant (camera streams, the PLC, the bar's serial line), and the valve timing they find
-comes from ejections of pieces on the running belt."""
+The calibration runs in real time: the scripts are processes of their own that measure the simulated plant
+through its real interfaces as on a plant (camera streams, the PLC, the bar's serial line), and the valve
+timing they find comes from ejections of pieces on the running belt. The sorting before and after is judged
+in lockstep (sim/lockstep.py): the same figures however busy the machine, so no stall needs allowing for."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from sim.config import SimCameraTruth, load_sim_config
-from sim.demo import run_demo
+from sim.lockstep import run_lockstep
 from sim.report import match_records
 from sim.truth import load_truth
 from sorter.config import LineConfig
@@ -102,14 +103,19 @@ async def calibrate(run_dir: Path, cfg: LineConfig) -> LineConfig:
     return cfg
 
 
+async def sort(cfg: LineConfig, run_dir: Path) -> tuple[dict[str, Any], dict[str, float]]:
+    """The line with this config in lockstep for 15 s of feed: its report and figures."""
+    report = await asyncio.to_thread(run_lockstep, cfg, 15, SEED, run_dir)
+    return report, figures(report, run_dir, cfg)
+
+
 def figures(report: dict[str, Any], run_dir: Path, cfg: LineConfig) -> dict[str, float]:
-    """Purity as reported; recovery over the pieces the service did not lose to a stall of this shared
-    machine (a command that `expired` before it could reach the PLC says nothing about calibration: the
-    report counts those, and `stalled` here bounds them)."""
+    """Purity as reported, recovery of what reached a bin; `expired`: commands that could not reach the
+    PLC in time (a wrong clock model makes nearly all of them late)."""
     truth, _, _ = load_truth(run_dir / "truth.sqlite")
     matched = match_records(truth, load_pieces(run_dir / "records.sqlite"), cfg.belt.counts_per_mm)
-    stalled = {tid for tid, r in matched.items() if r["outcome"] == "expired"}
-    binned = [t for t in truth if t["bin"] and t["id"] not in stalled]
+    expired = {tid for tid, r in matched.items() if r["outcome"] == "expired"}
+    binned = [t for t in truth if t["bin"]]
     route = cfg.routing.classes
 
     def recovery(fraction: str) -> float:
@@ -123,26 +129,25 @@ def figures(report: dict[str, Any], run_dir: Path, cfg: LineConfig) -> dict[str,
         "ferrite_smco_purity": f["ferrite_smco"]["purity"],
         "ferrite_smco_recovery": recovery("ferrite_smco"),
         "eject_error_p99_mm": report["eject_error_mm"]["p99"],
-        "stalled": len(stalled) / len(truth),
+        "expired": len(expired) / len(truth),
     }
 
 
 async def test_calibration_from_wrong_defaults_restores_the_sorting(tmp_path: Path) -> None:
     plant = the_plant()
-    before = figures(await run_demo(plant, 15, SEED, tmp_path / "before"), tmp_path / "before", plant)
+    _, before = await sort(plant, tmp_path / "before")
     calibrated = await calibrate(tmp_path / "calibration", plant)
     assert calibrated.belt.counts_per_mm == pytest.approx(TRUE_CPM, rel=0.002)
     assert calibrated.ejection.valve_open_delay_ms == pytest.approx(TRUE_OPEN_MS, abs=1.0)
-    report = await run_demo(calibrated, 15, SEED, tmp_path / "after")
-    after = figures(report, tmp_path / "after", calibrated)
+    report, after = await sort(calibrated, tmp_path / "after")
     print(f"uncalibrated: {before}\ncalibrated:   {after}")
     # the wrong encoder and valve timing blow beside the pieces
     assert before["eject_error_p99_mm"] > 5.0 and before["ndfeb_recovery"] < after["ndfeb_recovery"] - 0.05
-    # calibrated: the demo's figures again (README, seed 7)
-    assert after["stalled"] <= 0.15  # a wrong clock would expire nearly every command
+    # calibrated: the demo's figures again (README, seed 7); in lockstep no command is late
+    assert after["expired"] == 0 and report["ejects_late"] == 0
     assert after["ndfeb_purity"] >= 0.99 and after["ferrite_smco_purity"] >= 0.99
-    # 0.93: README's worst per-run loss rate of a calibrated line (3.5 %, conftest.LOSS_RATE) over this run's
-    # ~160 pieces of a fraction, 2.4 binomial sigmas below its mean (measured here: 0.977 without the stalls)
+    # the calibrated values are measured in real time, within the tolerances asserted above (a valve delay
+    # 1 ms off puts the air 2.5 mm off at 2.5 m/s), not the truth: measured 0.987 / 0.984 and 0.82 mm here
     assert after["ndfeb_recovery"] >= 0.93 and after["ferrite_smco_recovery"] >= 0.93
     assert after["eject_error_p99_mm"] <= 2.0
     LineRun(report, tmp_path / "after").assert_every_piece_accounted()
