@@ -37,6 +37,7 @@ from sim.line import SimLine
 from sim.refmagnet import pass_reference_magnet
 from sim.target import target_from_command
 from sim.testpieces import TEST_PIECE_ID0, command_objects, make_test_pieces
+from sorter.core import priority
 
 
 def _emit(event: str, **data: Any) -> None:
@@ -63,6 +64,10 @@ async def run_sim(
     hallbar_link: Path | None = None,
 ) -> None:
     log = structlog.get_logger("sim")
+    # the simulator is the plant's hardware: it keeps its pace as the line service's time-critical threads do
+    # (the same `priority:` of the config), every thread it starts with it
+    priority.configure(priority.Priority(cfg.priority.policy, cfg.priority.rt_priority))
+    log.info("simulator priority", priority=priority.enter(inherited=True))
     line = SimLine(cfg, truth_path=truth, record_dir=record_dir, seed=seed, hallbar_link=hallbar_link)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -42,6 +42,7 @@ from sorter.drivers.plc.base import PlcLinkBase
 from sorter.drivers.plc.link import PlcLink, RegisterClient
 from sorter.line.crop_capture import CropCapture
 from sorter.line.loopwatch import LoopWatch
+from sorter.line.realtime import ThreadPriority
 from sorter.line.recording import Recorder, RecordOptions
 from sorter.line.records import RecordStore
 from sorter.line.service import LineParts, LineService, worker_thread
@@ -82,7 +83,9 @@ class Transports:
     # a recording (build_line(record=...)) is written on the recorder's own threads in real time; in virtual
     # time at once, in place, so that it is complete and the same every run
     record_in_place: bool = False
-    watch_loop: bool = True  # log the event loop's stalls (sorter/line/loopwatch.py): real time only
+    # on the wall clock: the loop's stalls watched (sorter/line/loopwatch.py), the time-critical threads at a
+    # real-time OS priority (sorter/line/realtime.py); neither means anything on a virtual clock
+    wall_clock: bool = True
 
 
 def virtual_transports(
@@ -99,7 +102,7 @@ def virtual_transports(
         plc_registers=plc_registers,
         hallbar_owns_port=False,
         record_in_place=True,
-        watch_loop=False,
+        wall_clock=False,
     )
 
 
@@ -217,9 +220,11 @@ def build_line(
         parts.extra_stats["recording"] = recorder.stats
         rec_ = recorder
         parts.closers.append(lambda: rec_.close(cfg.records.path))  # after the records are closed
-    if transports.watch_loop:
+    if transports.wall_clock:
+        prio = ThreadPriority(cfg.priority, log=log.bind(part="priority"))
         watch = LoopWatch(log=log.bind(part="loop"))
-        parts.companions.append(watch)
+        parts.companions[:0] = [prio, watch]  # first: the threads the others start are not raised with it
+        parts.extra_stats["priority"] = prio.stats
         parts.extra_stats["loop"] = watch.stats
     service = LineService(cfg, parts, run_id=run_id, auto_start=auto_start)
     line = Line(service, metrics, recorder=recorder)

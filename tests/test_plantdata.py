@@ -219,14 +219,15 @@ def test_build_line_wires_the_edge_node_and_the_forwarder(tmp_path: Path) -> Non
     )
     plain = build_line(cfg, auto_start=False)
     assert plain.edge is None and plain.forwarder is None
-    assert [c.name for c in plain.service.parts.companions] == ["loop_watch"]  # no north side
+    # no north side: only what any real-time line has
+    assert [c.name for c in plain.service.parts.companions] == ["thread_priority", "loop_watch"]
     on = cfg.model_copy(
         update={"sparkplug": SparkplugConfig(port=1), "plant_db": PlantDbConfig(url="postgresql://x@127.0.0.1:1/p")}
     )
     line = build_line(on, auto_start=False)
     assert line.edge is not None and line.forwarder is not None
     parts = line.service.parts
-    assert [c for c in parts.companions if c.name != "loop_watch"] == [line.edge, line.forwarder]
+    assert parts.companions[2:] == [line.edge, line.forwarder]
     assert line.edge.publish in parts.subscribers
     assert line.forwarder.close in parts.closers
     assert line.forwarder.run_id == line.service.run_id  # its pending rows are the ones that may still change

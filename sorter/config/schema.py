@@ -536,6 +536,18 @@ class QueueConfig(Strict):
     )
 
 
+class PriorityConfig(Strict):
+    """The OS priority of the threads that keep pace with the belt (sorter/core/priority.py, docs/deployment.md)."""
+
+    policy: Literal["rr", "fifo", "normal"] = Field(
+        "rr",
+        description="rr/fifo: Linux real-time scheduling (SCHED_RR/SCHED_FIFO) for the event loop, frame grabs, "
+        "vision, inference and the Hall bar's reader, ahead of any other work on the computer; needs root or "
+        "CAP_SYS_NICE, else they run at normal priority and the service logs it; normal: the OS default",
+    )
+    rt_priority: int = Field(20, ge=1, le=99, description="the real-time priority (1-99; kernel IRQ threads: 50)")
+
+
 class RecordsConfig(Strict):
     path: Path = Field(
         Path("runs/records.sqlite"),
@@ -826,6 +838,9 @@ class LineConfig(Strict):
         None, description="the Hall-sensor bar under the belt; absent: pieces are decided on the camera alone"
     )
     queues: QueueConfig = Field(QueueConfig(), description="frame queues between the cameras and the vision stage")
+    priority: PriorityConfig = Field(
+        PriorityConfig(), description="the OS priority of the time-critical threads (real-time where allowed)"
+    )
     records: RecordsConfig = Field(RecordsConfig(), description="the database of every piece decided")
     reports: ReportsConfig = Field(
         ReportsConfig(), description="shift and batch reports from the records (`sorter report`): the mass estimate"

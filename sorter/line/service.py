@@ -27,6 +27,7 @@ import numpy as np
 import structlog
 
 from sorter.config import LineConfig, RoutingConfig
+from sorter.core import priority
 from sorter.core.alarms import AlarmBoard, Condition
 from sorter.core.clock import ClockModel
 from sorter.core.decide import decide
@@ -107,8 +108,9 @@ class StageTimes:
 
 
 def worker_thread(name: str) -> Executor:
-    """One worker thread for one kind of work (pixels, inference, the records' disk writes)."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+    """One worker thread for one kind of work (pixels, inference, the records' disk writes), time-critical
+    (sorter/core/priority.py: at a real-time priority while the line's config asks for one)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=priority.realtime_thread_initializer)
 
 
 @dataclass

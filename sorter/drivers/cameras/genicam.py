@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from sorter.config import CameraConfig, GenICamSource
+from sorter.core import priority
 from sorter.core.messages import Frame
 from sorter.core.position import FrameIds, TimestampMap, wrap32
 from sorter.drivers.cameras.base import SourceError
@@ -581,6 +582,7 @@ class GenICamCamera:
         return dev
 
     def _run(self) -> None:
+        priority.enter()  # time-critical: keeps pace with the belt (sorter/core/priority.py)
         dev: GenICamDevice | None = None
         try:
             try:

@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from sorter.config import CameraConfig, OpenCVSource
+from sorter.core import priority
 from sorter.core.messages import Frame
 from sorter.drivers.cameras.base import SourceError
 
@@ -199,6 +200,7 @@ class OpenCVCaptureSource:
         return cap
 
     def _grab_loop(self) -> None:
+        priority.enter()  # time-critical: keeps pace with the belt (sorter/core/priority.py)
         cap: cv2.VideoCapture | None = None
         try:
             cap = self._open()

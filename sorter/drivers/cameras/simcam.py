@@ -29,6 +29,7 @@ import numpy as np
 import structlog
 
 from sorter.config import CameraConfig, SimCameraSource
+from sorter.core import priority
 from sorter.core.messages import Frame
 from sorter.drivers.cameras.base import SourceError
 
@@ -154,7 +155,9 @@ class SimCameraClient:
         self._log = structlog.get_logger("sorter").bind(camera=name)
         self._writer: asyncio.StreamWriter | None = None
         self._closing = False
-        self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"copy-{name}")
+        self._copier = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"copy-{name}", initializer=priority.realtime_thread_initializer
+        )
 
     @property
     def name(self) -> str:

@@ -36,6 +36,7 @@ import structlog
 from structlog.typing import FilteringBoundLogger
 
 from sorter.config import MagnetometerConfig
+from sorter.core import priority
 from sorter.drivers.hallbar.protocol import (
     SEQ_MOD,
     DataLine,
@@ -185,6 +186,7 @@ class HallBar:
 
     # --- the reader thread ---
     def _run(self) -> None:
+        priority.enter()  # time-critical: keeps pace with the belt (sorter/core/priority.py)
         cfg = self.cfg
         backoff = cfg.reconnect_min_s
         opened = False
