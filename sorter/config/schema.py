@@ -537,7 +537,7 @@ class QueueConfig(Strict):
 
 
 class PriorityConfig(Strict):
-    """The OS priority of the threads that keep pace with the belt (sorter/core/priority.py, docs/deployment.md)."""
+    """The OS priority of the threads that keep pace with the belt (sorter/core/priority.py, deploy/README.md)."""
 
     policy: Literal["rr", "fifo", "normal"] = Field(
         "rr",
