@@ -290,18 +290,27 @@ class LineService:
         self.records.looked_at(name, wrap32(count))
 
     # --- pieces -> decisions -> commands ---
-    def _classify(self, pieces: list[Piece]) -> tuple[list[np.ndarray | None], Classifier]:
+    def _classify(self, pieces: list[Piece]) -> tuple[list[np.ndarray | None], Classifier, list[Piece]]:
+        """Each piece's view probabilities, the model that gave them, and the pieces with their crops cut.
+
+        A piece's crops arrive as cutters (segment(lazy=True)) that hold their whole camera frame (2.7 MB);
+        the pieces handed back hold the cut crops (a few kB each) instead, so that nothing downstream (the
+        decision, the planner's neighbours, a command waiting for the PLC, the recorder) keeps a frame alive.
+        """
         t0 = time.perf_counter()
         clf = self.classifier  # one model per batch, even if a swap lands meanwhile
         crops = [materialise(c) for p in pieces for c in p.crops]
         probs = clf.predict(crops) if crops else np.zeros((0, len(clf.labels)))
         out: list[np.ndarray | None] = []
+        cut: list[Piece] = []
         i = 0
         for p in pieces:
-            out.append(probs[i : i + len(p.crops)] if p.crops else None)
-            i += len(p.crops)
+            n = len(p.crops)
+            out.append(probs[i : i + n] if n else None)
+            cut.append(replace(p, crops=list(crops[i : i + n])) if n else p)
+            i += n
         self.times.add("infer", time.perf_counter() - t0)
-        return out, clf
+        return out, clf, cut
 
     async def _decide_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -321,7 +330,7 @@ class LineService:
                 self.log.exception("decision batch failed", pieces=len(pieces))
 
     async def _decide(self, pieces: list[Piece], loop: asyncio.AbstractEventLoop) -> None:
-        probs, clf = await loop.run_in_executor(self._infer, self._classify, pieces)
+        probs, clf, pieces = await loop.run_in_executor(self._infer, self._classify, pieces)
         readings = await self._fields(pieces)
         lik = clf.field_model
         decisions = [
