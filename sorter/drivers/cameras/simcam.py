@@ -128,7 +128,7 @@ class _Ring:
             if int(self.seqs[slot, 1]) != seq:  # seqlock: complete before the copy ...
                 return None
             image = np.empty((lay.height, lay.width, lay.channels), np.uint8)
-            got = os.preadv(self._fd, [image], slot * lay.slot_stride + SLOT_HEADER)
+            got = os.preadv(self._fd, [image.data], slot * lay.slot_stride + SLOT_HEADER)
             if got != lay.frame_bytes or int(self.seqs[slot, 0]) != seq:  # ... and no writer started on it since
                 return None
             return image
