@@ -196,6 +196,7 @@ def build_line(
         load_model=lambda path: load_checked_model(path, cfg),
         on_stage=metrics.observe_stage,
         on_latency_ms=metrics.observe_latency_ms,
+        on_latency_parts=metrics.observe_latency_parts,
         timebase=tb,
         executor=transports.executor,
     )

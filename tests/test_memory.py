@@ -1,0 +1,160 @@
+"""Memory: a decided piece keeps no camera frame alive; the service's RSS as the kernel reports it.
+
+The line's memory budget (docs/memory.md) rests on frames living only as long as the pieces seen in them
+are being tracked: a piece's crops are cut from its frames lazily (only the views the classifier gets), and
+once it is decided only the cut crops (a few kB) may remain, whoever keeps the decision (the planner
+remembers the latest 256 as neighbours). One frame is 2.7 MB, and 120 arrive a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sim.config import load_sim_config
+from sorter.app import Transports, build_line
+from sorter.core.messages import Frame, Piece
+from sorter.line.memory import Rss, RssWatch, parse_status
+from sorter.line.records import load_pieces
+from sorter.line.service import LineService
+from sorter.line.virtualtime import InPlace
+
+pytestmark = pytest.mark.fast
+
+ROOT = Path(__file__).resolve().parents[1]
+BELT = 20  # the dark belt's grey level; pieces are far brighter (vision.threshold 34)
+
+
+@pytest.fixture
+def no_cyclic_gc() -> Iterator[None]:
+    """Frames must go when their last reference does, not at a later collection of reference cycles (the
+    service freezes what it built at start, and full collections are rare and long)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def built_service(tmp_path: Path) -> LineService:
+    cfg = load_sim_config(ROOT / "config" / "sim.yaml")
+    cfg = cfg.model_copy(
+        update={
+            "records": cfg.records.model_copy(update={"path": tmp_path / "records.sqlite"}),
+            "magnetometer": None,
+            "opcua_server": None,
+            "hmi": None,
+        }
+    )
+    # the pixel and inference work done in place (as in lockstep), not on worker threads: a worker thread drops
+    # its work item (the pieces it classified) a moment after the loop has the result, which a test would race
+    svc = build_line(cfg, auto_start=False, north=False, transports=Transports(executor=lambda _: InPlace())).service
+    for cap in svc.captures.values():  # built, not run: the cameras count as streaming
+        cap._set_state("online", None)
+    return svc
+
+
+def frame(camera: str, seq: int, count: int, t: float, piece_at: tuple[int, int] | None) -> Frame:
+    image = np.full((720, 1280, 3), BELT, np.uint8)
+    if piece_at is not None:
+        row, col = piece_at
+        image[row - 40 : row + 40, col - 50 : col + 50] = (60, 170, 200)  # a 25 x 20 mm piece
+    return Frame(camera, seq, image, t, count, t + 0.02)
+
+
+async def track_one_piece(svc: LineService) -> list[weakref.ref[np.ndarray]]:
+    """Frames through the service's pipeline (segment, track) until one piece, seen in three frames of cam0,
+    is finalised; weak references to those three frames' pixels. (Here, not in the test, so that no local
+    of the test, pytest's assertion temporaries included, holds a frame or a piece.)"""
+    loop = asyncio.get_running_loop()
+    cpm = svc.cfg.belt.counts_per_mm
+    shown = []
+    seq, count, t = 0, 1_000_000, 100.0
+    # the piece in three frames of cam0, the belt moving 10 mm between them; cam1 sees the empty belt
+    for k in range(3):
+        seq += 1
+        f = frame("cam0", seq, count, t, (320 + 40 * k, 640))
+        shown.append(weakref.ref(f.image))
+        await svc._process("cam0", f, loop)
+        await svc._process("cam1", frame("cam1", seq, count, t, None), loop)
+        count, t = count + round(10 * cpm), t + 0.004
+    # the belt moves on until both cameras have seen it leave (field + settle): it is finalised
+    for _ in range(6):
+        seq += 1
+        count, t = count + round(100 * cpm), t + 0.04
+        for cam in ("cam0", "cam1"):
+            await svc._process(cam, frame(cam, seq, count, t, None), loop)
+    return shown
+
+
+async def decide_queued(svc: LineService) -> tuple[int, int]:
+    """Decide what the pipeline queued, as its decision loop does; (pieces, their crops)."""
+    pieces: list[Piece] = []
+    while not svc._pieces.empty():
+        pieces += svc._pieces.get_nowait()
+    n, crops = len(pieces), sum(len(p.crops) for p in pieces)
+    await svc._decide(pieces, asyncio.get_running_loop())
+    return n, crops
+
+
+async def test_a_decided_piece_keeps_no_frame_alive(tmp_path: Path, no_cyclic_gc: None) -> None:
+    svc = built_service(tmp_path)
+    try:
+        shown = await track_one_piece(svc)
+        alive = sum(r() is not None for r in shown)
+        assert alive == 3  # a piece's views hold their frames until its crops are cut (segment(lazy=True))
+        assert await decide_queued(svc) == (1, 3)
+        # decided: the planner remembers the decision, the records have its row; no frame may be left
+        alive = sum(r() is not None for r in shown)
+        assert alive == 0, "a decided piece keeps its frames alive"
+        assert len(svc.planner._recent) == 1
+        svc.records.flush()
+        rows = load_pieces(svc.records.path)
+        assert len(rows) == 1 and rows[0]["outcome"] != "seen"  # decided
+        # its decision latency so far: settle (last view -> the frame that finalised it arrived) and compute
+        assert rows[0]["settle_ms"] == pytest.approx(1000 * (0.004 + 2 * 0.04 + 0.02), abs=1e-3)
+        assert rows[0]["compute_ms"] is not None and rows[0]["plc_ms"] is None
+    finally:
+        await svc.control.shutdown()
+        for pool in (svc._vision, svc._infer, svc._writer):
+            pool.shutdown(wait=True)
+        svc.records.close()
+
+
+STATUS = """Name:\tpython
+VmPeak:\t 2504448 kB
+VmRSS:\t  614400 kB
+RssAnon:\t  196608 kB
+RssFile:\t   82944 kB
+RssShmem:\t  334848 kB
+Threads:\t31
+"""
+
+
+def test_rss_is_read_as_the_kernel_splits_it() -> None:
+    assert parse_status(STATUS) == Rss(total=600.0, anon=192.0, file=81.0, shmem=327.0)
+    assert parse_status("Name:\tkthreadd\nThreads:\t1\n") is None  # a kernel thread has no VmRSS
+
+
+def test_rss_watch_keeps_start_peak_and_end() -> None:
+    seq = iter([Rss(100, 50, 50, 0), Rss(300, 250, 50, 0), Rss(200, 150, 50, 0), None])
+    watch = RssWatch(read=lambda: next(seq))
+    assert watch.summary() is None
+    for _ in range(4):
+        watch.sample()
+    assert watch.summary() == {
+        "start": 100,
+        "peak": 300,
+        "end": 200,
+        "peak_anon": 250,
+        "peak_file": 50,
+        "peak_shmem": 0,
+    }
