@@ -60,7 +60,7 @@ def load_checked_model(path: Path, cfg: LineConfig) -> Classifier:
     result = check_model(path, threads=cfg.classifier.threads)
     if not result.ok:
         raise ModelError(result.message)
-    clf = Classifier(path, threads=cfg.classifier.threads)
+    clf = Classifier(path, threads=cfg.classifier.threads, max_batch=cfg.classifier.batch_size)
     missing = sorted(set(cfg.routing.classes) - set(clf.labels))
     if missing:
         raise ModelError(f"{path}: the model has no class {missing} that the line's routing needs")
