@@ -20,7 +20,7 @@ import pytest
 from sim.config import load_sim_config
 from sorter.app import Transports, build_line
 from sorter.core.messages import Frame, Piece
-from sorter.line.memory import Rss, RssWatch, parse_status
+from sorter.line.memory import Rss, RssWatch, glibc_trim, parse_status
 from sorter.line.records import load_pieces
 from sorter.line.service import LineService
 from sorter.line.virtualtime import InPlace
@@ -157,4 +157,36 @@ def test_rss_watch_keeps_start_peak_and_end() -> None:
         "peak_anon": 250,
         "peak_file": 50,
         "peak_shmem": 0,
+        "trims": 0,
+        "trimmed": 0,
     }
+
+
+def test_the_heap_is_trimmed_once_it_has_grown_by_the_slack() -> None:
+    """Freed frames stay in glibc's heaps: after a moment of many frames alive, the heap is trimmed."""
+    now = [Rss(200, 100, 100, 0)]
+    trims = []
+
+    def trim() -> None:
+        trims.append(1)
+        now[0] = Rss(210, 110, 100, 0)  # what the kernel got back
+
+    watch = RssWatch(read=lambda: now[0], trim=trim, slack_mb=48)
+    watch.sample()
+    now[0] = Rss(240, 140, 100, 0)  # +40 MB of heap: within the slack
+    watch.sample()
+    assert not watch.trim_due
+    now[0] = Rss(300, 200, 100, 0)  # +100: the queues filled once; their frames are freed, not given back
+    watch.sample()
+    assert watch.trim_due
+    watch.trim()
+    assert trims == [1] and not watch.trim_due
+    assert watch.summary() is not None and watch.summary()["trimmed"] == 90  # type: ignore[index]
+    assert not RssWatch(read=lambda: now[0], trim=None).trim_due  # no glibc: nothing to trim
+
+
+def test_glibc_trim_runs_here() -> None:
+    trim = glibc_trim()
+    if trim is None:
+        pytest.skip("no glibc malloc_trim on this system")
+    trim()  # returns 1 if memory was given back, 0 if not: either is fine

@@ -57,7 +57,7 @@ from sorter.drivers.hallbar import FieldMap, HallBar
 from sorter.drivers.plc.base import PlcLinkBase
 from sorter.line.conditions import line_conditions
 from sorter.line.control import LineControl
-from sorter.line.memory import RssWatch
+from sorter.line.memory import RssWatch, glibc_trim
 from sorter.line.records import RecordStore, piece_row
 from sorter.vision.classify import Classifier, ModelError
 from sorter.vision.detections import to_detections
@@ -193,7 +193,9 @@ class LineService:
         self.times = StageTimes(on_add=parts.on_stage)
         self.counters = LineCounters()
         self.latencies_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
-        self.memory = RssWatch()  # this process's RSS: start, peak, latest (the periodic log, reports)
+        # this process's RSS: start, peak, latest (the periodic log, reports); trims the C heap after a peak
+        self.memory = RssWatch(trim=glibc_trim())
+        self._trimming: asyncio.Future[None] | None = None
         self._bar_online: bool | None = None
         self._swap_lock = asyncio.Lock()
         self.live = LiveStats(cfg.fractions, cfg.routing)
@@ -638,6 +640,10 @@ class LineService:
             if self._now() - last_rss >= RSS_S:
                 last_rss = self._now()
                 self.memory.sample()
+                if self.memory.trim_due and (self._trimming is None or self._trimming.done()):
+                    # on the records thread: housekeeping that may take a few ms, never on this loop
+                    loop = asyncio.get_running_loop()
+                    self._trimming = asyncio.ensure_future(loop.run_in_executor(self._writer, self.memory.trim))
             self._publish()
             self._watch_bar()
             self._watch_alarms()
