@@ -29,6 +29,7 @@ pytestmark = pytest.mark.fast
 
 ROOT = Path(__file__).resolve().parents[1]
 BELT = 20  # the dark belt's grey level; pieces are far brighter (vision.threshold 34)
+COUNT0 = 1_000_000  # the encoder count of the first frame
 
 
 @pytest.fixture
@@ -70,58 +71,90 @@ def frame(camera: str, seq: int, count: int, t: float, piece_at: tuple[int, int]
     return Frame(camera, seq, image, t, count, t + 0.02)
 
 
-async def track_one_piece(svc: LineService) -> list[weakref.ref[np.ndarray]]:
-    """Frames through the service's pipeline (segment, track) until one piece, seen in three frames of cam0,
-    is finalised; weak references to those three frames' pixels. (Here, not in the test, so that no local
-    of the test, pytest's assertion temporaries included, holds a frame or a piece.)"""
+async def show_piece(svc: LineService) -> list[weakref.ref[np.ndarray]]:
+    """One piece through the service's pipeline (segment, track) in three frames of cam0, the belt moving
+    10 mm between them (cam1 sees the empty belt); weak references to those three frames' pixels. (Here,
+    not in the test, so that no local of the test, pytest's assertion temporaries included, holds a frame.)"""
     loop = asyncio.get_running_loop()
-    cpm = svc.cfg.belt.counts_per_mm
     shown = []
-    seq, count, t = 0, 1_000_000, 100.0
-    # the piece in three frames of cam0, the belt moving 10 mm between them; cam1 sees the empty belt
     for k in range(3):
-        seq += 1
-        f = frame("cam0", seq, count, t, (320 + 40 * k, 640))
+        f = frame(
+            "cam0", k + 1, COUNT0 + round(10 * k * svc.cfg.belt.counts_per_mm), 100.0 + 0.004 * k, (320 + 40 * k, 640)
+        )
         shown.append(weakref.ref(f.image))
         await svc._process("cam0", f, loop)
-        await svc._process("cam1", frame("cam1", seq, count, t, None), loop)
-        count, t = count + round(10 * cpm), t + 0.004
-    # the belt moves on until both cameras have seen it leave (field + settle): it is finalised
-    for _ in range(6):
-        seq += 1
-        count, t = count + round(100 * cpm), t + 0.04
-        for cam in ("cam0", "cam1"):
-            await svc._process(cam, frame(cam, seq, count, t, None), loop)
+        await svc._process("cam1", frame("cam1", k + 1, f.count or 0, f.t_capture, None), loop)
     return shown
 
 
-async def decide_queued(svc: LineService) -> tuple[int, int]:
-    """Decide what the pipeline queued, as its decision loop does; (pieces, their crops)."""
+async def move_on(svc: LineService) -> None:
+    """The belt moves on until both cameras have seen the piece leave (field + settle): it is finalised."""
+    loop = asyncio.get_running_loop()
+    count, t = COUNT0 + round(20 * svc.cfg.belt.counts_per_mm), 100.008
+    for k in range(6):
+        count, t = count + round(100 * svc.cfg.belt.counts_per_mm), t + 0.04
+        for cam in ("cam0", "cam1"):
+            await svc._process(cam, frame(cam, 4 + k, count, t, None), loop)
+
+
+def queued(svc: LineService) -> list[Piece]:
     pieces: list[Piece] = []
     while not svc._pieces.empty():
         pieces += svc._pieces.get_nowait()
-    n, crops = len(pieces), sum(len(p.crops) for p in pieces)
-    await svc._decide(pieces, asyncio.get_running_loop())
-    return n, crops
+    return pieces
 
 
-async def test_a_decided_piece_keeps_no_frame_alive(tmp_path: Path, no_cyclic_gc: None) -> None:
+async def test_a_piece_keeps_no_frame_alive_once_it_has_left_the_view(tmp_path: Path, no_cyclic_gc: None) -> None:
+    """A tracked piece's views hold their frames (crops are cut only for the views classified); once it is
+    finalised its crops are cut and its frames go, before its decision: a backlog of pieces waiting for a
+    decision (a busy computer) holds 12 kB crops, not 2.7 MB frames. After the decision nothing has come
+    back (the planner remembers the decision, the records have its row)."""
     svc = built_service(tmp_path)
     try:
-        shown = await track_one_piece(svc)
+        shown = await show_piece(svc)
+        assert sum(r() is not None for r in shown) == 3 and svc.tracker.open_tracks == 1
+        await move_on(svc)
+        pieces = queued(svc)
+        assert [len(p.crops) for p in pieces] == [3]
+        assert all(isinstance(c, np.ndarray) and c.shape == (64, 64, 3) for c in pieces[0].crops)
         alive = sum(r() is not None for r in shown)
-        assert alive == 3  # a piece's views hold their frames until its crops are cut (segment(lazy=True))
-        assert await decide_queued(svc) == (1, 3)
-        # decided: the planner remembers the decision, the records have its row; no frame may be left
+        assert alive == 0, "a piece waiting for its decision keeps its frames alive"
+        await svc._decide(pieces, asyncio.get_running_loop())
+        del pieces
         alive = sum(r() is not None for r in shown)
-        assert alive == 0, "a decided piece keeps its frames alive"
+        assert alive == 0
         assert len(svc.planner._recent) == 1
         svc.records.flush()
         rows = load_pieces(svc.records.path)
         assert len(rows) == 1 and rows[0]["outcome"] != "seen"  # decided
         # its decision latency so far: settle (last view -> the frame that finalised it arrived) and compute
-        assert rows[0]["settle_ms"] == pytest.approx(1000 * (0.004 + 2 * 0.04 + 0.02), abs=1e-3)
+        # (finalised by the second frame after it, 2 x 40 ms later, received 20 ms after its exposure)
+        assert rows[0]["settle_ms"] == pytest.approx(1000 * (2 * 0.04 + 0.02), abs=1e-3)
         assert rows[0]["compute_ms"] is not None and rows[0]["plc_ms"] is None
+    finally:
+        await svc.control.shutdown()
+        for pool in (svc._vision, svc._infer, svc._writer):
+            pool.shutdown(wait=True)
+        svc.records.close()
+
+
+async def test_a_piece_finalised_at_shutdown_has_its_crops_cut_when_classified(
+    tmp_path: Path, no_cyclic_gc: None
+) -> None:
+    """The shutdown decides what is still tracked (tracker.flush(): no frame showed those pieces leaving, so
+    their crops are still cutters): the decision cuts them, and nothing decided keeps a frame."""
+    svc = built_service(tmp_path)
+    try:
+        shown = await show_piece(svc)
+        pieces = svc.tracker.flush()
+        assert [len(p.crops) for p in pieces] == [3] and all(callable(c) for c in pieces[0].crops)
+        await svc._decide(pieces, asyncio.get_running_loop())
+        del pieces
+        alive = sum(r() is not None for r in shown)
+        assert alive == 0, "a decided piece keeps its frames alive"
+        svc.records.flush()
+        rows = load_pieces(svc.records.path)
+        assert len(rows) == 1 and rows[0]["settle_ms"] is None  # no frame finalised it: no latency parts
     finally:
         await svc.control.shutdown()
         for pool in (svc._vision, svc._infer, svc._writer):

@@ -293,17 +293,32 @@ class LineService:
             # its row before its decision, written at once: a service killed meanwhile loses nothing silently
             self.records.add_seen(pieces, self.cfg)
             self._flush_soon.set()
+            # their crops cut now, so that their frames can go: a piece waiting for its decision (a backlog on
+            # a busy computer) must not keep up to max_views whole frames alive
+            try:
+                pieces = await loop.run_in_executor(self._vision, self._cut_crops, pieces)
+            except asyncio.CancelledError:  # stopping: the shutdown decides them (it cuts what is not cut)
+                self._pieces.put_nowait(pieces)
+                raise
             self._pieces.put_nowait(pieces)
         # after the rows this frame finalised: a flush that writes this position has written them too
         self.records.looked_at(name, wrap32(count))
+
+    def _cut_crops(self, pieces: list[Piece]) -> list[Piece]:
+        """The pieces with their crops cut (segment(lazy=True) left them as cutters holding whole frames)."""
+        t0 = time.perf_counter()
+        out = [replace(p, crops=[materialise(c) for c in p.crops]) if p.crops else p for p in pieces]
+        self.times.add("cut", time.perf_counter() - t0)
+        return out
 
     # --- pieces -> decisions -> commands ---
     def _classify(self, pieces: list[Piece]) -> tuple[list[np.ndarray | None], Classifier, list[Piece]]:
         """Each piece's view probabilities, the model that gave them, and the pieces with their crops cut.
 
-        A piece's crops arrive as cutters (segment(lazy=True)) that hold their whole camera frame (2.7 MB);
-        the pieces handed back hold the cut crops (a few kB each) instead, so that nothing downstream (the
-        decision, the planner's neighbours, a command waiting for the PLC, the recorder) keeps a frame alive.
+        A piece's crops are cut when it is finalised (`_cut_crops`); a piece finalised otherwise (at shutdown)
+        may still hold cutters (segment(lazy=True)) that hold their whole camera frames (2.7 MB): the pieces
+        handed back hold the cut crops (a few kB each), so that nothing downstream (the decision, the
+        planner's neighbours, a command waiting for the PLC, the recorder) keeps a frame alive.
         """
         t0 = time.perf_counter()
         clf = self.classifier  # one model per batch, even if a swap lands meanwhile
