@@ -296,11 +296,11 @@ class LineService:
             # their crops cut now, so that their frames can go: a piece waiting for its decision (a backlog on
             # a busy computer) must not keep up to max_views whole frames alive
             try:
-                pieces = await loop.run_in_executor(self._vision, self._cut_crops, pieces)
-            except asyncio.CancelledError:  # stopping: the shutdown decides them (it cuts what is not cut)
+                cut = await loop.run_in_executor(self._vision, self._cut_crops, pieces)
+            except BaseException:  # stopping, or a crop failed: decided uncut (cut again when classified)
                 self._pieces.put_nowait(pieces)
                 raise
-            self._pieces.put_nowait(pieces)
+            self._pieces.put_nowait(cut)
         # after the rows this frame finalised: a flush that writes this position has written them too
         self.records.looked_at(name, wrap32(count))
 
