@@ -159,7 +159,7 @@ async def _plc_write_ms(cfg: SimLineConfig, n: int = 200) -> dict[str, float]:
 def run_bench(
     cfg: SimLineConfig, frames_per_camera: int = 240, rates: tuple[float, ...] = (32, 64, 128, 256)
 ) -> dict[str, Any]:
-    clf = Classifier(cfg.classifier.model, threads=cfg.classifier.threads)
+    clf = Classifier(cfg.classifier.model, threads=cfg.classifier.threads, max_batch=cfg.classifier.batch_size)
     by_rate = {}
     for rate in rates:
         frames = render_frames(cfg, frames_per_camera, rate)

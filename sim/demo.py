@@ -351,6 +351,9 @@ def demo_report(
             "model": str(cfg.classifier.model.name),
             "model_version": service.classifier.version if service else None,
             "stage_ms": {k: round(v, 3) for k, v in service.times.mean_ms().items()} if service else {},
+            # the service's process (the demo's own: the service runs in it, the simulator in its own; in
+            # lockstep both are in it): RSS in MB at start, peak, end, and the parts of the peak
+            "service_rss_mb": service.memory.summary() if service else None,
             "late_views": service.tracker.late_views if service else 0,
             "merged_views": service.tracker.merged_views if service else 0,
             "partial_views": service.tracker.partial_views if service else 0,

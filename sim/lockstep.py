@@ -160,8 +160,9 @@ class LockstepCamera:
             image = np.empty((cam.height, cam.width, 3), np.uint8)
             cam.render(image, pos)
             self.exposed += 1
-            frame = Frame(cam.name, self.exposed, image, t_exp, wrap32(next_count), t_exp)
             last_delivery = max(t_exp + self._rng.uniform(lo, hi) / 1000, last_delivery)  # in order
+            # received when delivered, as a real source stamps it (the service's compute time runs from then)
+            frame = Frame(cam.name, self.exposed, image, t_exp, wrap32(next_count), last_delivery)
             pending.append((last_delivery, frame))
             next_count += trig
 

@@ -95,6 +95,13 @@ def build_report(
         row = bank_rows[bank_index[r["bank"]]]
         errors.append(abs((window["p_open"] + window["p_close"]) / 2 - (t["s_mm"] + row)))
     latencies = [r["latency_ms"] for r in records if r["latency_ms"] is not None]
+    # its parts, over the same pieces (commands the PLC accepted): settle + field_wait + compute + plc = it
+    parts = {
+        part: percentiles(
+            [r[f"{part}_ms"] for r in records if r["latency_ms"] is not None and r.get(f"{part}_ms") is not None]
+        )
+        for part in ("settle", "field_wait", "compute", "plc")
+    }
     outcomes: dict[str, int] = {}
     for r in records:
         outcomes[r["outcome"]] = outcomes.get(r["outcome"], 0) + 1
@@ -111,6 +118,8 @@ def build_report(
         "frames_captured": service.get("frames_captured"),
         "frames_dropped": service.get("frames_dropped"),
         "decision_latency_ms": percentiles(latencies),
+        "compute_latency_ms": parts["compute"],  # the PC's time from a piece's last input to its command
+        "latency_parts_ms": parts,
         "eject_error_mm": percentiles(errors),
         "ejects_sent": sum(1 for r in records if r["seq"] is not None),
         "ejects_executed": plc.get("executed"),

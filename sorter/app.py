@@ -61,7 +61,7 @@ def load_checked_model(path: Path, cfg: LineConfig) -> Classifier:
     result = check_model(path, threads=cfg.classifier.threads)
     if not result.ok:
         raise ModelError(result.message)
-    clf = Classifier(path, threads=cfg.classifier.threads)
+    clf = Classifier(path, threads=cfg.classifier.threads, max_batch=cfg.classifier.batch_size)
     missing = sorted(set(cfg.routing.classes) - set(clf.labels))
     if missing:
         raise ModelError(f"{path}: the model has no class {missing} that the line's routing needs")
@@ -199,6 +199,7 @@ def build_line(
         load_model=lambda path: load_checked_model(path, cfg),
         on_stage=metrics.observe_stage,
         on_latency_ms=metrics.observe_latency_ms,
+        on_latency_parts=metrics.observe_latency_parts,
         timebase=tb,
         executor=transports.executor,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -95,6 +96,27 @@ def test_predict_takes_any_batch_and_crop_size(shipped: Classifier) -> None:
     assert shipped.predict([big]).shape == (1, 5)
     with pytest.raises(ValueError):
         shipped.predict([np.zeros((64, 64), np.uint8)])
+
+
+def test_a_backlog_is_classified_in_runs_of_max_batch(shipped: Classifier) -> None:
+    """ONNX Runtime keeps the memory of the largest run it has made (docs/memory.md): a backlog of crops goes
+    through in runs of at most `max_batch` (classifier.batch_size), with the results of one run."""
+    crops, _ = _fresh_crops(per_variant=1, seed=6)
+    crops = (crops * 3)[:37]
+    clf = Classifier(SHIPPED, max_batch=16)
+    real, sizes = clf._session, []
+
+    class Spy:
+        def run(self, outputs: Any, feeds: dict[str, np.ndarray]) -> Any:
+            sizes.extend(len(x) for x in feeds.values())
+            return real.run(outputs, feeds)
+
+    clf._session = Spy()
+    got = clf.predict(crops)
+    assert sizes == [16, 16, 5]
+    assert np.allclose(got, shipped.predict(crops), atol=1e-5)
+    with pytest.raises(ValueError):
+        Classifier(SHIPPED, max_batch=0)
 
 
 def test_missing_model_file(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden" / "lockstep-seed11-10s.json"
 SEED, DURATION = 11, 10
 # wall-clock figures (how long the computer took), and where the run was written: not figures of the line
-WALL_FIELDS = ("stage_ms", "lockstep", "run_dir")
+WALL_FIELDS = ("stage_ms", "lockstep", "run_dir", "service_rss_mb")
 
 
 def lockstep(out: Path) -> subprocess.Popen[str]:

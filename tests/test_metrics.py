@@ -13,7 +13,7 @@ from sim.config import load_sim_config
 from sim.demo import run_demo
 from sorter.core.alarms import Alarm
 from sorter.core.linestate import CameraStats, LineCounters, LineStats
-from sorter.core.messages import FieldState, Outcome, PlcStatus
+from sorter.core.messages import FieldState, LatencyParts, Outcome, PlcStatus
 from sorter.core.packml import State
 from sorter.north.metrics import ServiceMetrics
 from tests.conftest import wait_until
@@ -167,6 +167,15 @@ def test_each_line_has_its_own_registry():
     assert value(a, "sorter_decision_latency_seconds_bucket", le="0.15") == 1
     assert "sorter_stage_seconds" not in b or not b["sorter_stage_seconds"].samples
     assert value(b, "sorter_decision_latency_seconds_count") == 0
+    # the decision latency's parts; plc only once the PLC accepted
+    a_m.observe_latency_parts(LatencyParts(90.0, 0.0, 12.0, 21.0))
+    a_m.observe_latency_parts(LatencyParts(95.0, 8.0, 30.0))
+    a = parse(a_m.render()[0])
+    assert value(a, "sorter_decision_latency_part_seconds_count", part="compute") == 2
+    assert value(a, "sorter_decision_latency_part_seconds_bucket", part="compute", le="0.015") == 1
+    assert value(a, "sorter_decision_latency_part_seconds_count", part="plc") == 1
+    assert value(a, "sorter_decision_latency_part_seconds_sum", part="settle") == pytest.approx(0.185)
+    assert value(a, "process_resident_memory_bytes") > 0  # the process's own figures, in this registry too
     assert value(b, "sorter_state", sorter_state="Stopped") == 1
     assert value(b, "sorter_plc_online") == 0
     # OpenMetrics when the scraper asks for it
@@ -226,6 +235,8 @@ async def test_metrics_scraped_mid_run(tmp_path):
     end = parse(line.metrics.render()[0])
     assert value(end, "sorter_pieces_total") == report["records"]
     assert value(end, "sorter_decision_latency_seconds_count") == report["decision_latency_ms"]["n"]
+    for part, got in report["latency_parts_ms"].items():  # the same pieces: commands the PLC accepted
+        assert value(end, "sorter_decision_latency_part_seconds_count", part=part) == got["n"] > 0, part
     assert value(end, "sorter_eject_commands_total", outcome="accepted") == report["eject_outcomes"]["accepted"]
     assert total(end, "sorter_frames_captured_total") == report["frames_captured"]
     assert value(end, "sorter_stage_seconds_count", stage="segment") == line.service.times.n["segment"]

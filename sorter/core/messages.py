@@ -109,6 +109,27 @@ class Piece:
     crops: list[np.ndarray | Callable[[], np.ndarray]] = field(default_factory=list)
     t_first_capture: float = 0.0
     t_last_capture: float = 0.0
+    # when the input that finalised it reached the PC (the frame that showed it had left the view: its
+    # t_received); None for a piece finalised otherwise (at shutdown). Splits the decision latency.
+    t_ready: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyParts:
+    """Where a decision's latency went (ms); with `plc_ms` they add up to last view's capture -> accepted.
+
+    - settle: the piece's last view -> the frame that showed it had left the view (tracking.settle_mm
+      of belt) reached the PC; the physics of the line plus that frame's delivery;
+    - field_wait: waiting for the Hall bar to have read past the piece (its distance downstream);
+    - compute: the PC's own time from its last input to the command handed to the PLC link: that frame's
+      queue, segmentation and tracking, the batch's queue, classification, fusion, decision, planning;
+    - plc: handed to the PLC link -> its acceptance seen (room in the mailbox, the write, the poll).
+    """
+
+    settle_ms: float
+    field_wait_ms: float
+    compute_ms: float
+    plc_ms: float | None = None  # known once the PLC has accepted the command
 
 
 @dataclass(frozen=True, slots=True)

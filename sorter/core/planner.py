@@ -18,7 +18,7 @@ value decides (`ejection.conflict_value`), and by default the ejection is skippe
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from sorter.core.geometry import valve_span, valves_covering
@@ -40,6 +40,14 @@ def mask_of(valves: list[int]) -> int:
     for v in valves:
         m |= 1 << v
     return m
+
+
+RECENT = 256  # decisions remembered as neighbours of the next ones
+
+
+def _without_pixels(d: Decision) -> Decision:
+    """The decision as a neighbour: everything but its piece's crops."""
+    return replace(d, piece=replace(d.piece, crops=[])) if d.piece.crops else d
 
 
 class EjectPlanner:
@@ -64,7 +72,9 @@ class EjectPlanner:
         self._routes = routes or {}
         self._cpm = counts_per_mm
         self._bank_of = {f: i for i, f in enumerate(fractions_by_bank)}
-        self._recent: deque[Decision] = deque(maxlen=256)
+        # the latest decisions, as neighbours of the next ones: their geometry, fraction and probabilities,
+        # never their pixels (a crop, or a lazy cutter holding a whole camera frame: 256 of those were ~1.6 GB)
+        self._recent: deque[Decision] = deque(maxlen=RECENT)
         self._leaves_at: dict[int, int | None] = {}  # piece id -> bank its command goes to (None: stays on)
 
     def _coverage(self, valves: list[int], x0: float, x1: float) -> float:
@@ -84,7 +94,7 @@ class EjectPlanner:
 
     def plan(self, decisions: list[Decision], speed_mm_s: float) -> list[Plan]:
         """Plan a batch of decisions (neighbours decided in the same batch are known)."""
-        self._recent.extend(decisions)
+        self._recent.extend(_without_pixels(d) for d in decisions)
         # upstream banks first: whether a piece really leaves at bank A decides conflicts at bank B
         order = sorted(range(len(decisions)), key=lambda i: self._bank_of.get(decisions[i].fraction, 99))
         by_index: dict[int, Plan] = {}
@@ -117,7 +127,7 @@ class EjectPlanner:
         others = [
             n
             for n in self._recent
-            if n is not d
+            if n.piece.id != p.id
             and n.fraction != d.fraction
             and self._stays_to(n, bank)
             and self._hits(n.piece, full_open, full_close, full_valves)

@@ -31,7 +31,7 @@ from sorter.core.messages import OPEN_OUTCOMES, Outcome
 
 if TYPE_CHECKING:
     from sorter.config import LineConfig
-    from sorter.core.messages import Piece
+    from sorter.core.messages import LatencyParts, Piece
     from sorter.core.planner import Plan
 
 DEFAULT_BUFFER_MAX_ROWS = 50_000  # the schema's default too (records.buffer_max_rows)
@@ -60,6 +60,12 @@ CREATE TABLE IF NOT EXISTS pieces (
     field_mT REAL,                   -- peak |field| the Hall-sensor bar read under the piece
     field_state TEXT,                -- ok, no_bar, offline, missing, incomplete
     threshold REAL,                  -- the confidence threshold the decision was held to
+    -- latency_ms in parts (sorter/core/messages.py LatencyParts): the first three once decided, plc_ms
+    -- once the PLC accepted the command; NULL for a piece decided at shutdown
+    settle_ms REAL,                  -- last view -> the frame that showed it had left the view arrived
+    field_wait_ms REAL,              -- waiting for the Hall bar to read past it
+    compute_ms REAL,                 -- the PC's time from its last input to the command handed to the PLC link
+    plc_ms REAL,                     -- handed to the PLC link -> acceptance seen
     PRIMARY KEY (run_id, id)         -- every run of the service appends to the same database
 )"""
 SCHEMA = (
@@ -85,6 +91,10 @@ _ADDED_COLUMNS = {
     "field_mT": "REAL",
     "field_state": "TEXT",
     "threshold": "REAL",
+    "settle_ms": "REAL",
+    "field_wait_ms": "REAL",
+    "compute_ms": "REAL",
+    "plc_ms": "REAL",
 }
 PIECE_COLUMNS = (
     "id",
@@ -116,6 +126,10 @@ PIECE_COLUMNS = (
     "field_mT",
     "field_state",
     "threshold",
+    "settle_ms",
+    "field_wait_ms",
+    "compute_ms",
+    "plc_ms",
 )
 _JSON_COLUMNS = ("probs", "image_probs")
 # a piece's row is first written when it is seen, then completed when it is decided: the same statement
@@ -203,11 +217,17 @@ class RecordStore:
             self.add_piece(seen_row(p, cfg, self._wall()))
 
     def update_outcome(
-        self, piece_id: int, outcome: str, seq: int | None, t_accepted: float | None, latency_ms: float | None
+        self,
+        piece_id: int,
+        outcome: str,
+        seq: int | None,
+        t_accepted: float | None,
+        latency_ms: float | None,
+        plc_ms: float | None = None,
     ) -> None:
         with self._lock:
             if self._room():
-                self._updates.append((outcome, seq, t_accepted, latency_ms, self.run_id, piece_id))
+                self._updates.append((outcome, seq, t_accepted, latency_ms, plc_ms, self.run_id, piece_id))
 
     def event(self, kind: str, **detail: Any) -> None:
         with self._lock:
@@ -304,7 +324,8 @@ class RecordStore:
             self._db.execute("BEGIN")
             self._db.executemany(_INSERT, ins)
             self._db.executemany(
-                "UPDATE pieces SET outcome=?, seq=COALESCE(?, seq), t_accepted=?, latency_ms=? WHERE run_id=? AND id=?",
+                "UPDATE pieces SET outcome=?, seq=COALESCE(?, seq), t_accepted=?, latency_ms=?, plc_ms=?"
+                " WHERE run_id=? AND id=?",
                 upd,
             )
             self._db.executemany("INSERT INTO events VALUES (?,?,?,?)", ev)
@@ -349,10 +370,13 @@ def seen_row(p: Piece, cfg: LineConfig, t_wall: float) -> dict[str, Any]:
     }
 
 
-def piece_row(plan: Plan, cfg: LineConfig, t_wall: float) -> dict[str, Any]:
+def piece_row(plan: Plan, cfg: LineConfig, t_wall: float, latency: LatencyParts | None = None) -> dict[str, Any]:
     """A decided piece's row of the `pieces` table (its outcome `pending` until the PLC answers its command)."""
     d, cmd = plan.decision, plan.command
     return seen_row(d.piece, cfg, t_wall) | {
+        "settle_ms": latency.settle_ms if latency else None,
+        "field_wait_ms": latency.field_wait_ms if latency else None,
+        "compute_ms": latency.compute_ms if latency else None,
         "probs": d.probs,
         "image_probs": d.image_probs,
         "field_mT": d.field.field_mT,

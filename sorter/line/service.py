@@ -40,6 +40,7 @@ from sorter.core.messages import (
     FieldReading,
     FieldState,
     Frame,
+    LatencyParts,
     LineRequest,
     Outcome,
     PackMLRequest,
@@ -57,6 +58,7 @@ from sorter.drivers.hallbar import FieldMap, HallBar
 from sorter.drivers.plc.base import PlcLinkBase
 from sorter.line.conditions import line_conditions
 from sorter.line.control import LineControl
+from sorter.line.memory import RssWatch, glibc_trim
 from sorter.line.records import RecordStore, piece_row
 from sorter.vision.classify import Classifier, ModelError
 from sorter.vision.detections import to_detections
@@ -65,6 +67,7 @@ from sorter.vision.segment import materialise, segment
 LATENCY_WINDOW = 10_000  # decision latencies kept in memory (the records hold every one)
 LATENCY_P99_OVER = 500  # the live p99 is taken over the latest this many
 STATS_S = 0.2  # how often the line's stats are built and published
+RSS_S = 1.0  # how often the service's resident memory is sampled (sorter/line/memory.py)
 # a chunk count further than this from where the clock model puts its frame is not the PLC's count: ten times
 # the timestamp method's own error at 3.5 m/s (sorter/config/precision.py), so only counters out of step trip it
 CHUNK_TOLERANCE_MM = 70.0
@@ -138,6 +141,7 @@ class LineParts:
     decision_taps: list[Callable[[list[Decision]], None]] = field(default_factory=list)
     on_stage: Callable[[str, float], None] | None = None  # stage wall times (metrics histograms)
     on_latency_ms: Callable[[float], None] | None = None  # decision latencies (metrics histogram)
+    on_latency_parts: Callable[[LatencyParts], None] | None = None  # their parts (metrics histograms)
     extra_stats: dict[str, Callable[[], Any]] = field(default_factory=dict)  # more for the periodic log line
     closers: list[Callable[[], None]] = field(default_factory=list)  # called off the loop at the very end
     # the clocks, and where work that must not hold up the loop runs: real time and worker threads on a
@@ -191,6 +195,9 @@ class LineService:
         self.times = StageTimes(on_add=parts.on_stage)
         self.counters = LineCounters()
         self.latencies_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        # this process's RSS: start, peak, latest (the periodic log, reports); trims the C heap after a peak
+        self.memory = RssWatch(trim=glibc_trim())
+        self._trimming: asyncio.Future[None] | None = None
         self._bar_online: bool | None = None
         self._swap_lock = asyncio.Lock()
         self.live = LiveStats(cfg.fractions, cfg.routing)
@@ -280,30 +287,55 @@ class LineService:
         )
         self.tracker.add(name, count, dets)
         active = [n for n, c in self.captures.items() if c.online]
-        pieces = self.tracker.finalise(active)
+        # this frame is the input that finalised them: the PC's compute time runs from its arrival
+        pieces = [replace(p, t_ready=frame.t_received) for p in self.tracker.finalise(active)]
         self.times.add("track", time.perf_counter() - t0)
         self.counters.frames_processed += 1
         if pieces:
             # its row before its decision, written at once: a service killed meanwhile loses nothing silently
             self.records.add_seen(pieces, self.cfg)
             self._flush_soon.set()
-            self._pieces.put_nowait(pieces)
+            # their crops cut now, so that their frames can go: a piece waiting for its decision (a backlog on
+            # a busy computer) must not keep up to max_views whole frames alive
+            try:
+                cut = await loop.run_in_executor(self._vision, self._cut_crops, pieces)
+            except BaseException:  # stopping, or a crop failed: decided uncut (cut again when classified)
+                self._pieces.put_nowait(pieces)
+                raise
+            self._pieces.put_nowait(cut)
         # after the rows this frame finalised: a flush that writes this position has written them too
         self.records.looked_at(name, wrap32(count))
 
+    def _cut_crops(self, pieces: list[Piece]) -> list[Piece]:
+        """The pieces with their crops cut (segment(lazy=True) left them as cutters holding whole frames)."""
+        t0 = time.perf_counter()
+        out = [replace(p, crops=[materialise(c) for c in p.crops]) if p.crops else p for p in pieces]
+        self.times.add("cut", time.perf_counter() - t0)
+        return out
+
     # --- pieces -> decisions -> commands ---
-    def _classify(self, pieces: list[Piece]) -> tuple[list[np.ndarray | None], Classifier]:
+    def _classify(self, pieces: list[Piece]) -> tuple[list[np.ndarray | None], Classifier, list[Piece]]:
+        """Each piece's view probabilities, the model that gave them, and the pieces with their crops cut.
+
+        A piece's crops are cut when it is finalised (`_cut_crops`); a piece finalised otherwise (at shutdown)
+        may still hold cutters (segment(lazy=True)) that hold their whole camera frames (2.7 MB): the pieces
+        handed back hold the cut crops (a few kB each), so that nothing downstream (the decision, the
+        planner's neighbours, a command waiting for the PLC, the recorder) keeps a frame alive.
+        """
         t0 = time.perf_counter()
         clf = self.classifier  # one model per batch, even if a swap lands meanwhile
         crops = [materialise(c) for p in pieces for c in p.crops]
         probs = clf.predict(crops) if crops else np.zeros((0, len(clf.labels)))
         out: list[np.ndarray | None] = []
+        cut: list[Piece] = []
         i = 0
         for p in pieces:
-            out.append(probs[i : i + len(p.crops)] if p.crops else None)
-            i += len(p.crops)
+            n = len(p.crops)
+            out.append(probs[i : i + n] if n else None)
+            cut.append(replace(p, crops=list(crops[i : i + n])) if n else p)
+            i += n
         self.times.add("infer", time.perf_counter() - t0)
-        return out, clf
+        return out, clf, cut
 
     async def _decide_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -323,8 +355,8 @@ class LineService:
                 self.log.exception("decision batch failed", pieces=len(pieces))
 
     async def _decide(self, pieces: list[Piece], loop: asyncio.AbstractEventLoop) -> None:
-        probs, clf = await loop.run_in_executor(self._infer, self._classify, pieces)
-        readings = await self._fields(pieces)
+        probs, clf, pieces = await loop.run_in_executor(self._infer, self._classify, pieces)
+        readings, field_wait_s = await self._fields(pieces)
         lik = clf.field_model
         decisions = [
             decide(p, pr, clf.labels, self.cfg.routing, r, lik, clf.version)
@@ -341,16 +373,27 @@ class LineService:
         t0 = time.perf_counter()
         plans = self.planner.plan(decisions, self.plc.status.speed_mm_s if self.plc.status.online else 0.0)
         self.times.add("plan", time.perf_counter() - t0)
+        t_planned = self._now()  # the commands are handed to the PLC link now
         for plan in plans:
             if plan.decision.piece.id in held:
                 plan = replace(plan, outcome=Outcome.HELD)
-            self._record(plan)
+            parts = self._latency_parts(plan.decision.piece, field_wait_s, t_planned)
+            self._record(plan, parts)
             if plan.command is not None:
-                task = asyncio.create_task(self._send(plan))
+                task = asyncio.create_task(self._send(plan, parts, t_planned))
                 self._sends.add(task)
                 task.add_done_callback(self._sends.discard)
 
-    def _record(self, plan: Plan) -> None:
+    @staticmethod
+    def _latency_parts(p: Piece, field_wait_s: float, t_planned: float) -> LatencyParts | None:
+        """The decision latency's parts known once the command is planned (core/messages.py LatencyParts)."""
+        if p.t_ready is None:
+            return None  # finalised at shutdown, not by a frame
+        settle = p.t_ready - p.t_last_capture
+        compute = t_planned - p.t_ready - field_wait_s
+        return LatencyParts(round(1000 * settle, 3), round(1000 * field_wait_s, 3), round(1000 * compute, 3))
+
+    def _record(self, plan: Plan, parts: LatencyParts | None = None) -> None:
         d = plan.decision
         c = self.counters
         c.by_class[d.cls] += 1
@@ -359,9 +402,9 @@ class LineService:
         if plan.command is None:  # no air: it ends in the default fraction (an ejected one: once the PLC took it)
             self.live.add(d, self.cfg.routing.default_fraction, self._now())
             c.outcomes[plan.outcome] += 1
-        self.records.add_piece(piece_row(plan, self.cfg, self._wall()))
+        self.records.add_piece(piece_row(plan, self.cfg, self._wall(), parts))
 
-    async def _send(self, plan: Plan) -> None:
+    async def _send(self, plan: Plan, parts: LatencyParts | None = None, t_planned: float | None = None) -> None:
         cmd = plan.command
         assert cmd is not None
         t0 = time.perf_counter()
@@ -377,20 +420,25 @@ class LineService:
         accepted = result.outcome is Outcome.ACCEPTED
         fraction = plan.decision.fraction if accepted else self.cfg.routing.default_fraction
         self.live.add(plan.decision, fraction, self._now())
-        latency = None
+        latency = plc_ms = None
         if accepted and result.t_accepted is not None:
             latency = 1000 * (result.t_accepted - plan.decision.piece.t_last_capture)
             self.latencies_ms.append(latency)
             if self.parts.on_latency_ms is not None:
                 self.parts.on_latency_ms(latency)
+            if parts is not None and t_planned is not None:
+                plc_ms = round(1000 * (result.t_accepted - t_planned), 3)
+                if self.parts.on_latency_parts is not None:
+                    self.parts.on_latency_parts(replace(parts, plc_ms=plc_ms))
         self.counters.outcomes[result.outcome] += 1
-        self.records.update_outcome(cmd.piece_id, result.outcome, result.seq, result.t_accepted, latency)
+        self.records.update_outcome(cmd.piece_id, result.outcome, result.seq, result.t_accepted, latency, plc_ms)
 
-    async def _fields(self, pieces: list[Piece]) -> list[FieldReading]:
-        """Each piece's peak field, waiting (at most magnetometer.wait_ms) until the bar has read past it."""
+    async def _fields(self, pieces: list[Piece]) -> tuple[list[FieldReading], float]:
+        """Each piece's peak field, waiting (at most magnetometer.wait_ms) until the bar has read past it;
+        and how long that wait was (s)."""
         bar, fmap, mag = self.hallbar, self.fieldmap, self.cfg.magnetometer
         if bar is None or fmap is None or mag is None:
-            return [NO_BAR] * len(pieces)
+            return [NO_BAR] * len(pieces), 0.0
         need = max(fmap.window(p.u_lead, p.u_trail)[1] for p in pieces)
         t0 = self._now()
         deadline = t0 + mag.wait_ms / 1000
@@ -400,7 +448,8 @@ class LineService:
                 self.log.debug("field wait timed out", behind_mm=(need - (c or need)) / self.cfg.belt.counts_per_mm)
                 break
             await asyncio.sleep(0.005)
-        self.times.add("field_wait", self._now() - t0)
+        waited = self._now() - t0
+        self.times.add("field_wait", waited)
         out = []
         for p in pieces:
             r = fmap.query(p.u_lead, p.u_trail, p.x0, p.x1)
@@ -414,7 +463,7 @@ class LineService:
                 reading = FieldReading(None, FieldState.MISSING)
             self.counters.field_states[reading.state] += 1
             out.append(reading)
-        return out
+        return out, waited
 
     def _watch_bar(self) -> None:
         """Log the bar going offline or coming back: decisions fall back to the camera meanwhile."""
@@ -557,6 +606,8 @@ class LineService:
     def summary(self) -> dict[str, Any]:
         """The line's summary as the log shows it (from the latest stats)."""
         out = self.stats.summary()
+        if self.memory.last is not None:
+            out["rss_mb"] = round(self.memory.last.total)
         out |= {k: fn() for k, fn in self.parts.extra_stats.items()}
         return out
 
@@ -600,9 +651,16 @@ class LineService:
             failing = False
 
     async def _stats_loop(self) -> None:
-        last_log = self._now()
+        last_log = last_rss = self._now()
         while True:
             await asyncio.sleep(STATS_S)
+            if self._now() - last_rss >= RSS_S:
+                last_rss = self._now()
+                self.memory.sample()
+                if self.memory.trim_due and (self._trimming is None or self._trimming.done()):
+                    # on the records thread: housekeeping that may take a few ms, never on this loop
+                    loop = asyncio.get_running_loop()
+                    self._trimming = asyncio.ensure_future(loop.run_in_executor(self._writer, self.memory.trim))
             self._publish()
             self._watch_bar()
             self._watch_alarms()
@@ -641,6 +699,7 @@ class LineService:
         self._publish()
         for comp in self.parts.companions:
             await self._start_companion(comp)
+        self.memory.sample()
         # Everything built so far lives as long as the service (the model, the libraries): exempt it
         # from the cyclic GC, whose full collections would otherwise stop this loop for tens of ms.
         gc.freeze()
@@ -707,5 +766,6 @@ class LineService:
             await asyncio.to_thread(close)
         self._vision.shutdown(wait=True)
         self._infer.shutdown(wait=True)
+        self.memory.sample()
         self._publish()
         self.log.info("service stopped", **self.summary())

@@ -5,7 +5,8 @@ and the demo build several services in one process). Two kinds of metric live in
 
 - histograms that need every observation: the wall time of each pipeline stage (fed by a hook in
   `StageTimes.add`, so every stage the service times is covered) and the decision latency (last
-  view's capture -> eject command accepted by the PLC). `Histogram.observe` is a lock and a few
+  view's capture -> eject command accepted by the PLC) and its parts (settle, field_wait, compute, plc:
+  sorter/core/messages.py LatencyParts). `Histogram.observe` is a lock and a few
   additions, cheap enough for the sorting loop and the worker threads;
 - everything the service already counts (frames, queues, decisions, ejects, PLC status, state,
   alarms), read at scrape time by a custom Collector from the latest `LineStats` the service
@@ -23,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -34,7 +35,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from sorter.core.linestate import LineStats
-from sorter.core.messages import COMMAND_OUTCOMES, NO_COMMAND_OUTCOMES, FieldState, Outcome
+from sorter.core.messages import COMMAND_OUTCOMES, NO_COMMAND_OUTCOMES, FieldState, LatencyParts, Outcome
 from sorter.core.packml import State
 
 # stage wall times: segmentation of one frame is ~1-10 ms, a decision batch's inference tens of ms,
@@ -42,10 +43,15 @@ from sorter.core.packml import State
 STAGE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 # capture -> accepted: the budget is a few hundred ms (the commands reach the PLC well ahead of the valves)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
+# its parts: the PC's compute is budgeted at ~20 ms, the settle distance and the PLC poll are tens of ms
+PART_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0)
+LATENCY_PARTS = ("settle", "field_wait", "compute", "plc")
 
 METRICS = {
     "sorter_stage_seconds": "histogram{stage}: wall time per pipeline stage",
     "sorter_decision_latency_seconds": "histogram: last view's capture -> eject command accepted by the PLC",
+    "sorter_decision_latency_part_seconds": "histogram{part}: settle, field_wait, compute, plc (they add up to it)",
+    "process_resident_memory_bytes, process_cpu_seconds_total, ...": "the service process (prometheus-client)",
     "sorter_state": "stateset{sorter_state}: the line's PackML state (1 for the current one)",
     "sorter_state_code": "gauge: PackML StateCurrent number (6 = Execute)",
     "sorter_frames_captured_total": "counter{camera}",
@@ -98,6 +104,19 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.latency_part = Histogram(
+            "sorter_decision_latency_part_seconds",
+            "The decision latency in parts: settle (last view -> the frame showing the piece left the view "
+            "arrived), field_wait (the Hall bar), compute (the PC's time from its last input to the command "
+            "handed to the PLC link), plc (handed over -> acceptance seen)",
+            ["part"],
+            buckets=PART_BUCKETS,
+            registry=self.registry,
+        )
+        self._parts = {p: self.latency_part.labels(part=p) for p in LATENCY_PARTS}
+        # the process's RSS, CPU seconds, open files (Linux /proc): prometheus-client's own collector, in
+        # this registry too (each service's registry is its own, never the global one)
+        ProcessCollector(registry=self.registry)
         self.stats: LineStats | None = None  # replaced whole by publish(): a reference swap, atomic
         self.registry.register(_StatsCollector(self))
         self._stages: dict[str, Any] = {}
@@ -113,6 +132,13 @@ class ServiceMetrics:
 
     def observe_latency_ms(self, ms: float) -> None:
         self.decision_latency.observe(ms / 1000)
+
+    def observe_latency_parts(self, parts: LatencyParts) -> None:
+        self._parts["settle"].observe(parts.settle_ms / 1000)
+        self._parts["field_wait"].observe(parts.field_wait_ms / 1000)
+        self._parts["compute"].observe(parts.compute_ms / 1000)
+        if parts.plc_ms is not None:
+            self._parts["plc"].observe(parts.plc_ms / 1000)
 
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
         """The exposition (Prometheus text; OpenMetrics if `accept` asks for it) and its content type."""

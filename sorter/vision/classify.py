@@ -43,8 +43,16 @@ def _json_floats(meta: dict[str, str], key: str, n: int, path: Path) -> np.ndarr
 class Classifier:
     """Class probabilities for piece crops (BGR uint8, any size, any batch size)."""
 
-    def __init__(self, path: Path, threads: int = 1) -> None:
+    def __init__(self, path: Path, threads: int = 1, max_batch: int | None = None) -> None:
+        """`max_batch`: crops per inference run; more are classified in runs of this size. ONNX Runtime keeps
+        the memory of the largest batch it has run for the session's life (measured on this model: a run of
+        16 crops +13 MB, 128 +77 MB, 256 +135 MB), so a backlog classified in one run would raise the
+        process's RSS for good. None: any size in one run."""
         import onnxruntime as ort
+
+        if max_batch is not None and max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.max_batch = max_batch
 
         path = Path(path)
         if not path.is_file():
@@ -155,8 +163,12 @@ class Classifier:
         """(N, C) class probabilities, columns in `labels` order."""
         if len(crops) == 0:
             return np.zeros((0, len(self._labels)), np.float32)
-        logits = self._session.run(None, {self._input: self.preprocess(crops)})[0]
-        z = np.asarray(logits, np.float32) / self._temperature
+        step = self.max_batch or len(crops)
+        runs = [
+            np.asarray(self._session.run(None, {self._input: self.preprocess(crops[i : i + step])})[0], np.float32)
+            for i in range(0, len(crops), step)
+        ]
+        z = (runs[0] if len(runs) == 1 else np.concatenate(runs)) / self._temperature
         z -= z.max(axis=1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
