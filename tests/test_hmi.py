@@ -117,7 +117,7 @@ async def serving(tmp_path: Path, **hmi: Any) -> AsyncIterator[Line]:
     finally:
         await svc.control.shutdown()
         await built.hmi.stop()
-        for pool in (svc._vision, svc._infer, svc._writer):
+        for pool in (*svc._vision.values(), svc._infer, svc._writer):
             pool.shutdown(wait=True)
         svc.records.close()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
@@ -99,10 +100,13 @@ class StageTimes:
     total: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     n: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     on_add: Callable[[str, float], None] | None = None  # the metrics' stage histograms
+    # added to from the vision threads (one per camera) and the inference thread at once
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, stage: str, seconds: float) -> None:
-        self.total[stage] += seconds
-        self.n[stage] += 1
+        with self._lock:
+            self.total[stage] += seconds
+            self.n[stage] += 1
         if self.on_add is not None:
             self.on_add(stage, seconds)
 
@@ -169,7 +173,8 @@ class LineService:
         self.fieldmap = parts.fieldmap
         # pixels and inference on their own threads (both release the GIL): a burst of crops to
         # classify must not hold up the next frames, nor either of them the PLC polling on the loop
-        self._vision = parts.executor("vision")
+        # one vision thread per camera: a frame never waits behind another camera's (both cores work)
+        self._vision = {name: parts.executor(f"vision-{name}") for name in self.captures}
         self._infer = parts.executor("infer")
         self._writer = parts.executor("records")
         self._now, self._wall = parts.timebase.now, parts.timebase.wall
@@ -278,7 +283,7 @@ class LineService:
         self._ref_count = count
         if frame.count is not None:  # encoder-triggered: frames come every so many counts (free-run ones jitter)
             self._note_gap(name, count)
-        blobs = await loop.run_in_executor(self._vision, self._segment, frame)
+        blobs = await loop.run_in_executor(self._vision[name], self._segment, frame)
         for tap in self.parts.frame_taps:
             tap(name, frame, count, blobs)  # a reference (the HMI's live view), no copy
         t0 = time.perf_counter()
@@ -298,7 +303,7 @@ class LineService:
             # their crops cut now, so that their frames can go: a piece waiting for its decision (a backlog on
             # a busy computer) must not keep up to max_views whole frames alive
             try:
-                cut = await loop.run_in_executor(self._vision, self._cut_crops, pieces)
+                cut = await loop.run_in_executor(self._vision[name], self._cut_crops, pieces)
             except BaseException:  # stopping, or a crop failed: decided uncut (cut again when classified)
                 self._pieces.put_nowait(pieces)
                 raise
@@ -764,7 +769,8 @@ class LineService:
         self.records.close()
         for close in self.parts.closers:
             await asyncio.to_thread(close)
-        self._vision.shutdown(wait=True)
+        for pool in self._vision.values():
+            pool.shutdown(wait=True)
         self._infer.shutdown(wait=True)
         self.memory.sample()
         self._publish()
