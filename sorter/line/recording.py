@@ -21,6 +21,7 @@ is complete and the same every run.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import io
 import json
 import math
@@ -29,7 +30,6 @@ import queue
 import shutil
 import sqlite3
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -653,7 +653,8 @@ class Clips:
         mb = self.default_max_mb if max_mb is None else max_mb
         if not (isinstance(mb, int | float) and math.isfinite(mb) and 1 <= mb <= 1024**2):
             raise ClipError(f"a clip's size bound must be 1 to {1024**2} MB, not {mb!r}")
-        stamp = time.strftime("clip-%Y%m%d-%H%M%S", time.localtime(self._wall()))
+        # named by the line's own wall clock (the Timebase's: a virtual one in lockstep)
+        stamp = datetime.datetime.fromtimestamp(self._wall()).strftime("clip-%Y%m%d-%H%M%S")
         folder, n = self.folder / stamp, 1
         while folder.exists():
             n += 1

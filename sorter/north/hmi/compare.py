@@ -72,7 +72,7 @@ class CompareJob:
     state: str = "running"  # running | done | failed | cancelled
     error: str | None = None
     result: dict[str, Any] | None = None
-    started: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     proc: subprocess.Popen[bytes] | None = None
 
@@ -86,7 +86,7 @@ class CompareJob:
             "running": str(self.running),
             "new": str(self.new),
             "error": self.error,
-            "elapsed_s": round((self.finished or time.time()) - self.started, 1),
+            "elapsed_s": round((self.finished or time.monotonic()) - self.started, 1),
         }
         r = self.result
         if r is not None:
@@ -172,7 +172,7 @@ class Comparisons:
         self._end(job, "done", None)
 
     def _end(self, job: CompareJob, state: str, error: str | None) -> None:
-        job.state, job.error, job.finished = state, error, time.time()
+        job.state, job.error, job.finished = state, error, time.monotonic()
         log = self.log.info if state == "done" else self.log.warning
         log(
             "hmi model comparison " + state,
