@@ -527,7 +527,11 @@ class LineService:
             await asyncio.get_running_loop().run_in_executor(self._writer, self.records.flush)
         except Exception as exc:  # the clip is completed all the same, with the decisions the disk has
             self.log.warning("records not flushed before the clip closed", error=str(exc))
-        await asyncio.to_thread(rec.close, self.records.path)
+        try:
+            await asyncio.to_thread(rec.close, self.records.path)
+        except Exception as exc:  # a disk that fails at the end: the clip is over all the same, the line goes on
+            self.log.error("clip not completed", folder=str(rec.folder), error=str(exc))
+            rec.full = rec.full or f"completing the clip failed: {exc}"
         status = self._clips().closed(rec, stopped_by)
         log = self.log.warning if status.stopped_early else self.log.info
         log(

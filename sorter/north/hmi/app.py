@@ -460,7 +460,7 @@ def create_app(hmi: HmiServer) -> FastAPI:
     async def clip_status(request: Request) -> dict[str, Any]:
         guard(request, "technician")
         st = hmi.stats.clip if hmi.stats is not None else None
-        latest = latest_clip(line.records.clips_folder())
+        latest = await asyncio.to_thread(latest_clip, line.records.clips_folder())  # reads manifests: off the loop
         return {
             "clip": None if st is None else clip_json(st),
             "latest": None if latest is None else str(latest),
@@ -480,7 +480,7 @@ def create_app(hmi: HmiServer) -> FastAPI:
         running = Path(hmi.stats.model_path) if hmi.stats is not None and hmi.stats.model_path else None
         if running is None or not running.is_file():
             raise refuse(request, 503, "no_running_model", "the running model's file is not known yet", user=sess.user)
-        clip = latest_clip(line.records.clips_folder())
+        clip = await asyncio.to_thread(latest_clip, line.records.clips_folder())
         if clip is None:
             raise refuse(
                 request,
