@@ -43,7 +43,7 @@ from sorter.drivers.plc.link import PlcLink, RegisterClient
 from sorter.line.crop_capture import CropCapture
 from sorter.line.loopwatch import LoopWatch
 from sorter.line.realtime import ThreadPriority
-from sorter.line.recording import Recorder, RecordOptions
+from sorter.line.recording import Clips, Recorder, RecordingHub, RecordOptions
 from sorter.line.records import RecordStore
 from sorter.line.service import LineParts, LineService, worker_thread
 from sorter.line.virtualtime import InPlace, VirtualClock
@@ -155,7 +155,13 @@ def build_line(
     metrics = ServiceMetrics()
     classifier = load_checked_model(cfg.classifier.model, cfg)
     recorder: Recorder | None = None
-    camera_source = transports.camera_source
+    # every recorder (the continuous one of --record, the clips a technician starts and stops) is fed by the
+    # same taps, attached once here: the hub hands each item to the recorders running now
+    hub = RecordingHub()
+
+    def camera_source(cam: CameraConfig) -> FrameSource:  # every frame as delivered, before any queue
+        return hub.wrap_source(transports.camera_source(cam))
+
     if record is not None:
         recorder = Recorder(
             record,
@@ -167,11 +173,17 @@ def build_line(
             in_place=transports.record_in_place,
             log=log.bind(part="recording"),
         )
-        rec = recorder
-
-        def camera_source(cam: CameraConfig) -> FrameSource:  # every frame as delivered, before any queue
-            return rec.wrap_source(transports.camera_source(cam))
-
+        hub.add(recorder)
+    clips = Clips(
+        hub,
+        cfg.records.clips_folder(),
+        default_max_mb=cfg.records.clip_max_mb,
+        run_id=run_id,
+        now=tb.now,
+        wall=tb.wall,
+        in_place=transports.record_in_place,
+        log=log.bind(part="clip"),
+    )
     plc: PlcLinkBase
     if transports.plc_registers is not None:
         plc = PlcLink(cfg.plc, clock, log=log.bind(part="plc"), now=tb.now, client=transports.plc_registers(cfg.plc))
@@ -202,6 +214,7 @@ def build_line(
         on_latency_parts=metrics.observe_latency_parts,
         timebase=tb,
         executor=transports.executor,
+        clips=clips,
     )
     if cfg.magnetometer is not None:
         parts.fieldmap = FieldMap(cfg.magnetometer, cfg.belt.counts_per_mm, clock.count_at)
@@ -212,15 +225,16 @@ def build_line(
             clock=tb.now,
             own_port=transports.hallbar_owns_port,
         )
+    plc.poll_taps.append(hub.poll)
+    if parts.hallbar is not None:
+        parts.hallbar.chunk_taps.append(hub.bar_chunk)
+    parts.decision_taps.append(hub.decided)
+    parts.taken_taps.append(hub.processed)
+    parts.closers.append(lambda: clips.close_all(cfg.records.path))  # after the records are closed
     if recorder is not None:
-        plc.poll_taps.append(recorder.poll)
-        if parts.hallbar is not None:
-            parts.hallbar.chunk_taps.append(recorder.bar_chunk)
-        parts.decision_taps.append(recorder.decided)
-        parts.taken_taps.append(recorder.processed)
         parts.extra_stats["recording"] = recorder.stats
         rec_ = recorder
-        parts.closers.append(lambda: rec_.close(cfg.records.path))  # after the records are closed
+        parts.closers.append(lambda: rec_.close(cfg.records.path))
     if transports.wall_clock:
         prio = ThreadPriority(cfg.priority, log=log.bind(part="priority"))
         watch = LoopWatch(log=log.bind(part="loop"))

@@ -372,6 +372,92 @@ def _add_plugin_commands() -> None:
         ep.load()(app)
 
 
+# --- `sorter clip`: clips on the running line, through its HMI (docs/recording.md) ---
+
+clip_app = typer.Typer(
+    help="Clips: every frame, encoder poll, Hall bar line and PLC status, started and stopped on the running line.",
+    no_args_is_help=True,
+)
+app.add_typer(clip_app, name="clip")
+ClipUserOpt = Annotated[str, typer.Option("--user", "-u", help="a technician of the config's users")]
+ClipUrlOpt = Annotated[
+    str | None, typer.Option("--hmi", help="the HMI's address (default: the config's hmi section, on this PC)")
+]
+
+
+def _clip_call(config: Path, user: str, url: str | None, method: str, path: str, body: Any = None) -> Any:
+    """Log in to the running line's HMI as `user` (password: $SORTER_HMI_PASSWORD, else asked), make one call."""
+    import os
+
+    from sorter.north.hmi.remote import HmiClient, HmiClientError, hmi_url
+
+    cfg = _load(config)
+    if cfg.hmi is None or not cfg.hmi.enabled:
+        raise fail(f"{config}: the line has no HMI (hmi.enabled): clips are started through it")
+    password = os.environ.get("SORTER_HMI_PASSWORD") or typer.prompt(f"password of {user}", hide_input=True)
+    client = HmiClient(url or hmi_url(cfg.hmi), cafile=cfg.hmi.certificate)
+    try:
+        client.login(user, password)
+        try:
+            return client.request(method, path, body)
+        finally:
+            client.logout()
+    except HmiClientError as exc:
+        raise fail(str(exc), 1) from None
+
+
+def _clip_text(c: dict[str, Any]) -> str:
+    state = "recording" if c["active"] else f"stopped by {c['stopped_by']}"
+    text = (
+        f"{c['folder']}: {state}, {c['frames']} frames, {c['bytes'] / 1024**2:.0f} of {c['max_bytes'] / 1024**2:.0f} MB"
+    )
+    return text + (f" (stopped early: {c['stopped_early']})" if c.get("stopped_early") else "")
+
+
+@clip_app.command("start")
+def clip_start(
+    config: ConfigOpt,
+    user: ClipUserOpt = "technician",
+    max_mb: Annotated[
+        float | None, typer.Option(help="size bound, MB (default records.clip_max_mb): the clip stops itself there")
+    ] = None,
+    url: ClipUrlOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Start a clip on the running line (`sorter run`): a recording of level frames into a new folder under
+    records.recordings_dir. Exit 1 if the HMI refuses (a clip runs already, not a technician, ...)."""
+    c = _clip_call(config, user, url, "POST", "/api/clip/start", {"max_mb": max_mb})
+    typer.echo(json.dumps(c) if as_json else _clip_text(c))
+
+
+@clip_app.command("stop")
+def clip_stop(
+    config: ConfigOpt,
+    user: ClipUserOpt = "technician",
+    url: ClipUrlOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Stop the running clip; its folder is complete (manifest state closed) when this returns."""
+    c = _clip_call(config, user, url, "POST", "/api/clip/stop")
+    typer.echo(json.dumps(c) if as_json else _clip_text(c))
+
+
+@clip_app.command("status")
+def clip_status(
+    config: ConfigOpt,
+    user: ClipUserOpt = "technician",
+    url: ClipUrlOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The running clip (or the last one since the service started) and the latest complete clip on disk."""
+    r = _clip_call(config, user, url, "GET", "/api/clip")
+    if as_json:
+        typer.echo(json.dumps(r))
+        return
+    typer.echo(_clip_text(r["clip"]) if r["clip"] else "no clip since the service started")
+    typer.echo(f"latest complete clip: {r['latest'] or 'none'} (folder {r['folder']})")
+
+
 # --- `sorter opcua`: certificates and user hashes for the line's OPC UA server (docs/opcua-server.md) ---
 
 opcua_app = typer.Typer(help="The line's OPC UA server: certificates, trusted clients, user password hashes.")

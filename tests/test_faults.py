@@ -259,6 +259,7 @@ WALL_CLOCK_READERS = {
     ("sorter/reports/html_page.py", "datetime.now"),  # when a report was made
     ("sorter/cli.py", "time.strftime"),  # an evaluation's folder name
     ("sorter/app.py", "time.strftime"),  # the run id
+    ("sorter/north/hmi/compare.py", "time.strftime"),  # a model comparison's folder name
 }
 
 

@@ -360,6 +360,34 @@ async def test_technician_changes_thresholds_and_swaps_models_through_the_check(
 
 
 @pytest.mark.wire
+async def test_sorter_clip_starts_and_stops_a_clip_through_the_hmi(line: Line, monkeypatch: pytest.MonkeyPatch) -> None:
+    def clip(*args: str) -> Any:
+        cmd = ["clip", *args, "-c", str(ROOT / "config" / "sim.yaml"), "--hmi", line.url, "--json"]
+        return CliRunner().invoke(sorter_cli, cmd)
+
+    def answer(r: Any) -> Any:  # the command's JSON line (the served line logs to the same captured stdout)
+        return json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("{")][-1])
+
+    monkeypatch.setenv("SORTER_HMI_PASSWORD", PASSWORD["technician"])
+    r = await asyncio.to_thread(clip, "start", "--max-mb", "16")
+    assert r.exit_code == 0, r.output
+    started = answer(r)
+    assert started["active"] and started["max_bytes"] == 16 * 1024**2
+    r = await asyncio.to_thread(clip, "start")
+    assert r.exit_code == 1 and "409" in r.output and "already" in r.output
+    r = await asyncio.to_thread(clip, "status")
+    assert r.exit_code == 0 and answer(r)["clip"]["active"]
+    r = await asyncio.to_thread(clip, "stop")
+    assert r.exit_code == 0, r.output
+    stopped = answer(r)
+    assert stopped["folder"] == started["folder"] and not stopped["active"] and stopped["stopped_by"] == "technician"
+    monkeypatch.setenv("SORTER_HMI_PASSWORD", PASSWORD["operator"])
+    r = await asyncio.to_thread(clip, "start", "--user", "operator")
+    assert r.exit_code == 1 and "403" in r.output
+    assert line.log.find("hmi clip started", user="technician") and line.log.find("hmi clip stopped")
+
+
+@pytest.mark.wire
 async def test_a_port_in_use_is_an_alarm_and_the_hmi_comes_up_when_it_is_free(tmp_path: Path) -> None:
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", 0))

@@ -574,6 +574,27 @@ class RecordsConfig(Strict):
             "(checked about once a second, after a flush): before the disk refuses writes. 0: never"
         ),
     )
+    recordings_dir: Path | None = Field(
+        None,
+        description=(
+            "folder for the clips a technician starts and stops on the running line (HMI technician panel, "
+            "`sorter clip start`): each clip is a new recording folder of level frames in it (docs/recording.md); "
+            "the HMI's model comparison replays the latest. Default: `recordings/` beside records.path"
+        ),
+    )
+    clip_max_mb: float = Field(
+        2048.0,
+        gt=0,
+        description=(
+            "size bound of a clip when its start does not give one, MB: at the bound the clip stops itself "
+            "(log warning, records event `clip_stop`) and the line goes on. The demo line's two cameras "
+            "write ~330 MB/s"
+        ),
+    )
+
+    def clips_folder(self) -> Path:
+        """Where clips go: recordings_dir, or `recordings/` beside the records database."""
+        return self.recordings_dir if self.recordings_dir is not None else self.path.parent / "recordings"
 
 
 Role = Literal["viewer", "operator", "technician"]
@@ -897,7 +918,12 @@ class LineConfig(Strict):
 
         update = {
             "classifier": cfg.classifier.model_copy(update={"model": rel(cfg.classifier.model)}),
-            "records": cfg.records.model_copy(update={"path": rel(cfg.records.path)}),
+            "records": cfg.records.model_copy(
+                update={
+                    "path": rel(cfg.records.path),
+                    "recordings_dir": None if cfg.records.recordings_dir is None else rel(cfg.records.recordings_dir),
+                }
+            ),
         }
         sec = cfg.plc.opcua.security
         sec_paths = {k: rel(v) for k in ("certificate", "private_key", "server_certificate") if (v := getattr(sec, k))}

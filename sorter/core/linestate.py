@@ -157,6 +157,21 @@ class BarStats:
 
 
 @dataclass(frozen=True, slots=True)
+class ClipStatus:
+    """A clip (a recording of level frames started and stopped on the running line): the running one, or the last."""
+
+    folder: str
+    active: bool  # still recording
+    started_by: str
+    started_wall: float
+    bytes: int  # written so far
+    max_bytes: int  # its size bound
+    frames: int  # frames written
+    stopped_by: str | None = None  # who stopped it; "bound" when it stopped itself
+    stopped_early: str | None = None  # why it stopped itself (size bound, disk nearly full, a write failed)
+
+
+@dataclass(frozen=True, slots=True)
 class LineStats:
     """The whole line at one moment, built on the service loop: what every outside reader gets."""
 
@@ -190,6 +205,8 @@ class LineStats:
     records_error: str | None = None  # why the disk refused the last flush of the records (None: it took it)
     records_dropped: int = 0  # rows refused since start: the buffer for an unwritable disk was full
     records_disk_low: str | None = None  # the records disk is nearly full (why), before it refuses writes
+    model_path: str = ""  # the running model's file
+    clip: ClipStatus | None = None  # the running clip, or the last one (None: no clip since the start)
 
     @property
     def frames_captured(self) -> int:

@@ -221,4 +221,20 @@ class SwapModel:
     user: str
 
 
-LineRequest = PackMLRequest | AckAlarm | SetThresholds | SwapModel
+@dataclass(frozen=True, slots=True)
+class StartClip:
+    """Start a clip (a recording of level frames into a new folder under records.recordings_dir) on the running
+    line, bounded to max_mb (None: records.clip_max_mb); answered with the clip's status, or ClipError."""
+
+    user: str
+    max_mb: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StopClip:
+    """Stop the running clip and complete its folder; answered with its final status, or ClipError (none runs)."""
+
+    user: str
+
+
+LineRequest = PackMLRequest | AckAlarm | SetThresholds | SwapModel | StartClip | StopClip

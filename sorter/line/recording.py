@@ -21,8 +21,10 @@ is complete and the same every run.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import io
 import json
+import math
 import os
 import queue
 import shutil
@@ -31,13 +33,14 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import cv2
 import numpy as np
 import structlog
 import yaml
 
+from sorter.core.linestate import ClipStatus
 from sorter.core.messages import Decision, Frame
 from sorter.drivers.cameras.base import FrameSource
 from sorter.drivers.plc.base import PlcStatus, StatusBit
@@ -101,6 +104,8 @@ class Recorder:
         wall: Callable[[], float],
         in_place: bool = False,
         log: Any = None,
+        extra: dict[str, Any] | None = None,
+        clip: bool = False,
     ) -> None:
         if opts.level not in LEVELS:
             raise RecordingError(f"recording level must be one of {', '.join(LEVELS)}, not {opts.level!r}")
@@ -167,7 +172,10 @@ class Recorder:
             "started_monotonic": now(),
             "max_bytes": opts.max_bytes,
             "buffer_bytes": opts.buffer_bytes or FRAME_QUEUE_BYTES,
+            **(extra or {}),
         }
+        # a clip starts and stops while the line runs: its decisions.jsonl keeps the pieces seen while it recorded
+        self.clip = clip
         (self.folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         self._write_manifest()
         self._closed = False
@@ -502,7 +510,7 @@ class Recorder:
             for t in self._threads:
                 t.join()
         if records is not None and not self._rotating:  # level pieces: pieces.jsonl holds the decisions
-            self._copy_decisions(records)
+            self._copy_decisions(records, self.manifest["started_monotonic"] if self.clip else None)
         with self._lock:
             for f in self._files.values():
                 f.close()
@@ -524,8 +532,9 @@ class Recorder:
         self._write_manifest()
         self.log.info("recording closed", **self.stats())
 
-    def _copy_decisions(self, records: Path) -> None:
-        """decisions.jsonl: every piece the live line decided in this run, with what became of it."""
+    def _copy_decisions(self, records: Path, since: float | None = None) -> None:
+        """decisions.jsonl: every piece the live line decided in this run (a clip: those last seen since it
+        started), with what became of it."""
         if not records.exists():
             return
         db = sqlite3.connect(f"file:{records}?mode=ro", uri=True)
@@ -534,8 +543,8 @@ class Recorder:
             rows = db.execute(
                 "SELECT id, t_capture, count, count32, x_mm, x0_mm, x1_mm, area_mm2, cls, confidence, fraction,"
                 " probs, field_mT, field_state, model, outcome, bank, seq, open_at FROM pieces WHERE run_id = ?"
-                " ORDER BY id",
-                (self.run_id,),
+                " AND t_capture >= ? ORDER BY id",
+                (self.run_id, -math.inf if since is None else since),
             ).fetchall()
         finally:
             db.close()
@@ -562,10 +571,165 @@ class Recorder:
         tmp.replace(self.folder / "manifest.json")  # never a half-written manifest
 
 
+class FrameSink(Protocol):
+    def frame(self, frame: Frame) -> None: ...
+
+
+class RecordingHub:
+    """The taps the wiring attaches once, for the whole run: each hands what it gets to the recorders running now
+    (none; the continuous one of `--record`; a clip a technician started). Without a recorder a tap costs a loop
+    over an empty tuple. The tuple is replaced whole, never changed, so the bar's thread never sees half of it."""
+
+    def __init__(self) -> None:
+        self.recorders: tuple[Recorder, ...] = ()
+
+    def add(self, rec: Recorder) -> None:
+        self.recorders = (*self.recorders, rec)
+
+    def remove(self, rec: Recorder) -> None:
+        self.recorders = tuple(r for r in self.recorders if r is not rec)
+
+    def frame(self, frame: Frame) -> None:
+        for r in self.recorders:
+            r.frame(frame)
+
+    def poll(self, t_req: float, t_resp: float, count32: int, st: PlcStatus) -> None:
+        for r in self.recorders:
+            r.poll(t_req, t_resp, count32, st)
+
+    def processed(self, camera: str, frame: Frame) -> None:
+        for r in self.recorders:
+            r.processed(camera, frame)
+
+    def bar_chunk(self, data: bytes, t: float) -> None:
+        for r in self.recorders:
+            r.bar_chunk(data, t)
+
+    def decided(self, decisions: list[Decision]) -> None:
+        for r in self.recorders:
+            r.decided(decisions)
+
+    def wrap_source(self, source: FrameSource) -> FrameSource:
+        return RecordingSource(source, self)
+
+
+class ClipError(Exception):
+    """A clip that cannot start (one runs already, a bad bound, an unwritable folder) or stop (none runs)."""
+
+
+class Clips:
+    """Clips on the running line (docs/recording.md): a technician starts a recording of level frames into a new
+    folder under records.recordings_dir and stops it; a clip stops itself at its size bound. One at a time.
+
+    start() and detach() run on the service loop (quick: a folder, the manifest, two writer threads started);
+    the recorder's close (draining its queues, the decisions) is the caller's, off the loop."""
+
+    def __init__(
+        self,
+        hub: RecordingHub,
+        folder: Path,
+        *,
+        default_max_mb: float,
+        run_id: str,
+        now: Callable[[], float],
+        wall: Callable[[], float],
+        in_place: bool = False,
+        log: Any = None,
+    ) -> None:
+        self.hub = hub
+        self.folder = folder
+        self.default_max_mb = default_max_mb
+        self.run_id = run_id
+        self._now, self._wall = now, wall
+        self.in_place = in_place
+        self.log = log or structlog.get_logger("recording")
+        self.current: Recorder | None = None
+        self.last: ClipStatus | None = None
+        self._started_by = ""
+
+    def start(self, user: str, max_mb: float | None, *, config: dict[str, Any], model_version: str) -> ClipStatus:
+        if self.current is not None:
+            raise ClipError(f"a clip is recording already ({self.current.folder.name}): stop it first")
+        mb = self.default_max_mb if max_mb is None else max_mb
+        if not (isinstance(mb, int | float) and math.isfinite(mb) and 1 <= mb <= 1024**2):
+            raise ClipError(f"a clip's size bound must be 1 to {1024**2} MB, not {mb!r}")
+        # named by the line's own wall clock (the Timebase's: a virtual one in lockstep)
+        stamp = datetime.datetime.fromtimestamp(self._wall()).strftime("clip-%Y%m%d-%H%M%S")
+        folder, n = self.folder / stamp, 1
+        while folder.exists():
+            n += 1
+            folder = self.folder / f"{stamp}-{n}"
+        try:
+            rec = Recorder(
+                RecordOptions(folder, "frames", int(mb * 1024**2)),
+                config=config,
+                run_id=self.run_id,
+                model_version=model_version,
+                now=self._now,
+                wall=self._wall,
+                in_place=self.in_place,
+                log=self.log,
+                extra={"clip": {"started_by": user}},
+                clip=True,
+            )
+        except (RecordingError, OSError) as exc:
+            raise ClipError(str(exc)) from None
+        self.current, self._started_by = rec, user
+        self.hub.add(rec)
+        status = self.status()
+        assert status is not None
+        return status
+
+    def stopped_itself(self) -> str | None:
+        """Why the running clip stopped writing (its size bound, a full disk, a failed write), or None."""
+        return None if self.current is None else self.current.full
+
+    def detach(self) -> Recorder:
+        """The running clip's recorder, taken off the taps (nothing more reaches it): close it off the loop."""
+        rec = self.current
+        if rec is None:
+            raise ClipError("no clip is recording")
+        self.hub.remove(rec)
+        self.current = None
+        return rec
+
+    def closed(self, rec: Recorder, stopped_by: str) -> ClipStatus:
+        """The status of a clip whose recorder is closed (the last clip, until the next starts)."""
+        self.last = self._status_of(rec, active=False, stopped_by=stopped_by)
+        return self.last
+
+    def status(self) -> ClipStatus | None:
+        """The running clip, else the last one (None: none since the service started)."""
+        if self.current is not None:
+            return self._status_of(self.current, active=True, stopped_by=None)
+        return self.last
+
+    def _status_of(self, rec: Recorder, *, active: bool, stopped_by: str | None) -> ClipStatus:
+        st = rec.stats()
+        return ClipStatus(
+            folder=str(rec.folder),
+            active=active,
+            started_by=str(rec.manifest.get("clip", {}).get("started_by", self._started_by)),
+            started_wall=float(rec.manifest["started_wall"]),
+            bytes=int(st["bytes"]),
+            max_bytes=rec.opts.max_bytes,
+            frames=int(st["frames"]),
+            stopped_by=stopped_by,
+            stopped_early=st["stopped"],
+        )
+
+    def close_all(self, records: Path | None) -> None:
+        """At the service's end (a closer, off the loop): a clip still recording is completed."""
+        if self.current is not None:
+            rec = self.detach()
+            rec.close(records)
+            self.closed(rec, "shutdown")
+
+
 class RecordingSource:
     """A frame source that hands each frame it yields to the recorder too (sorter's FrameSource)."""
 
-    def __init__(self, inner: FrameSource, recorder: Recorder) -> None:
+    def __init__(self, inner: FrameSource, recorder: FrameSink) -> None:
         self.inner = inner
         self._rec = recorder
 

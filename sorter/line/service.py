@@ -47,6 +47,8 @@ from sorter.core.messages import (
     PackMLRequest,
     Piece,
     SetThresholds,
+    StartClip,
+    StopClip,
     SwapModel,
 )
 from sorter.core.packml import Command
@@ -60,6 +62,7 @@ from sorter.drivers.plc.base import PlcLinkBase
 from sorter.line.conditions import line_conditions
 from sorter.line.control import LineControl
 from sorter.line.memory import RssWatch, glibc_trim
+from sorter.line.recording import ClipError, Clips, Recorder
 from sorter.line.records import RecordStore, piece_row
 from sorter.vision.classify import Classifier, ModelError
 from sorter.vision.detections import to_detections
@@ -152,6 +155,8 @@ class LineParts:
     # plant; one virtual clock and work done in place in the lockstep simulation (docs/architecture.md)
     timebase: Timebase = REAL_TIME
     executor: Callable[[str], Executor] = worker_thread
+    # clips a technician starts and stops on the running line (StartClip, StopClip; docs/recording.md)
+    clips: Clips | None = None
 
 
 class LineService:
@@ -205,6 +210,7 @@ class LineService:
         self._trimming: asyncio.Future[None] | None = None
         self._bar_online: bool | None = None
         self._swap_lock = asyncio.Lock()
+        self._clip_tasks: set[asyncio.Task[Any]] = set()  # clips that stopped themselves, being completed
         self.live = LiveStats(cfg.fractions, cfg.routing)
         self.alarm_board = AlarmBoard()
         self.control = LineControl(
@@ -502,6 +508,10 @@ class LineService:
                 return self._set_thresholds(user, dict(changes))
             case SwapModel(path, user):
                 return await self._swap_model(path, user)
+            case StartClip(user, max_mb):
+                return self._start_clip(user, max_mb)
+            case StopClip(user):
+                return await self._close_clip(self._clips().detach(), user)
         raise TypeError(f"not a line request: {req!r}")
 
     def _set_thresholds(self, user: str, changes: dict[str, float]) -> RoutingConfig:
@@ -544,6 +554,67 @@ class LineService:
             self.records.event("model_swap", old=old.version, new=new.version, path=str(path), user=user)
             self._publish()
             return new.version
+
+    def _clips(self) -> Clips:
+        if self.parts.clips is None:
+            raise ClipError("this line records no clips")
+        return self.parts.clips
+
+    def _start_clip(self, user: str, max_mb: float | None) -> Any:
+        """Start a clip (technician): a recording of level frames into a new folder, with the line's config as it
+        runs now (thresholds changed on the line, the model swapped in) so that a replay decides as the line did."""
+        clips = self._clips()
+        cfg = self.cfg
+        path = getattr(self.classifier, "path", None)
+        if path is not None:
+            cfg = cfg.model_copy(update={"classifier": cfg.classifier.model_copy(update={"model": Path(path)})})
+        status = clips.start(user, max_mb, config=cfg.model_dump(mode="json"), model_version=self.classifier.version)
+        self.log.info("clip started", folder=status.folder, max_mb=round(status.max_bytes / 1024**2), user=user)
+        self.records.event("clip_start", folder=status.folder, max_bytes=status.max_bytes, user=user)
+        self._publish()
+        return status
+
+    async def _close_clip(self, rec: Recorder, stopped_by: str) -> Any:
+        """Complete a clip taken off the taps: the records written first (its decisions.jsonl comes from them),
+        then the recorder drained and closed, all off the loop."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._writer, self.records.flush)
+        except Exception as exc:  # the clip is completed all the same, with the decisions the disk has
+            self.log.warning("records not flushed before the clip closed", error=str(exc))
+        try:
+            await asyncio.to_thread(rec.close, self.records.path)
+        except Exception as exc:  # a disk that fails at the end: the clip is over all the same, the line goes on
+            self.log.error("clip not completed", folder=str(rec.folder), error=str(exc))
+            rec.full = rec.full or f"completing the clip failed: {exc}"
+        status = self._clips().closed(rec, stopped_by)
+        log = self.log.warning if status.stopped_early else self.log.info
+        log(
+            "clip stopped" + (", the line goes on" if status.stopped_early else ""),
+            folder=status.folder,
+            bytes=status.bytes,
+            frames=status.frames,
+            stopped_by=stopped_by,
+            reason=status.stopped_early,
+        )
+        self.records.event(
+            "clip_stop",
+            folder=status.folder,
+            bytes=status.bytes,
+            frames=status.frames,
+            user=stopped_by,
+            reason=status.stopped_early,
+        )
+        self._publish()
+        return status
+
+    def _watch_clip(self) -> None:
+        """A clip that stopped itself (its size bound, a full disk) is completed without waiting for its stop."""
+        clips = self.parts.clips
+        if clips is None or clips.stopped_itself() is None:
+            return
+        task = asyncio.create_task(self._close_clip(clips.detach(), "bound"), name="clip-close")
+        self._clip_tasks.add(task)
+        task.add_done_callback(self._clip_tasks.discard)
 
     # --- what the outside sees ---
     def _build_stats(self) -> LineStats:
@@ -598,6 +669,8 @@ class LineService:
             records_error=self.records.error,
             records_dropped=self.records.rows_dropped,
             records_disk_low=self.records.disk_low,
+            model_path=str(getattr(self.classifier, "path", "")),
+            clip=None if self.parts.clips is None else self.parts.clips.status(),
         )
 
     def _publish(self) -> None:
@@ -669,6 +742,7 @@ class LineService:
             self._publish()
             self._watch_bar()
             self._watch_alarms()
+            self._watch_clip()
             if self._now() - last_log > 5:
                 last_log = self._now()
                 self.log.info("line", **self.summary())
@@ -751,6 +825,7 @@ class LineService:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*self._clip_tasks, return_exceptions=True)  # clips closing: completed
         await self.control.shutdown()
         await self.plc.stop()
         self._publish()

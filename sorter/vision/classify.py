@@ -57,6 +57,7 @@ class Classifier:
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"{path}: model file not found")
+        self.path = path
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

@@ -8,7 +8,7 @@ nothing and is logged (`hmi request refused`, with the reason, never a password 
 2. a live session: the HttpOnly, SameSite=Strict session cookie (Secure over HTTPS), not idle for
    `hmi.session_idle_s` and younger than `hmi.session_max_s` (401);
 3. the role: operator or technician for PackML commands and alarm acknowledgement, technician
-   for routing thresholds and models (403);
+   for routing thresholds, models, clips and model comparisons (403);
 4. the CSRF token of the session in the X-CSRF-Token header (403).
 
 Over HTTPS (`hmi.certificate`, server.py) every response also carries HSTS: a browser that has once
@@ -32,9 +32,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from sorter.core.messages import AckAlarm, LineRequest, PackMLRequest, SetThresholds, SwapModel
+from sorter.core.messages import (
+    AckAlarm,
+    LineRequest,
+    PackMLRequest,
+    SetThresholds,
+    StartClip,
+    StopClip,
+    SwapModel,
+)
 from sorter.core.packml import Command, InvalidState
+from sorter.line.recording import ClipError
 from sorter.north.hmi.clients import Client
+from sorter.north.hmi.compare import latest_clip
 from sorter.north.hmi.live import ViewBuilder
 from sorter.north.hmi.sessions import Session
 from sorter.north.users import authenticate, may_configure, may_operate
@@ -60,9 +70,13 @@ SESSION_GONE = {
     "restarted": "the line service was restarted, log in again",
 }
 
+CSP = b"content-security-policy"
+# the comparison's page (sorter/replay.py compare_html): one self-contained file, its crops inline PNGs and its
+# style inline; no script, no fetch, no form may run in it
+PAGE_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'"
 _HEADERS = [
     (
-        b"content-security-policy",
+        CSP,
         b"default-src 'self'; img-src 'self' blob: data:; connect-src 'self'; style-src 'self'; "
         b"script-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
     ),
@@ -89,7 +103,10 @@ class _SecurityHeaders:
 
         async def send_with_headers(msg: Message) -> None:
             if msg["type"] == "http.response.start":
-                msg = {**msg, "headers": [*msg.get("headers", []), *extra]}
+                own = msg.get("headers", [])
+                # a response with its own (stricter) policy keeps it: the comparison's page (no scripts at all)
+                add = extra if not any(k.lower() == CSP for k, _ in own) else [h for h in extra if h[0] != CSP]
+                msg = {**msg, "headers": [*own, *add]}
             await send(msg)
 
         await self.app(scope, receive, send_with_headers)
@@ -110,6 +127,11 @@ class ThresholdsBody(BaseModel):
 class ModelBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(min_length=1, max_length=4096)
+
+
+class ClipBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_mb: float | None = Field(None, ge=1, le=1024**2)
 
 
 def printable(text: object, limit: int = 64) -> str:
@@ -369,19 +391,7 @@ def create_app(hmi: HmiServer) -> FastAPI:
             body = ModelBody.model_validate(await body_json(request))
         except ValidationError as exc:
             raise invalid(request, exc, user=sess.user) from None
-        path = Path(body.path)
-        try:
-            model_file = path.suffix.lower() == ".onnx" and path.is_file()
-        except OSError:  # a name too long for the file system, a folder we may not read: no model file either
-            model_file = False
-        if not model_file:
-            raise refuse(
-                request,
-                422,
-                "no_model_file",
-                f"{printable(body.path, 200)} is not an .onnx file on the line PC",
-                user=sess.user,
-            )
+        path = model_file(request, sess, body.path)
         try:
             version = await on_service(request, SwapModel(path, sess.user), timeout=120.0)
         except ModelError as exc:
@@ -389,6 +399,126 @@ def create_app(hmi: HmiServer) -> FastAPI:
             raise HTTPException(422, f"model refused: {exc}") from None
         hmi.log.info("hmi model swapped", user=sess.user, path=str(path), version=version)
         return {"version": version, "path": str(path)}
+
+    def model_file(request: Request, sess: Session, text: str) -> Path:
+        """A client-named model: an .onnx file on the line PC (422 otherwise)."""
+        path = Path(text)
+        try:
+            ok = path.suffix.lower() == ".onnx" and path.is_file()
+        except OSError:  # a name too long for the file system, a folder we may not read: no model file either
+            ok = False
+        if not ok:
+            raise refuse(
+                request,
+                422,
+                "no_model_file",
+                f"{printable(text, 200)} is not an .onnx file on the line PC",
+                user=sess.user,
+            )
+        return path
+
+    # --- clips (technician): a recording of level frames started and stopped on the running line ---
+
+    def clip_json(st: Any) -> dict[str, Any]:
+        return {
+            "folder": st.folder,
+            "name": Path(st.folder).name,
+            "active": st.active,
+            "started_by": st.started_by,
+            "bytes": st.bytes,
+            "max_bytes": st.max_bytes,
+            "frames": st.frames,
+            "stopped_by": st.stopped_by,
+            "stopped_early": st.stopped_early,
+        }
+
+    @app.post("/api/clip/start")
+    async def clip_start(request: Request) -> dict[str, Any]:
+        sess = guard(request, "technician")
+        try:
+            body = ClipBody.model_validate(await body_json(request) or {})
+        except ValidationError as exc:
+            raise invalid(request, exc, user=sess.user) from None
+        try:
+            st = await on_service(request, StartClip(sess.user, body.max_mb))
+        except ClipError as exc:
+            raise refuse(request, 409, "clip", str(exc), user=sess.user) from None
+        hmi.log.info("hmi clip started", user=sess.user, folder=st.folder, max_bytes=st.max_bytes)
+        return clip_json(st)
+
+    @app.post("/api/clip/stop")
+    async def clip_stop(request: Request) -> dict[str, Any]:
+        sess = guard(request, "technician")
+        try:
+            st = await on_service(request, StopClip(sess.user), timeout=120.0)  # drains the clip's queue
+        except ClipError as exc:
+            raise refuse(request, 409, "clip", str(exc), user=sess.user) from None
+        hmi.log.info("hmi clip stopped", user=sess.user, folder=st.folder, bytes=st.bytes, frames=st.frames)
+        return clip_json(st)
+
+    @app.get("/api/clip")
+    async def clip_status(request: Request) -> dict[str, Any]:
+        guard(request, "technician")
+        st = hmi.stats.clip if hmi.stats is not None else None
+        latest = await asyncio.to_thread(latest_clip, line.records.clips_folder())  # reads manifests: off the loop
+        return {
+            "clip": None if st is None else clip_json(st),
+            "latest": None if latest is None else str(latest),
+            "folder": str(line.records.clips_folder()),
+        }
+
+    # --- a model swap with a comparison first (technician) ---
+
+    @app.post("/api/model/compare")
+    async def compare_start(request: Request) -> dict[str, Any]:
+        sess = guard(request, "technician")
+        try:
+            body = ModelBody.model_validate(await body_json(request))
+        except ValidationError as exc:
+            raise invalid(request, exc, user=sess.user) from None
+        new = model_file(request, sess, body.path)
+        running = Path(hmi.stats.model_path) if hmi.stats is not None and hmi.stats.model_path else None
+        if running is None or not running.is_file():
+            raise refuse(request, 503, "no_running_model", "the running model's file is not known yet", user=sess.user)
+        clip = await asyncio.to_thread(latest_clip, line.records.clips_folder())
+        if clip is None:
+            raise refuse(
+                request,
+                409,
+                "no_clip",
+                "no clip recorded yet: record one (Start clip, Stop clip) first",
+                user=sess.user,
+            )
+        try:
+            job = await asyncio.to_thread(hmi.comparisons.start, sess.user, clip, running, new)
+        except ValueError as exc:
+            raise refuse(request, 422, "bad_clip", str(exc), user=sess.user) from None
+        except RuntimeError as exc:
+            raise refuse(request, 409, "busy", str(exc), user=sess.user) from None
+        return job.summary()
+
+    @app.get("/api/model/compare")
+    async def compare_status(request: Request) -> dict[str, Any]:
+        guard(request, "technician")
+        job = hmi.comparisons.job
+        return {"state": "none"} if job is None else job.summary()
+
+    @app.post("/api/model/compare/cancel")
+    async def compare_cancel(request: Request) -> dict[str, Any]:
+        sess = guard(request, "technician")
+        job = hmi.comparisons.cancel()
+        hmi.log.info("hmi model comparison cancelled", user=sess.user)
+        return {"state": "none"} if job is None else job.summary()
+
+    @app.get("/api/model/compare/page")
+    async def compare_page(request: Request) -> Response:
+        guard(request, "technician")
+        job = hmi.comparisons.job
+        page = None if job is None or job.state != "done" else job.out / "compare.html"
+        if page is None or not page.is_file():
+            raise HTTPException(404, "no comparison page: run a comparison first")
+        html = await asyncio.to_thread(page.read_bytes)
+        return Response(html, media_type="text/html", headers={"content-security-policy": PAGE_CSP})
 
     _mount_metrics(app, hmi)
 

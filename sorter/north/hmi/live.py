@@ -30,6 +30,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -307,6 +308,18 @@ class ViewBuilder:
             ],
             "magnetometer": None if bar is None else {"online": bar.online, "reason": bar.reason},
             "model": {"version": s.model_version, "provider": s.model_provider},
+            "clip": None
+            if s.clip is None
+            else {
+                "name": Path(s.clip.folder).name,
+                "active": s.clip.active,
+                "started_by": s.clip.started_by,
+                "mb": round(s.clip.bytes / 1024**2, 1),
+                "max_mb": round(s.clip.max_bytes / 1024**2),
+                "frames": s.clip.frames,
+                "stopped_by": s.clip.stopped_by,
+                "stopped_early": s.clip.stopped_early,
+            },
             "routing": {
                 "min_confidence": s.min_confidence,
                 "fallback_min_confidence": s.fallback_min_confidence,

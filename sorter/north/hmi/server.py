@@ -49,6 +49,7 @@ from sorter.core.linestate import LineStats
 from sorter.core.messages import LineRequest
 from sorter.north.hmi.app import create_app
 from sorter.north.hmi.clients import Client
+from sorter.north.hmi.compare import Comparisons
 from sorter.north.hmi.live import CameraView, LiveTap, ViewBuilder, pack_frame
 from sorter.north.hmi.sessions import LoginThrottle, SessionStore
 from sorter.north.hmi.tls import TlsError, server_context
@@ -160,6 +161,7 @@ class HmiServer:
         self._render: ThreadPoolExecutor | None = None  # pixels off the HMI's event loop (cv2 releases the GIL)
         self._login_lock: asyncio.Lock | None = None
         self._app: Any = None
+        self.comparisons = Comparisons(lambda: self.log)  # model comparisons before a swap (technician)
 
     # --- service side ---
 
@@ -260,6 +262,7 @@ class HmiServer:
         """Close every browser's connection and the socket; the thread gets STOP_TIMEOUT_S."""
         self._stopping = True
         self._started = False
+        self.comparisons.cancel()  # a comparison still running dies with the HMI
         if self._feed is not None:
             self._feed.cancel()
             await asyncio.gather(self._feed, return_exceptions=True)

@@ -223,6 +223,7 @@ function render(s) {
   renderStatus(s);
   renderAlarms(s.alarms);
   renderThresholds(s.routing);
+  renderClip(s.clip);
   for (const cam of s.cameras) {
     const fig = document.getElementById(`cam-${cam.name}`);
     if (fig) setData(fig, "online", String(cam.online));
@@ -366,8 +367,97 @@ async function swapModel() {
   if (!chosenModel) { toast("choose a model first"); return; }
   toast("checking the model ...");
   const r = await api("POST", "/api/model", { path: chosenModel });
-  if (r.ok) toast(`model ${r.data.version} running`);
-  else if (r.status !== 401) toast((r.data && r.data.detail) || `refused (${r.status})`, "error");
+  if (r.ok) {
+    toast(`model ${r.data.version} running`);
+    hideComparison();
+  } else if (r.status !== 401) toast((r.data && r.data.detail) || `refused (${r.status})`, "error");
+}
+
+// a clip: every frame, poll, bar line and PLC status recorded while the line runs (docs/recording.md)
+function renderClip(c) {
+  if (!session || !session.may_configure) return;
+  const p = $("#clip-status");
+  let text = "no clip";
+  if (c) {
+    text = c.active
+      ? `recording ${c.name}: ${c.frames} frames, ${c.mb} of ${c.max_mb} MB`
+      : `${c.name}: ${c.frames} frames, ${c.mb} MB, stopped by ${c.stopped_by}`;
+    if (c.stopped_early) text += ` (${c.stopped_early})`;
+  }
+  setText(p, text);
+  setData(p, "active", String(Boolean(c && c.active)));
+  $("#clip-start").disabled = Boolean(c && c.active);
+  $("#clip-stop").disabled = !(c && c.active);
+}
+
+async function clip(action) {
+  const r = await api("POST", `/api/clip/${action}`, action === "start" ? {} : undefined);
+  if (r.ok) {
+    toast(action === "start" ? `clip ${r.data.name} recording` : `clip ${r.data.name} complete`);
+    renderClip({ ...r.data, mb: Math.round(r.data.bytes / 1048576), max_mb: Math.round(r.data.max_bytes / 1048576) });
+  } else if (r.status !== 401) toast(`clip: ${(r.data && r.data.detail) || r.status}`, "error");
+}
+
+// a model swap offers the comparison first: the chosen model against the running one on the latest clip
+let comparePoll = null;
+
+function hideComparison() {
+  clearTimeout(comparePoll);
+  $("#compare").hidden = true;
+  setData($("#compare"), "state", "none");
+}
+
+function renderComparison(c) {
+  const box = $("#compare");
+  box.hidden = false;
+  setData(box, "state", c.state);
+  const name = c.new ? c.new.split("/").pop() : "";
+  const state = {
+    running: `comparing ${name} with the running model on ${c.clip} ... (${c.elapsed_s} s)`,
+    done: `${c.model_b} against ${c.model_a} on ${c.clip}:`,
+    failed: `comparison failed: ${c.error}`,
+    cancelled: "comparison cancelled",
+  }[c.state] || c.state;
+  setText($("#compare-state"), state);
+  const body = $("#compare-table tbody");
+  body.replaceChildren();
+  const pct = (v) => (v === null || v === undefined ? "-" : `${(100 * v).toFixed(1)} %`);
+  for (const [f, row] of Object.entries(c.fractions || {})) {
+    const tr = el("tr", { "data-fraction": f });
+    tr.append(el("td", {}, f));
+    tr.append(el("td", {}, `${row.count_a} \u2192 ${row.count_b}`));
+    tr.append(el("td", {}, `${pct(row.estimated_purity_a)} \u2192 ${pct(row.estimated_purity_b)}`));
+    body.append(tr);
+  }
+  $("#compare-table").hidden = c.state !== "done";
+  setText($("#compare-changed"), c.state === "done"
+    ? `${c.changed} decisions change (${c.changed_fraction} to another fraction), of ${c.pieces_a} pieces`
+    : "");
+  $("#compare-page").hidden = c.state !== "done";
+}
+
+async function pollComparison() {
+  const r = await api("GET", "/api/model/compare");
+  if (!r.ok || r.data.state === "none") return;
+  renderComparison(r.data);
+  if (r.data.state === "running") comparePoll = setTimeout(pollComparison, 1000);
+}
+
+async function compareModel() {
+  if (!chosenModel) { toast("choose a model first"); return; }
+  clearTimeout(comparePoll);
+  const r = await api("POST", "/api/model/compare", { path: chosenModel });
+  if (r.ok) {
+    renderComparison(r.data);
+    comparePoll = setTimeout(pollComparison, 1000);
+  } else if (r.status !== 401) toast(`comparison: ${(r.data && r.data.detail) || r.status}`, "error");
+}
+
+async function cancelSwap() {
+  if ($("#compare").dataset.state === "running") await api("POST", "/api/model/compare/cancel");
+  hideComparison();
+  chosenModel = null;
+  for (const o of $("#models").children) o.setAttribute("aria-pressed", "false");
 }
 
 // --- start ---
@@ -387,6 +477,10 @@ window.addEventListener("DOMContentLoaded", async () => {
   for (const b of document.querySelectorAll(".stepper .step")) b.addEventListener("click", step);
   $("#thr-apply").addEventListener("click", applyThresholds);
   $("#model-swap").addEventListener("click", swapModel);
+  $("#model-compare").addEventListener("click", compareModel);
+  $("#model-cancel").addEventListener("click", cancelSwap);
+  $("#clip-start").addEventListener("click", () => clip("start"));
+  $("#clip-stop").addEventListener("click", () => clip("stop"));
   const r = await api("GET", "/api/session");
   if (r.ok) { session = r.data; showMain(); }
   else showLogin(r.status === 401 && r.data && r.data.detail !== "not logged in" ? goneMessage(r.data.detail) : "");
