@@ -57,8 +57,7 @@ async def built(tmp_path: Path, **records: Any) -> AsyncIterator[Line]:
         assert line.service.parts.clips is not None
         await asyncio.to_thread(line.service.parts.clips.close_all, None)
         await svc.control.shutdown()
-        for pool in (svc._vision, svc._infer, svc._writer):
-            pool.shutdown(wait=True)
+        svc.close_workers()
         svc.records.close()
 
 

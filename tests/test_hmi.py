@@ -117,8 +117,7 @@ async def serving(tmp_path: Path, **hmi: Any) -> AsyncIterator[Line]:
     finally:
         await svc.control.shutdown()
         await built.hmi.stop()
-        for pool in (*svc._vision.values(), svc._infer, svc._writer):
-            pool.shutdown(wait=True)
+        svc.close_workers()
         svc.records.close()
 
 

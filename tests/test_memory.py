@@ -133,8 +133,7 @@ async def test_a_piece_keeps_no_frame_alive_once_it_has_left_the_view(tmp_path: 
         assert rows[0]["compute_ms"] is not None and rows[0]["plc_ms"] is None
     finally:
         await svc.control.shutdown()
-        for pool in (*svc._vision.values(), svc._infer, svc._writer):
-            pool.shutdown(wait=True)
+        svc.close_workers()
         svc.records.close()
 
 
@@ -157,8 +156,7 @@ async def test_a_piece_finalised_at_shutdown_has_its_crops_cut_when_classified(
         assert len(rows) == 1 and rows[0]["settle_ms"] is None  # no frame finalised it: no latency parts
     finally:
         await svc.control.shutdown()
-        for pool in (*svc._vision.values(), svc._infer, svc._writer):
-            pool.shutdown(wait=True)
+        svc.close_workers()
         svc.records.close()
 
 

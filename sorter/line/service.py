@@ -681,6 +681,12 @@ class LineService:
             except Exception:  # a broken viewer must not stop the line
                 self.log.exception("stats subscriber failed")
 
+    def close_workers(self) -> None:
+        """End the worker threads (vision, inference, records): at the end of run(), or for a service that
+        was built but never run (a test, a script)."""
+        for pool in (*self._vision.values(), self._infer, self._writer):
+            pool.shutdown(wait=True)
+
     def summary(self) -> dict[str, Any]:
         """The line's summary as the log shows it (from the latest stats)."""
         out = self.stats.summary()
@@ -844,9 +850,7 @@ class LineService:
         self.records.close()
         for close in self.parts.closers:
             await asyncio.to_thread(close)
-        for pool in self._vision.values():
-            pool.shutdown(wait=True)
-        self._infer.shutdown(wait=True)
+        self.close_workers()
         self.memory.sample()
         self._publish()
         self.log.info("service stopped", **self.summary())
