@@ -85,8 +85,3 @@ def _refuse(name: str, why: str) -> str:
     with _lock:
         _refused = why
     return f"normal ({name} refused: {why})"
-
-
-def realtime_thread_initializer() -> None:
-    """For a ThreadPoolExecutor's `initializer`: its worker thread is time-critical."""
-    enter()

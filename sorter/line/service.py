@@ -120,7 +120,7 @@ class StageTimes:
 def worker_thread(name: str) -> Executor:
     """One worker thread for one kind of work (pixels, inference, the records' disk writes), time-critical
     (sorter/core/priority.py: at a real-time priority while the line's config asks for one)."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=priority.realtime_thread_initializer)
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=priority.enter)
 
 
 @dataclass

@@ -174,9 +174,7 @@ class SimCameraClient:
         self._log = structlog.get_logger("sorter").bind(camera=name)
         self._writer: asyncio.StreamWriter | None = None
         self._closing = False
-        self._copier = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"copy-{name}", initializer=priority.realtime_thread_initializer
-        )
+        self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"copy-{name}", initializer=priority.enter)
 
     @property
     def name(self) -> str:
