@@ -49,6 +49,7 @@ def register(app: typer.Typer) -> None:
     app.command()(demo)
     app.add_typer(sim_app, name="sim")
     app.command()(bench)
+    app.command()(soak)
     app.command("bench-opcua")(bench_opcua)
     app.command("bench-hmi")(bench_hmi)
     app.command("plant-demo")(plant_demo)
@@ -184,6 +185,36 @@ def demo(
         typer.echo(json.dumps(report))
     else:
         _print_report(report)
+
+
+def soak(
+    config: SimConfigOpt = DEFAULT_CONFIG,
+    duration: Annotated[float, typer.Option(help="seconds of feed")] = 3600.0,
+    seed: Annotated[int, typer.Option(help="feed seed")] = 7,
+    every: Annotated[float, typer.Option(min=1.0, help="seconds between samples")] = 10.0,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as one JSON object")] = False,
+    out: Annotated[Path | None, typer.Option(help="run folder (default runs/soak-<time>)")] = None,
+) -> None:
+    """The simulated line for a long run: RSS, CPU and decision latency over time (soak.csv, soak.png, report)."""
+    from sim.demo import DemoError
+    from sim.soak import run_soak
+    from sorter.vision.classify import ModelError
+
+    setup_logging("warning")
+    cfg = _load(config)
+    if cfg.simulator is None:
+        raise fail(f"{config}: the soak needs a `simulator:` section")
+    run_dir = out or Path("runs") / time.strftime("soak-%Y%m%d-%H%M%S")
+    try:
+        report = asyncio.run(run_soak(cfg, duration, seed, run_dir, every))
+    except (ModelError, DemoError) as exc:
+        raise fail(str(exc), 1) from None
+    if as_json:
+        typer.echo(json.dumps(report))
+    else:
+        _print_report(report)
+        typer.echo(json.dumps(report["soak"], indent=2))
+        typer.echo(f"samples: {run_dir / 'soak.csv'}, plot: {run_dir / 'soak.png'}")
 
 
 def _fault_demo(

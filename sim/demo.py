@@ -251,7 +251,12 @@ async def run_demo(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(_progress(interrupted, duration, progress, service), duration)
         if acting is not None:
-            await acting  # its failure is the caller's to see
+            if interrupted.is_set():  # Ctrl-C: the action ends with the feed (a soak's sampler, say)
+                acting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await acting
+            else:
+                await acting  # its failure is the caller's to see
         await sim.send(cmd="feed", on=False)
         t_end = time.monotonic()
         log.info("feed stopped, draining the belt", interrupted=interrupted.is_set())
