@@ -274,6 +274,12 @@ def truth_figures(cfg: LineConfig, truth: list[dict[str, Any]], decided: list[di
     return {"pieces_true": len(truth), "pieces_matched": len(pairs), "fractions": fractions}
 
 
+def _decision_text(row: dict[str, Any]) -> str:
+    """'class -> fraction (confidence)'; a piece decided without a classification has no confidence."""
+    conf = row.get("confidence")
+    return f"{row['cls']} -> {row['fraction']} ({'-' if conf is None else f'{conf:.3f}'})"
+
+
 def agreement(cfg: LineConfig, live: list[dict[str, Any]], replayed: list[dict[str, Any]]) -> dict[str, Any]:
     """How many of the pieces the live line decided the replay decided the same (class and fraction)."""
     pairs = match_pieces(live, replayed, cfg.belt.counts_per_mm)
@@ -288,8 +294,8 @@ def agreement(cfg: LineConfig, live: list[dict[str, Any]], replayed: list[dict[s
             "replay_id": replayed[j]["id"],
             "count": live[i]["count"],
             "x_mm": round(float(live[i]["x_mm"]), 1),
-            "live": f"{live[i]['cls']} -> {live[i]['fraction']} ({live[i]['confidence']:.3f})",
-            "replay": f"{replayed[j]['cls']} -> {replayed[j]['fraction']} ({replayed[j]['confidence']:.3f})",
+            "live": _decision_text(live[i]),
+            "replay": _decision_text(replayed[j]),
             "live_outcome": live[i].get("outcome"),
             "replay_outcome": replayed[j].get("outcome"),
             "views": replayed[j].get("n_views"),

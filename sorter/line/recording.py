@@ -41,7 +41,7 @@ import structlog
 import yaml
 
 from sorter.core.linestate import ClipStatus
-from sorter.core.messages import Decision, Frame
+from sorter.core.messages import Decision, Frame, Outcome
 from sorter.drivers.cameras.base import FrameSource
 from sorter.drivers.plc.base import PlcStatus, StatusBit
 
@@ -534,7 +534,8 @@ class Recorder:
 
     def _copy_decisions(self, records: Path, since: float | None = None) -> None:
         """decisions.jsonl: every piece the live line decided in this run (a clip: those last seen since it
-        started), with what became of it."""
+        started), with what became of it. A piece still undecided when the recording closed (its first-seen
+        row: a clip stopped while the line runs) has no decision to compare a replay against: left out."""
         if not records.exists():
             return
         db = sqlite3.connect(f"file:{records}?mode=ro", uri=True)
@@ -543,8 +544,8 @@ class Recorder:
             rows = db.execute(
                 "SELECT id, t_capture, count, count32, x_mm, x0_mm, x1_mm, area_mm2, cls, confidence, fraction,"
                 " probs, field_mT, field_state, model, outcome, bank, seq, open_at FROM pieces WHERE run_id = ?"
-                " AND t_capture >= ? ORDER BY id",
-                (self.run_id, -math.inf if since is None else since),
+                " AND t_capture >= ? AND outcome != ? ORDER BY id",
+                (self.run_id, -math.inf if since is None else since, Outcome.SEEN.value),
             ).fetchall()
         finally:
             db.close()
