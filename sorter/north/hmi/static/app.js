@@ -374,8 +374,10 @@ async function swapModel() {
 }
 
 // a clip: every frame, poll, bar line and PLC status recorded while the line runs (docs/recording.md)
+let stoppedClip = null; // the clip this panel stopped: a push built before the stop must not show it recording
 function renderClip(c) {
   if (!session || !session.may_configure) return;
+  if (c && c.active && c.name === stoppedClip) return;
   const p = $("#clip-status");
   let text = "no clip";
   if (c) {
@@ -393,6 +395,7 @@ function renderClip(c) {
 async function clip(action) {
   const r = await api("POST", `/api/clip/${action}`, action === "start" ? {} : undefined);
   if (r.ok) {
+    stoppedClip = action === "stop" ? r.data.name : null;
     toast(action === "start" ? `clip ${r.data.name} recording` : `clip ${r.data.name} complete`);
     renderClip({ ...r.data, mb: Math.round(r.data.bytes / 1048576), max_mb: Math.round(r.data.max_bytes / 1048576) });
   } else if (r.status !== 401) toast(`clip: ${(r.data && r.data.detail) || r.status}`, "error");
