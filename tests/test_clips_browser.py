@@ -5,6 +5,7 @@ swap. Real headless Chromium through Playwright, as tests/test_hmi.py's browser 
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import time
 from pathlib import Path
@@ -43,11 +44,14 @@ def _technician(url: str, out: dict[str, Any]) -> None:
             status = page.locator("#clip-status")
             # timeouts for a loaded 2-core machine: the line, the simulator and Chromium share it
             expect(status).to_have_attribute("data-active", "true", timeout=30_000)
+            # frames counted by the service itself: live pushes built before the start (showing no clip, the
+            # stop button disabled) have all arrived, so none can disable the button under the click below
+            expect(status).to_contain_text(re.compile(r"recording clip-\S+: [1-9]\d* frames"), timeout=30_000)
             expect(page.locator("#clip-stop")).to_be_enabled()
             out["clip_recording"] = status.inner_text()
             page.click("#clip-stop", timeout=10_000)
             expect(status).to_have_attribute("data-active", "false", timeout=30_000)
-            expect(status).to_contain_text("stopped by technician", timeout=5_000)
+            expect(status).to_contain_text("stopped by technician", timeout=30_000)
             out["clip_text"] = status.inner_text()
             # the new model: compared with the running one on that clip, then swapped in
             page.click(f'#models button[data-path="{out["new"]}"]')
