@@ -126,7 +126,8 @@ def test_one_decision_per_piece_whatever_the_interleaving(specs, seed):
 def test_touching_pieces_seen_merged_in_some_frames_stay_two_pieces():
     """Segmentation splits the pair in some frames and not in others; the merged views are dropped."""
     a, b = (10000.0, 200.0, 16.0, 16.0), (10000.0 + 10 * CPM, 214.0, 16.0, 16.0)
-    merged = (10000.0 + 5 * CPM, 207.0, 26.0, 30.0)  # one blob covering both
+    # one blob covering both: its box spans both, its pixels are theirs
+    merged = (10000.0 + 5 * CPM, 207.0, 26.0, 30.0, 2 * 16 * 16 / (26 * 30))
     tracker = Tracker({n: g.field_mm()[3] for n, g in CAMS.items()}, TrackingConfig(), CPM, max_views=4)
     decided = []
     for k in range(40):
@@ -138,6 +139,29 @@ def test_touching_pieces_seen_merged_in_some_frames_stay_two_pieces():
     decided += tracker.flush()
     assert sorted(round(p.u / CPM) for p in decided) == [500, 510]
     assert tracker.merged_views > 0
+
+
+def test_overlapping_pieces_with_fragments_of_their_overlap_stay_two_pieces():
+    """A screw lying across a ring (seed 3's pieces 7 and 8 in CI): most frames split the pair into screw and
+    ring, a few cut two small fragments out of the overlap instead. Each fragment's centre lies inside both
+    pieces' boxes; the fragments, seen whole as often as half the pieces' views, must not make either piece a
+    'merged view' (they make up far less than its area), so neither piece is dropped (the old rule dropped
+    both and kept the fragments; CI once met a phase where nothing of the pair was recorded at all)."""
+    u0 = 10000.0
+    screw, ring = (u0, 394.0, 18.0, 25.0, 0.245), (u0 - 2 * CPM, 382.5, 12.0, 12.0, 0.6)  # 110 and 86 mm²
+    fragments = [(u0 + 2.2 * CPM, 383.0, 5.25, 12.5, 0.44), (u0 - 2.5 * CPM, 386.7, 8.75, 5.5, 0.5)]  # 29, 24 mm²
+    tracker = Tracker({n: g.field_mm()[3] for n, g in CAMS.items()}, TrackingConfig(), CPM, max_views=4)
+    decided = []
+    for k in range(40):
+        c = STEP * k
+        shown = fragments if k % 3 == 1 else [screw, ring]
+        tracker.add("cam1", c, to_detections(blobs_in_view(CAMS["cam1"], shown, c), CAMS["cam1"], "cam1", c, CPM, k, 0))
+        tracker.add("cam0", c, [])
+        decided += tracker.finalise(["cam0", "cam1"])
+    decided += tracker.flush()
+    for u, x, *_ in (screw, ring):
+        assert any(abs(p.u - u) < CPM and abs(p.x - x) < 1 and p.area_mm2 > 60 for p in decided), (u, x)
+    assert tracker.merged_views == 0
 
 
 def test_a_piece_waits_for_a_long_neighbour_its_air_could_reach():

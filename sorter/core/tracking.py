@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from statistics import median
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from sorter.core.geometry import CameraGeometry
 from sorter.core.messages import Detection, Piece
@@ -21,6 +21,38 @@ if TYPE_CHECKING:
     from sorter.config import LineConfig, TrackingConfig
 
 AREA_SLACK = 1.3  # views of one piece differ in area by segmentation noise (a few %), far less than this
+# the pieces a merged view shows make up its area (less their overlap, plus segmentation noise); fragments of
+# an overlap, cut off in a frame or two, make up far less of either piece
+MERGED_COVER = 0.8
+MERGED_SLACK_MM = 2.0  # a merged view's extent is its pieces' union, give or take segmentation noise (~1 px)
+
+
+class _Box(NamedTuple):
+    """A piece's extent: along the belt in counts (u), across in mm."""
+
+    u_lead: float
+    u_trail: float
+    x0: float
+    x1: float
+
+    def inside(self, other: _Box, slack_u: float, slack_mm: float) -> bool:
+        return (
+            self.u_lead > other.u_lead - slack_u
+            and self.u_trail < other.u_trail + slack_u
+            and self.x0 > other.x0 - slack_mm
+            and self.x1 < other.x1 + slack_mm
+        )
+
+
+class _Decided(NamedTuple):
+    """What a decided piece leaves for the tracker: its extent, to recognise late views and merged ones."""
+
+    u: float
+    u_lead: float
+    u_trail: float
+    x0: float
+    x1: float
+    area: float
 
 
 def _same_piece(
@@ -56,6 +88,14 @@ class _Track:
 
     def n_whole(self) -> int:
         return sum(1 for d in self.views if _whole(d))
+
+    def area(self) -> float:
+        """mm², from the views that show the whole piece, else from all of them."""
+        whole = [d.area_mm2 for d in self.views if _whole(d)]
+        return float(median(whole or [d.area_mm2 for d in self.views]))
+
+    def box(self) -> _Box:
+        return _Box(self.u_lead, self.u_trail, self.x0, self.x1)
 
     def contains(self, u: float, x: float) -> bool:
         return self.u_lead < u < self.u_trail and self.x0 < x < self.x1
@@ -159,9 +199,7 @@ class Tracker:
         self._reach_along = neighbour_mm[0] * counts_per_mm
         self._reach_across = neighbour_mm[1]
         self._tracks: list[_Track] = []
-        self._done: list[
-            tuple[float, float, float, float, float]
-        ] = []  # (u, u_lead, u_trail, x0, x1) of decided pieces
+        self._done: list[_Decided] = []
         self._next_id = 1
         self.watermark: dict[str, int] = {}
         self.late_views = 0  # views that arrived after their piece was decided
@@ -179,7 +217,7 @@ class Tracker:
         self.watermark[camera] = max(count, self.watermark.get(camera, count))
         fresh = []
         for d in detections:
-            if any(_same_piece(d, *done, self._gate, 0.0) for done in self._done):
+            if any(_same_piece(d, p.u, p.u_lead, p.u_trail, p.x0, p.x1, self._gate, 0.0) for p in self._done):
                 self.late_views += 1
             else:
                 fresh.append(d)
@@ -222,9 +260,9 @@ class Tracker:
         self._tracks = waiting
         ready = self._drop_merged(ready)
         pieces = sorted((t.to_piece(self._max_views) for t in ready), key=lambda p: p.u)
-        self._done.extend((p.u, p.u_lead, p.u_trail, p.x0, p.x1) for p in pieces)
+        self._done.extend(_Decided(p.u, p.u_lead, p.u_trail, p.x0, p.x1, p.area_mm2) for p in pieces)
         horizon = passed - 4 * self._settle - 400 * self._cpm
-        self._done = [r for r in self._done if r[2] > horizon]
+        self._done = [d for d in self._done if d.u_trail > horizon]
         return pieces
 
     def _within_reach(self, t: _Track, q: _Track) -> bool:
@@ -232,22 +270,31 @@ class Tracker:
         return q.u_lead < t.u_trail + r and q.u_trail > t.u_lead - r and q.x0 < t.x1 + a and q.x1 > t.x0 - a
 
     def _drop_merged(self, ready: list[_Track]) -> list[_Track]:
-        """A track whose extent holds the centres of two or more other tracks is a view of touching
-        pieces that other frames did split: the split tracks stand for those pieces. Only tracks seen
-        whole at least half as often count: a fragment that one frame cut off a piece (seen whole in
-        four frames) is no evidence that the piece was two."""
-        centres: list[tuple[_Track | None, tuple[float, float]]] = [
-            (t, c) for t in ready + self._tracks if (c := t.centre()) is not None
+        """A track whose extent holds two or more other tracks that together make up most of its area is a
+        view of touching pieces that other frames did split: the split tracks stand for those pieces. Only
+        tracks seen whole at least half as often count: a fragment that one frame cut off a piece (seen
+        whole in four frames) is no evidence that the piece was two. Extents, not centres: a piece lying
+        across another holds its neighbour's centre, not its extent, and fragments cut out of their overlap
+        make up far less than either. A dropped track stands for nothing, and the largest are judged
+        first: of a merged view and its parts the parts stay, never neither."""
+        standing: list[tuple[_Track | None, _Box, float]] = [
+            (t, t.box(), t.area()) for t in ready + self._tracks if t.n_whole()
         ]
-        centres += [(None, (u, (x0 + x1) / 2)) for u, _, _, x0, x1 in self._done]
-        whole = [t for t in ready + self._tracks if t.centre() is not None]
+        standing += [(None, _Box(d.u_lead, d.u_trail, d.x0, d.x1), d.area) for d in self._done]
+        slack = (MERGED_SLACK_MM * self._cpm, MERGED_SLACK_MM)
+        dropped: set[int] = set()
         keep = []
-        for t in ready:
-            seen = t.n_whole()
-            inside = sum(
-                1 for o, (u, x) in centres if o is not t and t.contains(u, x) and (o is None or 2 * o.n_whole() >= seen)
-            )
-            if inside >= 2:
+        for t in sorted(ready, key=lambda t: -t.area()):
+            seen, box = t.n_whole(), t.box()
+            parts = [
+                area
+                for o, part, area in standing
+                if o is not t
+                and (o is None or (o.id not in dropped and 2 * o.n_whole() >= seen))
+                and part.inside(box, *slack)
+            ]
+            if len(parts) >= 2 and sum(parts) >= MERGED_COVER * t.area():
+                dropped.add(t.id)
                 self.merged_views += len(t.views)
                 continue
             if t.centre() is None:
@@ -255,8 +302,8 @@ class Tracker:
                 # of that piece that did not join its track, not a piece of its own
                 u = float(median([d.u for d in t.views]))
                 x = float(median([d.x for d in t.views]))
-                if any(o.contains(u, x) for o in whole) or any(
-                    lead < u < trail and x0 < x < x1 for _, lead, trail, x0, x1 in self._done
+                if any(o is not None and o.id not in dropped and o.contains(u, x) for o, _, _ in standing) or any(
+                    d.u_lead < u < d.u_trail and d.x0 < x < d.x1 for d in self._done
                 ):
                     self.partial_views += len(t.views)
                     continue
