@@ -189,11 +189,15 @@ def model_train(
         float, typer.Option(help="seconds the training loop may take: fewer epochs if it would overrun (0: none)")
     ] = 210.0,
     threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
+    arch: Annotated[
+        str, typer.Option(help="cnn: the small network from scratch; lite0: EfficientNet-Lite0 from ImageNet weights")
+    ] = "cnn",
 ) -> None:
     """Train the piece classifier (needs the `train` extra: PyTorch CPU) and export ONNX.
 
     Progress and tables go to stderr, the metrics as one JSON object to stdout.
     """
+    from sorter.ml.backbones import WeightsError
     from sorter.ml.dataset import DatasetError
 
     try:
@@ -207,10 +211,11 @@ def model_train(
             input_size=input_size,
             threads=threads,
             time_budget_s=time_budget or None,
+            arch=arch,
         )
-    except DatasetError as exc:
+    except (DatasetError, ValueError) as exc:
         raise fail(str(exc)) from None
-    except ImportError as exc:
+    except (ImportError, WeightsError) as exc:
         raise fail(str(exc)) from None
     typer.echo(json.dumps(metrics, default=str))
 

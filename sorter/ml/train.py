@@ -42,6 +42,7 @@ def data_hash(data: Path) -> str:
 
 
 WIDTHS = (16, 32, 64, 64, 128)
+ARCHS = ("cnn", "lite0")
 
 
 def _build_model(torch: Any, n_classes: int, stem_stride: int = 1, widths: tuple[int, ...] = WIDTHS) -> Any:
@@ -326,6 +327,7 @@ def train(
     augment: dict[str, tuple[float, float]] | None = None,
     precision: str = "auto",
     widths: tuple[int, ...] = WIDTHS,
+    arch: str = "cnn",
 ) -> dict[str, Any]:
     """Train the piece classifier on an ImageFolder tree and export it to ONNX with its metadata.
 
@@ -348,7 +350,9 @@ def train(
         augment: overrides of the augmentation ranges (`AUGMENT`).
         precision: "fp32", "bf16" (convolutions in bfloat16 under autocast, weights and optimiser
             in float32), or "auto": bf16 where the CPU does it natively (AVX512-BF16 or AMX), else fp32.
-        widths: channels of the five convolutions.
+        widths: channels of the five convolutions (`arch` "cnn").
+        arch: "cnn", the small network trained from scratch (ARCHS); "lite0", EfficientNet-Lite0 started from
+            its ImageNet weights (sorter.ml.backbones), the whole network fine-tuned.
 
     Returns:
         Metrics: labels, temperature, epochs run, val (and test) accuracy, confusion matrices,
@@ -395,7 +399,14 @@ def train(
     def unit(x: Any) -> Any:
         return x.float().div_(255.0)
 
-    net = _build_model(torch, len(labels), stem_stride, tuple(widths)).to(memory_format=cl)
+    if arch not in ARCHS:
+        raise ValueError(f"arch {arch!r}: one of {', '.join(ARCHS)}")
+    if arch == "lite0":
+        from sorter.ml.backbones import build_lite0
+
+        net = build_lite0(torch, len(labels)).to(memory_format=cl)
+    else:
+        net = _build_model(torch, len(labels), stem_stride, tuple(widths)).to(memory_format=cl)
     n_params = sum(p.numel() for p in net.parameters())
     # evaluate and export an exponential moving average of the weights: single-step weights
     # (and their batch-norm statistics) make validation loss jump about, and early stopping with it
@@ -524,6 +535,7 @@ def train(
     metrics: dict[str, Any] = {
         "labels": labels,
         "input_size": input_size,
+        "arch": arch,
         "precision": "bf16" if use_bf16 else "fp32",
         "seed": seed,
         "parameters": n_params,
