@@ -178,7 +178,13 @@ def _compare_text(c: dict) -> str:  # type: ignore[type-arg]
 
 @model_app.command("train")
 def model_train(
-    data: Annotated[Path, typer.Option(help="dataset: DIR/{train,val,test}/<class>/*.png, optional sensors.csv")],
+    data: Annotated[
+        list[Path],
+        typer.Option(
+            help="dataset: DIR/{train,val,test}/<class>/*.png, optional sensors.csv; repeat to merge several "
+            "(the shipped set and the plant's labelled crops)"
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="ONNX file to write")],
     epochs: Annotated[int, typer.Option(help="most epochs (early stopping on val loss, time budget)")] = 60,
     seed: int = 0,
@@ -192,6 +198,10 @@ def model_train(
     arch: Annotated[
         str, typer.Option(help="cnn: the small network from scratch; lite0: EfficientNet-Lite0 from ImageNet weights")
     ] = "cnn",
+    data_share: Annotated[
+        list[float] | None,
+        typer.Option(help="per --data, in order: its share of each training epoch (default: each crop once)"),
+    ] = None,
 ) -> None:
     """Train the piece classifier (needs the `train` extra: PyTorch CPU) and export ONNX.
 
@@ -212,6 +222,7 @@ def model_train(
             threads=threads,
             time_budget_s=time_budget or None,
             arch=arch,
+            data_shares=data_share or None,
         )
     except (DatasetError, ValueError) as exc:
         raise fail(str(exc)) from None

@@ -464,3 +464,31 @@ def test_train_lite0_exports_a_model_the_line_accepts(tmp_path: Path) -> None:
     metrics = train(root, out, epochs=1, seed=0, progress=False, batch_size=8, arch="lite0", input_size=64)
     assert metrics["arch"] == "lite0" and metrics["parameters"] > 3_000_000
     assert check_model(out).ok
+
+
+def test_datasets_merge_split_by_split_with_their_origin(tmp_path: Path) -> None:
+    from sorter.ml.dataset import merge_datasets
+
+    shipped = scan_dataset(_toy(tmp_path / "shipped", ("ndfeb", "steel"), per=3))
+    plant = scan_dataset(_toy(tmp_path / "plant", ("ferrite", "ndfeb"), per=2, sensors=False))
+    merged, origin = merge_datasets([shipped, plant])
+    assert merged.labels == ("ndfeb", "ferrite", "steel")  # the union, in the line's order
+    train = merged["train"]
+    assert len(train) == 6 + 4 and list(origin["train"]) == [0] * 6 + [1] * 4
+    assert [merged.labels[i] for i in train.y[6:]] == ["ndfeb", "ndfeb", "ferrite", "ferrite"]
+    assert train.files[6].is_relative_to(tmp_path / "plant")
+    assert train.fields is None  # the plant's crops have no readings: no likelihood from the shipped ones only
+
+
+def test_train_merges_two_folders_with_stated_shares(tmp_path: Path) -> None:
+    _toy(tmp_path / "shipped", per=3)
+    _toy(tmp_path / "plant", per=2)
+    out = tmp_path / "m.onnx"
+    args = ["--data", str(tmp_path / "shipped"), "--data", str(tmp_path / "plant"), "--data-share", "0.3"]
+    res = runner.invoke(app, ["model", "train", *args, "--data-share", "0.7", "--out", str(out), "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(res.stdout)
+    assert [(d["n_train"], d["share"]) for d in metrics["data"]] == [(6, 0.3), (4, 0.7)]
+    assert check_model(out).ok
+    res = runner.invoke(app, ["model", "train", *args, "--out", str(out), "--epochs", "1"])
+    assert res.exit_code == 2 and "one positive share per data folder" in res.output

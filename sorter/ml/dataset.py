@@ -315,3 +315,44 @@ def data_hash(root: Path, dataset: Dataset | None = None) -> str:
         h.update(p.relative_to(root).as_posix().encode())
         h.update(p.read_bytes())
     return h.hexdigest()
+
+
+def merge_datasets(datasets: Sequence[Dataset]) -> tuple[Dataset, dict[str, np.ndarray]]:
+    """Several datasets as one (e.g. the shipped set and the plant's labelled crops): each split the union of
+    theirs, the classes the union in the line's order. Readings are kept where every dataset of a split has
+    them (a field likelihood fitted on some crops' readings only would misjudge the others); areas likewise.
+
+    Returns the merged dataset and, per split, the index (into `datasets`) of the set each crop came from."""
+    if len(datasets) == 1:
+        only = datasets[0]
+        return only, {s: np.zeros(len(sp), np.int64) for s, sp in only.splits.items()}
+    labels = order_labels({c for d in datasets for c in d.labels})
+    splits: dict[str, Split] = {}
+    origin: dict[str, np.ndarray] = {}
+    for name in SPLITS:
+        parts = [(k, d[name]) for k, d in enumerate(datasets) if name in d]
+        if not parts:
+            continue
+        ys = [np.asarray([labels.index(sp.labels[i]) for i in sp.y], np.int64) for _, sp in parts]
+        fields = [sp.fields for _, sp in parts]
+        areas = [sp.areas if sp.areas is not None else np.full(len(sp), np.nan) for _, sp in parts]
+        splits[name] = Split(
+            name,
+            parts[0][1].root,
+            tuple(labels),
+            tuple(p for _, sp in parts for p in sp.files),
+            np.concatenate(ys),
+            np.concatenate(fields) if all(f is not None for f in fields) else None,  # type: ignore[arg-type]
+            None,
+            np.concatenate(areas) if any(sp.areas is not None for _, sp in parts) else None,
+        )
+        origin[name] = np.concatenate([np.full(len(sp), k, np.int64) for k, sp in parts])
+    return Dataset(root=datasets[0].root, labels=tuple(labels), splits=splits), origin
+
+
+def merged_hash(datasets: Sequence[Dataset]) -> str:
+    """data_hash of one dataset; of several, the sha256 over their hashes in the given order."""
+    hashes = [data_hash(d.root, d) for d in datasets]
+    if len(hashes) == 1:
+        return hashes[0]
+    return hashlib.sha256("".join(hashes).encode()).hexdigest()

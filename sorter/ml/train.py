@@ -13,6 +13,7 @@ import math
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -313,7 +314,7 @@ def _split_report(probs: np.ndarray, y: np.ndarray, labels: list[str], fused: np
 
 
 def train(
-    data: Path,
+    data: Path | Sequence[Path],
     out: Path,
     epochs: int = 60,
     seed: int = 0,
@@ -328,6 +329,7 @@ def train(
     precision: str = "auto",
     widths: tuple[int, ...] = WIDTHS,
     arch: str = "cnn",
+    data_shares: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Train the piece classifier on an ImageFolder tree and export it to ONNX with its metadata.
 
@@ -335,6 +337,8 @@ def train(
         data: directory with train/<class>/*.png and val/<class>/*.png (test/ optional, only reported),
             each split optionally with sensors.csv (file,field_mT); see sorter.ml.dataset. E.g. made by
             `sorter sim dataset`, or any labelled crops of single pieces.
+            Several folders (the shipped set and the plant's labelled crops) are merged split by split
+            (sorter.ml.dataset.merge_datasets).
         out: the .onnx file to write (replaced atomically).
         epochs: maximum epochs; training stops early when validation loss stops improving.
         seed: seeds initialisation, shuffling and augmentation.
@@ -351,6 +355,9 @@ def train(
         precision: "fp32", "bf16" (convolutions in bfloat16 under autocast, weights and optimiser
             in float32), or "auto": bf16 where the CPU does it natively (AVX512-BF16 or AMX), else fp32.
         widths: channels of the five convolutions (`arch` "cnn").
+        data_shares: with several `data` folders, the share of every training epoch drawn from each (e.g.
+            0.5, 0.5 for a small plant set beside a large shipped one: its crops are drawn more often); None:
+            each crop once per epoch, so each folder weighs by its size.
         arch: "cnn", the small network trained from scratch (ARCHS); "lite0", EfficientNet-Lite0 started from
             its ImageNet weights (sorter.ml.backbones), the whole network fine-tuned.
 
@@ -372,9 +379,13 @@ def train(
     from sorter.vision.modelcheck import check_model
 
     console = Console(quiet=not progress, stderr=True)
-    data, out = Path(data), Path(out)
+    folders = [Path(data)] if isinstance(data, str | Path) else [Path(d) for d in data]
+    out = Path(out)
+    if data_shares is not None and (len(data_shares) != len(folders) or min(data_shares) <= 0):
+        raise ValueError(f"data shares {list(data_shares)}: one positive share per data folder ({len(folders)})")
     t_start = time.monotonic()
-    ds = scan_dataset(data, required=("train", "val"))
+    sets = [scan_dataset(d, required=("train", "val")) for d in folders]
+    ds, origin = _dataset.merge_datasets(sets)
     labels = list(ds.labels)
     if input_size is None:
         sample = ds["train"].files[:: max(1, len(ds["train"].files) // 50)]
@@ -421,6 +432,20 @@ def train(
     min_epochs = math.ceil(0.75 * planned)
     loss_fn = torch.nn.CrossEntropyLoss()
     xt, yt = tensor(x_train), torch.from_numpy(y_train)
+    draw = None  # per-crop sampling weights: each folder's share of an epoch spread over its crops
+    sources = [{"data": str(f), "n_train": int((origin["train"] == k).sum())} for k, f in enumerate(folders)]
+    if data_shares is not None:
+        n_of = np.bincount(origin["train"], minlength=len(folders))
+        share = np.asarray(data_shares, float) / sum(data_shares)
+        draw = torch.from_numpy(share[origin["train"]] / np.maximum(n_of[origin["train"]], 1))
+        for src, sh in zip(sources, share, strict=True):
+            src["share"] = round(float(sh), 4)
+    if len(folders) > 1:
+        said = [
+            f"{s['data']} {s['n_train']} crops" + (f", {s['share']:.0%} of each epoch" if "share" in s else "")
+            for s in sources
+        ]
+        console.print("training data: " + "; ".join(said))
     xv, yv = tensor(xs["val"][0]), xs["val"][1]
 
     def logits_of(x: Any) -> np.ndarray:
@@ -450,7 +475,10 @@ def train(
         while epoch < planned:
             t_epoch = time.monotonic()
             net.train()
-            perm = torch.randperm(len(xt), generator=gen)
+            if draw is None:
+                perm = torch.randperm(len(xt), generator=gen)
+            else:
+                perm = torch.multinomial(draw, len(xt), replacement=True, generator=gen)
             total = 0.0
             for i in range(steps):
                 idx = perm[i * batch_size : (i + 1) * batch_size]
@@ -536,6 +564,7 @@ def train(
         "labels": labels,
         "input_size": input_size,
         "arch": arch,
+        "data": sources,
         "precision": "bf16" if use_bf16 else "fp32",
         "seed": seed,
         "parameters": n_params,
@@ -553,7 +582,7 @@ def train(
         metrics["test"] = _split_report(test_probs, xs["test"][1], labels, fused_of("test", test_probs))
 
     created = dt.datetime.now(dt.UTC).replace(microsecond=0)
-    digest = _dataset.data_hash(data, ds)
+    digest = _dataset.merged_hash(sets)
     summary: dict[str, Any] = {
         "n_train": len(x_train),
         "epochs_run": len(history),
