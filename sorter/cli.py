@@ -189,14 +189,19 @@ def model_train(
     epochs: Annotated[int, typer.Option(help="most epochs (early stopping on val loss, time budget)")] = 60,
     seed: int = 0,
     input_size: Annotated[
-        int | None, typer.Option(help="model input side in px (default: 64 for crops up to ~96 px, else 128)")
+        int | None,
+        typer.Option(help="model input side in px (default: lite0 96; cnn 64 for crops up to ~96 px, else 128)"),
     ] = None,
     time_budget: Annotated[
         float, typer.Option(help="seconds the training loop may take: fewer epochs if it would overrun (0: none)")
-    ] = 210.0,
+    ] = 240.0,
     threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
     arch: Annotated[
-        str, typer.Option(help="cnn: the small network from scratch; lite0: EfficientNet-Lite0 from ImageNet weights")
+        str,
+        typer.Option(
+            help="cnn: the small network from scratch; lite0: EfficientNet-Lite0 fine-tuned from its ImageNet "
+            "weights (models/MODEL_CARD.md: better on one foreign set, worse on another)"
+        ),
     ] = "cnn",
     data_share: Annotated[
         list[float] | None,

@@ -206,3 +206,19 @@ def test_a_band_with_few_readings_of_a_class_uses_its_overall_density() -> None:
         FieldLikelihood.fit(LABELS, f, y, area_mm2=area[:10])
     with pytest.raises(FieldModelError):
         FieldLikelihood(LABELS, np.ones((5, 8)), size_edges_mm2=[50.0, 20.0], density_by_size=np.ones((3, 5, 8)))
+
+
+def test_a_class_with_few_readings_gets_a_broad_density() -> None:
+    # a plant's rare class (three SmCo readings, close together) beside classes with hundreds: its density must
+    # not be a sharp peak that makes a SmCo reading a little off those three look impossible for SmCo
+    f, y = _readings(n=300)
+    keep = (y != 2) | (np.cumsum(y == 2) <= 3)
+    lik = FieldLikelihood.fit(LABELS, f[keep], y[keep], contamination=0.01)
+    assert lik.counts[2] == 3
+    smco_readings = np.abs(f[keep][y[keep] == 2])
+    off = float(np.max(smco_readings)) * 1.6  # 60 % stronger than the strongest of the three
+    near, far = lik.log_likelihood(float(np.median(smco_readings)))[2], lik.log_likelihood(off)[2]
+    assert near - far < math.log(8)  # the few readings favour their own values only mildly
+    # hundreds of readings keep their shape: the well-known classes still separate sharply
+    ferrite = lik.log_likelihood(40.0)
+    assert ferrite[1] - ferrite[0] > math.log(8)

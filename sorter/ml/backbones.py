@@ -53,8 +53,12 @@ def weights_path() -> Path:
     return path
 
 
-def build_lite0(torch: Any, n_classes: int, pretrained: bool = True, dropout: float = 0.2) -> Any:
+def build_lite0(
+    torch: Any, n_classes: int, pretrained: bool = True, dropout: float = 0.2, frozen_blocks: int = 0
+) -> Any:
     """EfficientNet-Lite0 for `n_classes`; with `pretrained`, every layer but the classifier from ImageNet.
+    `frozen_blocks` > 0: the stem and that many blocks keep their weights (edges and textures are the same
+    everywhere; their backward pass at full resolution is most of a training step's cost).
 
     Module names follow the weights file's keys, so the state dict loads as it is."""
     nn = torch.nn
@@ -127,4 +131,8 @@ def build_lite0(torch: Any, n_classes: int, pretrained: bool = True, dropout: fl
         missing, unexpected = net.load_state_dict(state, strict=False)
         if unexpected or set(missing) != {"_fc.weight", "_fc.bias"}:
             raise WeightsError(f"weights do not fit EfficientNet-Lite0: missing {missing}, unexpected {unexpected}")
+    if frozen_blocks > 0:
+        for module in (net._conv_stem, net._bn0, *net._blocks[:frozen_blocks]):
+            for param in module.parameters():
+                param.requires_grad_(False)
     return net

@@ -44,6 +44,7 @@ def data_hash(data: Path) -> str:
 
 WIDTHS = (16, 32, 64, 64, 128)
 ARCHS = ("cnn", "lite0")
+LITE0_INPUT = 96  # on 2 cores 13 epochs fit 240 s (128 px: 5 epochs, 64 px: 13, both less accurate)
 
 
 def _build_model(torch: Any, n_classes: int, stem_stride: int = 1, widths: tuple[int, ...] = WIDTHS) -> Any:
@@ -168,11 +169,13 @@ def _replan(epoch_s: list[float], elapsed: float, budget: float, planned: int, m
     return new
 
 
-def _use_bf16(torch: Any, precision: str) -> bool:
+def _use_bf16(torch: Any, precision: str, arch: str = "cnn") -> bool:
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
     if precision != "auto":
         return precision == "bf16"
+    if arch == "lite0":  # its depthwise convolutions: a training step 0.71 s in bfloat16, 0.56 s in float32
+        return False
     try:  # native bfloat16 doubles the speed; emulated it would be far slower than float32
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:
@@ -324,12 +327,13 @@ def train(
     lr: float = 2e-3,
     patience: int = 8,
     threads: int = 2,
-    time_budget_s: float | None = 210.0,
+    time_budget_s: float | None = 240.0,
     augment: dict[str, tuple[float, float]] | None = None,
     precision: str = "auto",
     widths: tuple[int, ...] = WIDTHS,
     arch: str = "cnn",
     data_shares: Sequence[float] | None = None,
+    frozen_blocks: int = 0,
 ) -> dict[str, Any]:
     """Train the piece classifier on an ImageFolder tree and export it to ONNX with its metadata.
 
@@ -342,8 +346,9 @@ def train(
         out: the .onnx file to write (replaced atomically).
         epochs: maximum epochs; training stops early when validation loss stops improving.
         seed: seeds initialisation, shuffling and augmentation.
-        input_size: square input side in pixels; crops of another size are resized. None: 64 for the
-            line's 64 px crops (up to ~96 px), 128 for larger crops (halved by a strided first layer).
+        input_size: square input side in pixels; crops of another size are resized. None: lite0 96; the
+            small CNN 64 for the line's 64 px crops (up to ~96 px), 128 for larger crops (halved by a strided
+            first layer).
         progress: show a progress bar and print the results.
         batch_size: training batch size.
         lr: peak AdamW learning rate (one-cycle schedule).
@@ -353,13 +358,15 @@ def train(
             would overrun it, fewer epochs are run (the learning-rate schedule is compressed to fit).
         augment: overrides of the augmentation ranges (`AUGMENT`).
         precision: "fp32", "bf16" (convolutions in bfloat16 under autocast, weights and optimiser
-            in float32), or "auto": bf16 where the CPU does it natively (AVX512-BF16 or AMX), else fp32.
+            in float32), or "auto": for the small CNN bf16 where the CPU does it natively (AVX512-BF16 or
+            AMX), else fp32; for lite0 fp32 (faster: its depthwise convolutions).
         widths: channels of the five convolutions (`arch` "cnn").
         data_shares: with several `data` folders, the share of every training epoch drawn from each (e.g.
             0.5, 0.5 for a small plant set beside a large shipped one: its crops are drawn more often); None:
             each crop once per epoch, so each folder weighs by its size.
         arch: "cnn", the small network trained from scratch (ARCHS); "lite0", EfficientNet-Lite0 started from
-            its ImageNet weights (sorter.ml.backbones), the whole network fine-tuned.
+            its ImageNet weights (sorter.ml.backbones), the whole network fine-tuned: better on one foreign
+            set, worse on another (models/MODEL_CARD.md), so not the default.
 
     Returns:
         Metrics: labels, temperature, epochs run, val (and test) accuracy, confusion matrices,
@@ -387,12 +394,16 @@ def train(
     sets = [scan_dataset(d, required=("train", "val")) for d in folders]
     ds, origin = _dataset.merge_datasets(sets)
     labels = list(ds.labels)
-    if input_size is None:
+    if arch not in ARCHS:
+        raise ValueError(f"arch {arch!r}: one of {', '.join(ARCHS)}")
+    if input_size is None and arch == "lite0":
+        input_size = LITE0_INPUT
+    elif input_size is None:
         sample = ds["train"].files[:: max(1, len(ds["train"].files) // 50)]
         input_size = auto_input_size([_dataset.read_image(p).shape[:2] for p in sample])
     stem_stride = 2 if input_size >= 96 else 1
     torch.set_num_threads(max(1, threads))
-    use_bf16 = _use_bf16(torch, precision)
+    use_bf16 = _use_bf16(torch, precision, arch)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     xs = {s: (ds[s].load_images(input_size), ds[s].y) for s in SPLITS if s in ds}
@@ -410,12 +421,10 @@ def train(
     def unit(x: Any) -> Any:
         return x.float().div_(255.0)
 
-    if arch not in ARCHS:
-        raise ValueError(f"arch {arch!r}: one of {', '.join(ARCHS)}")
     if arch == "lite0":
         from sorter.ml.backbones import build_lite0
 
-        net = build_lite0(torch, len(labels)).to(memory_format=cl)
+        net = build_lite0(torch, len(labels), frozen_blocks=frozen_blocks).to(memory_format=cl)
     else:
         net = _build_model(torch, len(labels), stem_stride, tuple(widths)).to(memory_format=cl)
     n_params = sum(p.numel() for p in net.parameters())
@@ -425,7 +434,7 @@ def train(
 
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.99), use_buffers=True)
     model = ema.module
-    opt = torch.optim.AdamW(net.parameters(), lr=lr / 25, weight_decay=5e-4)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr / 25, weight_decay=5e-4)
     steps = max(1, math.ceil(len(x_train) / batch_size))
     planned = epochs
     # one-cycle training converges in its last, low-learning-rate epochs: never stop before those
