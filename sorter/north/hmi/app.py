@@ -386,12 +386,7 @@ def create_app(hmi: HmiServer) -> FastAPI:
 
     @app.post("/api/model")
     async def swap_model(request: Request) -> dict[str, Any]:
-        sess = guard(request, "technician")
-        try:
-            body = ModelBody.model_validate(await body_json(request))
-        except ValidationError as exc:
-            raise invalid(request, exc, user=sess.user) from None
-        path = model_file(request, sess, body.path)
+        sess, path = await technician_model(request)
         try:
             version = await on_service(request, SwapModel(path, sess.user), timeout=120.0)
         except ModelError as exc:
@@ -399,6 +394,15 @@ def create_app(hmi: HmiServer) -> FastAPI:
             raise HTTPException(422, f"model refused: {exc}") from None
         hmi.log.info("hmi model swapped", user=sess.user, path=str(path), version=version)
         return {"version": version, "path": str(path)}
+
+    async def technician_model(request: Request) -> tuple[Session, Path]:
+        """A technician's request naming a model: the session and the file (401/403/422 otherwise)."""
+        sess = guard(request, "technician")
+        try:
+            body = ModelBody.model_validate(await body_json(request))
+        except ValidationError as exc:
+            raise invalid(request, exc, user=sess.user) from None
+        return sess, model_file(request, sess, body.path)
 
     def model_file(request: Request, sess: Session, text: str) -> Path:
         """A client-named model: an .onnx file on the line PC (422 otherwise)."""
@@ -471,12 +475,7 @@ def create_app(hmi: HmiServer) -> FastAPI:
 
     @app.post("/api/model/compare")
     async def compare_start(request: Request) -> dict[str, Any]:
-        sess = guard(request, "technician")
-        try:
-            body = ModelBody.model_validate(await body_json(request))
-        except ValidationError as exc:
-            raise invalid(request, exc, user=sess.user) from None
-        new = model_file(request, sess, body.path)
+        sess, new = await technician_model(request)
         running = Path(hmi.stats.model_path) if hmi.stats is not None and hmi.stats.model_path else None
         if running is None or not running.is_file():
             raise refuse(request, 503, "no_running_model", "the running model's file is not known yet", user=sess.user)
