@@ -22,7 +22,7 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs
 
 from fastapi import FastAPI, HTTPException, Request, Response
@@ -122,6 +122,9 @@ class ThresholdsBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     min_confidence: float | None = Field(None, ge=0, le=1)
     fallback_min_confidence: float | None = Field(None, ge=0, le=1)
+
+
+BodyT = TypeVar("BodyT", bound=BaseModel)
 
 
 class ModelBody(BaseModel):
@@ -357,13 +360,17 @@ def create_app(hmi: HmiServer) -> FastAPI:
         hmi.log.info("hmi alarm acknowledged", user=sess.user, alarm=a.name, active=a.active)
         return {"alarm": a.name, "acked_by": a.acked_by, "active": a.active}
 
-    @app.put("/api/routing/thresholds")
-    async def thresholds(request: Request) -> dict[str, Any]:
+    async def technician_body(request: Request, schema: type[BodyT]) -> tuple[Session, BodyT]:
+        """A technician's request and its JSON body checked against `schema` (401/403/422 otherwise)."""
         sess = guard(request, "technician")
         try:
-            body = ThresholdsBody.model_validate(await body_json(request))
+            return sess, schema.model_validate(await body_json(request))
         except ValidationError as exc:
             raise invalid(request, exc, user=sess.user) from None
+
+    @app.put("/api/routing/thresholds")
+    async def thresholds(request: Request) -> dict[str, Any]:
+        sess, body = await technician_body(request, ThresholdsBody)
         changes = body.model_dump(exclude_none=True)
         if not changes:
             raise refuse(request, 422, "invalid", "give min_confidence and/or fallback_min_confidence", user=sess.user)
@@ -397,11 +404,7 @@ def create_app(hmi: HmiServer) -> FastAPI:
 
     async def technician_model(request: Request) -> tuple[Session, Path]:
         """A technician's request naming a model: the session and the file (401/403/422 otherwise)."""
-        sess = guard(request, "technician")
-        try:
-            body = ModelBody.model_validate(await body_json(request))
-        except ValidationError as exc:
-            raise invalid(request, exc, user=sess.user) from None
+        sess, body = await technician_body(request, ModelBody)
         return sess, model_file(request, sess, body.path)
 
     def model_file(request: Request, sess: Session, text: str) -> Path:
