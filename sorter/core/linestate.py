@@ -169,6 +169,9 @@ class ClipStatus:
     frames: int  # frames written
     stopped_by: str | None = None  # who stopped it; "bound" when it stopped itself
     stopped_early: str | None = None  # why it stopped itself (size bound, disk nearly full, a write failed)
+    # counts the starts and stops since the service started: a reader that got a later change (a panel, from the
+    # answer to its own start or stop) knows a status built before it is stale
+    change: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -647,6 +647,7 @@ class Clips:
         self.current: Recorder | None = None
         self.last: ClipStatus | None = None
         self._started_by = ""
+        self.changes = 0  # starts and stops so far (ClipStatus.change)
 
     def start(self, user: str, max_mb: float | None, *, config: dict[str, Any], model_version: str) -> ClipStatus:
         if self.current is not None:
@@ -676,6 +677,7 @@ class Clips:
         except (RecordingError, OSError) as exc:
             raise ClipError(str(exc)) from None
         self.current, self._started_by = rec, user
+        self.changes += 1
         self.hub.add(rec)
         status = self.status()
         assert status is not None
@@ -692,6 +694,7 @@ class Clips:
             raise ClipError("no clip is recording")
         self.hub.remove(rec)
         self.current = None
+        self.changes += 1
         return rec
 
     def closed(self, rec: Recorder, stopped_by: str) -> ClipStatus:
@@ -717,6 +720,7 @@ class Clips:
             frames=int(st["frames"]),
             stopped_by=stopped_by,
             stopped_early=st["stopped"],
+            change=self.changes,
         )
 
     def close_all(self, records: Path | None) -> None:

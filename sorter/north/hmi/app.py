@@ -437,6 +437,7 @@ def create_app(hmi: HmiServer) -> FastAPI:
             "frames": st.frames,
             "stopped_by": st.stopped_by,
             "stopped_early": st.stopped_early,
+            "change": st.change,
         }
 
     @app.post("/api/clip/start")

@@ -319,6 +319,7 @@ class ViewBuilder:
                 "frames": s.clip.frames,
                 "stopped_by": s.clip.stopped_by,
                 "stopped_early": s.clip.stopped_early,
+                "change": s.clip.change,
             },
             "routing": {
                 "min_confidence": s.min_confidence,

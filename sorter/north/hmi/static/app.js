@@ -18,7 +18,6 @@ let ws = null;
 let reconnectTimer = null;
 let reconnectDelay = 500;
 let lastActivitySent = 0;
-let lastAlarmsKey = "";
 let pendingThresholds = {};
 let chosenModel = null;
 let toastTimer = null;
@@ -113,7 +112,8 @@ function showMain() {
   buildControls();
   $("#technician").hidden = !session.may_configure;
   if (session.may_configure) loadModels();
-  lastAlarmsKey = "";
+  alarmItems.clear(); // the buttons depend on the role: build the list anew for this session
+  $("#alarms").replaceChildren();
   connect();
 }
 
@@ -283,33 +283,55 @@ function timeOf(t) {
   return new Date(t * 1000).toLocaleTimeString();
 }
 
+// one list item per alarm, rebuilt only when that alarm changes: another alarm raised or cleared beside it must
+// not replace the Acknowledge button under the operator's finger
+const alarmItems = new Map(); // name -> {key, li}
+
+function alarmItem(a) {
+  const li = el("li", { "data-alarm": a.name, "data-active": String(a.active), "data-acked": String(!!a.acked_by) });
+  const head = el("div", { class: "head" });
+  head.append(el("span", { class: "name" }, a.name), el("span", { class: "time" }, timeOf(a.raised_at)));
+  li.append(head, el("div", { class: "cause" }, a.cause), el("div", { class: "action" }, a.action));
+  const row = el("div", { class: "row" });
+  const status = a.active ? (a.acked_by ? `active, acknowledged by ${a.acked_by}` : "active") :
+    `cleared ${timeOf(a.cleared_at)}`;
+  row.append(el("span", { class: "status" }, status));
+  if (session && session.may_operate && !a.acked_by) {
+    const b = el("button", { type: "button", class: "ack" }, "Acknowledge");
+    b.addEventListener("click", async () => {
+      b.disabled = true;
+      const r = await api("POST", `/api/alarms/${encodeURIComponent(a.name)}/ack`);
+      if (!r.ok && r.status !== 401) toast(`acknowledge refused: ${(r.data && r.data.detail) || r.status}`, "error");
+    });
+    row.append(b);
+  }
+  li.append(row);
+  return li;
+}
+
 function renderAlarms(alarms) {
   setText($("#alarm-count"), alarms.length ? `(${alarms.filter((a) => a.active).length} active)` : "");
-  const key = JSON.stringify(alarms.map((a) => [a.name, a.raised_at, a.cleared_at, a.acked_by, a.cause]));
-  if (key === lastAlarmsKey) return; // unchanged: keep the buttons under the operator's finger
-  lastAlarmsKey = key;
   const list = $("#alarms");
-  list.replaceChildren();
-  for (const a of alarms) {
-    const li = el("li", { "data-alarm": a.name, "data-active": String(a.active), "data-acked": String(!!a.acked_by) });
-    const head = el("div", { class: "head" });
-    head.append(el("span", { class: "name" }, a.name), el("span", { class: "time" }, timeOf(a.raised_at)));
-    li.append(head, el("div", { class: "cause" }, a.cause), el("div", { class: "action" }, a.action));
-    const row = el("div", { class: "row" });
-    const status = a.active ? (a.acked_by ? `active, acknowledged by ${a.acked_by}` : "active") :
-      `cleared ${timeOf(a.cleared_at)}`;
-    row.append(el("span", { class: "status" }, status));
-    if (session && session.may_operate && !a.acked_by) {
-      const b = el("button", { type: "button", class: "ack" }, "Acknowledge");
-      b.addEventListener("click", async () => {
-        b.disabled = true;
-        const r = await api("POST", `/api/alarms/${encodeURIComponent(a.name)}/ack`);
-        if (!r.ok && r.status !== 401) toast(`acknowledge refused: ${(r.data && r.data.detail) || r.status}`, "error");
-      });
-      row.append(b);
+  const names = new Set(alarms.map((a) => a.name));
+  for (const [name, item] of alarmItems) {
+    if (!names.has(name)) {
+      item.li.remove();
+      alarmItems.delete(name);
     }
-    li.append(row);
-    list.append(li);
+  }
+  let prev = null;
+  for (const a of alarms) {
+    const key = JSON.stringify([a.raised_at, a.cleared_at, a.acked_by, a.cause, a.action]);
+    let item = alarmItems.get(a.name);
+    if (!item || item.key !== key) {
+      const li = alarmItem(a);
+      if (item) item.li.replaceWith(li);
+      item = { key, li };
+      alarmItems.set(a.name, item);
+    }
+    const want = prev ? prev.nextSibling : list.firstChild;
+    if (item.li !== want) list.insertBefore(item.li, want); // moved only when the order changed
+    prev = item.li;
   }
 }
 
@@ -374,10 +396,13 @@ async function swapModel() {
 }
 
 // a clip: every frame, poll, bar line and PLC status recorded while the line runs (docs/recording.md)
-let stoppedClip = null; // the clip this panel stopped: a push built before the stop must not show it recording
+// the newest clip change shown (a start or a stop, counted by the service): a live push built before the answer
+// to this panel's own start or stop must not show the clip as it was before
+let clipChange = -1;
 function renderClip(c) {
   if (!session || !session.may_configure) return;
-  if (c && c.active && c.name === stoppedClip) return;
+  if ((c ? c.change : 0) < clipChange) return;
+  clipChange = c ? c.change : 0;
   const p = $("#clip-status");
   let text = "no clip";
   if (c) {
@@ -395,7 +420,6 @@ function renderClip(c) {
 async function clip(action) {
   const r = await api("POST", `/api/clip/${action}`, action === "start" ? {} : undefined);
   if (r.ok) {
-    stoppedClip = action === "stop" ? r.data.name : null;
     toast(action === "start" ? `clip ${r.data.name} recording` : `clip ${r.data.name} complete`);
     renderClip({ ...r.data, mb: Math.round(r.data.bytes / 1048576), max_mb: Math.round(r.data.max_bytes / 1048576) });
   } else if (r.status !== 401) toast(`clip: ${(r.data && r.data.detail) || r.status}`, "error");
