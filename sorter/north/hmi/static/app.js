@@ -156,7 +156,8 @@ function connect() {
   const sock = new WebSocket(proto + location.host + "/ws");
   sock.binaryType = "arraybuffer";
   ws = sock;
-  sock.onopen = () => { reconnectDelay = 500; setLink(true); };
+  // a new connection may reach a restarted service, whose count of clip changes starts again
+  sock.onopen = () => { reconnectDelay = 500; clipChange = -1; setLink(true); };
   sock.onmessage = (ev) => {
     if (typeof ev.data === "string") {
       let msg;
