@@ -15,6 +15,7 @@ import itertools
 import time
 from typing import Any
 
+import cv2
 import numpy as np
 
 from sim.config import SimLineConfig
@@ -159,6 +160,7 @@ async def _plc_write_ms(cfg: SimLineConfig, n: int = 200) -> dict[str, float]:
 def run_bench(
     cfg: SimLineConfig, frames_per_camera: int = 240, rates: tuple[float, ...] = (32, 64, 128, 256)
 ) -> dict[str, Any]:
+    cv2.setNumThreads(cfg.vision.opencv_threads)  # as the service sets it (sorter/app.py)
     clf = Classifier(cfg.classifier.model, threads=cfg.classifier.threads, max_batch=cfg.classifier.batch_size)
     by_rate = {}
     for rate in rates:

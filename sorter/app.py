@@ -22,6 +22,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import structlog
 
 from sorter.config import CameraConfig, ConfigError, LineConfig, PlcConfig, load_config
@@ -153,6 +154,7 @@ def build_line(
     clock = ClockModel(clock=tb.now)
     geoms = camera_geometries(cfg)
     metrics = ServiceMetrics()
+    cv2.setNumThreads(cfg.vision.opencv_threads)
     classifier = load_checked_model(cfg.classifier.model, cfg)
     recorder: Recorder | None = None
     # every recorder (the continuous one of --record, the clips a technician starts and stops) is fed by the
