@@ -375,12 +375,25 @@ def bench(
     config: SimConfigOpt = DEFAULT_CONFIG,
     frames: Annotated[int, typer.Option(help="frames per camera to measure")] = 240,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    against: Annotated[
+        str | None,
+        typer.Option(help="also bench this git revision, alternating with this code; prints medians and ratios"),
+    ] = None,
+    repeat: Annotated[int, typer.Option(min=1, help="with --against: pairs of runs")] = 3,
 ) -> None:
     """Per-stage cost per frame, whole-pipeline cost, and the highest feed rate this machine keeps up with."""
-    from sim.bench import run_bench
-
     setup_logging("warning")
-    result = run_bench(_load(config), frames)
+    if against is not None:
+        from sim.bench_against import AgainstError, compare
+
+        try:
+            result = compare(against, frames, repeat, progress=lambda msg: stderr_console().print(msg))
+        except AgainstError as exc:
+            raise fail(str(exc), 1) from None
+    else:
+        from sim.bench import run_bench
+
+        result = run_bench(_load(config), frames)
     typer.echo(json.dumps(result, indent=None if as_json else 2))
 
 
