@@ -47,7 +47,7 @@ class Plant:
 
 
 async def make_plant(sim: SimPlcOpcUaConfig) -> Plant:
-    belt = Belt(CPMM, SPEED, encoder_start=2**32 - 400_000)  # wraps a few s in
+    belt = Belt(CPMM, SPEED, encoder_start=2**32 - 150_000)  # wraps ~3 s in
     fired: list[ExecutedEject] = []
     plc = VirtualPlc(ModbusMap(), belt, SimConfig(watchdog_ms=400, eject_queue_size=QUEUE), on_eject=fired.append)
     await plc.start("127.0.0.1", 0)
@@ -98,7 +98,11 @@ async def test_commands_are_accepted_in_order_and_fire_at_their_count(plant: Pla
     async with running(link_config(plant)) as link:
         await started(link)
         first = plant.plc.last_seq
-        cmds = [EjectCommand(i, i % 2, 0b11 << i, ahead(link, 0.2 + 0.01 * i), 200) for i in range(20)]
+        await wait_until(lambda: ahead(link, 1.0) >= 2**32, 10, "the encoder about to wrap")
+        # the first 0.5 s ahead, 50 ms apart: the PLC queues 8, so the 9th is sent once the 1st has fired and
+        # must still be accepted before its own count (10 ms apart left 20 ms for that, a busy machine overran it)
+        cmds = [EjectCommand(i, i % 2, 0b11 << i, ahead(link, 0.5 + 0.05 * i), 200) for i in range(20)]
+        assert cmds[0].open_at < 2**32 <= cmds[-1].open_at  # the 32-bit counter wraps among them
         results = [await link.send(c, LEAD) for c in cmds]
         assert [r.outcome for r in results] == ["accepted"] * 20
         assert [r.seq for r in results] == [first % 0xFFFF + 1 + i for i in range(20)]
