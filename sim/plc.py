@@ -433,17 +433,30 @@ class VirtualPlc:
     def queue_free(self) -> int:
         return max(self.queue_size - len(self.queue), 0)
 
+    # the PLC's counters as its interfaces show them: since its last power-up (a restart clears them)
+    @property
+    def done_since_boot(self) -> int:
+        return self.executed - self._boot_executed
+
+    @property
+    def late_since_boot(self) -> int:
+        return self.late - self._boot_late
+
+    @property
+    def chutes_since_boot(self) -> list[int]:
+        return [n - b for n, b in zip(self.chute_counts, self._boot_chutes, strict=True)]
+
     def _update_inputs(self) -> None:
         r, ir = self.regs, self._ir
         self._refresh_encoder()
         ir[r.ir_status] = self.status_word()
         ir[r.ir_queue_free] = self.queue_free
         ir[r.ir_last_seq] = self.last_seq
-        ir[r.ir_ejects_done] = (self.executed - self._boot_executed) & 0xFFFF
-        ir[r.ir_ejects_late] = (self.late - self._boot_late) & 0xFFFF
+        ir[r.ir_ejects_done] = self.done_since_boot & 0xFFFF
+        ir[r.ir_ejects_late] = self.late_since_boot & 0xFFFF
         if r.ir_chute_counts is not None:
-            for b, n in enumerate(self.chute_counts):
-                ir[r.ir_chute_counts + b] = (n - self._boot_chutes[b]) & 0xFFFF
+            for b, n in enumerate(self.chutes_since_boot):
+                ir[r.ir_chute_counts + b] = n & 0xFFFF
 
     def _refresh_encoder(self) -> None:
         r, ir = self.regs, self._ir

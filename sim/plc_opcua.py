@@ -392,12 +392,12 @@ class PlcOpcUaServer:
             self._belt_speed(),
             p.status_word(),
             p.queue_free,
-            p.executed & 0xFFFFFFFF,
-            p.late & 0xFFFFFFFF,
+            p.done_since_boot & 0xFFFFFFFF,
+            p.late_since_boot & 0xFFFFFFFF,
             p.last_seq,
             p.heartbeat,
             p.command,
-            [n & 0xFFFFFFFF for n in p.chute_counts],
+            [n & 0xFFFFFFFF for n in p.chutes_since_boot],
         ]
 
     def _belt_speed(self) -> float:

@@ -26,7 +26,8 @@ from sorter.config import PlcConfig, load_config
 from sorter.core.alarms import AlarmBoard, Condition
 from sorter.core.clock import ClockModel
 from sorter.core.messages import Outcome, Piece
-from sorter.drivers.plc.link import PlcLink, plc_restarted
+from sorter.drivers.plc.base import plc_restarted
+from sorter.drivers.plc.link import PlcLink
 from sorter.line.conditions import line_conditions
 from sorter.line.records import RecordStore, load_pieces, seen_row
 from tests.test_metrics import make_stats

@@ -103,7 +103,7 @@ async def test_commands_are_accepted_in_order_and_fire_at_their_count(plant: Pla
         # must still be accepted before its own count (10 ms apart left 20 ms for that, a busy machine overran it)
         cmds = [EjectCommand(i, i % 2, 0b11 << i, ahead(link, 0.5 + 0.05 * i), 200) for i in range(20)]
         assert cmds[0].open_at < 2**32 <= cmds[-1].open_at  # the 32-bit counter wraps among them
-        results = [await link.send(c, LEAD) for c in cmds]
+        results = [await link.send(c, LEAD, 2.0) for c in cmds]  # the 9th waits (up to 2 s) for room in the queue
         assert [r.outcome for r in results] == ["accepted"] * 20
         assert [r.seq for r in results] == [first % 0xFFFF + 1 + i for i in range(20)]
         await wait_until(lambda: len(plant.fired) >= 20, 3, "all fired")
@@ -220,3 +220,25 @@ async def test_signandencrypt_with_certificate_and_user(tmp_path: Path, monkeypa
     finally:
         await plant.server.stop()
         await plant.plc.stop()
+
+
+async def test_a_plc_restart_is_noticed_on_reconnecting_and_the_totals_carry_on(plant: Plant) -> None:
+    async with running(link_config(plant)) as link:
+        await started(link)
+        done0 = link.status.ejects_done
+        cmds = [EjectCommand(i, 0, 1, ahead(link, 0.3 + 0.05 * i), 100) for i in range(3)]
+        assert [(await link.send(c, LEAD)).outcome for c in cmds] == ["accepted"] * 3
+        await wait_until(lambda: link.status.ejects_done == done0 + 3, 3, "the three fired")
+        assert link.restarts == 0
+        # a power cycle: the PLC's OPC UA stack goes down with it, and it comes back with seq and counters at 0
+        await plant.server.set_reachable(False)
+        await plant.plc.restart(down_s=0.1)
+        await plant.server.set_reachable(True)
+        await wait_until(lambda: link.online and link.restarts == 1, 5, "the link back, the restart noticed")
+        assert link.mailbox.last_accepted == 0
+        assert link.status.ejects_done == done0 + 3  # the running total does not step back with the PLC's counter
+        await started(link)  # the restart stopped the belt
+        res = await link.send(EjectCommand(9, 0, 1, ahead(link, 0.3), 100), LEAD)
+        assert res.outcome == "accepted" and res.seq == 1
+        await wait_until(lambda: link.status.ejects_done == done0 + 4, 3, "it fired")
+        assert link.restarts == 1

@@ -104,6 +104,28 @@ def check_valve(bank: int, valve: int) -> None:
         raise ValueError(f"no valve {valve} in bank {bank}")
 
 
+# The PLC's counters only count up and wrap (docs/plc-interface.md section 3); between two looks they move by
+# at most the commands it can execute in that time, far below half their range. A step "backwards" (a modular
+# difference of half the range or more) is a counter that started again from 0: the PLC restarted.
+def plc_restarted(
+    pc_last_seq: int, plc_last_seq: int, counters: tuple[tuple[int | None, int], ...], modulus: int = 0x10000
+) -> str | None:
+    """Why the PLC's values show it restarted since the PC last saw them (None: they do not).
+
+    - its last accepted seq is 0 although the PC saw it accept `pc_last_seq` > 0: seq never returns to 0
+      (65535 is followed by 1), only a power-up clears it;
+    - one of its counters (ejects done, late), given as (last raw value seen or None, raw value now), stepped
+      back: they count since power-up and are never reset. `modulus`: where they wrap (Modbus registers
+      2**16, the OPC UA UInt32 nodes 2**32).
+    """
+    if plc_last_seq == 0 and pc_last_seq != 0:
+        return f"its last accepted seq went from {pc_last_seq} to 0"
+    for old, new in counters:
+        if old is not None and (new - old) % modulus >= modulus // 2:
+            return f"a counter stepped back from {old} to {new}"
+    return None
+
+
 class PlcLinkBase:
     """Connection lifecycle, status publication and alarm logging shared by the protocol links."""
 
@@ -115,6 +137,7 @@ class PlcLinkBase:
         self._now = now  # the line's Timebase.now: the same clock as the poll times fed to `clock`
         self.log = (log or structlog.get_logger("plc")).bind(plc=where)
         self.heartbeat_enabled = True  # commissioning: switch off to prove the PLC's watchdog trips
+        self.restarts = 0  # PLC restarts noticed (seq or counters back at their power-up values)
         self._status = PlcStatus(alarms=["offline"])
         self._stop = asyncio.Event()
         self._tick = asyncio.Event()  # replaced and set after every status update and on going offline
@@ -246,6 +269,18 @@ class PlcLinkBase:
         if st.alarms != prev.alarms:
             self._log_alarms(prev.alarms, st.alarms)
         self._notify()
+
+    def _noticed_restart(self, why: str, pc_last_seq: int, plc_last_seq: int, pending: int) -> None:
+        """Count and raise a PLC restart (seen in its seq or counters): its eject queue was lost."""
+        self.restarts += 1
+        self.log.warning(
+            "ALARM plc restarted: its eject queue and counters were lost, resynchronising",
+            reason=why,
+            pc_last_seq=pc_last_seq,
+            plc_last_seq=plc_last_seq,
+            pending=pending,
+            action="commands the PLC had queued will not fire; check why the PLC restarted (power, watchdog, program)",
+        )
 
     def _tap_poll(self, t_req: float, t_resp: float, count32: int) -> None:
         for tap in self.poll_taps:

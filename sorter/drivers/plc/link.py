@@ -37,6 +37,7 @@ from sorter.drivers.plc.base import (
     StatusBit,
     check_command,
     check_valve,
+    plc_restarted,
     status_from_bits,
 )
 from sorter.drivers.plc.mailbox import Mailbox, MailboxDesync
@@ -50,26 +51,6 @@ SLOT_WORDS = 7  # seq, bank, mask hi, mask lo, open-at hi, open-at lo, open-for;
 # watchdog until the next heartbeat) has lost the write, and the link reconnects to resynchronise.
 MAILBOX_STUCK_TIMEOUTS = 4
 MAILBOX_STUCK_MIN_S = 0.5
-# The PLC's counters only count up and wrap (docs/plc-interface.md section 3); between two polls they move by
-# at most the commands it can execute in that time, far below half their range. A step "backwards" (a modular
-# difference of half the range or more) is a counter that started again from 0: the PLC restarted.
-COUNTER_BACKSTEP = 0x8000
-
-
-def plc_restarted(pc_last_seq: int, plc_last_seq: int, counters: tuple[tuple[int | None, int], ...]) -> str | None:
-    """Why the PLC's registers show it restarted since the PC last saw them (None: they do not).
-
-    - its last accepted seq is 0 although the PC saw it accept `pc_last_seq` > 0: seq never returns to 0
-      (65535 is followed by 1), only a power-up clears it;
-    - one of its counters (ejects done, late), given as (last raw value seen or None, raw value now), stepped
-      back: they count since power-up and are never reset.
-    """
-    if plc_last_seq == 0 and pc_last_seq != 0:
-        return f"its last accepted seq went from {pc_last_seq} to 0"
-    for old, new in counters:
-        if old is not None and (new - old) & 0xFFFF >= COUNTER_BACKSTEP:
-            return f"a counter stepped back from {old} to {new}"
-    return None
 
 
 class RegisterClient(Protocol):
@@ -127,7 +108,6 @@ class PlcLink(PlcLinkBase):
         self._done_total = 0
         self._late_total = 0
         self._t_poll_request = 0.0
-        self.restarts = 0  # PLC restarts noticed (seq or counters back at their power-up values)
         self._stuck_s = max(MAILBOX_STUCK_TIMEOUTS * cfg.timeout_s, MAILBOX_STUCK_MIN_S)
         self._waiting_since: float | None = None  # since when the PLC could take a pending seq and has not
 
@@ -236,15 +216,7 @@ class PlcLink(PlcLinkBase):
         why = plc_restarted(self.mailbox.last_accepted, last_seq, ((self._raw_done, done), (self._raw_late, late)))
         if why is None:
             return
-        self.restarts += 1
-        self.log.warning(
-            "ALARM plc restarted: its eject queue and counters were lost, resynchronising",
-            reason=why,
-            pc_last_seq=self.mailbox.last_accepted,
-            plc_last_seq=last_seq,
-            pending=self.mailbox.pending,
-            action="commands the PLC had queued will not fire; check why the PLC restarted (power, watchdog, program)",
-        )
+        self._noticed_restart(why, self.mailbox.last_accepted, last_seq, self.mailbox.pending)
         self.mailbox.resync(last_seq)
         for fut in self._waiters.values():
             if not fut.done():

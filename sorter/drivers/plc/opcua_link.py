@@ -32,6 +32,7 @@ from sorter.drivers.plc.base import (
     PlcLinkBase,
     check_command,
     check_valve,
+    plc_restarted,
     status_from_bits,
 )
 from sorter.drivers.plc.mailbox import Mailbox
@@ -69,13 +70,26 @@ class OpcUaPlcLink(PlcLinkBase):
         for key in ("ejects_done", "ejects_late"):
             self._carried[key] = self._total(key)
         self._base.clear()
-        self._values = await c.read_many(SUBSCRIBED)
+        before, self._values = self._values, await c.read_many(SUBSCRIBED)
+        self._check_restart(before)
         self.mailbox.resync(int(self._values["last_seq_accepted"]))  # the PLC's word is the only truth
         await self._sync_clock()
         self._update(online=True)
         await c.subscribe(SUBSCRIBED, self._on_change, self.cfg.opcua.publishing_interval_ms)
         self.log.info("plc connected", protocol="opcua", last_seq=self.mailbox.last_accepted, alarms=self.status.alarms)
         await self._until_stopped(self._clock_loop(), self._heartbeat_loop(), self._watch_lost())
+
+    def _check_restart(self, before: dict[str, Any]) -> None:
+        """Raise a PLC restart seen on (re)connecting: its OPC UA server goes down with it, so a restart is
+        always seen here (a session never survives one). The totals carry over either way (`_total`)."""
+        now = self._values
+        last_seq = int(now["last_seq_accepted"])
+        counters = tuple(
+            (int(before[k]) if before.get(k) is not None else None, int(now[k])) for k in ("ejects_done", "ejects_late")
+        )
+        why = plc_restarted(self.mailbox.last_accepted, last_seq, counters, modulus=U32)
+        if why is not None:
+            self._noticed_restart(why, self.mailbox.last_accepted, last_seq, self.mailbox.pending)
 
     def _on_change(self, key: str, value: Any) -> None:
         self._values[key] = value
