@@ -7,6 +7,7 @@ Real time: a person's taps on a running line are what is judged; the sorting fig
 from __future__ import annotations
 
 import csv
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,8 @@ async def test_technician_labels_ten_crops_and_a_model_trained_with_them_passes_
     res = runner.invoke(app, ["model", "train", *args])
     assert res.exit_code == 0, res.output
     n_train = sum(1 for p in files if p.relative_to(labels).parts[0] == "train")
-    assert f"{labels} {n_train} crops" in " ".join(res.output.split()), res.output  # the labels were trained on
+    used = json.loads(res.stdout)["data"]
+    assert [(d["data"], d["n_train"]) for d in used] == [(str(sim), 8 * 5), (str(labels), n_train)]
     rep = check_model(model)
     assert rep.ok, rep
     res = runner.invoke(app, ["model", "check", str(model)])

@@ -61,7 +61,7 @@ PENDING = "_pending"
 DISCARDED = "_discarded"
 SPLITS = ("train", "val", "test")
 WRITE_QUEUE = 64  # crops waiting for the disk; past it candidates are dropped
-RECENT = 256  # decisions not queued, kept (references) for a shadow model's late disagreement
+RECENT = 64  # pieces not queued (their first view) kept for a shadow model's late disagreement
 UNDO_DEPTH = 50
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 REASONS = {0: "disagree", 1: "uncertain", 2: "sample"}
@@ -129,7 +129,7 @@ class LabelStore:
         self.counters = {"queued": 0, "passed": 0, "evicted": 0, "dropped": 0, "failed": 0, "skipped": 0}
         self._lock = threading.RLock()
         self._index: dict[str, Candidate] = {}
-        self._recent: OrderedDict[int, Decision] = OrderedDict()
+        self._recent: OrderedDict[int, tuple[Candidate, np.ndarray]] = OrderedDict()  # not queued, for a shadow
         self._shadow_notes: dict[int, str] = {}  # for pieces still on their way to the disk
         self._undo: dict[str, list[tuple[Candidate, str, Path]]] = {}
         self._labelled: dict[str, int] = {}
@@ -146,13 +146,14 @@ class LabelStore:
         """The decision tap: keep the pieces worth a label."""
         for d in decisions:
             cand = self._candidate(d)
-            if cand is None:
-                if d.piece.crops and d.probs:
-                    self._recent[d.piece.id] = d
+            if cand is not None:
+                self._submit(cand, materialise(d.piece.crops[0]))
+            elif d.piece.crops and d.probs and (later := self._make(d, 0, "shadow")) is not None:
+                # the first view only (12 kB), never the piece with all its views
+                with self._lock:
+                    self._recent[d.piece.id] = (later, materialise(d.piece.crops[0]))
                     while len(self._recent) > RECENT:
                         self._recent.popitem(last=False)
-                continue
-            self._submit(cand, d)
 
     def note_shadow(self, piece_id: int, shadow_cls: str) -> None:
         """A shadow model's class for a piece of this run: where it differs from the live guess, the piece
@@ -165,15 +166,15 @@ class LabelStore:
                     self._index[name] = replace(cand, rank=0, reason="shadow", shadow=shadow_cls)
                     self._write_meta(self._index[name])
                 return
-            d = self._recent.pop(piece_id, None)
-            if d is None:
+            recent = self._recent.pop(piece_id, None)
+            if recent is None:
                 self._shadow_notes[piece_id] = shadow_cls  # still on its way to the disk, or gone
                 while len(self._shadow_notes) > RECENT:
                     self._shadow_notes.pop(next(iter(self._shadow_notes)))
                 return
-        cand = self._make(d, 0, "shadow")
-        if cand is not None and shadow_cls != cand.guess:
-            self._submit(replace(cand, shadow=shadow_cls), d)
+        cand, crop = recent
+        if shadow_cls != cand.guess:
+            self._submit(replace(cand, shadow=shadow_cls, queued_at=self.wall()), crop)
 
     def _name(self, piece_id: int) -> str:
         return f"{self.run_id}-{piece_id:07d}"
@@ -215,13 +216,13 @@ class LabelStore:
             queued_at=self.wall(),
         )
 
-    def _submit(self, cand: Candidate, d: Decision) -> None:
+    def _submit(self, cand: Candidate, crop: np.ndarray) -> None:
         with self._lock:
             if not self._room_for(cand):
                 self.counters["passed"] += 1
                 return
         try:
-            self._queue.put_nowait((cand, materialise(d.piece.crops[0])))
+            self._queue.put_nowait((cand, crop))
         except queue.Full:
             self.counters["dropped"] += 1
 
