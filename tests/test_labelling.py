@@ -263,3 +263,23 @@ def test_addition_refusals(tmp_path: Path) -> None:
     (tmp_path / "train" / "sensors.csv").write_text("file,field_mT,area_mm2\nndfeb/0.png,10,100\n")
     with pytest.raises(DatasetError, match="no row"):
         scan_addition(tmp_path)
+
+
+def test_shadow_note_for_a_piece_on_its_way_to_the_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    entered, release = threading.Event(), threading.Event()
+    real = labelling.cv2.imwrite
+
+    def slow(path: str, img: np.ndarray) -> bool:
+        entered.set()
+        release.wait(10)
+        return bool(real(path, img))
+
+    monkeypatch.setattr(labelling.cv2, "imwrite", slow)
+    s = store(tmp_path)
+    s.add([decision(1, conf=0.5), decision(2, conf=0.6)])
+    assert entered.wait(10)
+    s.note_shadow(2, "smco")  # piece 2 waits behind piece 1 for the disk
+    release.set()
+    s.drain()
+    assert [(c.piece_id, c.reason, c.shadow) for c in s.head(2)] == [(2, "shadow", "smco"), (1, "uncertain", None)]
+    s.close()

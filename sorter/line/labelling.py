@@ -127,7 +127,10 @@ class LabelStore:
         self.rng = rng or random.Random()
         self.log = log if log is not None else structlog.get_logger("labelling").bind(dir=str(self.root))
         self.counters = {"queued": 0, "passed": 0, "evicted": 0, "dropped": 0, "failed": 0, "skipped": 0}
-        self._lock = threading.RLock()
+        # _lock guards the in-memory queue and counts only and is never held over a disk access: the service
+        # loop takes it; _files serialises the labels' file moves (the HMI's threads)
+        self._lock = threading.Lock()
+        self._files = threading.Lock()
         self._index: dict[str, Candidate] = {}
         self._recent: OrderedDict[int, tuple[Candidate, np.ndarray]] = OrderedDict()  # not queued, for a shadow
         self._shadow_notes: dict[int, str] = {}  # for pieces still on their way to the disk
@@ -136,7 +139,8 @@ class LabelStore:
         self._pending = self.root / PENDING
         self._pending.mkdir(parents=True, exist_ok=True)
         self._load()
-        self._queue: queue.Queue[tuple[Candidate, np.ndarray] | None] = queue.Queue(WRITE_QUEUE)
+        # a new candidate with its crop, or (crop None) a queued one whose file must say more (a shadow's class)
+        self._queue: queue.Queue[tuple[Candidate, np.ndarray | None] | None] = queue.Queue(WRITE_QUEUE)
         self._thread = threading.Thread(target=self._run, name="labelling", daemon=True)
         self._thread.start()
 
@@ -159,22 +163,24 @@ class LabelStore:
         """A shadow model's class for a piece of this run: where it differs from the live guess, the piece
         goes to the head of the queue (a recent piece not queued is queued now)."""
         name = self._name(piece_id)
+        recent = None
         with self._lock:
             cand = self._index.get(name)
             if cand is not None:
-                if shadow_cls != cand.guess and cand.shadow != shadow_cls:
-                    self._index[name] = replace(cand, rank=0, reason="shadow", shadow=shadow_cls)
-                    self._write_meta(self._index[name])
-                return
-            recent = self._recent.pop(piece_id, None)
-            if recent is None:
-                self._shadow_notes[piece_id] = shadow_cls  # still on its way to the disk, or gone
-                while len(self._shadow_notes) > RECENT:
-                    self._shadow_notes.pop(next(iter(self._shadow_notes)))
-                return
-        cand, crop = recent
-        if shadow_cls != cand.guess:
-            self._submit(replace(cand, shadow=shadow_cls, queued_at=self.wall()), crop)
+                if shadow_cls == cand.guess or cand.shadow == shadow_cls:
+                    return
+                cand = self._index[name] = replace(cand, rank=0, reason="shadow", shadow=shadow_cls)
+            else:
+                recent = self._recent.pop(piece_id, None)
+                if recent is None:  # still on its way to the disk (applied there), or gone
+                    self._shadow_notes[piece_id] = shadow_cls
+                    while len(self._shadow_notes) > RECENT:
+                        self._shadow_notes.pop(next(iter(self._shadow_notes)))
+                    return
+        if cand is not None:  # its file rewritten on the writer thread, for a restart
+            self._hand_over(cand, None)
+        elif recent is not None and shadow_cls != recent[0].guess:
+            self._submit(replace(recent[0], shadow=shadow_cls, queued_at=self.wall()), recent[1])
 
     def _name(self, piece_id: int) -> str:
         return f"{self.run_id}-{piece_id:07d}"
@@ -221,6 +227,9 @@ class LabelStore:
             if not self._room_for(cand):
                 self.counters["passed"] += 1
                 return
+        self._hand_over(cand, crop)
+
+    def _hand_over(self, cand: Candidate, crop: np.ndarray | None) -> None:
         try:
             self._queue.put_nowait((cand, crop))
         except queue.Full:
@@ -250,7 +259,13 @@ class LabelStore:
         """Wait until every candidate handed over so far is on disk (or refused)."""
         self._queue.join()
 
-    def _store(self, cand: Candidate, crop: np.ndarray) -> None:
+    def _store(self, cand: Candidate, crop: np.ndarray | None) -> None:
+        if crop is None:
+            with self._lock:
+                current = self._index.get(cand.name)
+            if current is not None:  # not labelled meanwhile
+                self._write_meta(current)
+            return
         with self._lock:
             if not self._room_for(cand):  # better ones came meanwhile
                 self.counters["passed"] += 1
@@ -258,18 +273,24 @@ class LabelStore:
         png = self._pending / f"{cand.name}.png"
         if not cv2.imwrite(str(png), crop):
             raise OSError(f"cannot write {png}")
+        self._write_meta(cand)  # both files before the queue shows it
         with self._lock:
             shadow = self._shadow_notes.pop(cand.piece_id, None)
-            if shadow is not None and shadow != cand.guess:
+            noted = shadow is not None and shadow != cand.guess
+            if noted:
                 cand = replace(cand, rank=0, reason="shadow", shadow=shadow)
-            self._write_meta(cand)
             self._index[cand.name] = cand
             self.counters["queued"] += 1
+            evicted = []
             while len(self._index) > self.queue_max:
                 worst = max(self._index.values(), key=Candidate.key)
                 del self._index[worst.name]
-                self._remove_pending(worst.name)
+                evicted.append(worst.name)
                 self.counters["evicted"] += 1
+        if noted:
+            self._write_meta(cand)
+        for name in evicted:
+            self._remove_pending(name)
 
     def _write_meta(self, cand: Candidate) -> None:
         path = self._pending / f"{cand.name}.json"
@@ -322,53 +343,59 @@ class LabelStore:
         folder ('' for a discard). LookupError if it is not queued, LabelError for a class the model lacks."""
         if cls != DISCARD and cls not in self.classes():
             raise LabelError(f"{cls!r} is not a class of the model {list(self.classes())} nor {DISCARD!r}")
-        with self._lock:
-            cand = self._index.get(name)
+        with self._files:
+            with self._lock:  # taken off the queue first: neither evicted nor labelled twice meanwhile
+                cand = self._index.pop(name, None)
             if cand is None:
                 raise LookupError(f"no crop {name!r} waiting for a label")
             png = self._pending / f"{name}.png"
             if cls == DISCARD:
-                dest = self.root / DISCARDED / png.name
-                rel = ""
+                dest, rel = self.root / DISCARDED / png.name, ""
             else:
                 split = split_of(png.name)
-                dest = self.root / split / cls / png.name
-                rel = f"{split}/{cls}/{png.name}"
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(png, dest)
+                dest, rel = self.root / split / cls / png.name, f"{split}/{cls}/{png.name}"
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(png, dest)
+            except OSError:
+                with self._lock:
+                    self._index[name] = cand
+                raise
             if cls != DISCARD and cand.field_mT is not None:
                 append_sensor_row(dest.parent.parent / "sensors.csv", f"{cls}/{png.name}", cand.field_mT, cand.area_mm2)
-            del self._index[name]
             (self._pending / f"{name}.json").unlink(missing_ok=True)
             self._log_row(user, cand, rel, cls)
-            stack = self._undo.setdefault(user, [])
-            stack.append((cand, cls, dest))
-            del stack[:-UNDO_DEPTH]
-            if cls != DISCARD:
-                self._labelled[cls] = self._labelled.get(cls, 0) + 1
+            with self._lock:
+                stack = self._undo.setdefault(user, [])
+                stack.append((cand, cls, dest))
+                del stack[:-UNDO_DEPTH]
+                if cls != DISCARD:
+                    self._labelled[cls] = self._labelled.get(cls, 0) + 1
         self.log.info("crop labelled", user=user, piece=name, old=cand.guess, new=cls, file=rel)
         return rel
 
     def undo(self, user: str) -> Candidate:
         """Take back `user`'s last label: the crop is queued again (first in line), the log says `undone`."""
-        with self._lock:
-            stack = self._undo.get(user)
-            if not stack:
-                raise LabelError(f"nothing to undo for {user}")
-            cand, cls, dest = stack.pop()
-            png = self._pending / dest.name
-            os.replace(dest, png)
+        with self._files:
+            with self._lock:
+                stack = self._undo.get(user)
+                if not stack:
+                    raise LabelError(f"nothing to undo for {user}")
+                cand, cls, dest = stack.pop()
+                # first in line again: the technician is looking at it
+                first = min([cand.queued_at, *(c.queued_at for c in self._index.values())])
+            back = replace(cand, rank=0, queued_at=first - 1)
+            os.replace(dest, self._pending / dest.name)
             if cls != DISCARD:
                 if cand.field_mT is not None:
                     _drop_sensor_row(dest.parent.parent / "sensors.csv", f"{cls}/{dest.name}")
                 _prune(dest.parent, self.root)
-                self._labelled[cls] -= 1
-            # first in line again: the technician is looking at it
-            back = replace(cand, queued_at=min([cand.queued_at, *(c.queued_at for c in self._index.values())]) - 1)
-            back = replace(back, rank=0) if back.rank > 0 else back
             self._write_meta(back)
-            self._index[back.name] = back
             self._log_row(user, cand, "", UNDONE)
+            with self._lock:
+                self._index[back.name] = back
+                if cls != DISCARD:
+                    self._labelled[cls] -= 1
         self.log.info("crop label undone", user=user, piece=cand.name, was=cls)
         return back
 

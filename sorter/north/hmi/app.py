@@ -589,6 +589,10 @@ def create_app(hmi: HmiServer) -> FastAPI:
             raise refuse(request, 404, "no_crop", why, user=sess.user) from None
         except LabelError as exc:
             raise refuse(request, 422, "invalid", str(exc), user=sess.user) from None
+        except OSError as exc:
+            raise refuse(
+                request, 503, "labels_disk", f"the label could not be written: {exc}", user=sess.user
+            ) from None
         return labels_json(store)
 
     @app.post("/api/labels/undo")
@@ -599,6 +603,8 @@ def create_app(hmi: HmiServer) -> FastAPI:
             await asyncio.to_thread(store.undo, sess.user)
         except LabelError as exc:
             raise refuse(request, 409, "nothing_to_undo", str(exc), user=sess.user) from None
+        except OSError as exc:
+            raise refuse(request, 503, "labels_disk", f"the undo could not be written: {exc}", user=sess.user) from None
         return labels_json(store)
 
     @app.post("/api/labels/{name}/discard")
