@@ -604,7 +604,8 @@ def create_app(hmi: HmiServer) -> FastAPI:
         except LabelError as exc:
             raise refuse(request, 409, "nothing_to_undo", str(exc), user=sess.user) from None
         except OSError as exc:
-            raise refuse(request, 503, "labels_disk", f"the undo could not be written: {exc}", user=sess.user) from None
+            why = f"the undo could not be written: {exc}"
+            raise refuse(request, 503, "labels_disk", why, user=sess.user) from None
         return labels_json(store)
 
     @app.post("/api/labels/{name}/discard")
