@@ -42,14 +42,17 @@ def _label_ten(url: str, out: dict[str, Any]) -> None:
             page.fill("#login-password", PASSWORD["technician"])
             page.click("#login-submit")
             expect(page.locator("#technician")).to_be_visible(timeout=30_000)
+            out["t_login"] = time.monotonic()
             page.tap("#labels-open")
             view = page.locator("#labelling")
             expect(view).to_be_visible()
+            out["t_open"] = time.monotonic()
             out["taps"] = []
             for k in range(N_LABELS):
                 # timeouts for a loaded 2-core machine: crops come as the line sorts; the line, the simulator
                 # and Chromium share it
                 expect(view).to_have_attribute("data-state", "ready", timeout=30_000)
+                out.setdefault("t_ready", time.monotonic())
                 shown = view.get_attribute("data-id")
                 guess = page.inner_text("#label-guess")
                 buttons = page.locator("#label-classes button")
@@ -66,6 +69,7 @@ def _label_ten(url: str, out: dict[str, Any]) -> None:
             )
             out["classes"] = classes
             out["counts"] = {c: page.inner_text(f'#label-classes button[data-cls="{c}"] .n') for c in classes}
+            out["t_done"] = time.monotonic()
             page.screenshot(path=str(out["dir"] / "labelling.png"))
         finally:
             browser.close()
@@ -84,7 +88,7 @@ async def test_technician_labels_ten_crops_and_a_model_trained_with_them_passes_
 
     async def panel(line: Line, sim: Any) -> None:
         assert line.hmi is not None and line.hmi.listening and line.labels is not None
-        t0 = time.monotonic()
+        t0 = out["t0"] = time.monotonic()
         await asyncio.to_thread(_label_ten, line.hmi.url, out)
         after["wall_s"] = round(time.monotonic() - t0, 1)
         after["model_labels"] = list(line.service.classifier.labels)
@@ -99,7 +103,8 @@ async def test_technician_labels_ten_crops_and_a_model_trained_with_them_passes_
         }
     )
     await run_demo(cfg, duration=4, seed=5, run_dir=tmp_path / "run", during=panel)
-    print("labelling:", {k: v for k, v in out.items() if k != "dir"}, after)
+    steps = {k: round(out[k] - out["t0"], 1) for k in ("t_login", "t_open", "t_ready", "t_done")}
+    print("labelling:", {k: v for k, v in out.items() if k != "dir" and not k.startswith(("t_", "t0"))}, after, steps)
     assert out["classes"] == after["model_labels"]  # one button per class of the running model
     for t in out["taps"]:  # big enough for a finger on the 1280x800 panel
         assert t["button"]["height"] >= 64 and t["button"]["width"] >= 120, t["button"]

@@ -91,6 +91,7 @@ async def test_labelling_endpoints_roles_csrf_and_labels(tmp_path: Path) -> None
 
                 q = (await c.get("/api/labels")).json()
                 assert q["classes"] == list(labels) and q["pending"] == 4 and q["labelled"] == {}
+                assert q["undo"] is False
                 head = q["queue"][0]
                 assert head["id"] == first and head["guess"] == labels[0] and head["reason"] == "uncertain"
                 assert head["field_mT"] == 101.0 and head["area_mm2"] == 151.0 and head["confidence"] == 0.51
@@ -103,6 +104,7 @@ async def test_labelling_endpoints_roles_csrf_and_labels(tmp_path: Path) -> None
                 second = r.json()["queue"][0]["id"]
                 r = await c.post(f"/api/labels/{second}/discard", headers=h)
                 assert r.status_code == 200 and r.json()["pending"] == 2
+                assert r.json()["undo"] is True
                 r = await c.post("/api/labels/undo", headers=h)  # the discard taken back: first in line again
                 assert r.status_code == 200 and r.json()["queue"][0]["id"] == second and r.json()["pending"] == 3
                 assert (await c.post(f"/api/labels/{first}", json={"class": labels[0]}, headers=h)).status_code == 404

@@ -338,6 +338,10 @@ class LabelStore:
             return None
         return self._pending / f"{name}.png"
 
+    def can_undo(self, user: str) -> bool:
+        with self._lock:
+            return bool(self._undo.get(user))
+
     def label(self, name: str, cls: str, user: str) -> str:
         """Give the queued crop `name` its class (or `discard`); returns the file it went to, relative to the
         folder ('' for a discard). LookupError if it is not queued, LabelError for a class the model lacks."""

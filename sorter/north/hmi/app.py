@@ -552,7 +552,7 @@ def create_app(hmi: HmiServer) -> FastAPI:
             "shadow": c.shadow,
         }
 
-    def labels_json(store: LabelStore) -> dict[str, Any]:
+    def labels_json(store: LabelStore, user: str) -> dict[str, Any]:
         st = store.stats()
         return {
             "queue": [candidate_json(c) for c in store.head(LABEL_HEAD)],
@@ -561,12 +561,13 @@ def create_app(hmi: HmiServer) -> FastAPI:
             "dropped": st["dropped"],
             "classes": list(store.classes()),
             "folder": str(store.root),
+            "undo": store.can_undo(user),
         }
 
     @app.get("/api/labels")
     async def labels_queue(request: Request) -> dict[str, Any]:
         sess = guard(request, "technician")
-        return labels_json(label_store(request, sess))
+        return labels_json(label_store(request, sess), sess.user)
 
     @app.get("/api/labels/crop/{name}")
     async def label_crop(request: Request, name: str) -> Response:
@@ -593,7 +594,7 @@ def create_app(hmi: HmiServer) -> FastAPI:
             raise refuse(
                 request, 503, "labels_disk", f"the label could not be written: {exc}", user=sess.user
             ) from None
-        return labels_json(store)
+        return labels_json(store, sess.user)
 
     @app.post("/api/labels/undo")
     async def label_undo(request: Request) -> dict[str, Any]:
@@ -606,7 +607,7 @@ def create_app(hmi: HmiServer) -> FastAPI:
         except OSError as exc:
             why = f"the undo could not be written: {exc}"
             raise refuse(request, 503, "labels_disk", why, user=sess.user) from None
-        return labels_json(store)
+        return labels_json(store, sess.user)
 
     @app.post("/api/labels/{name}/discard")
     async def label_discard(request: Request, name: str) -> dict[str, Any]:

@@ -533,6 +533,7 @@ function renderLabels(d) {
     b.disabled = !c;
   }
   $("#label-discard").disabled = !c;
+  $("#label-undo").disabled = !d.undo;
   setText($("#label-pending"), `${d.pending} waiting` + (d.dropped ? ` (${d.dropped} dropped: disk slow)` : ""));
   $("#label-empty").hidden = !!c;
   $("#label-info").hidden = !c;
