@@ -138,6 +138,10 @@ def test_label_refusals(tmp_path: Path) -> None:
         s.undo("tech")
     assert s.crop_file("../../etc/passwd") is None and s.crop_file(f"{RUN}-0000009") is None
     assert s.crop_file(f"{RUN}-0000001") == tmp_path / "_pending" / f"{RUN}-0000001.png"
+    (tmp_path / "_pending" / f"{RUN}-0000001.png").unlink()  # deleted by hand: off the queue, not stuck at its head
+    with pytest.raises(LookupError, match="gone"):
+        s.label(f"{RUN}-0000001", "ndfeb", "tech")
+    assert s.stats()["pending"] == 0 and not (tmp_path / "labels.csv").exists()
     s.close()
 
 
@@ -165,9 +169,11 @@ def test_pending_and_counts_survive_a_restart(tmp_path: Path) -> None:
     s.label(f"{RUN}-0000001", "ndfeb", "tech")
     before = [c.name for c in s.head(10)]
     s.close()
+    (tmp_path / "_pending" / "run0-0000099.png").write_bytes(b"half")  # a crash between the crop and its json
     again = store(tmp_path)
     assert [c.name for c in again.head(10)] == before
     assert again.stats()["labelled"] == {"ndfeb": 1}
+    assert not (tmp_path / "_pending" / "run0-0000099.png").exists()
     again.close()
 
 

@@ -315,6 +315,9 @@ class LabelStore:
                 self._index[cand.name] = cand
             else:
                 meta.unlink(missing_ok=True)
+        for png in self._pending.glob("*.png"):  # a crop whose description a crash left unwritten
+            if png.stem not in self._index:
+                png.unlink(missing_ok=True)
         for split in SPLITS:
             if (self.root / split).is_dir():
                 for folder in (self.root / split).iterdir():
@@ -361,6 +364,9 @@ class LabelStore:
             try:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(png, dest)
+            except FileNotFoundError:  # its crop deleted by hand: off the queue, or it would stay at its head
+                self._remove_pending(name)
+                raise LookupError(f"the crop of {name!r} is gone from {self._pending}") from None
             except OSError:
                 with self._lock:
                     self._index[name] = cand
