@@ -286,20 +286,24 @@ def build_line(
         parts.frame_taps.append(hmi.tap.frame)
         parts.decision_taps.append(hmi.tap.decided)
         if cfg.labelling.enabled:  # only where the HMI is served: nobody else can label (docs/hmi.md)
-            lab = hmi.labels = line.labels = LabelStore(
-                cfg.labels_folder(),
-                run_id,
-                classes=lambda: service.classifier.labels,
-                queue_max=cfg.labelling.queue_max,
-                uncertain_below=cfg.labelling.uncertain_below,
-                sample_share=cfg.labelling.sample_share,
-                with_field=cfg.magnetometer is not None,
-                wall=tb.wall,
-                log=log.bind(part="labelling"),
-            )
-            parts.decision_taps.append(lab.add)
-            parts.extra_stats["labelling"] = lab.stats
-            parts.closers.append(lab.close)
+            try:
+                lab = hmi.labels = line.labels = LabelStore(
+                    cfg.labels_folder(),
+                    run_id,
+                    classes=lambda: service.classifier.labels,
+                    queue_max=cfg.labelling.queue_max,
+                    uncertain_below=cfg.labelling.uncertain_below,
+                    sample_share=cfg.labelling.sample_share,
+                    with_field=cfg.magnetometer is not None,
+                    wall=tb.wall,
+                    log=log.bind(part="labelling"),
+                )
+            except OSError as exc:  # a folder it cannot use is no reason not to sort
+                log.error("labelling off: its folder cannot be used", folder=str(cfg.labels_folder()), error=str(exc))
+            else:
+                parts.decision_taps.append(lab.add)
+                parts.extra_stats["labelling"] = lab.stats
+                parts.closers.append(lab.close)
     return line
 
 

@@ -120,12 +120,18 @@ async def test_labelling_endpoints_roles_csrf_and_labels(tmp_path: Path) -> None
             store.close()
 
 
-async def test_labelling_off(tmp_path: Path) -> None:
+@pytest.mark.parametrize("why", ["disabled", "unusable_folder"])
+async def test_labelling_off(tmp_path: Path, why: str) -> None:
     cfg = clip_config(tmp_path)
-    cfg = cfg.model_copy(update={"labelling": cfg.labelling.model_copy(update={"enabled": False})})
-    line = build_line(cfg, auto_start=False)
+    if why == "disabled":
+        lab = cfg.labelling.model_copy(update={"enabled": False})
+    else:  # the line sorts without it
+        (tmp_path / "a-file").write_text("not a folder")
+        lab = cfg.labelling.model_copy(update={"folder": tmp_path / "a-file" / "labels"})
+    line = build_line(cfg.model_copy(update={"labelling": lab}), auto_start=False)
     try:
         assert line.labels is None and line.hmi is not None and line.hmi.labels is None
+        assert "labelling" not in line.service.parts.extra_stats  # nor a tap of the line
         hmi = line.hmi
         hmi._svc_loop = asyncio.get_running_loop()
         hmi._login_lock = asyncio.Lock()

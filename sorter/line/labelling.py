@@ -189,7 +189,8 @@ class LabelStore:
         if not d.piece.crops or not d.probs:
             return None
         if self.with_field and (d.field.state != "ok" or d.field.field_mT is None):
-            return None  # no sensors row possible: the dataset would refuse the crop
+            self.counters["skipped"] += 1  # no sensors row possible: the dataset would refuse the crop
+            return None
         guess, _ = _top(d.probs)
         image_guess = _top(d.image_probs)[0] if d.image_probs else guess
         if image_guess != guess:
