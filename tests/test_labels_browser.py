@@ -37,11 +37,14 @@ def _label_ten(url: str, out: dict[str, Any]) -> None:
         browser = p.chromium.launch(executable_path=str(panel_browser(out["dir"])), args=CHROMIUM_ARGS)
         try:
             page = browser.new_context(viewport={"width": 1280, "height": 800}, has_touch=True).new_page()
+            # the panel's browser runs at nice 19 (sim.bench_hmi.panel_browser): on a 2-core machine busy with
+            # other work a step can take tens of seconds; a stuck step still fails within the test's timeout
+            page.set_default_timeout(60_000)
             page.goto(url)
             page.fill("#login-user", "technician")
             page.fill("#login-password", PASSWORD["technician"])
             page.click("#login-submit")
-            expect(page.locator("#technician")).to_be_visible(timeout=30_000)
+            expect(page.locator("#technician")).to_be_visible(timeout=60_000)
             out["t_login"] = time.monotonic()
             page.tap("#labels-open")
             view = page.locator("#labelling")
@@ -49,9 +52,8 @@ def _label_ten(url: str, out: dict[str, Any]) -> None:
             out["t_open"] = time.monotonic()
             out["taps"] = []
             for k in range(N_LABELS):
-                # timeouts for a loaded 2-core machine: crops come as the line sorts; the line, the simulator
-                # and Chromium share it
-                expect(view).to_have_attribute("data-state", "ready", timeout=30_000)
+                # crops come as the line sorts; the line, the simulator and Chromium share the machine
+                expect(view).to_have_attribute("data-state", "ready", timeout=60_000)
                 out.setdefault("t_ready", time.monotonic())
                 shown = view.get_attribute("data-id")
                 guess = page.inner_text("#label-guess")
@@ -63,7 +65,7 @@ def _label_ten(url: str, out: dict[str, Any]) -> None:
                 out["taps"].append({"id": shown, "guess": guess, "label": label, "button": box})
                 page.tap(f'#label-classes button[data-cls="{label}"]')
                 # the next crop (or the empty queue) is shown: the tap was answered
-                expect(view).not_to_have_attribute("data-id", shown or "", timeout=30_000)
+                expect(view).not_to_have_attribute("data-id", shown or "", timeout=60_000)
             expect(page.locator(f'#label-classes button[data-cls="{out["taps"][2]["label"]}"] .n')).to_contain_text(
                 "labelled"
             )
@@ -75,7 +77,7 @@ def _label_ten(url: str, out: dict[str, Any]) -> None:
             browser.close()
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(240)
 async def test_technician_labels_ten_crops_and_a_model_trained_with_them_passes_the_check(tmp_path: Path) -> None:
     _require_browser()
     import asyncio
