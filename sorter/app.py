@@ -42,6 +42,7 @@ from sorter.drivers.plc import make_plc_link
 from sorter.drivers.plc.base import PlcLinkBase
 from sorter.drivers.plc.link import PlcLink, RegisterClient
 from sorter.line.crop_capture import CropCapture
+from sorter.line.labelling import LabelStore
 from sorter.line.loopwatch import LoopWatch
 from sorter.line.realtime import ThreadPriority
 from sorter.line.recording import Clips, Recorder, RecordingHub, RecordOptions
@@ -116,6 +117,7 @@ class Line:
     hmi: HmiServer | None = None
     scada: ScadaServer | None = None
     capture: CropCapture | None = None
+    labels: LabelStore | None = None
     edge: EdgeNode | None = None
     forwarder: RecordForwarder | None = None
     recorder: Recorder | None = None
@@ -285,6 +287,25 @@ def build_line(
         parts.subscribers.append(hmi.publish)
         parts.frame_taps.append(hmi.tap.frame)
         parts.decision_taps.append(hmi.tap.decided)
+        if cfg.labelling.enabled:  # only where the HMI is served: nobody else can label (docs/hmi.md)
+            try:
+                lab = hmi.labels = line.labels = LabelStore(
+                    cfg.labels_folder(),
+                    run_id,
+                    classes=lambda: service.classifier.labels,
+                    queue_max=cfg.labelling.queue_max,
+                    uncertain_below=cfg.labelling.uncertain_below,
+                    sample_share=cfg.labelling.sample_share,
+                    with_field=cfg.magnetometer is not None,
+                    wall=tb.wall,
+                    log=log.bind(part="labelling"),
+                )
+            except OSError as exc:  # a folder it cannot use is no reason not to sort
+                log.error("labelling off: its folder cannot be used", folder=str(cfg.labels_folder()), error=str(exc))
+            else:
+                parts.decision_taps.append(lab.add)
+                parts.extra_stats["labelling"] = lab.stats
+                parts.closers.append(lab.close)
     return line
 
 

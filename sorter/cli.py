@@ -182,7 +182,8 @@ def model_train(
         list[Path],
         typer.Option(
             help="dataset: DIR/{train,val,test}/<class>/*.png, optional sensors.csv; repeat to merge several "
-            "(the shipped set and the plant's labelled crops)"
+            "(the shipped set first, complete; then e.g. the crops labelled on the HMI, which may lack splits "
+            "and classes)"
         ),
     ],
     out: Annotated[Path, typer.Option(help="ONNX file to write")],

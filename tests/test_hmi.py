@@ -206,6 +206,8 @@ async def test_viewer_sees_the_line_but_every_control_endpoint_refuses_403(line:
             ("PUT", "/api/routing/thresholds", {"min_confidence": 0.5}),
             ("POST", "/api/model", {"path": str(MODEL)}),
             ("GET", "/api/models", None),
+            ("GET", "/api/labels", None),
+            ("POST", "/api/labels/undo", None),
         ):
             r = await c.request(method, path, json=body, headers=h)
             assert r.status_code == 403, (path, r.status_code, r.text)
@@ -218,7 +220,7 @@ async def test_viewer_sees_the_line_but_every_control_endpoint_refuses_403(line:
     assert svc.control.state is State.STOPPED
     assert svc.alarm_board.shown[0].acked_by is None
     assert svc.cfg.routing is routing_before
-    assert len(line.log.find("hmi request refused", reason="role", role="viewer")) == 6
+    assert len(line.log.find("hmi request refused", reason="role", role="viewer")) == 8
 
 
 @pytest.mark.wire

@@ -492,3 +492,30 @@ def test_train_merges_two_folders_with_stated_shares(tmp_path: Path) -> None:
     assert check_model(out).ok
     res = runner.invoke(app, ["model", "train", *args, "--out", str(out), "--epochs", "1"])
     assert res.exit_code == 2 and "one positive share per data folder" in res.output
+
+
+def test_train_adds_a_labels_folder_lacking_splits_and_classes(tmp_path: Path) -> None:
+    """A folder labelled on the HMI (sorter/line/labelling.py) fills up a class and a split at a time: as a second
+    `--data` it adds what it has, even a class the first set's val split lacks."""
+    _toy(tmp_path / "shipped", per=3)
+    labels = tmp_path / "labels"
+    rows = ["file,field_mT,area_mm2"]
+    for k, cls in enumerate(("ferrite", "ferrite", "ndfeb")):
+        _img(labels / "train" / cls / f"p{k}.png", 30 + 40 * k)
+        rows.append(f"{cls}/p{k}.png,{40.0 + k},{120.0 + k}")
+    (labels / "train" / "sensors.csv").write_text("\n".join(rows) + "\n")
+    (labels / "train" / "steel").mkdir()  # emptied by an undo
+    (labels / "_pending").mkdir()
+    out = tmp_path / "m.onnx"
+    args = ["--data", str(tmp_path / "shipped"), "--data", str(labels), "--out", str(out), "--epochs", "1"]
+    res = runner.invoke(app, ["model", "train", *args, "--time-budget", "20"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(res.stdout)
+    assert metrics["labels"] == ["ndfeb", "ferrite", "steel"]
+    assert [d["n_train"] for d in metrics["data"]] == [6, 3]
+    assert check_model(out).ok
+    # the labels folder alone is no complete dataset: first, it is refused with the folder named
+    res = runner.invoke(
+        app, ["model", "train", "--data", str(labels), "--data", str(tmp_path / "shipped"), "--out", str(out)]
+    )
+    assert res.exit_code == 2 and str(labels / "val") in res.output

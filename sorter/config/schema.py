@@ -605,6 +605,39 @@ class RecordsConfig(Strict):
         return self.recordings_dir if self.recordings_dir is not None else self.path.parent / "recordings"
 
 
+class LabellingConfig(Strict):
+    """Labelling on the HMI (technician): a queue of the line's crops to confirm or correct (docs/hmi.md)."""
+
+    enabled: bool = Field(
+        True,
+        description=(
+            "keep a queue of crops for labelling on the HMI (only where the HMI is served): a few MB on disk and "
+            "one writer thread; the line never waits for it"
+        ),
+    )
+    folder: Path | None = Field(
+        None,
+        description=(
+            "the labelled dataset (the layout `sorter model train --data` reads), its `labels.csv` log and the "
+            "pending crops (`_pending/`). Default: `labels/` beside records.path"
+        ),
+    )
+    queue_max: int = Field(
+        300, ge=1, le=100_000, description="crops waiting for a label at most; past it the least useful one goes"
+    )
+    uncertain_below: float = Field(
+        0.9, ge=0, le=1, description="a decision less confident than this is queued as uncertain"
+    )
+    sample_share: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description=(
+            "share of the confident pieces queued at random, last in line, so that the labels are not only hard cases"
+        ),
+    )
+
+
 Role = Literal["viewer", "operator", "technician"]
 
 
@@ -883,6 +916,7 @@ class LineConfig(Strict):
         None, description="the line's OPC UA server for SCADA/MES; absent: none is started"
     )
     hmi: HmiConfig | None = Field(None, description="the operator's web HMI; absent: none is served")
+    labelling: LabellingConfig = Field(LabellingConfig(), description="the queue of crops technicians label on the HMI")
     sparkplug: SparkplugConfig | None = Field(
         None, description="the line's Sparkplug B edge node on the plant's MQTT broker; absent: none"
     )
@@ -917,6 +951,11 @@ class LineConfig(Strict):
             raise ValueError(f"valves cover {width} mm but the belt is {self.belt.width_mm} mm wide")
         return self
 
+    def labels_folder(self) -> Path:
+        """Where labelled crops go: labelling.folder, or `labels/` beside the records database."""
+        lab = self.labelling
+        return lab.folder if lab.folder is not None else self.records.path.parent / "labels"
+
     def paths_resolved(self, base: Path) -> dict[str, Any]:
         """The config's relative paths made relative to `base` (the file's folder), as a model_copy update."""
         cfg = self
@@ -947,6 +986,8 @@ class LineConfig(Strict):
                     if (v := getattr(srv, k)) is not None
                 }
             )
+        if cfg.labelling.folder is not None:
+            update["labelling"] = cfg.labelling.model_copy(update={"folder": rel(cfg.labelling.folder)})
         hmi = cfg.hmi
         if hmi is not None and hmi.certificate is not None and hmi.private_key is not None:
             update["hmi"] = hmi.model_copy(

@@ -39,6 +39,20 @@ def split_of(name: str) -> str:
     return SPLIT_SHARES[-1][0]
 
 
+def append_sensor_row(path: Path, file: str, field: float, area_mm2: float) -> None:
+    """One `file,field_mT,area_mm2` row of a split's sensors.csv (the header first in a new file)."""
+    new = not path.exists()
+    with_area = True
+    if not new:  # a file begun by a version without the area column keeps its two columns
+        with path.open() as f:
+            with_area = "area_mm2" in f.readline()
+    with path.open("a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["file", "field_mT", "area_mm2"])
+        w.writerow([file, f"{field:.1f}", f"{area_mm2:.1f}"] if with_area else [file, f"{field:.1f}"])
+
+
 class CropCapture:
     def __init__(self, root: Path, run_id: str, with_field: bool) -> None:
         self.root = Path(root)
@@ -77,25 +91,12 @@ class CropCapture:
                 if not cv2.imwrite(str(folder / name), crop):
                     raise OSError(f"cannot write {folder / name}")
                 if field is not None:
-                    self._append_sensor(self.root / split / "sensors.csv", f"{cls}/{name}", field, area)
+                    append_sensor_row(self.root / split / "sensors.csv", f"{cls}/{name}", field, area)
                 self.saved += 1
             except OSError as exc:
                 self.failed += 1
                 if self.failed == 1 or self.failed % 100 == 0:
                     self.log.error("capture write failed", error=str(exc), failed=self.failed)
-
-    @staticmethod
-    def _append_sensor(path: Path, file: str, field: float, area_mm2: float) -> None:
-        new = not path.exists()
-        with_area = True
-        if not new:  # a file begun by a version without the area column keeps its two columns
-            with path.open() as f:
-                with_area = "area_mm2" in f.readline()
-        with path.open("a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(["file", "field_mT", "area_mm2"])
-            w.writerow([file, f"{field:.1f}", f"{area_mm2:.1f}"] if with_area else [file, f"{field:.1f}"])
 
     def close(self) -> None:
         self._queue.put(None)

@@ -185,8 +185,8 @@ def _read_sensors(csv_path: Path, split_dir: Path, files: Sequence[Path]) -> tup
     return fields, areas if ai is not None else None
 
 
-def _scan_split(split_dir: Path, labels: Sequence[str], reference: str | None) -> Split:
-    dirs = {p.name: p for p in _class_dirs(split_dir)}
+def _scan_split(split_dir: Path, labels: Sequence[str], reference: str | None, skip_empty: bool = False) -> Split:
+    dirs = {p.name: p for p in _class_dirs(split_dir) if not skip_empty or _images(p)}
     for cls in labels:
         if cls not in dirs:
             src = f"it is in {reference}" if reference else "the model knows it"
@@ -289,6 +289,31 @@ def scan_dataset(
             for s, sp in scanned.items()
         }
     return Dataset(root=root, labels=tuple(labels), splits=scanned)
+
+
+def scan_addition(root: Path) -> Dataset:
+    """A dataset added to another (`sorter model train --data MAIN --data MORE`), such as the crops labelled on
+    the HMI: any of the splits, each with the classes it has (a labels folder fills up a class and a split at a
+    time; empty class folders are passed over). Every image still needs its sensors row where a split has a
+    sensors.csv. The main dataset brings the complete train and val splits (`merge_datasets`)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a directory (expected {root}/{{train,val,test}}/<class>/*.png)")
+    found: dict[str, list[str]] = {}
+    for s in SPLITS:
+        if (root / s).is_dir():
+            names = [d.name for d in _class_dirs(root / s) if _images(d)]
+            if names:
+                found[s] = order_labels(names)
+    if not found:
+        raise DatasetError(f"{root}: no labelled images (expected {root}/{{train,val,test}}/<class>/*.png)")
+    labels = order_labels({c for names in found.values() for c in names})
+    splits = {}
+    for s, names in found.items():
+        sp = _scan_split(root / s, names, None, skip_empty=True)
+        y = np.asarray([labels.index(names[i]) for i in sp.y], np.int64)
+        splits[s] = Split(sp.name, sp.root, tuple(labels), sp.files, y, sp.fields, sp.sensors_file, sp.areas)
+    return Dataset(root=root, labels=tuple(labels), splits=splits)
 
 
 def data_hash(root: Path, dataset: Dataset | None = None) -> str:

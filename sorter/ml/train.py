@@ -342,7 +342,8 @@ def train(
             each split optionally with sensors.csv (file,field_mT); see sorter.ml.dataset. E.g. made by
             `sorter sim dataset`, or any labelled crops of single pieces.
             Several folders (the shipped set and the plant's labelled crops) are merged split by split
-            (sorter.ml.dataset.merge_datasets).
+            (sorter.ml.dataset.merge_datasets): the first must be complete, the others may lack splits
+            and classes (sorter.ml.dataset.scan_addition: a folder labelled on the HMI fills up slowly).
         out: the .onnx file to write (replaced atomically).
         epochs: maximum epochs; training stops early when validation loss stops improving.
         seed: seeds initialisation, shuffling and augmentation.
@@ -391,7 +392,8 @@ def train(
     if data_shares is not None and (len(data_shares) != len(folders) or min(data_shares) <= 0):
         raise ValueError(f"data shares {list(data_shares)}: one positive share per data folder ({len(folders)})")
     t_start = time.monotonic()
-    sets = [scan_dataset(d, required=("train", "val")) for d in folders]
+    # the first folder is the complete dataset; the others add to it (e.g. the crops labelled on the HMI)
+    sets = [scan_dataset(folders[0], required=("train", "val"))] + [_dataset.scan_addition(d) for d in folders[1:]]
     ds, origin = _dataset.merge_datasets(sets)
     labels = list(ds.labels)
     if arch not in ARCHS:

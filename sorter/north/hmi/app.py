@@ -8,7 +8,7 @@ nothing and is logged (`hmi request refused`, with the reason, never a password 
 2. a live session: the HttpOnly, SameSite=Strict session cookie (Secure over HTTPS), not idle for
    `hmi.session_idle_s` and younger than `hmi.session_max_s` (401);
 3. the role: operator or technician for PackML commands and alarm acknowledgement, technician
-   for routing thresholds, models, clips and model comparisons (403);
+   for routing thresholds, models, clips, model comparisons and labelling (403);
 4. the CSRF token of the session in the X-CSRF-Token header (403).
 
 Over HTTPS (`hmi.certificate`, server.py) every response also carries HSTS: a browser that has once
@@ -42,6 +42,7 @@ from sorter.core.messages import (
     SwapModel,
 )
 from sorter.core.packml import Command, InvalidState
+from sorter.line.labelling import DISCARD, Candidate, LabelError, LabelStore
 from sorter.line.recording import ClipError
 from sorter.north.hmi.clients import Client
 from sorter.north.hmi.compare import latest_clip
@@ -59,6 +60,7 @@ STATIC = Path(__file__).parent / "static"
 COMMANDS = {c.lower(): Command(c) for c in ViewBuilder.COMMANDS}
 MAX_BODY = 8192
 MAX_WS_TEXT = 4096
+LABEL_HEAD = 3  # queued crops sent with each answer: the page shows the first and preloads the others
 BAD_WS_CLOSE = 200  # malformed messages on one WebSocket before it is closed (1008)
 ROLES = ("viewer", "operator", "technician")
 # a year: the browser keeps to https:// for this host (every port) that long after its last visit; no
@@ -130,6 +132,11 @@ BodyT = TypeVar("BodyT", bound=BaseModel)
 class ModelBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(min_length=1, max_length=4096)
+
+
+class LabelBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cls: str = Field(alias="class", min_length=1, max_length=64)
 
 
 class ClipBody(BaseModel):
@@ -522,6 +529,95 @@ def create_app(hmi: HmiServer) -> FastAPI:
             raise HTTPException(404, "no comparison page: run a comparison first")
         html = await asyncio.to_thread(page.read_bytes)
         return Response(html, media_type="text/html", headers={"content-security-policy": PAGE_CSP})
+
+    # --- labelling (technician): the queue of crops to confirm or correct (sorter/line/labelling.py) ---
+
+    def label_store(request: Request, sess: Session) -> LabelStore:
+        if hmi.labels is None:
+            why = "labelling is off on this line (labelling.enabled)"
+            raise refuse(request, 404, "labelling_off", why, user=sess.user)
+        return hmi.labels
+
+    def candidate_json(c: Candidate) -> dict[str, Any]:
+        return {
+            "id": c.name,
+            "crop": f"/api/labels/crop/{c.name}",
+            "guess": c.guess,
+            "confidence": c.confidence,
+            "image_guess": c.image_guess,
+            "image_confidence": c.image_confidence,
+            "field_mT": c.field_mT,
+            "area_mm2": c.area_mm2,
+            "reason": c.reason,
+            "shadow": c.shadow,
+        }
+
+    def labels_json(store: LabelStore, user: str) -> dict[str, Any]:
+        st = store.stats()
+        return {
+            "queue": [candidate_json(c) for c in store.head(LABEL_HEAD)],
+            "pending": st["pending"],
+            "labelled": st["labelled"],
+            "dropped": st["dropped"],
+            "classes": list(store.classes()),
+            "folder": str(store.root),
+            "undo": store.can_undo(user),
+        }
+
+    @app.get("/api/labels")
+    async def labels_queue(request: Request) -> dict[str, Any]:
+        sess = guard(request, "technician")
+        return labels_json(label_store(request, sess), sess.user)
+
+    @app.get("/api/labels/crop/{name}")
+    async def label_crop(request: Request, name: str) -> Response:
+        sess = guard(request, "technician")
+        path = label_store(request, sess).crop_file(name)
+        try:
+            data = None if path is None else await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:  # labelled meanwhile on another panel
+            data = None
+        if data is None:
+            raise HTTPException(404, f"no crop {printable(name)} waiting for a label")
+        return Response(data, media_type="image/png")
+
+    async def give_label(request: Request, sess: Session, name: str, cls: str) -> dict[str, Any]:
+        store = label_store(request, sess)
+        try:
+            await asyncio.to_thread(store.label, name, cls, sess.user)
+        except LookupError:
+            why = f"no crop {printable(name)} waiting for a label"
+            raise refuse(request, 404, "no_crop", why, user=sess.user) from None
+        except LabelError as exc:
+            raise refuse(request, 422, "invalid", str(exc), user=sess.user) from None
+        except OSError as exc:
+            raise refuse(
+                request, 503, "labels_disk", f"the label could not be written: {exc}", user=sess.user
+            ) from None
+        return labels_json(store, sess.user)
+
+    @app.post("/api/labels/undo")
+    async def label_undo(request: Request) -> dict[str, Any]:
+        sess = guard(request, "technician")
+        store = label_store(request, sess)
+        try:
+            await asyncio.to_thread(store.undo, sess.user)
+        except LabelError as exc:
+            raise refuse(request, 409, "nothing_to_undo", str(exc), user=sess.user) from None
+        except OSError as exc:
+            why = f"the undo could not be written: {exc}"
+            raise refuse(request, 503, "labels_disk", why, user=sess.user) from None
+        return labels_json(store, sess.user)
+
+    @app.post("/api/labels/{name}/discard")
+    async def label_discard(request: Request, name: str) -> dict[str, Any]:
+        sess = guard(request, "technician")
+        return await give_label(request, sess, name, DISCARD)
+
+    @app.post("/api/labels/{name}")
+    async def label_give(request: Request, name: str) -> dict[str, Any]:
+        sess, body = await technician_body(request, LabelBody)
+        return await give_label(request, sess, name, body.cls)
 
     _mount_metrics(app, hmi)
 

@@ -47,6 +47,7 @@ from sorter.config import HmiConfig, LineConfig
 from sorter.core.alarms import Condition
 from sorter.core.linestate import LineStats
 from sorter.core.messages import LineRequest
+from sorter.line.labelling import LabelStore
 from sorter.north.hmi.app import create_app
 from sorter.north.hmi.clients import Client
 from sorter.north.hmi.compare import Comparisons
@@ -162,6 +163,7 @@ class HmiServer:
         self._login_lock: asyncio.Lock | None = None
         self._app: Any = None
         self.comparisons = Comparisons(lambda: self.log)  # model comparisons before a swap (technician)
+        self.labels: LabelStore | None = None  # the crops technicians label (sorter/line/labelling.py)
 
     # --- service side ---
 

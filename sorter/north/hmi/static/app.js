@@ -77,6 +77,7 @@ function logoutLocally(message) {
   session = null;
   if (ws) { ws.onclose = null; ws.close(); ws = null; }
   clearTimeout(reconnectTimer);
+  closeLabelling();
   showLogin(message);
 }
 
@@ -488,6 +489,97 @@ async function cancelSwap() {
   for (const o of $("#models").children) o.setAttribute("aria-pressed", "false");
 }
 
+// --- labelling (technician): one tap labels the crop shown and shows the next ---
+
+let labels = null; // the server's last answer: queue head, counts, classes
+let labelBusy = false;
+let labelPoll = null;
+
+async function openLabelling() {
+  $("#labelling").hidden = false;
+  setData($("#labelling"), "state", "loading");
+  await loadLabels();
+}
+
+function closeLabelling() {
+  clearTimeout(labelPoll);
+  $("#labelling").hidden = true;
+  setData($("#labelling"), "state", "closed");
+}
+
+async function loadLabels() {
+  clearTimeout(labelPoll);
+  const r = await api("GET", "/api/labels");
+  if (r.ok) renderLabels(r.data);
+  else if (r.status) { toast((r.data && r.data.detail) || `Labelling refused (${r.status})`, "error"); closeLabelling(); }
+}
+
+function renderLabels(d) {
+  labels = d;
+  const box = $("#label-classes");
+  if (box.dataset.classes !== d.classes.join(",")) { // the model's classes: a swap may change them
+    box.dataset.classes = d.classes.join(",");
+    box.replaceChildren(...d.classes.map((cls) => {
+      const b = el("button", { type: "button", "data-cls": cls }, cls);
+      b.append(el("span", { class: "n" }));
+      b.addEventListener("click", () => giveLabel(cls));
+      return b;
+    }));
+  }
+  const c = d.queue[0];
+  for (const b of box.children) {
+    setText(b.querySelector(".n"), `${d.labelled[b.dataset.cls] || 0} labelled`);
+    setData(b, "guess", String(!!c && c.guess === b.dataset.cls));
+    b.disabled = !c;
+  }
+  $("#label-discard").disabled = !c;
+  $("#label-undo").disabled = !d.undo;
+  setText($("#label-pending"), `${d.pending} waiting` + (d.dropped ? ` (${d.dropped} dropped: disk slow)` : ""));
+  $("#label-empty").hidden = !!c;
+  $("#label-info").hidden = !c;
+  if (!c) {
+    setData($("#labelling"), "id", "");
+    setData($("#labelling"), "state", "empty");
+    if (!$("#labelling").hidden) labelPoll = setTimeout(loadLabels, 2000); // crops come as the line sorts
+    return;
+  }
+  $("#label-crop").src = c.crop;
+  setText($("#label-guess"), c.guess);
+  setText($("#label-conf"), `${Math.round(c.confidence * 100)} %`);
+  setText($("#label-image"), `${c.image_guess} ${Math.round(c.image_confidence * 100)} %`);
+  setText($("#label-field"), c.field_mT === null ? "no reading" : `${fmt(c.field_mT, 1)} mT`);
+  setText($("#label-area"), `${fmt(c.area_mm2)} mm²`);
+  const why = { disagree: "camera and field disagree", uncertain: "low confidence", sample: "random check",
+    shadow: `shadow model says ${c.shadow}` };
+  setText($("#label-reason"), why[c.reason] || c.reason);
+  for (const n of d.queue.slice(1)) new Image().src = n.crop; // the next ones show at once
+  setData($("#labelling"), "id", c.id);
+  setData($("#labelling"), "state", "ready");
+}
+
+async function labelRequest(method, path, body) {
+  if (labelBusy) return;
+  labelBusy = true;
+  setData($("#labelling"), "state", "busy");
+  const r = await api(method, path, body);
+  labelBusy = false;
+  if (r.ok) renderLabels(r.data);
+  else {
+    toast((r.data && r.data.detail) || `Refused (${r.status})`, "error");
+    await loadLabels(); // labelled meanwhile elsewhere, or nothing to undo: show what is there now
+  }
+}
+
+function giveLabel(cls) {
+  const c = labels && labels.queue[0];
+  if (c) labelRequest("POST", `/api/labels/${encodeURIComponent(c.id)}`, { class: cls });
+}
+
+function discardLabel() {
+  const c = labels && labels.queue[0];
+  if (c) labelRequest("POST", `/api/labels/${encodeURIComponent(c.id)}/discard`);
+}
+
 // --- start ---
 
 document.addEventListener("pointerdown", () => {
@@ -509,6 +601,10 @@ window.addEventListener("DOMContentLoaded", async () => {
   $("#model-cancel").addEventListener("click", cancelSwap);
   $("#clip-start").addEventListener("click", () => clip("start"));
   $("#clip-stop").addEventListener("click", () => clip("stop"));
+  $("#labels-open").addEventListener("click", openLabelling);
+  $("#label-close").addEventListener("click", closeLabelling);
+  $("#label-discard").addEventListener("click", discardLabel);
+  $("#label-undo").addEventListener("click", () => labelRequest("POST", "/api/labels/undo"));
   const r = await api("GET", "/api/session");
   if (r.ok) { session = r.data; showMain(); }
   else showLogin(r.status === 401 && r.data && r.data.detail !== "not logged in" ? goneMessage(r.data.detail) : "");
