@@ -38,7 +38,6 @@ import queue
 import random
 import re
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -112,7 +111,7 @@ class LabelStore:
         uncertain_below: float = 0.9,
         sample_share: float = 0.02,
         with_field: bool = True,
-        wall: Callable[[], float] = time.time,
+        wall: Callable[[], float],  # the service's wall clock (log timestamps, queue age)
         rng: random.Random | None = None,
         log: Any = None,
     ) -> None:
