@@ -24,9 +24,11 @@ from sorter.cli_common import (
     RecordLevelOpt,
     RecordMaxMbOpt,
     RecordOpt,
+    ShadowModelOpt,
     fail,
     record_options,
     stderr_console,
+    with_shadow_model,
 )
 from sorter.config import ConfigError
 from sorter.logs import setup_logging
@@ -142,6 +144,7 @@ def demo(
             "(sim/faults.py); the service then runs as its own process",
         ),
     ] = None,
+    shadow_model: ShadowModelOpt = None,
 ) -> None:
     """Run the simulated line sorted by the real line service and print the report."""
     from sim.demo import DemoError, run_demo
@@ -149,7 +152,7 @@ def demo(
     from sorter.vision.classify import ModelError
 
     setup_logging(log_level)
-    cfg = _load(config)
+    cfg = with_shadow_model(_load(config), shadow_model)
     if cfg.simulator is None:
         raise fail(f"{config}: the demo needs a `simulator:` section")
     if faults is not None:

@@ -46,6 +46,7 @@ from sorter.line.realtime import ThreadPriority
 from sorter.line.recording import Clips, Recorder, RecordingHub, RecordOptions
 from sorter.line.records import RecordStore
 from sorter.line.service import LineParts, LineService, worker_thread
+from sorter.line.shadow import check_labels, shadow_thread
 from sorter.line.virtualtime import InPlace, VirtualClock
 from sorter.north.edge import EdgeNode
 from sorter.north.hmi import HmiServer
@@ -86,6 +87,8 @@ class Transports:
     # on the wall clock: the loop's stalls watched (sorter/line/loopwatch.py), the time-critical threads at a
     # real-time OS priority (sorter/line/realtime.py); neither means anything on a virtual clock
     wall_clock: bool = True
+    # the shadow model's worker (docs/shadow.md): a normal-priority thread in real time, in place in virtual time
+    shadow_executor: Callable[[str], Executor] = shadow_thread
 
 
 def virtual_transports(
@@ -103,6 +106,7 @@ def virtual_transports(
         hallbar_owns_port=False,
         record_in_place=True,
         wall_clock=False,
+        shadow_executor=lambda _name: InPlace(),
     )
 
 
@@ -154,6 +158,10 @@ def build_line(
     geoms = camera_geometries(cfg)
     metrics = ServiceMetrics()
     classifier = load_checked_model(cfg.classifier.model, cfg)
+    shadow = None
+    if cfg.classifier.shadow_model is not None:  # refused at start as the live model would be (docs/shadow.md)
+        shadow = load_checked_model(cfg.classifier.shadow_model, cfg)
+        check_labels(shadow, classifier)
     recorder: Recorder | None = None
     # every recorder (the continuous one of --record, the clips a technician starts and stops) is fed by the
     # same taps, attached once here: the hub hands each item to the recorders running now
@@ -215,7 +223,10 @@ def build_line(
         timebase=tb,
         executor=transports.executor,
         clips=clips,
+        shadow_model=shadow,
+        shadow_executor=transports.shadow_executor,
     )
+    parts.shadow_taps.append(parts.records.add_shadow)
     if cfg.magnetometer is not None:
         parts.fieldmap = FieldMap(cfg.magnetometer, cfg.belt.counts_per_mm, clock.count_at)
         parts.hallbar = HallBar(

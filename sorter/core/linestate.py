@@ -210,6 +210,9 @@ class LineStats:
     records_disk_low: str | None = None  # the records disk is nearly full (why), before it refuses writes
     model_path: str = ""  # the running model's file
     clip: ClipStatus | None = None  # the running clip, or the last one (None: no clip since the start)
+    # the shadow model's running comparison (sorter/core/shadow.py summary_dict, with its path, pending and
+    # failed batches); None: no shadow model runs (docs/shadow.md)
+    shadow: dict[str, Any] | None = None
 
     @property
     def frames_captured(self) -> int:
