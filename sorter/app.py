@@ -294,6 +294,7 @@ def build_line(
         parts.subscribers.append(hmi.publish)
         parts.frame_taps.append(hmi.tap.frame)
         parts.decision_taps.append(hmi.tap.decided)
+        parts.shadow_taps.append(hmi.shadow.add)
     return line
 
 
