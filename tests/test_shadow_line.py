@@ -104,9 +104,9 @@ def test_a_shadow_with_swapped_outputs_differs_where_expected_and_keeps_those_cr
     assert s["by_class"]["ndfeb"]["agreement"] < 0.5 and s["by_class"]["ferrite"]["agreement"] < 0.5
     assert s["truth"]["shadow_accuracy"] < s["truth"]["live_accuracy"]
     page = tmp_path / "shadow.html"
+    args = ["report", "-c", str(ROOT / "config" / "sim.yaml"), "--shadow", "--db", str(db), "--html", str(page)]
     res = subprocess.run(
-        [sys.executable, "-m", "sorter", "report", "-c", str(ROOT / "config" / "sim.yaml"), "--shadow"]
-        + ["--db", str(db), "--html", str(page), "--json", str(tmp_path / "s.json")],
+        [sys.executable, "-m", "sorter", *args, "--json", str(tmp_path / "s.json")],
         capture_output=True,
         text=True,
         cwd=ROOT,
