@@ -291,6 +291,14 @@ def _print_report(report: dict) -> None:  # type: ignore[type-arg]
         f"ejects late {report['ejects_late']}"
     )
     con.print(f"decision latency ms {report['decision_latency_ms']}; eject error mm {report['eject_error_mm']}")
+    if (sh := report.get("shadow")) is not None:
+        agree = "-" if sh["agreement"] is None else f"{100 * sh['agreement']:.1f} %"
+        tr = sh["truth"]
+        con.print(
+            f"shadow model {sh['model']}: compared {sh['compared']}, skipped {sh['skipped']}, agreement {agree}, "
+            f"differing {sh['differing']}; accuracy on the truth: live {tr['live_accuracy']}, "
+            f"shadow {tr['shadow_accuracy']} (sorter report --shadow)"
+        )
     con.print(f"run folder: {report['run_dir']}")
 
 

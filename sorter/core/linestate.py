@@ -236,7 +236,7 @@ class LineStats:
 
     def summary(self) -> dict[str, Any]:
         """The one-line summary the service logs every few seconds (and at stop)."""
-        return {
+        out = {
             "state": self.state.label,
             "pieces": self.counters.pieces,
             "open_tracks": self.open_tracks,
@@ -260,3 +260,6 @@ class LineStats:
                 for c in self.cameras
             },
         }
+        if self.shadow is not None:  # the shadow model's comparison so far (docs/shadow.md)
+            out["shadow"] = {k: self.shadow.get(k) for k in ("model", "compared", "skipped", "agreement")}
+        return out
