@@ -160,7 +160,10 @@ def build_line(
     classifier = load_checked_model(cfg.classifier.model, cfg)
     shadow = None
     if cfg.classifier.shadow_model is not None:  # refused at start as the live model would be (docs/shadow.md)
-        shadow = load_checked_model(cfg.classifier.shadow_model, cfg)
+        try:
+            shadow = load_checked_model(cfg.classifier.shadow_model, cfg)
+        except ModelError as exc:  # say which of the two models it is
+            raise ModelError(f"shadow model (classifier.shadow_model, --shadow-model): {exc}") from exc
         check_labels(shadow, classifier)
     recorder: Recorder | None = None
     # every recorder (the continuous one of --record, the clips a technician starts and stops) is fed by the
