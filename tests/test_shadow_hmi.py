@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from sim.config import load_sim_config
 from sorter.app import build_line
 from sorter.config import ClassifierConfig
-from sorter.core.messages import Piece, ShadowDecision, StartShadow, StopShadow
+from sorter.core.messages import Piece, ShadowDecision, StartShadow, StopShadow, SwapModel
 from sorter.line.records import load_shadow
 from sorter.north.hmi.app import create_app
 from sorter.vision.classify import ModelError
@@ -190,3 +190,28 @@ async def test_shadow_endpoints_are_for_technicians_with_their_csrf_token(tmp_pa
             r = await c.post("/api/shadow/stop", headers=h)
             assert r.status_code == 200 and r.json()["shadow"]["model"] == "shadow-same"
             assert svc.shadow is None
+
+
+async def test_a_live_swap_to_a_model_with_other_classes_stops_the_shadow(tmp_path: Path) -> None:
+    same = retagged(tmp_path / "same.onnx", "shadow-same")
+    other = relabelled(tmp_path / "other.onnx", "live-other")
+    async with built(tmp_path) as line:
+        svc = line.service
+        await svc.handle(StartShadow(same, "technician"))
+        await svc.handle(SwapModel(same, "technician"))  # same classes: the shadow goes on
+        assert svc.shadow is not None
+        await svc.handle(SwapModel(other, "technician"))
+        assert svc.shadow is None and svc.classifier.version == "live-other"
+        svc.records.flush()
+        stops = [d for k, d in kinds(svc.records.path) if k == "shadow_stop"]
+        assert len(stops) == 1 and stops[0]["reason"] == "live model has other classes"
+
+
+def test_run_and_demo_take_a_shadow_model() -> None:
+    from typer.testing import CliRunner
+
+    from sorter.cli import app
+
+    for cmd in ("run", "demo"):
+        res = CliRunner().invoke(app, [cmd, "--help"], env={"COLUMNS": "200"})
+        assert res.exit_code == 0 and "--shadow-model" in res.output, cmd

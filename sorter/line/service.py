@@ -571,6 +571,13 @@ class LineService:
             old, self.classifier = self.classifier, new
             self.log.info("model swapped", old=old.version, new=new.version, path=str(path), user=user)
             self.records.event("model_swap", old=old.version, new=new.version, path=str(path), user=user)
+            if self.shadow is not None and tuple(self.shadow.classifier.labels) != tuple(new.labels):
+                # its decisions could no longer be compared class by class with the live ones
+                runner, self.shadow = self.shadow, None
+                self.log.warning("shadow model stopped: the new live model has other classes", shadow=runner.version)
+                await self._end_shadow(runner)
+                brief = {k: v for k, v in runner.stats().items() if k in ("model", "compared", "skipped", "agreement")}
+                self.records.event("shadow_stop", user=user, reason="live model has other classes", **brief)
             self._publish()
             return new.version
 
