@@ -576,8 +576,7 @@ class LineService:
                 runner, self.shadow = self.shadow, None
                 self.log.warning("shadow model stopped: the new live model has other classes", shadow=runner.version)
                 await self._end_shadow(runner)
-                brief = {k: v for k, v in runner.stats().items() if k in ("model", "compared", "skipped", "agreement")}
-                self.records.event("shadow_stop", user=user, reason="live model has other classes", **brief)
+                self.records.event("shadow_stop", user=user, reason="live model has other classes", **runner.brief())
             self._publish()
             return new.version
 
@@ -613,15 +612,10 @@ class LineService:
             if old is None:
                 return None
             await self._end_shadow(old)
-            summary = old.stats()
-            self.log.info(
-                "shadow model stopped", user=user, **{k: summary[k] for k in ("model", "compared", "agreement")}
-            )
-            self.records.event(
-                "shadow_stop", user=user, **{k: summary[k] for k in ("model", "compared", "skipped", "agreement")}
-            )
+            self.log.info("shadow model stopped", user=user, **old.brief())
+            self.records.event("shadow_stop", user=user, **old.brief())
             self._publish()
-            return summary
+            return old.stats()
 
     async def _end_shadow(self, runner: ShadowRunner) -> None:
         await runner.drain()
@@ -903,10 +897,7 @@ class LineService:
             await self._decide(rest, loop)
         if self.shadow is not None:  # its last results reach the records before they close
             await self.shadow.drain()
-            summary = self.shadow.stats()
-            self.records.event(
-                "shadow_stop", user="shutdown", **{k: summary[k] for k in ("model", "compared", "skipped", "agreement")}
-            )
+            self.records.event("shadow_stop", user="shutdown", **self.shadow.brief())
         if self._sends:
             _, pending = await asyncio.wait(self._sends, timeout=1.0)
             for t in pending:

@@ -139,6 +139,11 @@ class ShadowRunner:
     def stats(self) -> dict[str, Any]:
         return self.summary.as_dict() | {"failed": self.failed, "pending": self.pending}
 
+    def brief(self) -> dict[str, Any]:
+        """The comparison in four figures (events, the log)."""
+        s = self.summary
+        return {"model": s.model, "compared": s.compared, "skipped": s.skipped, "agreement": s.as_dict()["agreement"]}
+
 
 def check_labels(shadow: Classifier, live: Classifier) -> None:
     """A shadow model must have the live model's classes, in its order: its decisions are compared class by class
