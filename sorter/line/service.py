@@ -584,7 +584,9 @@ class LineService:
         def failed(exc: BaseException) -> None:
             self.log.error("shadow batch failed (the line is not affected)", error=repr(exc))
 
-        return ShadowRunner(model, self.parts.shadow_executor("shadow"), self.parts.shadow_taps, on_error=failed)
+        return ShadowRunner(
+            model, self.parts.shadow_executor("shadow"), self.parts.shadow_taps, on_error=failed, on_time=self.times.add
+        )
 
     async def _start_shadow(self, path: Path, user: str) -> str:
         """Run a candidate model beside the live one (technician). Checked as a swap is (the model check, the

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import replace
@@ -63,6 +64,7 @@ class ShadowRunner:
         *,
         max_pending: int = MAX_PENDING,
         on_error: Callable[[BaseException], None] | None = None,
+        on_time: Callable[[str, float], None] | None = None,
     ) -> None:
         self.classifier = classifier
         self.version = classifier.version
@@ -71,6 +73,7 @@ class ShadowRunner:
         self._taps = taps
         self.max_pending = max_pending
         self._on_error = on_error
+        self._on_time = on_time  # the shadow's own work per batch (stage `shadow`: its cost, in the stage times)
         self._pending: set[asyncio.Future[list[ShadowDecision]]] = set()
         self.summary = ShadowSummary(model=classifier.version)
         self.failed = 0  # batches whose shadow classification raised (counted, the line goes on)
@@ -88,6 +91,7 @@ class ShadowRunner:
 
     def _run(self, decisions: list[Decision], routing: RoutingConfig) -> list[ShadowDecision]:
         """On the shadow thread: the same crops through the shadow model, fused with the same field readings."""
+        t0 = time.perf_counter()
         clf = self.classifier
         crops = [c for d in decisions for c in d.piece.crops if isinstance(c, np.ndarray)]
         probs = clf.predict(crops) if crops else np.zeros((0, len(clf.labels)))
@@ -102,6 +106,8 @@ class ShadowRunner:
             if not s.agrees:  # the crop only where they differ: what a technician looks at
                 s = replace(s, crop_png=_png(list(live.piece.crops)))
             out.append(s)
+        if self._on_time is not None:
+            self._on_time("shadow", time.perf_counter() - t0)
         return out
 
     def _done(self, fut: asyncio.Future[list[ShadowDecision]]) -> None:
