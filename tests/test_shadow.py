@@ -243,6 +243,8 @@ def test_label_log_newest_row_per_piece_wins_and_discard_unlabels(tmp_path: Path
             ("2026-12-07T01:00:00", "tech", "run-1", "3", "b.png", "steel", "other"),
             ("2026-12-07T01:02:00", "tech", "run-1", "3", "b.png", "other", "discard"),  # thrown out: no label
             ("2026-12-07T01:00:00", "tech", "run-0", "2", "c.png", "smco", "smco"),
+            ("2026-12-07T01:00:00", "tech", "run-0", "4", "d.png", "steel", "steel"),
+            ("2026-12-07T01:00:00", "tech", "run-0", "4", "", "steel", "undone"),  # taken back, the same second
         ],
     )
     assert read_labels(tmp_path / "lab") == {("run-1", 2): "ndfeb", ("run-0", 2): "smco"}

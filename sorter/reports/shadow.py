@@ -20,13 +20,15 @@ from sorter.core.shadow import accuracy, summary_dict
 from sorter.line.records import load_shadow
 from sorter.reports.errors import ReportError
 
-DISCARD = "discard"  # a label log's `new` that means: no label (the piece was thrown out of the data set)
+# a label log's `new` values that mean no label: the crop was thrown out (`discard`), or the label before was
+# taken back and the piece queued again (`undone`, the labelling feature's undo)
+NO_LABEL = ("discard", "undone")
 LABEL_COLUMNS = ("time", "user", "run_id", "piece_id", "file", "old", "new")
 
 
 def read_labels(folder: Path) -> dict[tuple[str, int], str]:
     """(run_id, piece_id) -> label from `folder/labels.csv`: the newest row per piece wins (rows are appended in
-    time order; `time` breaks ties written out of order), `discard` removes the label."""
+    time order; `time` breaks ties written out of order), `discard` or `undone` leave the piece unlabelled."""
     path = folder / "labels.csv"
     if not path.is_file():
         raise ReportError(f"{path}: no label log (the labelling feature writes labels.csv in its folder)")
@@ -44,7 +46,7 @@ def read_labels(folder: Path) -> dict[tuple[str, int], str]:
             stamp = (row["time"], n, row["new"].strip())
             if key not in newest or stamp[:2] >= newest[key][:2]:
                 newest[key] = stamp
-    return {k: v[2] for k, v in newest.items() if v[2] and v[2] != DISCARD}
+    return {k: v[2] for k, v in newest.items() if v[2] and v[2] not in NO_LABEL}
 
 
 def _runs(db: Path) -> list[str]:
