@@ -71,6 +71,11 @@ async def test_a_shadow_model_starts_decides_beside_the_live_one_and_stops(tmp_p
         await svc.shadow.drain()
         s = svc.shadow.summary
         assert s.compared == 3 and s.skipped == 0
+        svc._publish()  # the metrics render the running comparison from the published stats
+        text = line.metrics.render()[0].decode()
+        differ = s.compared - s.agree
+        assert f'sorter_shadow_pieces{{model="shadow-swapped",result="differ"}} {float(differ)}' in text
+        assert 'sorter_shadow_pieces{model="shadow-swapped",result="skipped"} 0.0' in text
         summary = await svc.handle(StopShadow("technician"))
         assert summary["compared"] == 3 and svc.shadow is None
         svc.records.flush()
