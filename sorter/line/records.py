@@ -379,6 +379,9 @@ def load_pieces(path: Path, run_id: str | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+SHADOW_COLUMNS = "run_id, piece_id, model, live_cls, live_fraction, live_confidence, cls, fraction, confidence, t_wall"
+
+
 def load_shadow(path: Path, run_id: str | None = None, *, crops: bool = False) -> list[dict[str, Any]]:
     """A run's shadow rows (all runs' without run_id), by piece; `crops`: with the differing pieces' PNGs.
     An older database without the table has none."""
@@ -387,8 +390,7 @@ def load_shadow(path: Path, run_id: str | None = None, *, crops: bool = False) -
     try:
         if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='shadow'").fetchone():
             return []
-        cols = "*" if crops else "run_id, piece_id, model, live_cls, live_fraction, live_confidence, cls, fraction, "
-        cols += "" if crops else "confidence, t_wall, crop IS NOT NULL AS has_crop"
+        cols = f"{SHADOW_COLUMNS}, crop IS NOT NULL AS has_crop" + (", crop" if crops else "")
         q = f"SELECT {cols} FROM shadow" + (" WHERE run_id=?" if run_id else "") + " ORDER BY run_id, piece_id"
         return [dict(r) for r in db.execute(q, (run_id,) if run_id else ())]
     finally:
