@@ -24,9 +24,11 @@ from sorter.cli_common import (
     RecordLevelOpt,
     RecordMaxMbOpt,
     RecordOpt,
+    ShadowModelOpt,
     fail,
     record_options,
     stderr_console,
+    with_shadow_model,
 )
 from sorter.config import ConfigError
 from sorter.logs import setup_logging
@@ -142,6 +144,7 @@ def demo(
             "(sim/faults.py); the service then runs as its own process",
         ),
     ] = None,
+    shadow_model: ShadowModelOpt = None,
 ) -> None:
     """Run the simulated line sorted by the real line service and print the report."""
     from sim.demo import DemoError, run_demo
@@ -149,7 +152,7 @@ def demo(
     from sorter.vision.classify import ModelError
 
     setup_logging(log_level)
-    cfg = _load(config)
+    cfg = with_shadow_model(_load(config), shadow_model)
     if cfg.simulator is None:
         raise fail(f"{config}: the demo needs a `simulator:` section")
     if faults is not None:
@@ -288,6 +291,14 @@ def _print_report(report: dict) -> None:  # type: ignore[type-arg]
         f"ejects late {report['ejects_late']}"
     )
     con.print(f"decision latency ms {report['decision_latency_ms']}; eject error mm {report['eject_error_mm']}")
+    if (sh := report.get("shadow")) is not None:
+        agree = "-" if sh["agreement"] is None else f"{100 * sh['agreement']:.1f} %"
+        tr = sh["truth"]
+        con.print(
+            f"shadow model {sh['model']}: compared {sh['compared']}, skipped {sh['skipped']}, agreement {agree}, "
+            f"differing {sh['differing']}; accuracy on the truth: live {tr['live_accuracy']}, "
+            f"shadow {tr['shadow_accuracy']} (sorter report --shadow)"
+        )
     con.print(f"run folder: {report['run_dir']}")
 
 

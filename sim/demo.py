@@ -25,13 +25,13 @@ import structlog
 import yaml
 
 from sim.config import SimLineConfig
-from sim.report import build_report
+from sim.report import build_report, shadow_section
 from sim.truth import load_truth
 from sorter.app import Line, build_line
 from sorter.config import OpcUaServerConfig
 from sorter.core.packml import State
 from sorter.line.recording import RecordOptions
-from sorter.line.records import load_pieces
+from sorter.line.records import load_pieces, load_shadow
 from sorter.line.service import LineService
 
 
@@ -372,4 +372,7 @@ def demo_report(
             "opcua_endpoint": line.scada.endpoint_url if line and line.scada else None,
         }
     )
+    if service is not None and service.shadow is not None:
+        rows = load_shadow(cfg.records.path, service.run_id)
+        report["shadow"] = shadow_section(cfg, truth, records, rows, service.shadow.stats())
     return report

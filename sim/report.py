@@ -49,6 +49,38 @@ def match_records(
     return matched
 
 
+def shadow_section(
+    cfg: LineConfig,
+    truth: list[dict[str, Any]],
+    records: list[dict[str, Any]],
+    shadow_rows: list[dict[str, Any]],
+    runner: dict[str, Any],
+) -> dict[str, Any]:
+    """The shadow model against the live one (sorter/core/shadow.py) and both against the simulator's truth, on the
+    pieces the shadow compared (docs/shadow.md). `runner`: the service's own summary (compared, skipped)."""
+    from collections import Counter
+
+    from sorter.core.shadow import accuracy, summary_dict
+
+    by_id = {t["id"]: t for t in truth}
+    true_cls = {r["id"]: by_id[tid]["cls"] for tid, r in match_records(truth, records, cfg.belt.counts_per_mm).items()}
+    out = summary_dict(
+        runner.get("model", ""),
+        len(shadow_rows),
+        runner.get("skipped", 0),
+        Counter((r["live_cls"], r["cls"]) for r in shadow_rows),
+        Counter((r["live_fraction"], r["fraction"]) for r in shadow_rows),
+    )
+    out["compared_service"] = runner.get("compared")  # the service's count: equal to `compared` once all written
+    out["failed_batches"] = runner.get("failed", 0)
+    out["differing"] = sum(r["live_cls"] != r["cls"] for r in shadow_rows)
+    out["crops_kept"] = sum(bool(r["has_crop"]) for r in shadow_rows)
+    out["truth"] = accuracy(
+        (true_cls[r["piece_id"]], r["live_cls"], r["cls"]) for r in shadow_rows if r["piece_id"] in true_cls
+    )
+    return out
+
+
 def build_report(
     cfg: LineConfig,
     truth: list[dict[str, Any]],

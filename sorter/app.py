@@ -48,6 +48,7 @@ from sorter.line.realtime import ThreadPriority
 from sorter.line.recording import Clips, Recorder, RecordingHub, RecordOptions
 from sorter.line.records import RecordStore
 from sorter.line.service import LineParts, LineService, worker_thread
+from sorter.line.shadow import check_labels, shadow_thread
 from sorter.line.virtualtime import InPlace, VirtualClock
 from sorter.north.edge import EdgeNode
 from sorter.north.hmi import HmiServer
@@ -88,6 +89,8 @@ class Transports:
     # on the wall clock: the loop's stalls watched (sorter/line/loopwatch.py), the time-critical threads at a
     # real-time OS priority (sorter/line/realtime.py); neither means anything on a virtual clock
     wall_clock: bool = True
+    # the shadow model's worker (docs/shadow.md): a normal-priority thread in real time, in place in virtual time
+    shadow_executor: Callable[[str], Executor] = shadow_thread
 
 
 def virtual_transports(
@@ -105,6 +108,7 @@ def virtual_transports(
         hallbar_owns_port=False,
         record_in_place=True,
         wall_clock=False,
+        shadow_executor=lambda _name: InPlace(),
     )
 
 
@@ -158,6 +162,13 @@ def build_line(
     metrics = ServiceMetrics()
     cv2.setNumThreads(cfg.vision.opencv_threads)
     classifier = load_checked_model(cfg.classifier.model, cfg)
+    shadow = None
+    if cfg.classifier.shadow_model is not None:  # refused at start as the live model would be (docs/shadow.md)
+        try:
+            shadow = load_checked_model(cfg.classifier.shadow_model, cfg)
+        except ModelError as exc:  # say which of the two models it is
+            raise ModelError(f"shadow model (classifier.shadow_model, --shadow-model): {exc}") from exc
+        check_labels(shadow, classifier)
     recorder: Recorder | None = None
     # every recorder (the continuous one of --record, the clips a technician starts and stops) is fed by the
     # same taps, attached once here: the hub hands each item to the recorders running now
@@ -219,7 +230,10 @@ def build_line(
         timebase=tb,
         executor=transports.executor,
         clips=clips,
+        shadow_model=shadow,
+        shadow_executor=transports.shadow_executor,
     )
+    parts.shadow_taps.append(parts.records.add_shadow)
     if cfg.magnetometer is not None:
         parts.fieldmap = FieldMap(cfg.magnetometer, cfg.belt.counts_per_mm, clock.count_at)
         parts.hallbar = HallBar(
@@ -287,6 +301,7 @@ def build_line(
         parts.subscribers.append(hmi.publish)
         parts.frame_taps.append(hmi.tap.frame)
         parts.decision_taps.append(hmi.tap.decided)
+        parts.shadow_taps.append(hmi.shadow.add)
         if cfg.labelling.enabled:  # only where the HMI is served: nobody else can label (docs/hmi.md)
             try:
                 lab = hmi.labels = line.labels = LabelStore(
@@ -304,6 +319,7 @@ def build_line(
                 log.error("labelling off: its folder cannot be used", folder=str(cfg.labels_folder()), error=str(exc))
             else:
                 parts.decision_taps.append(lab.add)
+                parts.shadow_taps.append(lab.shadowed)  # where a shadow model disagrees: labelled first
                 parts.extra_stats["labelling"] = lab.stats
                 parts.closers.append(lab.close)
     return line

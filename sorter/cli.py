@@ -20,8 +20,10 @@ from sorter.cli_common import (
     RecordLevelOpt,
     RecordMaxMbOpt,
     RecordOpt,
+    ShadowModelOpt,
     fail,
     record_options,
+    with_shadow_model,
 )
 from sorter.config import ConfigError, LineConfig, load_config
 from sorter.logs import setup_logging
@@ -60,6 +62,7 @@ def run(
     record_frames: RecordFramesOpt = "npy",
     record_buffer_mb: RecordBufferMbOpt = 1024,
     log_level: LogOpt = "info",
+    shadow_model: ShadowModelOpt = None,
 ) -> None:
     """Run the line service: cameras -> classifier -> PLC, until Ctrl-C or SIGTERM.
 
@@ -71,7 +74,7 @@ def run(
     from sorter.vision.classify import ModelError
 
     setup_logging(log_level)
-    cfg = _load(config)
+    cfg = with_shadow_model(_load(config), shadow_model)
     rec = record_options(record, record_level, record_max_mb, record_frames, record_buffer_mb)
     try:
         asyncio.run(run_line(config, cfg, auto_start=start, capture=capture, record=rec))
@@ -313,7 +316,7 @@ def check_config(
 @app.command("report")
 def shift_report(
     config: ConfigOpt,
-    out: Annotated[Path, typer.Option("--out", help="HTML file to write (self-contained)")],
+    out: Annotated[Path | None, typer.Option("--out", help="HTML file to write (self-contained)")] = None,
     from_: Annotated[
         str | None, typer.Option("--from", help="start, ISO 8601 (naive: local time), e.g. 2026-11-28T06:00")
     ] = None,
@@ -334,6 +337,21 @@ def shift_report(
         list[str] | None,
         typer.Option("--line", help="with --db postgresql://...: this line only (repeat for several; default: all)"),
     ] = None,
+    shadow: Annotated[
+        bool,
+        typer.Option(
+            "--shadow",
+            help="the shadow model's comparison with the live one instead (docs/shadow.md): text, or the JSON with "
+            "--json FILE ('-': print it), the crops of the differing pieces with --html FILE",
+        ),
+    ] = False,
+    html_out: Annotated[
+        Path | None, typer.Option("--html", help="with --shadow: a self-contained page with the differing crops")
+    ] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option("--labels", help="with --shadow: DIR/labels.csv, the label log; both models' accuracy on it"),
+    ] = None,
 ) -> None:
     """Shift or batch report from the piece records: throughput, composition, mass balance, alarms and stops.
 
@@ -342,6 +360,13 @@ def shift_report(
     from sorter.reports.shift import ReportError, make_report
 
     cfg = _load(config)
+    if shadow:
+        _shadow_report(Path(db) if db else cfg.records.path, run_id, summary_json, html_out, labels)
+        return
+    if html_out is not None or labels is not None:
+        raise fail("--html and --labels go with --shadow (the shift report's page is --out)")
+    if out is None:
+        raise fail("--out FILE is needed: the HTML page of the report")
     if db is not None and is_db_url(db):
         if run_id or pdf or csv:
             raise fail("--run, --pdf and --csv are for a line's own records; the plant report has HTML and --json")
@@ -378,6 +403,28 @@ def shift_report(
         f"mass balance {'closes' if b['closes'] else 'does NOT close'} "
         f"(in {b['in_count']}, out {b['out_count']})"
     )
+
+
+def _shadow_report(
+    db: Path, run: str | None, json_out: Path | None, html_out: Path | None, labels: Path | None
+) -> None:
+    from sorter.reports.errors import ReportError
+    from sorter.reports.shadow import shadow_report, shadow_text, write_shadow_html
+
+    try:
+        r = shadow_report(db, run, labels)
+        if html_out is not None:
+            write_shadow_html(html_out, r, db)
+    except ReportError as exc:
+        raise fail(str(exc)) from None
+    if json_out is not None and str(json_out) == "-":
+        typer.echo(json.dumps(r))
+        return
+    if json_out is not None:
+        json_out.write_text(json.dumps(r, indent=2))
+    typer.echo(shadow_text(r))
+    if html_out is not None:
+        typer.echo(f"page with the differing crops: {html_out}")
 
 
 def main() -> None:

@@ -76,3 +76,20 @@ def record_options(folder: Path | None, level: str, max_mb: int, frames: str = "
     if (folder / "manifest.json").exists():
         raise fail(f"{folder}: already holds a recording; --record needs a new folder")
     return RecordOptions(folder, level, max_mb * 1024**2, frames, buffer_mb * 1024**2)  # type: ignore[arg-type]
+
+
+ShadowModelOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--shadow-model",
+        help="run this candidate ONNX model beside the live one, decisions recorded and compared, never acted on "
+        "(overrides classifier.shadow_model; docs/shadow.md)",
+    ),
+]
+
+
+def with_shadow_model(cfg: Any, path: Path | None) -> Any:
+    """The config with classifier.shadow_model set from --shadow-model (as given: relative to the working folder)."""
+    if path is None:
+        return cfg
+    return cfg.model_copy(update={"classifier": cfg.classifier.model_copy(update={"shadow_model": path.resolve()})})

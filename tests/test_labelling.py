@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from sorter.core.messages import Decision, FieldReading, FieldState, Piece
+from sorter.core.messages import Decision, FieldReading, FieldState, Piece, ShadowDecision
 from sorter.line import labelling
 from sorter.line.labelling import DISCARD, LOG_COLUMNS, UNDONE, LabelError, LabelStore
 from sorter.ml.dataset import DatasetError, merge_datasets, scan_addition, scan_dataset
@@ -222,6 +222,19 @@ def test_shadow_disagreement_goes_first(tmp_path: Path) -> None:
     assert head[2].piece_id == 1
     s.close()
     assert [c.reason for c in store(tmp_path).head(2)] == ["shadow", "shadow"]  # kept on disk too
+
+
+def test_the_shadow_tap_queues_only_the_pieces_it_names_otherwise(tmp_path: Path) -> None:
+    s = fed(tmp_path, [decision(1, conf=0.5), decision(2, conf=0.99), decision(3, conf=0.99)])
+    assert [c.piece_id for c in s.head(5)] == [1]
+
+    def shadow(piece_id: int, cls: str) -> ShadowDecision:
+        return ShadowDecision(piece_id, "ndfeb", "ndfeb", 0.99, cls, "magnets", 0.9, "candidate")
+
+    s.shadowed([shadow(2, "ndfeb"), shadow(3, "ferrite")])  # 2 agrees, 3 does not
+    s.drain()
+    assert [(c.piece_id, c.reason, c.shadow) for c in s.head(5)] == [(3, "shadow", "ferrite"), (1, "uncertain", None)]
+    s.close()
 
 
 def test_no_bar_line_queues_without_field(tmp_path: Path) -> None:

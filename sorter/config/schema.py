@@ -307,6 +307,13 @@ class ClassifierConfig(Strict):
         4, ge=1, description="views classified per piece (whole views first, the largest of them are kept)"
     )
     threads: int = Field(1, ge=1, description="CPU threads the model's inference may use")
+    shadow_model: Path | None = Field(
+        None,
+        description="a candidate ONNX model run beside the live one in shadow mode: it classifies the same crops "
+        "with the same field reading, its decisions are recorded and compared, never acted on; checked at start "
+        "like `model` and must have the same classes in the same order (relative to the config file; null: none; "
+        "docs/shadow.md)",
+    )
 
 
 class RoutingConfig(Strict):
@@ -964,7 +971,12 @@ class LineConfig(Strict):
             return p if p.is_absolute() else (base / p).resolve()
 
         update = {
-            "classifier": cfg.classifier.model_copy(update={"model": rel(cfg.classifier.model)}),
+            "classifier": cfg.classifier.model_copy(
+                update={
+                    "model": rel(cfg.classifier.model),
+                    "shadow_model": None if cfg.classifier.shadow_model is None else rel(cfg.classifier.shadow_model),
+                }
+            ),
             "records": cfg.records.model_copy(
                 update={
                     "path": rel(cfg.records.path),

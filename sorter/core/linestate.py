@@ -210,6 +210,9 @@ class LineStats:
     records_disk_low: str | None = None  # the records disk is nearly full (why), before it refuses writes
     model_path: str = ""  # the running model's file
     clip: ClipStatus | None = None  # the running clip, or the last one (None: no clip since the start)
+    # the shadow model's running comparison (sorter/core/shadow.py summary_dict, with its path, pending and
+    # failed batches); None: no shadow model runs (docs/shadow.md)
+    shadow: dict[str, Any] | None = None
 
     @property
     def frames_captured(self) -> int:
@@ -233,7 +236,7 @@ class LineStats:
 
     def summary(self) -> dict[str, Any]:
         """The one-line summary the service logs every few seconds (and at stop)."""
-        return {
+        out = {
             "state": self.state.label,
             "pieces": self.counters.pieces,
             "open_tracks": self.open_tracks,
@@ -257,3 +260,6 @@ class LineStats:
                 for c in self.cameras
             },
         }
+        if self.shadow is not None:  # the shadow model's comparison so far (docs/shadow.md)
+            out["shadow"] = {k: self.shadow.get(k) for k in ("model", "compared", "skipped", "agreement")}
+        return out

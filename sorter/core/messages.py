@@ -237,4 +237,43 @@ class StopClip:
     user: str
 
 
-LineRequest = PackMLRequest | AckAlarm | SetThresholds | SwapModel | StartClip | StopClip
+@dataclass(frozen=True, slots=True)
+class StartShadow:
+    """Run a candidate model beside the live one (its decisions recorded, never acted on; docs/shadow.md);
+    answered with its version, or ModelError (nothing changed; a shadow already running stays)."""
+
+    path: Path
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class StopShadow:
+    """Stop the shadow model; answered with the summary of its comparison, or None if none ran."""
+
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowDecision:
+    """What a shadow model would have decided for one piece the live model decided (never acted on).
+
+    `crop_png`: the piece's first view as PNG, only where the two classes differ (the records keep a bounded
+    number of them per run: sorter/line/records.py)."""
+
+    piece_id: int
+    live_cls: str
+    live_fraction: str
+    live_confidence: float
+    cls: str
+    fraction: str
+    confidence: float
+    model: str  # the shadow model's version
+    live_model: str = ""
+    crop_png: bytes | None = None
+
+    @property
+    def agrees(self) -> bool:
+        return self.cls == self.live_cls
+
+
+LineRequest = PackMLRequest | AckAlarm | SetThresholds | SwapModel | StartClip | StopClip | StartShadow | StopShadow

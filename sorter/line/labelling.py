@@ -48,7 +48,7 @@ import cv2
 import numpy as np
 import structlog
 
-from sorter.core.messages import Decision
+from sorter.core.messages import Decision, ShadowDecision
 from sorter.line.crop_capture import append_sensor_row, split_of
 from sorter.vision.segment import materialise
 
@@ -180,6 +180,12 @@ class LabelStore:
             self._hand_over(cand, None)
         elif recent is not None and shadow_cls != recent[0].guess:
             self._submit(replace(recent[0], shadow=shadow_cls, queued_at=self.wall()), recent[1])
+
+    def shadowed(self, decisions: Sequence[ShadowDecision]) -> None:
+        """A shadow tap (parts.shadow_taps): each piece where the shadow model names another class."""
+        for d in decisions:
+            if d.cls != d.live_cls:
+                self.note_shadow(d.piece_id, d.cls)
 
     def _name(self, piece_id: int) -> str:
         return f"{self.run_id}-{piece_id:07d}"

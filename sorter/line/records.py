@@ -31,9 +31,10 @@ from sorter.core.messages import OPEN_OUTCOMES, Outcome
 
 if TYPE_CHECKING:
     from sorter.config import LineConfig
-    from sorter.core.messages import LatencyParts, Piece
+    from sorter.core.messages import LatencyParts, Piece, ShadowDecision
     from sorter.core.planner import Plan
 
+SHADOW_CROPS_MAX = 500  # differing pieces' crops kept per run (about 10 kB each): the rest keep their row only
 DEFAULT_BUFFER_MAX_ROWS = 50_000  # the schema's default too (records.buffer_max_rows)
 DEFAULT_MIN_FREE_MB = 100.0  # the schema's default too (records.min_free_mb)
 FREE_CHECK_S = 1.0  # how often a flush looks at the disk's free space
@@ -79,6 +80,18 @@ CREATE TABLE IF NOT EXISTS events (
 -- after a crash, the belt beyond this (less a piece's passage through the view) is belt nobody recorded
 CREATE TABLE IF NOT EXISTS looked (
     run_id TEXT NOT NULL, camera TEXT NOT NULL, count32 INTEGER NOT NULL, PRIMARY KEY (run_id, camera)
+);
+
+-- shadow mode (docs/shadow.md): what a candidate model decided for a piece beside the live one, never acted on
+CREATE TABLE IF NOT EXISTS shadow (
+    run_id TEXT NOT NULL,
+    piece_id INTEGER NOT NULL,
+    model TEXT NOT NULL,             -- the shadow model's version
+    live_cls TEXT, live_fraction TEXT, live_confidence REAL,
+    cls TEXT, fraction TEXT, confidence REAL,
+    t_wall REAL NOT NULL,
+    crop BLOB,                       -- the piece's first view (PNG) where the classes differ, bounded per run
+    PRIMARY KEY (run_id, piece_id, model)
 );
 """
 )
@@ -172,6 +185,8 @@ class RecordStore:
         self._inserts: list[tuple[Any, ...]] = []
         self._updates: list[tuple[Any, ...]] = []
         self._events: list[tuple[Any, ...]] = []
+        self._shadow: list[tuple[Any, ...]] = []
+        self.shadow_crops = 0  # crops of differing pieces kept this run (at most SHADOW_CROPS_MAX)
         self._lock = threading.Lock()  # rows are added on the event loop and written on a worker thread
         self._writing = 0  # rows taken by a flush in progress: still in memory, they count against the bound
         self._looked: dict[str, int] = {}  # camera -> count32 of its latest frame looked at, not yet written
@@ -234,6 +249,20 @@ class RecordStore:
             if self._room():
                 self._events.append((self._wall(), self.run_id, kind, json.dumps(detail, default=str)))
 
+    def add_shadow(self, decisions: list[ShadowDecision]) -> None:
+        """A shadow model's decisions (a shadow tap: on the loop); the crop kept for the first SHADOW_CROPS_MAX
+        differing pieces of the run."""
+        t = self._wall()
+        with self._lock:
+            for s in decisions:
+                if not self._room():
+                    return
+                crop = None
+                if s.crop_png is not None and self.shadow_crops < SHADOW_CROPS_MAX:
+                    crop, self.shadow_crops = s.crop_png, self.shadow_crops + 1
+                live = (s.live_cls, s.live_fraction, s.live_confidence)
+                self._shadow.append((self.run_id, s.piece_id, s.model, *live, s.cls, s.fraction, s.confidence, t, crop))
+
     def looked_at(self, camera: str, count32: int) -> None:
         """The latest frame of `camera` the service has looked at (written with the next flush)."""
         with self._lock:
@@ -269,7 +298,7 @@ class RecordStore:
 
     @property
     def pending_writes(self) -> int:
-        return len(self._inserts) + len(self._updates) + len(self._events)
+        return len(self._inserts) + len(self._updates) + len(self._events) + len(self._shadow)
 
     def check_free(self, now: float | None = None) -> None:
         """Update `disk_low` from the free space of the database's disk (at most every FREE_CHECK_S)."""
@@ -295,15 +324,15 @@ class RecordStore:
         with self._lock:
             if not self.pending_writes and not self._looked:
                 return
-            ins, upd, ev = self._inserts, self._updates, self._events
-            self._inserts, self._updates, self._events = [], [], []
+            ins, upd, ev, sh = self._inserts, self._updates, self._events, self._shadow
+            self._inserts, self._updates, self._events, self._shadow = [], [], [], []
             looked, self._looked = self._looked, {}
-            self._writing = len(ins) + len(upd) + len(ev)
+            self._writing = len(ins) + len(upd) + len(ev) + len(sh)
         try:
-            self._write(ins, upd, ev, [(self.run_id, cam, c) for cam, c in looked.items()])
+            self._write(ins, upd, ev, [(self.run_id, cam, c) for cam, c in looked.items()], sh)
         except sqlite3.Error as exc:
             with self._lock:  # keep them for the next flush: a full or locked disk must not lose records
-                self._inserts[:0], self._updates[:0], self._events[:0] = ins, upd, ev
+                self._inserts[:0], self._updates[:0], self._events[:0], self._shadow[:0] = ins, upd, ev, sh
                 self._looked = looked | self._looked  # newer positions win
                 self._writing = 0
             self.error = str(exc)
@@ -319,6 +348,7 @@ class RecordStore:
         upd: list[tuple[Any, ...]],
         ev: list[tuple[Any, ...]],
         looked: list[tuple[str, str, int]] = [],  # noqa: B006 - never mutated
+        shadow: list[tuple[Any, ...]] = [],  # noqa: B006 - never mutated
     ) -> None:
         with self._db:  # one transaction
             self._db.execute("BEGIN")
@@ -330,6 +360,7 @@ class RecordStore:
             )
             self._db.executemany("INSERT INTO events VALUES (?,?,?,?)", ev)
             self._db.executemany("INSERT OR REPLACE INTO looked VALUES (?,?,?)", looked)
+            self._db.executemany("INSERT OR REPLACE INTO shadow VALUES (?,?,?,?,?,?,?,?,?,?,?)", shadow)
 
     def close(self) -> None:
         self.flush()
@@ -346,6 +377,36 @@ def load_pieces(path: Path, run_id: str | None = None) -> list[dict[str, Any]]:
         for c in _JSON_COLUMNS:
             r[c] = json.loads(r[c]) if r[c] else {}
     return rows
+
+
+SHADOW_COLUMNS = "run_id, piece_id, model, live_cls, live_fraction, live_confidence, cls, fraction, confidence, t_wall"
+
+
+def load_shadow(path: Path, run_id: str | None = None, *, crops: bool = False) -> list[dict[str, Any]]:
+    """A run's shadow rows (all runs' without run_id), by piece; `crops`: with the differing pieces' PNGs.
+    An older database without the table has none."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    try:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='shadow'").fetchone():
+            return []
+        cols = f"{SHADOW_COLUMNS}, crop IS NOT NULL AS has_crop" + (", crop" if crops else "")
+        q = f"SELECT {cols} FROM shadow" + (" WHERE run_id=?" if run_id else "") + " ORDER BY run_id, piece_id"
+        return [dict(r) for r in db.execute(q, (run_id,) if run_id else ())]
+    finally:
+        db.close()
+
+
+def shadow_crop(path: Path, run_id: str, piece_id: int) -> bytes | None:
+    """One differing piece's crop (PNG) from the shadow table, None if it has none."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        row = db.execute(
+            "SELECT crop FROM shadow WHERE run_id=? AND piece_id=? AND crop IS NOT NULL", (run_id, piece_id)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+    finally:
+        db.close()
 
 
 def seen_row(p: Piece, cfg: LineConfig, t_wall: float) -> dict[str, Any]:

@@ -47,8 +47,11 @@ from sorter.core.messages import (
     PackMLRequest,
     Piece,
     SetThresholds,
+    ShadowDecision,
     StartClip,
+    StartShadow,
     StopClip,
+    StopShadow,
     SwapModel,
 )
 from sorter.core.packml import Command
@@ -64,6 +67,7 @@ from sorter.line.control import LineControl
 from sorter.line.memory import RssWatch, glibc_trim
 from sorter.line.recording import ClipError, Clips, Recorder
 from sorter.line.records import RecordStore, piece_row
+from sorter.line.shadow import ShadowRunner, check_labels, shadow_thread
 from sorter.vision.classify import Classifier, ModelError
 from sorter.vision.detections import to_detections
 from sorter.vision.segment import materialise, segment
@@ -157,6 +161,11 @@ class LineParts:
     executor: Callable[[str], Executor] = worker_thread
     # clips a technician starts and stops on the running line (StartClip, StopClip; docs/recording.md)
     clips: Clips | None = None
+    # shadow mode (docs/shadow.md): a candidate model deciding beside the live one, never acted on; its thread
+    # (normal priority in real time, in place in virtual time) and who gets its decisions (records, HMI)
+    shadow_model: Classifier | None = None
+    shadow_executor: Callable[[str], Executor] = shadow_thread
+    shadow_taps: list[Callable[[list[ShadowDecision]], None]] = field(default_factory=list)
 
 
 class LineService:
@@ -223,6 +232,10 @@ class LineService:
             now=self._now,
         )
         self.control.listeners.append(lambda old, new, why: self._publish())
+        self.shadow: ShadowRunner | None = None
+        if parts.shadow_model is not None:
+            check_labels(parts.shadow_model, self.classifier)
+            self.shadow = self._shadow_runner(parts.shadow_model)
         self.stats: LineStats = self._build_stats()
 
     # --- frames -> pieces ---
@@ -373,6 +386,8 @@ class LineService:
             decide(p, pr, clf.labels, self.cfg.routing, r, lik, clf.version)
             for p, pr, r in zip(pieces, probs, readings, strict=True)
         ]
+        if self.shadow is not None:  # what the live model decided, before a hold changes where it goes
+            self.shadow.offer(decisions, self.cfg.routing)
         self.control.piece_seen()
         held: set[int] = set()
         if not self.control.ejecting:  # held, stopping, PLC lost...: nothing goes into the products
@@ -512,6 +527,10 @@ class LineService:
                 return self._start_clip(user, max_mb)
             case StopClip(user):
                 return await self._close_clip(self._clips().detach(), user)
+            case StartShadow(path, user):
+                return await self._start_shadow(path, user)
+            case StopShadow(user):
+                return await self._stop_shadow(user)
         raise TypeError(f"not a line request: {req!r}")
 
     def _set_thresholds(self, user: str, changes: dict[str, float]) -> RoutingConfig:
@@ -552,8 +571,57 @@ class LineService:
             old, self.classifier = self.classifier, new
             self.log.info("model swapped", old=old.version, new=new.version, path=str(path), user=user)
             self.records.event("model_swap", old=old.version, new=new.version, path=str(path), user=user)
+            if self.shadow is not None and tuple(self.shadow.classifier.labels) != tuple(new.labels):
+                # its decisions could no longer be compared class by class with the live ones
+                runner, self.shadow = self.shadow, None
+                self.log.warning("shadow model stopped: the new live model has other classes", shadow=runner.version)
+                await self._end_shadow(runner)
+                self.records.event("shadow_stop", user=user, reason="live model has other classes", **runner.brief())
             self._publish()
             return new.version
+
+    def _shadow_runner(self, model: Classifier) -> ShadowRunner:
+        def failed(exc: BaseException) -> None:
+            self.log.error("shadow batch failed (the line is not affected)", error=repr(exc))
+
+        return ShadowRunner(
+            model, self.parts.shadow_executor("shadow"), self.parts.shadow_taps, on_error=failed, on_time=self.times.add
+        )
+
+    async def _start_shadow(self, path: Path, user: str) -> str:
+        """Run a candidate model beside the live one (technician). Checked as a swap is (the model check, the
+        routing's classes) and against the live model's classes; a refused one changes nothing."""
+        async with self._swap_lock:
+            try:
+                model = await asyncio.to_thread(self.parts.load_model, Path(path))
+                check_labels(model, self.classifier)
+            except ModelError as exc:
+                self.log.error("shadow model refused", path=str(path), error=str(exc), user=user)
+                self.records.event("shadow_refused", path=str(path), error=str(exc), user=user)
+                raise
+            old = self.shadow
+            self.shadow = self._shadow_runner(model)
+            if old is not None:
+                await self._end_shadow(old)
+            self.log.info("shadow model started", version=model.version, path=str(path), user=user)
+            self.records.event("shadow_start", version=model.version, path=str(path), user=user)
+            self._publish()
+            return model.version
+
+    async def _stop_shadow(self, user: str) -> dict[str, Any] | None:
+        async with self._swap_lock:
+            old, self.shadow = self.shadow, None
+            if old is None:
+                return None
+            await self._end_shadow(old)
+            self.log.info("shadow model stopped", user=user, **old.brief())
+            self.records.event("shadow_stop", user=user, **old.brief())
+            self._publish()
+            return old.stats()
+
+    async def _end_shadow(self, runner: ShadowRunner) -> None:
+        await runner.drain()
+        await asyncio.to_thread(runner.close)
 
     def _clips(self) -> Clips:
         if self.parts.clips is None:
@@ -671,6 +739,7 @@ class LineService:
             records_disk_low=self.records.disk_low,
             model_path=str(getattr(self.classifier, "path", "")),
             clip=None if self.parts.clips is None else self.parts.clips.status(),
+            shadow=None if self.shadow is None else self.shadow.stats() | {"path": str(self.shadow.path or "")},
         )
 
     def _publish(self) -> None:
@@ -686,6 +755,8 @@ class LineService:
         was built but never run (a test, a script)."""
         for pool in (*self._vision.values(), self._infer, self._writer):
             pool.shutdown(wait=True)
+        if self.shadow is not None:
+            self.shadow.close()
 
     def summary(self) -> dict[str, Any]:
         """The line's summary as the log shows it (from the latest stats)."""
@@ -826,6 +897,9 @@ class LineService:
             rest += self._pieces.get_nowait()
         if rest:
             await self._decide(rest, loop)
+        if self.shadow is not None:  # its last results reach the records before they close
+            await self.shadow.drain()
+            self.records.event("shadow_stop", user="shutdown", **self.shadow.brief())
         if self._sends:
             _, pending = await asyncio.wait(self._sends, timeout=1.0)
             for t in pending:

@@ -65,6 +65,7 @@ METRICS = {
     "sorter_records_pending_writes": "gauge: rows waiting for the records thread",
     "sorter_plc_queue_free": "gauge: free slots in the PLC's eject queue",
     "sorter_pieces_total": "counter: pieces decided and recorded",
+    "sorter_shadow_pieces": "gauge{model,result}: a shadow model's pieces so far: agree, differ, skipped",
     "sorter_decisions_total": "counter{cls}: decided class",
     "sorter_fraction_pieces_total": "counter{fraction}: where pieces were sent",
     "sorter_eject_commands_total": "counter{outcome}: accepted, expired (too late, not sent), offline, timeout",
@@ -168,6 +169,7 @@ class _StatsCollector(Collector):
         yield from _plc(s)
         yield from _alarms(s)
         yield from _live(s)
+        yield from _shadow(s)
 
 
 def _state(s: LineStats) -> Iterator[Metric]:
@@ -310,3 +312,17 @@ def _live(s: LineStats) -> Iterator[Metric]:
         if p == p:  # NaN until the fraction has a piece
             pur.add_metric([f], p)
     yield pur
+
+
+def _shadow(s: LineStats) -> Iterator[Metric]:
+    """The running shadow model's comparison (docs/shadow.md); gauges, since a new shadow starts from zero."""
+    sh = s.shadow
+    if sh is None:
+        return
+    g = GaugeMetricFamily(
+        "sorter_shadow_pieces", "A shadow model's pieces so far: agree, differ, skipped", labels=["model", "result"]
+    )
+    g.add_metric([sh["model"], "agree"], sh["agree"])
+    g.add_metric([sh["model"], "differ"], sh["compared"] - sh["agree"])
+    g.add_metric([sh["model"], "skipped"], sh["skipped"])
+    yield g

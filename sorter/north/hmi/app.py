@@ -38,7 +38,9 @@ from sorter.core.messages import (
     PackMLRequest,
     SetThresholds,
     StartClip,
+    StartShadow,
     StopClip,
+    StopShadow,
     SwapModel,
 )
 from sorter.core.packml import Command, InvalidState
@@ -481,6 +483,42 @@ def create_app(hmi: HmiServer) -> FastAPI:
             "latest": None if latest is None else str(latest),
             "folder": str(line.records.clips_folder()),
         }
+
+    # --- shadow mode (technician): a candidate model beside the live one, never acted on (docs/shadow.md) ---
+
+    @app.post("/api/shadow/start")
+    async def shadow_start(request: Request) -> dict[str, Any]:
+        sess, path = await technician_model(request)
+        try:
+            version = await on_service(request, StartShadow(path, sess.user), timeout=120.0)  # loads and checks
+        except ModelError as exc:
+            hmi.log.warning("hmi shadow model refused", user=sess.user, path=str(path), error=str(exc))
+            raise HTTPException(422, f"shadow model refused: {exc}") from None
+        hmi.log.info("hmi shadow model started", user=sess.user, path=str(path), version=version)
+        return {"version": version, "path": str(path)}
+
+    @app.post("/api/shadow/stop")
+    async def shadow_stop(request: Request) -> dict[str, Any]:
+        sess = guard(request, "technician")
+        summary = await on_service(request, StopShadow(sess.user), timeout=60.0)  # drains its last batches
+        hmi.log.info("hmi shadow model stopped", user=sess.user)
+        return {"shadow": summary}
+
+    @app.get("/api/shadow")
+    async def shadow_status(request: Request) -> dict[str, Any]:
+        guard(request, "technician")
+        return {
+            "shadow": hmi.stats.shadow if hmi.stats is not None else None,
+            "differing": hmi.shadow.differing(),
+        }
+
+    @app.get("/api/shadow/crop/{piece_id}")
+    async def shadow_crop(request: Request, piece_id: int) -> Response:
+        guard(request, "technician")
+        png = hmi.shadow.crop(piece_id)
+        if png is None:
+            raise HTTPException(404, f"no crop of piece {piece_id} among the latest differing pieces")
+        return Response(png, media_type="image/png")
 
     # --- a model swap with a comparison first (technician) ---
 

@@ -53,6 +53,7 @@ from sorter.north.hmi.clients import Client
 from sorter.north.hmi.compare import Comparisons
 from sorter.north.hmi.live import CameraView, LiveTap, ViewBuilder, pack_frame
 from sorter.north.hmi.sessions import LoginThrottle, SessionStore
+from sorter.north.hmi.shadow import ShadowPieces
 from sorter.north.hmi.tls import TlsError, server_context
 
 if TYPE_CHECKING:
@@ -164,6 +165,7 @@ class HmiServer:
         self._app: Any = None
         self.comparisons = Comparisons(lambda: self.log)  # model comparisons before a swap (technician)
         self.labels: LabelStore | None = None  # the crops technicians label (sorter/line/labelling.py)
+        self.shadow = ShadowPieces()  # a shadow tap: the differing pieces of the shadow model (docs/shadow.md)
 
     # --- service side ---
 

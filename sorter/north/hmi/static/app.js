@@ -382,6 +382,7 @@ async function loadModels() {
     b.addEventListener("click", () => {
       chosenModel = path;
       for (const o of box.children) o.setAttribute("aria-pressed", String(o === b));
+      pollShadow();
     });
     box.append(b);
   }
@@ -482,10 +483,63 @@ async function compareModel() {
   } else if (r.status !== 401) toast(`comparison: ${(r.data && r.data.detail) || r.status}`, "error");
 }
 
+// shadow mode (docs/shadow.md): a candidate running beside the live model, never acted on; when the chosen model
+// is the running shadow, its agreement by class and the pieces it decides otherwise show before the swap
+let shadowPoll = null;
+
+function renderShadow(data) {
+  const box = $("#shadow");
+  const s = data && data.shadow;
+  const mine = s && chosenModel && s.path === chosenModel;
+  box.hidden = !mine;
+  setData(box, "state", mine ? "running" : "none");
+  if (!mine) return;
+  const pct = (v) => (v === null || v === undefined ? "-" : `${(100 * v).toFixed(1)} %`);
+  setText($("#shadow-state"), `shadow ${s.model}: ${s.compared} pieces compared, ${s.skipped} skipped, `
+    + `agreement ${pct(s.agreement)}`);
+  const body = $("#shadow-table tbody");
+  body.replaceChildren();
+  for (const [c, row] of Object.entries(s.by_class || {})) {
+    const tr = el("tr", { "data-class": c });
+    tr.append(el("td", {}, c));
+    tr.append(el("td", {}, String(row.pieces)));
+    tr.append(el("td", {}, pct(row.agreement)));
+    body.append(tr);
+  }
+  const crops = $("#shadow-crops");
+  crops.replaceChildren();
+  for (const d of (data.differing || []).slice(0, 24)) {
+    const fig = el("figure", { "data-piece": String(d.piece_id) });
+    if (d.has_crop) fig.append(el("img", { src: `/api/shadow/crop/${d.piece_id}`, alt: `piece ${d.piece_id}` }));
+    fig.append(el("figcaption", {}, `${d.live_cls} \u2192 ${d.cls}`));
+    crops.append(fig);
+  }
+}
+
+async function pollShadow() {
+  clearTimeout(shadowPoll);
+  const r = await api("GET", "/api/shadow");
+  if (!r.ok) return;
+  renderShadow(r.data);
+  if (r.data.shadow && chosenModel && r.data.shadow.path === chosenModel) shadowPoll = setTimeout(pollShadow, 2000);
+}
+
+async function shadow(action) {
+  if (action === "start" && !chosenModel) { toast("choose a model first"); return; }
+  if (action === "start") toast("checking the model ...");
+  const r = await api("POST", `/api/shadow/${action}`, action === "start" ? { path: chosenModel } : undefined);
+  if (r.ok) {
+    toast(action === "start" ? `shadow ${r.data.version} running beside the live model` : "shadow stopped");
+    pollShadow();
+  } else if (r.status !== 401) toast(`shadow: ${(r.data && r.data.detail) || r.status}`, "error");
+}
+
 async function cancelSwap() {
   if ($("#compare").dataset.state === "running") await api("POST", "/api/model/compare/cancel");
   hideComparison();
   chosenModel = null;
+  clearTimeout(shadowPoll);
+  renderShadow(null);
   for (const o of $("#models").children) o.setAttribute("aria-pressed", "false");
 }
 
@@ -599,6 +653,8 @@ window.addEventListener("DOMContentLoaded", async () => {
   $("#model-swap").addEventListener("click", swapModel);
   $("#model-compare").addEventListener("click", compareModel);
   $("#model-cancel").addEventListener("click", cancelSwap);
+  $("#shadow-start").addEventListener("click", () => shadow("start"));
+  $("#shadow-stop").addEventListener("click", () => shadow("stop"));
   $("#clip-start").addEventListener("click", () => clip("start"));
   $("#clip-stop").addEventListener("click", () => clip("stop"));
   $("#labels-open").addEventListener("click", openLabelling);
