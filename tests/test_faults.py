@@ -151,10 +151,10 @@ class FullDisk(RecordStore):
 
     full = True
 
-    def _write(self, ins, upd, ev, looked=()) -> None:  # type: ignore[no-untyped-def]
+    def _write(self, ins, upd, ev, *rest) -> None:  # type: ignore[no-untyped-def]
         if self.full:
             raise sqlite3.OperationalError("database or disk is full")
-        super()._write(ins, upd, ev, list(looked))
+        super()._write(ins, upd, ev, *rest)
 
 
 def test_a_full_disk_buffers_rows_up_to_the_bound_then_writes_them_in_order(tmp_path, cfg) -> None:
