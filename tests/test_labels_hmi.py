@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import csv
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -15,8 +14,9 @@ import pytest
 from sorter.app import build_line
 from sorter.core.messages import Decision, FieldReading, FieldState, Piece
 from sorter.north.hmi.app import create_app
-from tests.reclog import RecLog
-from tests.test_clips import PASSWORD, built, clip_config
+from tests.hmi_asgi import Endpoint, HmiClient
+from tests.test_clips import built, clip_config
+from tests.test_hmi import PASSWORD
 
 pytestmark = pytest.mark.fast
 
@@ -43,36 +43,18 @@ async def test_labelling_endpoints_roles_csrf_and_labels(tmp_path: Path) -> None
             for tap in line.service.parts.decision_taps:  # as the running line hands each batch over
                 tap(decisions(labels, 4))
             await asyncio.to_thread(store.drain)
-            hmi.log = log = RecLog()
-            hmi._svc_loop = asyncio.get_running_loop()
-            hmi._login_lock = asyncio.Lock()
-            transport = httpx.ASGITransport(app=create_app(hmi))
-
-            def client() -> httpx.AsyncClient:
-                return httpx.AsyncClient(transport=transport, base_url="http://hmi.test")
-
-            async def login(c: httpx.AsyncClient, user: str) -> dict[str, str]:
-                r = await c.post("/api/login", json={"user": user, "password": PASSWORD[user]})
-                assert r.status_code == 200, r.text
-                return {"X-CSRF-Token": r.json()["csrf"]}
+            api = HmiClient(hmi)
+            log, client, login = api.log, api.client, api.login
 
             first = store.head(1)[0].name
-            endpoints: list[tuple[str, str, Any]] = [
+            endpoints: list[Endpoint] = [
                 ("GET", "/api/labels", None),
                 ("GET", f"/api/labels/crop/{first}", None),
                 ("POST", f"/api/labels/{first}", {"class": labels[0]}),
                 ("POST", f"/api/labels/{first}/discard", None),
                 ("POST", "/api/labels/undo", None),
             ]
-            for user in ("viewer", "operator"):
-                async with client() as c:
-                    h = await login(c, user)
-                    for method, path, body in endpoints:
-                        r = await c.request(method, path, json=body, headers=h)
-                        assert r.status_code == 403, (user, path, r.status_code)
-            async with client() as c:
-                for method, path, body in endpoints:
-                    assert (await c.request(method, path, json=body)).status_code == 401
+            await api.refused_but_to_technicians(endpoints)
             assert store.stats()["pending"] == 4 and not (tmp_path / "labels" / "labels.csv").exists()
             async with client() as c:
                 h = await login(c, "technician")

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import httpx
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -23,11 +22,10 @@ from sorter.app import build_line
 from sorter.config import ClassifierConfig
 from sorter.core.messages import Piece, ShadowDecision, StartShadow, StopShadow, SwapModel
 from sorter.line.records import load_shadow
-from sorter.north.hmi.app import create_app
 from sorter.vision.classify import ModelError
-from tests.reclog import RecLog
+from tests.hmi_asgi import Endpoint, HmiClient
 from tests.shadow_models import MODEL, permuted, relabelled, retagged
-from tests.test_clips import PASSWORD, built, clip_config
+from tests.test_clips import built, clip_config
 
 pytestmark = pytest.mark.fast
 
@@ -124,35 +122,15 @@ async def test_shadow_endpoints_are_for_technicians_with_their_csrf_token(tmp_pa
     async with built(tmp_path) as line:
         hmi = line.hmi
         assert hmi is not None
-        hmi.log = RecLog()
-        hmi._svc_loop = asyncio.get_running_loop()
-        hmi._login_lock = asyncio.Lock()
-        app = create_app(hmi)
-        transport = httpx.ASGITransport(app=app)
-
-        def client() -> httpx.AsyncClient:
-            return httpx.AsyncClient(transport=transport, base_url="http://hmi.test")
-
-        async def login(c: httpx.AsyncClient, user: str) -> dict[str, str]:
-            r = await c.post("/api/login", json={"user": user, "password": PASSWORD[user]})
-            assert r.status_code == 200, r.text
-            return {"X-CSRF-Token": r.json()["csrf"]}
-
-        endpoints: list[tuple[str, str, Any]] = [
+        api = HmiClient(hmi)
+        client, login = api.client, api.login
+        endpoints: list[Endpoint] = [
             ("POST", "/api/shadow/start", {"path": str(same)}),
             ("POST", "/api/shadow/stop", None),
             ("GET", "/api/shadow", None),
             ("GET", "/api/shadow/crop/1", None),
         ]
-        for user in ("viewer", "operator"):
-            async with client() as c:
-                h = await login(c, user)
-                for method, path, body in endpoints:
-                    r = await c.request(method, path, json=body, headers=h)
-                    assert r.status_code == 403, (user, path, r.status_code)
-        async with client() as c:
-            for method, path, body in endpoints:
-                assert (await c.request(method, path, json=body)).status_code == 401
+        await api.refused_but_to_technicians(endpoints)
         svc = line.service
         assert svc.shadow is None
         async with client() as c:
