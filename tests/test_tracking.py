@@ -242,3 +242,39 @@ def test_two_pieces_within_one_tracks_gate_do_not_both_join_it():
         decided += tracker.flush()
         assert len(decided) == 2, shift_mm
         assert any(abs(p.u - disc[0]) < CPM and abs(p.x - disc[1]) < 1 for p in decided), shift_mm
+
+
+@pytest.mark.parametrize("order_seed", [0, 1, 2])
+def test_a_piece_is_viewed_once_with_all_its_views_before_it_is_finalised(order_seed: int) -> None:
+    """The service's order (sorter/line/service.py `_process`): a frame's count finalises pieces and hands out
+    the pieces that have left every camera's view (`viewed`, to be classified while they settle) before its
+    detections are added. Each piece is handed out once, before it is finalised and with every view it is
+    finalised with; the pieces finalised are those of the order that adds the detections first."""
+    pieces = [
+        (5000.0, 100.0, 30.0, 20.0),
+        (9000.0, 300.0, 20.0, 20.0),
+        (9000.0 + 20.5 * CPM, 300.0, 20.0, 20.0),
+        (14000.0, 450.0, 45.0, 12.0),
+        (20000.0, 300.0, 12.0, 50.0),
+    ]
+    tracker = Tracker({n: g.field_mm()[3] for n, g in CAMS.items()}, TrackingConfig(), CPM, max_views=4)
+    rng = np.random.default_rng(order_seed)
+    streams = {n: [STEP * k for k in range(60)] for n in CAMS}
+    viewed, decided = {}, []
+    while any(streams.values()):
+        name = rng.choice([n for n, s in streams.items() if s])
+        count = streams[name].pop(0)
+        tracker.advance(name, count)
+        for p in tracker.finalise(list(CAMS)):
+            assert p.id in viewed, "finalised before it was handed out to be classified"
+            assert viewed[p.id].n_views == p.n_views and viewed[p.id].u == p.u
+            decided.append(p)
+        for p in tracker.viewed(list(CAMS)):
+            assert p.id not in viewed
+            viewed[p.id] = p
+        dets = to_detections(blobs_in_view(CAMS[name], pieces, count), CAMS[name], name, count, CPM, count, 0.0)
+        tracker.add(name, count, dets)
+    assert not tracker.flush() and not tracker.take_dropped()
+    reference, _ = run_tracker(pieces, order_seed)
+    assert sorted((round(p.u), p.n_views) for p in decided) == sorted((round(p.u), p.n_views) for p in reference)
+    assert len(decided) == len(pieces)

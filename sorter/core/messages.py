@@ -122,7 +122,8 @@ class LatencyParts:
       of belt) reached the PC; the physics of the line plus that frame's delivery;
     - field_wait: waiting for the Hall bar to have read past the piece (its distance downstream);
     - compute: the PC's own time from its last input to the command handed to the PLC link: that frame's
-      queue, segmentation and tracking, the batch's queue, classification, fusion, decision, planning;
+      queue and tracking, the batch's queue, the wait for its classification (done ahead, while it settled,
+      as a rule), fusion, decision, planning;
     - plc: handed to the PLC link -> its acceptance seen (room in the mailbox, the write, the poll).
     """
 

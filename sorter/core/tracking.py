@@ -78,6 +78,7 @@ def _whole(d: Detection) -> bool:
 class _Track:
     id: int
     views: list[Detection] = field(default_factory=list)
+    out_of_view: bool = False  # handed out by Tracker.viewed()
 
     def centre(self) -> tuple[float, float] | None:
         """(u, x) from the views that show the whole piece, None before there is one."""
@@ -205,16 +206,21 @@ class Tracker:
         self.late_views = 0  # views that arrived after their piece was decided
         self.partial_views = 0  # edge slivers of pieces tracked whole elsewhere, dropped
         self.merged_views = 0  # views of touching pieces seen as one blob, dropped in favour of the split views
+        self.dropped: list[int] = []  # ids of tracks finalise() dropped (merged views, slivers) since take_dropped()
 
     @property
     def open_tracks(self) -> int:
         return len(self._tracks)
 
+    def advance(self, camera: str, count: int) -> None:
+        """A frame of this camera at this count: the belt it has seen pass (before its detections are added)."""
+        self.watermark[camera] = max(count, self.watermark.get(camera, count))
+
     def add(self, camera: str, count: int, detections: Iterable[Detection]) -> None:
         """One frame's detections. A frame shows each piece once, so each track takes at most one of them,
         the nearest first: two small pieces side by side within the gate of one track (a disc beside a
         wire, seen as one blob in the frame before) do not both join it."""
-        self.watermark[camera] = max(count, self.watermark.get(camera, count))
+        self.advance(camera, count)
         fresh = []
         for d in detections:
             if any(_same_piece(d, p.u, p.u_lead, p.u_trail, p.x0, p.x1, self._gate, 0.0) for p in self._done):
@@ -241,13 +247,39 @@ class Tracker:
                 self._tracks.append(track)
             track.views.append(d)
 
-    def finalise(self, active_cameras: Iterable[str]) -> list[Piece]:
-        """Pieces that no active camera can see again, in belt order (leading first)."""
+    def _passed(self, active_cameras: Iterable[str]) -> float | None:
+        """The belt-fixed u that every active camera has seen leave its field; None while an active camera
+        has not reported yet (it may still see any piece)."""
         active = list(active_cameras)
         if not active or any(c not in self.watermark for c in active):
-            return []  # an active camera has not reported yet: it may still see these pieces
-        limits = [self.watermark[c] - self._field_end[c] * self._cpm for c in active]
-        passed = min(limits)  # belt-fixed u that every active camera has seen leave its field
+            return None
+        return min(self.watermark[c] - self._field_end[c] * self._cpm for c in active)
+
+    def viewed(self, active_cameras: Iterable[str]) -> list[Piece]:
+        """Pieces that have left every active camera's field since the last call, not yet finalised.
+
+        Their views are in, so they can be classified while the tracker waits out `settle_mm` for their
+        neighbours: the finalising frame then leaves only fusion and planning to do. Provisional: such a
+        piece is later finalised (with the same views, as a rule: compare `n_views`) or dropped (`dropped`).
+        """
+        passed = self._passed(active_cameras)
+        if passed is None:
+            return []
+        out = [t for t in self._tracks if not t.out_of_view and t.u_trail < passed]
+        for t in out:
+            t.out_of_view = True
+        return [t.to_piece(self._max_views) for t in out]
+
+    def take_dropped(self) -> list[int]:
+        """The ids of the tracks finalise() dropped since the last call (no piece will come of them)."""
+        out, self.dropped = self.dropped, []
+        return out
+
+    def finalise(self, active_cameras: Iterable[str]) -> list[Piece]:
+        """Pieces that no active camera can see again, in belt order (leading first)."""
+        passed = self._passed(active_cameras)
+        if passed is None:
+            return []
         ready = [t for t in self._tracks if t.u_trail + self._settle < passed]
         waiting = [t for t in self._tracks if t.u_trail + self._settle >= passed]
         # a piece whose air window could reach a neighbour still being tracked (a long piece right behind
@@ -258,7 +290,10 @@ class Tracker:
         if not ready:
             return []
         self._tracks = waiting
-        ready = self._drop_merged(ready)
+        kept = self._drop_merged(ready)
+        kept_ids = {t.id for t in kept}
+        self.dropped += [t.id for t in ready if t.id not in kept_ids]
+        ready = kept
         pieces = sorted((t.to_piece(self._max_views) for t in ready), key=lambda p: p.u)
         self._done.extend(_Decided(p.u, p.u_lead, p.u_trail, p.x0, p.x1, p.area_mm2) for p in pieces)
         horizon = passed - 4 * self._settle - 400 * self._cpm

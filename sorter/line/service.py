@@ -121,6 +121,16 @@ class StageTimes:
         return {k: 1000 * v / self.n[k] for k, v in self.total.items() if self.n[k]}
 
 
+@dataclass(frozen=True, slots=True)
+class _Classified:
+    """A piece classified ahead of its decision (LineService._classify_ahead): from which of its views."""
+
+    n_views: int  # the views it had then: equal at the decision, the crops are the ones it is decided on
+    probs: np.ndarray | None
+    clf: Classifier
+    crops: list[Any]
+
+
 def worker_thread(name: str) -> Executor:
     """One worker thread for one kind of work (pixels, inference, the records' disk writes), time-critical
     (sorter/core/priority.py: at a real-time priority while the line's config asks for one)."""
@@ -193,6 +203,9 @@ class LineService:
         self._writer = parts.executor("records")
         self._now, self._wall = parts.timebase.now, parts.timebase.wall
         self._pieces: asyncio.Queue[list[Piece]] = asyncio.Queue()
+        # pieces out of every camera's view but not finalised yet, being or already classified (Tracker.viewed)
+        self._ahead: dict[int, asyncio.Future[_Classified]] = {}
+        self._ahead_tasks: set[asyncio.Task[None]] = set()
         self._flush_soon = asyncio.Event()  # first-seen rows are waiting: commit them now, not at the next tick
         self._sends: set[asyncio.Task[None]] = set()
         self._ref_count: int | None = None
@@ -302,6 +315,35 @@ class LineService:
         self._ref_count = count
         if frame.count is not None:  # encoder-triggered: frames come every so many counts (free-run ones jitter)
             self._note_gap(name, count)
+        # The frame's belt position alone finalises the pieces that have left every camera's view by settle_mm:
+        # no piece this frame shows is one of them, and none it shows first reaches them while settle_mm is
+        # longer than a piece, so they go to their decision before its pixels are looked at (classified
+        # ahead, as a rule: only fusion and planning are left)
+        t0 = time.perf_counter()
+        self.tracker.advance(name, count)
+        active = [n for n, c in self.captures.items() if c.online]
+        # this frame is the input that finalised them: the PC's compute time runs from its arrival
+        pieces = [replace(p, t_ready=frame.t_received) for p in self.tracker.finalise(active)]
+        for pid in self.tracker.take_dropped():
+            self._ahead.pop(pid, None)
+        viewed = self.tracker.viewed(active)  # out of every camera's view now: classified while they settle
+        self.times.add("track", time.perf_counter() - t0)
+        if viewed:
+            self._classify_ahead(name, viewed, loop)
+        if pieces:
+            # its row before its decision, written at once: a service killed meanwhile loses nothing silently
+            self.records.add_seen(pieces, self.cfg)
+            self._flush_soon.set()
+            # their crops cut now, so that their frames can go: a piece waiting for its decision (a backlog on
+            # a busy computer) must not keep up to max_views whole frames alive (classified ahead: cut there)
+            if uncut := [p for p in pieces if p.id not in self._ahead]:
+                try:
+                    cut = {p.id: p for p in await loop.run_in_executor(self._vision[name], self._cut_crops, uncut)}
+                except BaseException:  # stopping, or a crop failed: decided uncut (cut again when classified)
+                    self._pieces.put_nowait(pieces)
+                    raise
+                pieces = [cut.get(p.id, p) for p in pieces]
+            self._pieces.put_nowait(pieces)
         blobs = await loop.run_in_executor(self._vision[name], self._segment, frame)
         for tap in self.parts.frame_taps:
             tap(name, frame, count, blobs)  # a reference (the HMI's live view), no copy
@@ -310,23 +352,8 @@ class LineService:
             blobs, self.geoms[name], name, count, self.cfg.belt.counts_per_mm, frame.seq, frame.t_capture
         )
         self.tracker.add(name, count, dets)
-        active = [n for n, c in self.captures.items() if c.online]
-        # this frame is the input that finalised them: the PC's compute time runs from its arrival
-        pieces = [replace(p, t_ready=frame.t_received) for p in self.tracker.finalise(active)]
         self.times.add("track", time.perf_counter() - t0)
         self.counters.frames_processed += 1
-        if pieces:
-            # its row before its decision, written at once: a service killed meanwhile loses nothing silently
-            self.records.add_seen(pieces, self.cfg)
-            self._flush_soon.set()
-            # their crops cut now, so that their frames can go: a piece waiting for its decision (a backlog on
-            # a busy computer) must not keep up to max_views whole frames alive
-            try:
-                cut = await loop.run_in_executor(self._vision[name], self._cut_crops, pieces)
-            except BaseException:  # stopping, or a crop failed: decided uncut (cut again when classified)
-                self._pieces.put_nowait(pieces)
-                raise
-            self._pieces.put_nowait(cut)
         # after the rows this frame finalised: a flush that writes this position has written them too
         self.records.looked_at(name, wrap32(count))
 
@@ -361,6 +388,57 @@ class LineService:
         self.times.add("infer", time.perf_counter() - t0)
         return out, clf, cut
 
+    def _classify_ahead(self, camera: str, pieces: list[Piece], loop: asyncio.AbstractEventLoop) -> None:
+        """Cut and classify pieces whose views are all in while the tracker waits for their neighbours
+        (`settle_mm`): the frame that finalises them then leaves only fusion and planning before their
+        commands. The same crops, threads and model as at the decision; only the time changes. Their crops
+        are cut first, on the vision thread of the camera that saw them leave, ahead of that frame's
+        segmentation (asked for now), so that no frame waits for inference."""
+        futures = {p.id: loop.create_future() for p in pieces}
+        self._ahead.update(futures)
+        cutting = loop.run_in_executor(self._vision[camera], self._cut_crops, pieces)
+        task = asyncio.create_task(self._run_ahead(cutting, futures, loop), name="classify-ahead")
+        self._ahead_tasks.add(task)
+        task.add_done_callback(self._ahead_tasks.discard)
+
+    async def _run_ahead(
+        self,
+        cutting: asyncio.Future[list[Piece]],
+        futures: dict[int, asyncio.Future[_Classified]],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        try:
+            pieces = await cutting
+            probs, clf, cut = await loop.run_in_executor(self._infer, self._classify, pieces)
+            for p, pr in zip(cut, probs, strict=True):
+                if not futures[p.id].done():
+                    futures[p.id].set_result(_Classified(p.n_views, pr, clf, p.crops))
+        except Exception:  # classified again at the decision, which counts and logs a failure of its own
+            self.log.debug("classifying ahead failed", pieces=len(pieces), exc_info=True)
+        finally:  # never leave a decision waiting: what was not classified here is classified there
+            for f in futures.values():
+                if not f.done():
+                    f.cancel()
+
+    async def _classified(
+        self, pieces: list[Piece], loop: asyncio.AbstractEventLoop
+    ) -> list[tuple[np.ndarray | None, Classifier, Piece]]:
+        """Each piece's view probabilities, the model that gave them, and the piece with its crops cut: from
+        its classification ahead where that saw all its views, else classified now."""
+        ahead = {p.id: f for p in pieces if (f := self._ahead.pop(p.id, None)) is not None}
+        if ahead:  # on the inference thread already, before anything asked for now
+            await asyncio.wait(ahead.values())
+        done: dict[int, tuple[np.ndarray | None, Classifier, Piece]] = {}
+        for p in pieces:
+            f = ahead.get(p.id)
+            if f is not None and not f.cancelled() and (got := f.result()).n_views == p.n_views:
+                done[p.id] = (got.probs, got.clf, replace(p, crops=got.crops))
+        rest = [p for p in pieces if p.id not in done]
+        if rest:
+            probs, clf, cut = await loop.run_in_executor(self._infer, self._classify, rest)
+            done |= {p.id: (pr, clf, p) for p, pr in zip(cut, probs, strict=True)}
+        return [done[p.id] for p in pieces]
+
     async def _decide_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -379,12 +457,12 @@ class LineService:
                 self.log.exception("decision batch failed", pieces=len(pieces))
 
     async def _decide(self, pieces: list[Piece], loop: asyncio.AbstractEventLoop) -> None:
-        probs, clf, pieces = await loop.run_in_executor(self._infer, self._classify, pieces)
+        classified = await self._classified(pieces, loop)
+        pieces = [p for _, _, p in classified]
         readings, field_wait_s = await self._fields(pieces)
-        lik = clf.field_model
         decisions = [
-            decide(p, pr, clf.labels, self.cfg.routing, r, lik, clf.version)
-            for p, pr, r in zip(pieces, probs, readings, strict=True)
+            decide(p, pr, clf.labels, self.cfg.routing, r, clf.field_model, clf.version)
+            for (pr, clf, p), r in zip(classified, readings, strict=True)
         ]
         if self.shadow is not None:  # what the live model decided, before a hold changes where it goes
             self.shadow.offer(decisions, self.cfg.routing)
@@ -897,6 +975,7 @@ class LineService:
             rest += self._pieces.get_nowait()
         if rest:
             await self._decide(rest, loop)
+        await asyncio.gather(*self._ahead_tasks, return_exceptions=True)  # of pieces dropped meanwhile
         if self.shadow is not None:  # its last results reach the records before they close
             await self.shadow.drain()
             self.records.event("shadow_stop", user="shutdown", **self.shadow.brief())

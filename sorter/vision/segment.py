@@ -7,9 +7,9 @@ classifier crop for each blob from the full-resolution frame.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -367,6 +367,38 @@ def _cut(
     return crop_piece(image, full, box, mm_per_px, cfg, size)
 
 
+class LazyCrop:
+    """A blob's crop, cut when first asked for. Once cut it lets its frame go: whoever holds it (a track's
+    view, a piece waiting for its decision) then holds a few kB, not the whole frame. Safe to call from two
+    threads at once (both may cut; either result is the same)."""
+
+    __slots__ = ("_args", "_crop")
+
+    def __init__(
+        self,
+        image: np.ndarray,
+        part: np.ndarray,
+        box: tuple[int, int, int, int],
+        mm_per_px: float,
+        cfg: VisionConfig,
+        size: int,
+    ) -> None:
+        self._args: tuple[Any, ...] | None = (image, part, box, mm_per_px, cfg, size)
+        self._crop: np.ndarray | None = None
+
+    def __call__(self) -> np.ndarray:
+        crop = self._crop
+        if crop is None:
+            args = self._args
+            if args is None:  # another thread has just cut it (it sets the crop first)
+                crop = self._crop
+                assert crop is not None
+                return crop
+            crop = self._crop = _cut(*args)
+            self._args = None
+        return crop
+
+
 def materialise(crop: Crop) -> np.ndarray:
     return crop() if callable(crop) else crop
 
@@ -429,8 +461,7 @@ def segment(
                     kept = cv2.bitwise_and(part, cv2.bitwise_not(near))
                     # a thin piece along its neighbour would lose most of itself to the seam: it keeps its mask
                     shown = kept if cv2.countNonZero(kept) >= m["m00"] / 2 else part
-                cut = functools.partial(
-                    _cut,
+                cut = LazyCrop(
                     image,
                     shown[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1],
                     (px0 * ds, py0 * ds, px1 * ds, py1 * ds),
