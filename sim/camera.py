@@ -38,6 +38,7 @@ import numpy as np
 import structlog
 
 from sim.belt import Belt
+from sorter.core import priority
 from sorter.core.geometry import wrap32
 from sorter.drivers.cameras.simcam import FRAME_HEADER, ShmLayout, pack_hello
 
@@ -72,6 +73,7 @@ class SimCameraServer:
         port: int,
         slots: int = 64,  # ~1 s at 60 fps, like a GigE camera driver's stream buffers (Aravis: n_buffers)
         record: Path | None = None,
+        rt_priority: int | None = None,  # its threads' real-time level (simulator.rt_priority); None: inherited
     ) -> None:
         if trigger_counts <= 0:
             raise ValueError("trigger_counts must be positive")
@@ -80,6 +82,7 @@ class SimCameraServer:
         if not 0 <= delay_ms[0] <= delay_ms[1]:
             raise ValueError(f"delay_ms must be (min, max) with 0 <= min <= max, got {delay_ms}")
         self.name = name
+        self.rt_priority = rt_priority
         self.width = width
         self.height = height
         self.trigger_counts = trigger_counts
@@ -158,7 +161,7 @@ class SimCameraServer:
         assert buf is not None
         self._seqs, self._pixels = self.layout.seqs(buf), self.layout.pixels(buf)
         for target, role in ((self._trigger_loop, "trigger"), (self._send_loop, "send"), (self._accept_loop, "accept")):
-            t = threading.Thread(target=target, name=f"simcam-{self.name}-{role}", daemon=True)
+            t = threading.Thread(target=self._at_priority(target), name=f"simcam-{self.name}-{role}", daemon=True)
             t.start()
             self._threads.append(t)
         self.log.info(
@@ -169,6 +172,19 @@ class SimCameraServer:
             shape=(self.height, self.width, 3),
             trigger_counts=self.trigger_counts,
         )
+
+    def _at_priority(self, target: Callable[[], None]) -> Callable[[], None]:
+        """The thread's work at the cameras' own real-time level: on a plant a camera renders and sends on its
+        own hardware, so here it must yield the cores to the line service's threads (simulator.rt_priority)."""
+        if self.rt_priority is None:
+            return target
+        level = self.rt_priority
+
+        def run() -> None:
+            priority.enter(inherited=True, rt_priority=level)
+            target()
+
+        return run
 
     async def stop(self) -> None:
         """Stop the threads, drop the client, close the recording, unlink the ring. Idempotent."""

@@ -76,15 +76,15 @@ class SimConfig(Strict):
         description="the encoder's true resolution (hw.calibrate_encoder finds it); None: belt.counts_per_mm",
     )
     watchdog_ms: float = 500.0
-    rt_priority: int = Field(
+    camera_rt_priority: int = Field(
         10,
         ge=1,
         le=99,
-        description="the simulator's real-time priority under `priority.policy` rr/fifo: below the service's "
-        "(`priority.rt_priority`), above any normal work. On a plant the cameras and the PLC are hardware of "
-        "their own; here they share the computer, so the service's threads must come first when both want a "
-        "core (at equal priority a render held the service's frames up: compute latency p99 18-21 ms, "
-        "14.6-17.1 ms below it; docs/results.md)",
+        description="the simulated cameras' real-time priority (rendering, sending) under `priority.policy` "
+        "rr/fifo: below the service's (`priority.rt_priority`, which the rest of the simulator has: PLC, "
+        "encoder, Hall bar), above any normal work. On a plant a camera renders on hardware of its own; here "
+        "it shares the computer, so the service's threads come first when both want a core (at equal "
+        "priority the renders held the service's frames up; docs/results.md)",
     )
     eject_queue_size: int = Field(64, ge=1)
     belt_end_mm: float = Field(1600.0, gt=0, description="pieces not ejected leave the belt into residue here")

@@ -129,6 +129,7 @@ class SimLine:
                     host,
                     port,
                     record=(record_dir / f"{cam.name}.avi") if record_dir else None,
+                    rt_priority=sim.camera_rt_priority,
                 )
             )
         self._field = (min(g.field_mm()[2] for g in self.geoms) - 60, max(g.field_mm()[3] for g in self.geoms) + 60)

@@ -65,10 +65,9 @@ async def run_sim(
 ) -> None:
     log = structlog.get_logger("sim")
     # the simulator is the plant's hardware: it keeps its pace as the line service's time-critical threads do
-    # (the same `priority.policy` of the config), every thread it starts with it; at a lower real-time
-    # priority than the service's, whose threads are the PC's work on a plant (simulator.rt_priority)
-    rt = cfg.simulator.rt_priority if cfg.simulator is not None else cfg.priority.rt_priority
-    priority.configure(priority.Priority(cfg.priority.policy, rt))
+    # (the same `priority:` of the config), every thread it starts with it; its cameras one level down
+    # (simulator.camera_rt_priority: on a plant they render on hardware of their own)
+    priority.configure(priority.Priority(cfg.priority.policy, cfg.priority.rt_priority))
     log.info("simulator priority", priority=priority.enter(inherited=True))
     line = SimLine(cfg, truth_path=truth, record_dir=record_dir, seed=seed, hallbar_link=hallbar_link)
     stop = asyncio.Event()

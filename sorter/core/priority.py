@@ -47,11 +47,12 @@ def configure(wanted: Priority) -> None:
         _wanted, _refused = wanted, None
 
 
-def enter(*, inherited: bool = False) -> str:
+def enter(*, inherited: bool = False, rt_priority: int | None = None) -> str:
     """Give the calling thread the configured priority; returns what it got, e.g. 'SCHED_RR 20' or
     'normal (SCHED_RR refused: ...)'. Never raises: a thread at normal priority still works.
     `inherited`: the threads this one starts get it too (a process that is time-critical as a whole and
-    starts no other program: the simulator, which stands in for the plant's hardware)."""
+    starts no other program: the simulator, which stands in for the plant's hardware).
+    `rt_priority`: another real-time level than the configured one, under the same policy."""
     global _refused
     with _lock:
         wanted, refused = _wanted, _refused
@@ -63,14 +64,15 @@ def enter(*, inherited: bool = False) -> str:
     policy = getattr(os, name, None)
     if policy is None or not hasattr(os, "sched_setscheduler"):
         return _refuse(name, "not available on this OS")
+    level = wanted.rt_priority if rt_priority is None else rt_priority
     try:
         flags = 0 if inherited else os.SCHED_RESET_ON_FORK
-        os.sched_setscheduler(0, policy | flags, os.sched_param(wanted.rt_priority))
+        os.sched_setscheduler(0, policy | flags, os.sched_param(level))
     except PermissionError:
         return _refuse(name, "no permission: run as root or with CAP_SYS_NICE (deploy/README.md)")
     except OSError as exc:
         return _refuse(name, str(exc))
-    return f"{name} {wanted.rt_priority}"
+    return f"{name} {level}"
 
 
 def leave() -> None:
