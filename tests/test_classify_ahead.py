@@ -114,3 +114,16 @@ async def test_a_piece_dropped_by_the_tracker_leaves_no_classification_behind(tm
         assert not svc._ahead
     finally:
         await close(svc)
+
+
+async def test_a_model_swapped_in_after_its_classification_decides_it(tmp_path: Path) -> None:
+    """From a swap on, every decision is the new model's (LineService._swap_model)."""
+    svc = built_service(tmp_path)
+    runs = classified_ids(svc)
+    try:
+        pieces = await settled(svc)
+        svc.classifier = svc.parts.load_model(Path(svc.classifier.path))  # another instance: another model
+        await svc._decide(pieces, asyncio.get_running_loop())
+        assert runs == [[pieces[0].id], [pieces[0].id]]
+    finally:
+        await close(svc)

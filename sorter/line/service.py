@@ -414,7 +414,7 @@ class LineService:
                 if not futures[p.id].done():
                     futures[p.id].set_result(_Classified(p.n_views, pr, clf, p.crops))
         except Exception:  # classified again at the decision, which counts and logs a failure of its own
-            self.log.debug("classifying ahead failed", pieces=len(pieces), exc_info=True)
+            self.log.debug("classifying ahead failed", pieces=len(futures), exc_info=True)
         finally:  # never leave a decision waiting: what was not classified here is classified there
             for f in futures.values():
                 if not f.done():
@@ -424,14 +424,17 @@ class LineService:
         self, pieces: list[Piece], loop: asyncio.AbstractEventLoop
     ) -> list[tuple[np.ndarray | None, Classifier, Piece]]:
         """Each piece's view probabilities, the model that gave them, and the piece with its crops cut: from
-        its classification ahead where that saw all its views, else classified now."""
+        its classification ahead where that saw all its views with the model running now (a swap between the
+        two: the new model decides), else classified now."""
         ahead = {p.id: f for p in pieces if (f := self._ahead.pop(p.id, None)) is not None}
         if ahead:  # on the inference thread already, before anything asked for now
             await asyncio.wait(ahead.values())
         done: dict[int, tuple[np.ndarray | None, Classifier, Piece]] = {}
         for p in pieces:
             f = ahead.get(p.id)
-            if f is not None and not f.cancelled() and (got := f.result()).n_views == p.n_views:
+            if f is None or f.cancelled():
+                continue
+            if (got := f.result()).n_views == p.n_views and got.clf is self.classifier:
                 done[p.id] = (got.probs, got.clf, replace(p, crops=got.crops))
         rest = [p for p in pieces if p.id not in done]
         if rest:
