@@ -70,6 +70,11 @@ def run_point(config: Path, point: Point, *, duration: float, seed: int, out: Pa
         return {**point.__dict__, "error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
     rep = json.loads(proc.stdout)
     cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {**point_row(point, rep, seed=seed, cpu_s=cpu_s), "wall_s": round(wall, 1)}
+
+
+def point_row(point: Point, rep: dict[str, Any], *, seed: int, cpu_s: float) -> dict[str, Any]:
+    """One grid point's row from its demo report and the CPU its processes used."""
     fr = rep["fractions"]
     fed = rep["pieces_fed"]
     return {
@@ -92,7 +97,6 @@ def run_point(config: Path, point: Point, *, duration: float, seed: int, out: Pa
         # the service's own peak as it measured it (in lockstep: the one process, simulator included); not
         # ru_maxrss, which is the largest of all children so far (the simulator's ~650 MB in real time)
         "service_rss_mb": (rep.get("service_rss_mb") or {}).get("peak"),
-        "wall_s": round(wall, 1),
     }
 
 
