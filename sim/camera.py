@@ -73,7 +73,7 @@ class SimCameraServer:
         port: int,
         slots: int = 64,  # ~1 s at 60 fps, like a GigE camera driver's stream buffers (Aravis: n_buffers)
         record: Path | None = None,
-        rt_priority: int | None = None,  # its threads' real-time level (simulator.rt_priority); None: inherited
+        rt_priority: int | None = None,  # its threads' real-time level (simulator.camera_rt_priority); None: inherited
     ) -> None:
         if trigger_counts <= 0:
             raise ValueError("trigger_counts must be positive")
@@ -175,7 +175,7 @@ class SimCameraServer:
 
     def _at_priority(self, target: Callable[[], None]) -> Callable[[], None]:
         """The thread's work at the cameras' own real-time level: on a plant a camera renders and sends on its
-        own hardware, so here it must yield the cores to the line service's threads (simulator.rt_priority)."""
+        own hardware, so here it must yield the cores to the line service's threads (simulator.camera_rt_priority)."""
         if self.rt_priority is None:
             return target
         level = self.rt_priority
