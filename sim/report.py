@@ -109,10 +109,11 @@ def build_report(
             "recovery_mass": round(mass(right) / mass(belongs), 4) if belongs else None,
             "by_class": {c: sum(1 for t in inside if t["cls"] == c) for c in sorted({t["cls"] for t in inside})},
         }
-    # eject error: each targeted piece against the window its own command opened
-    by_seq: dict[int, dict[str, Any]] = {}
+    # eject error: each targeted piece against the window its own command opened (seq numbers wrap at 16 bits
+    # in an hour's run: of the windows with its seq, the one nearest the piece)
+    by_seq: dict[int, list[dict[str, Any]]] = {}
     for w in windows:
-        by_seq.setdefault(w["seq"], w)
+        by_seq.setdefault(w["seq"], []).append(w)
     errors, missing = [], 0
     bank_rows = [b.distance_mm for b in cfg.ejection.banks]
     bank_index = {b.name: i for i, b in enumerate(cfg.ejection.banks)}
@@ -120,12 +121,12 @@ def build_report(
         r = matched.get(t["id"])
         if not r or r["outcome"] != "accepted" or r["seq"] is None:
             continue
-        window = by_seq.get(r["seq"])
-        if window is None:
+        same_seq = by_seq.get(r["seq"])
+        if not same_seq:
             missing += 1
             continue
-        row = bank_rows[bank_index[r["bank"]]]
-        errors.append(abs((window["p_open"] + window["p_close"]) / 2 - (t["s_mm"] + row)))
+        at = t["s_mm"] + bank_rows[bank_index[r["bank"]]]
+        errors.append(min(abs((w["p_open"] + w["p_close"]) / 2 - at) for w in same_seq))
     latencies = [r["latency_ms"] for r in records if r["latency_ms"] is not None]
     # its parts, over the same pieces (commands the PLC accepted): settle + field_wait + compute + plc = it
     parts = {
