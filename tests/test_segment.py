@@ -126,6 +126,22 @@ def _arc_on_bar() -> np.ndarray:  # two colours touching at both ends: a blob wi
     return img
 
 
+def _small_block_on_a_side() -> np.ndarray:  # one grey, pressed along a side: two right-angled notches
+    img = frame()
+    cv2.rectangle(img, (300, 250), (400, 350), (180, 180, 180), -1)
+    cv2.rectangle(img, (401, 290), (425, 314), (180, 180, 180), -1)
+    return img
+
+
+def _arc_on_disc() -> np.ndarray:  # one grey: a disc touching a thin arc's outside, the arc's inside a notch too
+    img = frame()
+    outer = cv2.ellipse2Poly((420, 300), (60, 60), 0, 120, 240, 3)
+    inner = cv2.ellipse2Poly((420, 300), (48, 48), 0, 120, 240, 3)
+    cv2.fillPoly(img, [np.vstack([outer, inner[::-1]])], (200, 200, 200))
+    cv2.circle(img, (338, 300), 23, (200, 200, 200), -1)
+    return img
+
+
 def _screw() -> np.ndarray:  # one piece of one grey whose wide head looks like a disc on a bar
     img = frame()
     cv2.circle(img, (200, 200), 30, (150, 150, 150), -1)
@@ -137,14 +153,17 @@ def _screw() -> np.ndarray:  # one piece of one grey whose wide head looks like 
     ("picture", "setting", "pieces_by_default", "pieces_with_setting"),
     [
         (_two_discs, {"split_touching": False}, 2, 1),
-        (_two_discs, {"neck_sure": 0.05}, 2, 1),  # the neck no longer counts as narrow
-        (_arc_on_bar, {"neck_colour": 0.45}, 2, 1),
+        (_two_discs, {"neck_sure": 0.05, "cut_levels": 0}, 2, 1),  # the neck no longer counts as narrow
+        # (at full resolution the blob's hole parts it by colour alone whatever the neck; 2x smaller, it does not)
+        (_arc_on_bar, {"neck_colour": 0.45, "downscale": 2}, 2, 1),
         (_arc_on_bar, {"colour_step": 200.0}, 2, 1),
         (_arc_on_bar, {"hole_min_share": 0.5}, 2, 1),
         (_arc_on_bar, {"hole_colour_step": 200.0}, 2, 1),
         (_arc_on_bar, {"hole_rim_max_share": 0.5}, 2, 1),
         (_block_on_disc, {"cut_depth_mm": 5.0}, 2, 1),  # its notches are now roughness
-        (_block_on_disc, {"cut_sure": 0.5, "cut_ratio": 0.5}, 2, 1),
+        (_block_on_disc, {"cut_sure": 0.5, "cut_ratio": 0.5, "cut_far_ratio": 0.5}, 2, 1),
+        (_block_on_disc, {"cut_sure": 0.5, "cut_ratio": 0.5, "cut_far_colour_step": 400.0}, 2, 1),
+        (_small_block_on_a_side, {"cut_sharp_deg": 0.0}, 2, 1),  # its colour is now asked: one grey
         (_block_on_disc, {"cut_min_px": 5000}, 2, 1),
         (_block_on_disc, {"cut_levels": 0}, 2, 1),
         (_screw, {"cut_sure": 1.3}, 1, 2),  # cut without asking the colour
@@ -154,6 +173,24 @@ def test_each_vision_setting_reaches_segmentation(picture, setting, pieces_by_de
     img = picture()
     assert len(segment(img, CFG, 0.25, crop_size=None)) == pieces_by_default
     assert len(segment(img, VisionConfig(**setting), 0.25, crop_size=None)) == pieces_with_setting
+
+
+def test_a_small_block_pressed_on_a_bigger_ones_side_is_parted_along_it():
+    assert np.allclose(areas(_small_block_on_a_side()), [25 * 25, 101 * 101], rtol=0.05)
+
+
+@pytest.mark.parametrize("downscale", [1, 2])
+def test_an_arc_touched_on_its_outside_stays_whole(downscale):
+    """The arc's own inside is a notch too, and the shortest cut from it to the contact crosses the arc: the
+    cut between the two sharp notches of the contact leaves a whole arc and a whole disc."""
+    arc = frame()
+    outer = cv2.ellipse2Poly((420, 300), (60, 60), 0, 120, 240, 3)
+    inner = cv2.ellipse2Poly((420, 300), (48, 48), 0, 120, 240, 3)
+    cv2.fillPoly(arc, [np.vstack([outer, inner[::-1]])], (200, 200, 200))
+    cfg = VisionConfig(downscale=downscale)
+    alone = segment(arc, cfg, 0.25, crop_size=None)[0].area_px
+    got = sorted(b.area_px for b in segment(_arc_on_disc(), cfg, 0.25, crop_size=None))
+    assert np.allclose(got, sorted([alone, np.pi * 23**2]), rtol=0.08), got
 
 
 def test_vision_thresholds_must_be_ordered():
@@ -166,12 +203,14 @@ def test_vision_thresholds_must_be_ordered():
 
 
 def test_a_crop_leaves_out_the_seam_along_a_touching_neighbour():
-    # a dark ferrite block pressed against a bright magnet disc: the flood puts their border on the chord
-    # between the notches, not on the disc's arc, so without a seam the block's crop shows a rim of the disc
+    # a dark ferrite block pressed against a bright magnet disc: segmented on a 2x smaller image, the border
+    # lands on the chord between the notches, not on the disc's arc, so without a seam the block's crop
+    # shows a rim of the disc
     img = frame()
     cv2.circle(img, (300, 300), 40, (220, 220, 220), -1)
     cv2.rectangle(img, (336, 270), (398, 330), (70, 70, 70), -1)
-    blobs = segment(img, CFG, 0.25, crop_size=64)
+    cfg = VisionConfig(downscale=2)
+    blobs = segment(img, cfg, 0.25, crop_size=64)
     assert len(blobs) == 2
     block = max(blobs, key=lambda b: b.cu)
     crop = block.crop
@@ -179,5 +218,5 @@ def test_a_crop_leaves_out_the_seam_along_a_touching_neighbour():
     assert int(crop.max()) < 150  # no pixel of the magnet
     # the area and centroid still count the block's every pixel
     assert abs(block.area_px - 63 * 61) < 0.1 * 63 * 61
-    seamless = segment(img, CFG.model_copy(update={"crop_seam_mm": 0.0}), 0.25, crop_size=64)
+    seamless = segment(img, cfg.model_copy(update={"crop_seam_mm": 0.0}), 0.25, crop_size=64)
     assert int(max(seamless, key=lambda b: b.cu).crop.max()) >= 150

@@ -175,7 +175,7 @@ class VisionConfig(Strict):
     """
 
     threshold: int = Field(34, ge=1, le=254, description="grey level separating pieces from the dark belt")
-    downscale: int = Field(2, ge=1, le=8, description="segment on an image this many times smaller")
+    downscale: int = Field(1, ge=1, le=8, description="segment on an image this many times smaller")
     min_area_mm2: float = Field(10.0, gt=0, description="blobs smaller than this (mm²) are dirt or noise, not pieces")
     split_touching: bool = Field(True, description="part blobs of touching pieces (every `neck_*`/`cut_*` setting)")
     edge_margin_px: int = Field(2, ge=0, description="blobs this close to the top/bottom edge are partial views")
@@ -257,6 +257,30 @@ class VisionConfig(Strict):
         description="notches closer than this × the deeper depth (but not closer than `cut_sure`) are cut only if "
         "the two sides differ in colour by `colour_step` (a screw's wide head looks like a disc on a bar). "
         "Single pieces measured at 1.55 and above: keep it below that",
+    )
+    cut_sharp_deg: float = Field(
+        100.0,
+        ge=0,
+        le=180,
+        description="a notch whose outline turns sharper than this (inside angle, degrees, over 1.5 × "
+        "`cut_depth_mm`) is a crevice where two outlines meet; a pair of them closer than `cut_ratio` is cut "
+        "without the colour test, and of several pairs the sharpest is cut. A wide screw head meets its "
+        "shank at about 115°: keep it below that. 0 asks the colour of every pair beyond `cut_sure`",
+    )
+    cut_far_ratio: float = Field(
+        3.0,
+        gt=0,
+        description="notches farther apart than `cut_ratio` but closer than this × the deeper depth are cut only "
+        "if the two sides differ in colour by `cut_far_colour_step`: a small piece pressed against a bigger one "
+        "of another material leaves shallow notches far apart for their depth. At most `cut_ratio` switches it off",
+    )
+    cut_far_colour_step: float = Field(
+        80.0,
+        gt=0,
+        le=442,
+        description="colour distance (grey levels) between the sides of a far notch cut (`cut_far_ratio`): "
+        "stricter than `colour_step`, since single pieces with a coating edge or rust patch have far notches "
+        "too. Raise it if such pieces are cut; lower it if small pieces pressed on others stay one blob",
     )
     cut_depth_mm: float = Field(
         1.0,

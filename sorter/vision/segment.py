@@ -18,6 +18,7 @@ from sorter.config import VisionConfig
 
 BELT_FILL = (20, 20, 20)  # what crops show outside their piece's mask (BGR)
 Crop = np.ndarray | Callable[[], np.ndarray]  # a crop, or a function that cuts it on demand
+Point = tuple[int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,31 +263,41 @@ def _split_at_necks(
 # (segmentation) pixels; cuts nest at most `vision.cut_levels` deep (each side of a cut may be cut again).
 
 
-def _concavity_cut(
-    part: np.ndarray, min_depth_px: float, max_ratio: float
-) -> tuple[float, tuple[int, int], tuple[int, int]] | None:
-    """(gap / depth, end, end) of the shortest cut between two deep concavities of the outline, relative
-    to the deeper one; None if there is none below `max_ratio` (`vision.cut_ratio`)."""
+def _notch_angle(c: np.ndarray, i: int, k: int) -> float:
+    """The outline's inside angle at contour point i, between the points k before and k after (degrees)."""
+    n = len(c)
+    a = (c[(i - k) % n, 0] - c[i, 0]).astype(np.float64)
+    b = (c[(i + k) % n, 0] - c[i, 0]).astype(np.float64)
+    cos = float(a @ b) / max(float(np.hypot(*a) * np.hypot(*b)), 1e-9)
+    return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
+
+
+def _concavity_cuts(part: np.ndarray, min_depth_px: float, max_ratio: float) -> list[tuple[float, float, Point, Point]]:
+    """(gap / depth, angle, end, end) of every cut between two deep concavities of the outline, gap relative
+    to the deeper one's depth, below `max_ratio`, shortest first; angle: the wider of the outline's inside
+    angles at the two ends, measured over 1.5 x the least depth."""
     contours, _ = cv2.findContours(part, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     if len(contours) != 1 or len(contours[0]) < 8:
-        return None
+        return []
     c = contours[0]
     try:
         defects = cv2.convexityDefects(c, cv2.convexHull(c, returnPoints=False))
     except cv2.error:  # a self-touching outline ("hull indices are not monotonous"): leave it whole
-        return None
+        return []
     if defects is None:
-        return None
+        return []
     d = defects.reshape(-1, 4)
     deep = d[d[:, 3] >= min_depth_px * 256]  # fixed point: 8 fractional bits
-    best: tuple[float, tuple[int, int], tuple[int, int]] | None = None
+    k = max(2, round(1.5 * min_depth_px))
+    angles = [_notch_angle(c, int(i), k) for i in deep[:, 2]]
+    cuts = []
     for i in range(len(deep)):
         for j in range(i):
             pa, pb = c[deep[i, 2], 0], c[deep[j, 2], 0]
             ratio = float(np.hypot(*(pa - pb))) * 256 / max(deep[i, 3], deep[j, 3])
-            if ratio < max_ratio and (best is None or ratio < best[0]):
-                best = (ratio, (int(pa[0]), int(pa[1])), (int(pb[0]), int(pb[1])))
-    return best
+            if ratio < max_ratio:
+                cuts.append((ratio, max(angles[i], angles[j]), (int(pa[0]), int(pa[1])), (int(pb[0]), int(pb[1]))))
+    return sorted(cuts)
 
 
 def _mean_colour(colour: np.ndarray, side: np.ndarray) -> np.ndarray:
@@ -296,32 +307,59 @@ def _mean_colour(colour: np.ndarray, side: np.ndarray) -> np.ndarray:
     return px.reshape(-1, 3).astype(np.float64).mean(axis=0)
 
 
-def _cut_concavities(
-    part: np.ndarray, colour: np.ndarray, min_depth_px: float, cfg: VisionConfig, levels: int
-) -> list[np.ndarray]:
-    """Cut a mask between paired concavities (see `vision.cut_ratio`), again on each side, at most `levels`
-    deep; one mask per piece."""
-    cut = _concavity_cut(part, min_depth_px, cfg.cut_ratio) if levels > 0 else None
-    if cut is None:
-        return [part]
-    ratio, end_a, end_b = cut
+def _cut_sides(part: np.ndarray, end_a: Point, end_b: Point, min_px: int) -> list[np.ndarray] | None:
+    """The sides of `part` cut along a line, each at least `min_px`; None if the line does not part it."""
     cut_mask = part.copy()
     cv2.line(cut_mask, end_a, end_b, 0, 1, cv2.LINE_8)  # an 8-connected line parts 4-connected regions
     n, lab = cv2.connectedComponents(cut_mask, connectivity=4)
     sizes = np.bincount(lab.ravel(), minlength=n)[1:]
-    if n < 3 or np.sort(sizes)[-2] < cfg.cut_min_px:
-        return [part]
+    if n < 3 or np.sort(sizes)[-2] < min_px:
+        return None
     # the line's pixels (and any crumbs) go back to the side they touch, so areas and centroids stay whole
-    keep = np.flatnonzero(sizes >= cfg.cut_min_px) + 1
+    keep = np.flatnonzero(sizes >= min_px) + 1
     lab16 = np.where(np.isin(lab, keep), lab, 0).astype(np.uint16)
     grown = cv2.dilate(lab16, np.ones((3, 3), np.uint8), iterations=2)
     lab16 = np.where((part > 0) & (lab16 == 0), grown, lab16)
-    sides = [((lab16 == k) & (part > 0)).astype(np.uint8) * 255 for k in keep]
-    if ratio >= cfg.cut_sure:
-        means = [_mean_colour(colour, side) for side in sides]
-        if max(float(np.linalg.norm(m - means[0])) for m in means[1:]) < cfg.colour_step:
-            return [part]
-    return [piece for side in sides for piece in _cut_concavities(side, colour, min_depth_px, cfg, levels - 1)]
+    return [((lab16 == k) & (part > 0)).astype(np.uint8) * 255 for k in keep]
+
+
+def _colour_step_needed(ratio: float, angle: float, cfg: VisionConfig) -> float:
+    """How far apart in colour the sides of a notch cut must be (0: none asked), by its gap / depth `ratio`
+    and the wider inside `angle` of its two notches."""
+    if ratio < cfg.cut_sure or (ratio < cfg.cut_ratio and angle <= cfg.cut_sharp_deg):
+        return 0.0
+    return cfg.colour_step if ratio < cfg.cut_ratio else cfg.cut_far_colour_step
+
+
+def _cut_concavities(
+    part: np.ndarray, colour: np.ndarray, min_depth_px: float, cfg: VisionConfig, levels: int
+) -> list[np.ndarray]:
+    """Cut a mask between paired concavities (see `vision.cut_ratio`), again on each side, at most `levels`
+    deep; one mask per piece.
+
+    Of the pairs whose sides pass their colour test, the one with the sharpest notches is cut: where two
+    pieces' outlines meet they leave a crevice, while a piece's own concavity (the inside of an arc) is a
+    smooth curve. The shortest pair would often join the arc's inside to one end of the contact, and cut
+    the arc in two.
+    """
+    if levels <= 0:
+        return [part]
+    best: tuple[float, list[np.ndarray]] | None = None
+    for ratio, angle, end_a, end_b in _concavity_cuts(part, min_depth_px, max(cfg.cut_ratio, cfg.cut_far_ratio)):
+        if best is not None and angle >= best[0]:
+            continue
+        sides = _cut_sides(part, end_a, end_b, cfg.cut_min_px)
+        if sides is None:
+            continue
+        step = _colour_step_needed(ratio, angle, cfg)
+        if step:
+            means = [_mean_colour(colour, side) for side in sides]
+            if max(float(np.linalg.norm(m - means[0])) for m in means[1:]) < step:
+                continue
+        best = (angle, sides)
+    if best is None:
+        return [part]
+    return [piece for side in best[1] for piece in _cut_concavities(side, colour, min_depth_px, cfg, levels - 1)]
 
 
 def crop_piece(
