@@ -71,7 +71,7 @@ SHAPES: dict[tuple[str, str], dict[str, float]] = {
     ("other", "pcb"): {"plate": 1.0},
 }
 
-MIN_FEATURE_MM = 3.0  # narrower strips vanish in the segmenter's 2x-downscaled opening
+MIN_FEATURE_MM = 3.0  # narrower strips vanish in the opening of a segmenter at `vision.downscale` 2
 MIN_HOLE_MM = 2.5
 TOUCH_OVERLAP_MM = 0.15  # "a hair": touching pieces must merge into one blob, not interpenetrate
 _GAP_MM = 1.0  # clearance between the bounding circles of pieces that do not touch

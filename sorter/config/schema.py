@@ -175,7 +175,14 @@ class VisionConfig(Strict):
     """
 
     threshold: int = Field(34, ge=1, le=254, description="grey level separating pieces from the dark belt")
-    downscale: int = Field(1, ge=1, le=8, description="segment on an image this many times smaller")
+    downscale: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="segment on an image this many times smaller. 2 costs the service about a fifth less CPU "
+        "per frame, but small touching pieces lose their notches: on rendered touching clusters (1,965 "
+        "touching pieces) 54 are lost in a merged blob at 2 against 23 at 1",
+    )
     min_area_mm2: float = Field(10.0, gt=0, description="blobs smaller than this (mm²) are dirt or noise, not pieces")
     split_touching: bool = Field(True, description="part blobs of touching pieces (every `neck_*`/`cut_*` setting)")
     edge_margin_px: int = Field(2, ge=0, description="blobs this close to the top/bottom edge are partial views")
