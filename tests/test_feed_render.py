@@ -222,5 +222,20 @@ def test_segment_separates_the_feeds_touching_pieces() -> None:
         fragments += int(((d.min(axis=1, initial=np.inf) > 6.0) & (np.abs(xy[:, 1]) < step / 2)).sum())
     print(f"found {found} of {n}, fragments {fragments}")
     assert n > 100
-    assert found >= 0.96 * n, (found, n)
+    assert found >= 0.975 * n, (found, n)  # 275 of 279 at full resolution (vision.downscale 1)
     assert fragments <= 0.02 * n, (fragments, n)
+
+
+def test_the_touching_report_finds_the_feeds_clusters_and_counts_every_piece() -> None:
+    """`python -m sim.touching`: clusters are pieces that touch, and every piece is counted once."""
+    from sim.touching import clusters, measure
+
+    pieces = FeedGenerator(SimFeedConfig(touching_share=0.5, rate_per_s=60), 600, 2000, seed=5).pieces_until(3000)
+    groups = clusters(pieces)
+    assert sorted(p.id for g in groups for p in g) == sorted(p.id for p in pieces)
+    assert any(len(g) > 1 for g in groups) and any(len(g) == 1 for g in groups)
+    row = measure(5, VisionConfig(), touching=0.5, s_mm=3000)
+    assert row["touching_pieces"] + row["single_pieces"] <= len(pieces)
+    assert row["touching_pieces"] > 10 and row["touching_lost"] <= row["touching_pieces"]
+    # one grey disc alone in its cluster is always found: nothing here is split or merged by chance
+    assert row["single_lost"] == 0
