@@ -239,3 +239,16 @@ def test_the_touching_report_finds_the_feeds_clusters_and_counts_every_piece() -
     assert row["touching_pieces"] > 10 and row["touching_lost"] <= row["touching_pieces"]
     # one grey disc alone in its cluster is always found: nothing here is split or merged by chance
     assert row["single_lost"] == 0
+
+
+@pytest.mark.parametrize("downscale", [1, 2])
+def test_a_small_bracket_is_one_piece_at_either_resolution(downscale: int) -> None:
+    """Its blob fills its bounding box to the edges: unless the mask is padded before the distance map, the
+    box's edges count as inside and put a false neck between the bracket's arms (it was cut in two at 2)."""
+    geom = CameraGeometry(1280, 720, (300.0, 0.0), MM_PER_PX)
+    piece = make_piece(np.random.default_rng(24), "steel", "bracket", "bracket").placed(300.0, 0.0)
+    frame = np.empty((720, 1280, 3), np.uint8)
+    FrameRenderer(geom, noise_sigma=3.0, seed=1).render(
+        [(piece, render_sprite(piece, MM_PER_PX, np.random.default_rng(1)))], 0.0, frame
+    )
+    assert len(segment(frame, VisionConfig(downscale=downscale), MM_PER_PX, None)) == 1

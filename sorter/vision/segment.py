@@ -207,7 +207,10 @@ def _split_at_necks(
 ) -> list[np.ndarray]:
     """`_split_touching` on the distance map of `shape` (comp, or comp with its holes filled); with
     `colour_only`, peaks part only where their colours differ, however narrow the neck."""
-    dist = cv2.distanceTransform(shape, cv2.DIST_L2, 5)
+    # a blob's mask is cut to its bounding box: pad it, or the box's edge would count as inside and put
+    # peaks on the outline (an L-shaped bracket then had a "neck" at its corner)
+    padded = cv2.copyMakeBorder(shape, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    dist = cv2.distanceTransform(padded, cv2.DIST_L2, 5)[1:-1, 1:-1]
     seeds = sorted(_peaks(dist), key=lambda s: -s[2])
     if len(seeds) < 2:
         return [comp]
