@@ -163,7 +163,6 @@ def _screw() -> np.ndarray:  # one piece of one grey whose wide head looks like 
         (_block_on_disc, {"cut_depth_mm": 5.0}, 2, 1),  # its notches are now roughness
         (_block_on_disc, {"cut_sure": 0.5, "cut_ratio": 0.5, "cut_far_ratio": 0.5}, 2, 1),
         (_block_on_disc, {"cut_sure": 0.5, "cut_ratio": 0.5, "cut_far_colour_step": 400.0}, 2, 1),
-        (_small_block_on_a_side, {"cut_sharp_deg": 0.0}, 2, 1),  # its colour is now asked: one grey
         (_block_on_disc, {"cut_min_px": 5000}, 2, 1),
         (_block_on_disc, {"cut_levels": 0}, 2, 1),
         (_screw, {"cut_sure": 1.3}, 1, 2),  # cut without asking the colour
@@ -175,8 +174,14 @@ def test_each_vision_setting_reaches_segmentation(picture, setting, pieces_by_de
     assert len(segment(img, VisionConfig(**setting), 0.25, crop_size=None)) == pieces_with_setting
 
 
-def test_a_small_block_pressed_on_a_bigger_ones_side_is_parted_along_it():
-    assert np.allclose(areas(_small_block_on_a_side()), [25 * 25, 101 * 101], rtol=0.05)
+def test_a_small_block_pressed_on_a_bigger_ones_side_is_parted_along_its_sharp_notches():
+    """At full resolution its two right-angled notches are crevices (`vision.cut_sharp_deg`): one grey, cut
+    without asking the colour. Asked the colour, it stays one blob."""
+    full = VisionConfig(downscale=1)
+    got = sorted(b.area_px for b in segment(_small_block_on_a_side(), full, 0.25, crop_size=None))
+    assert np.allclose(got, [25 * 25, 101 * 101], rtol=0.05)
+    asked = full.model_copy(update={"cut_sharp_deg": 0.0})
+    assert len(segment(_small_block_on_a_side(), asked, 0.25, crop_size=None)) == 1
 
 
 @pytest.mark.parametrize("downscale", [1, 2])

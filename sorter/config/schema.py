@@ -176,12 +176,15 @@ class VisionConfig(Strict):
 
     threshold: int = Field(34, ge=1, le=254, description="grey level separating pieces from the dark belt")
     downscale: int = Field(
-        1,
+        2,
         ge=1,
         le=8,
-        description="segment on an image this many times smaller. 2 costs the service about a fifth less CPU "
-        "per frame, but small touching pieces lose their notches: on rendered touching clusters (1,965 "
-        "touching pieces, `python -m sim.touching`) 58 are lost in a merged blob at 2 against 23 at 1",
+        description="segment on an image this many times smaller. 1 (full resolution) parts small touching "
+        "pieces far better (`python -m sim.touching`: 23 of 1,965 touching pieces lost in a merged blob "
+        "against 62 at 2, centroids over 1 mm off 51 against 98) and meets eject error p99 <= 0.48 mm over "
+        "the whole envelope in lockstep, but costs the vision threads about 75 % more CPU per frame: on the "
+        "2-core demo machine, simulator included, compute latency p99 rose from 18 to 30 ms and the densest "
+        "feed dropped frames (docs/results.md). Use 1 where the PC has the headroom",
     )
     min_area_mm2: float = Field(10.0, gt=0, description="blobs smaller than this (mm²) are dirt or noise, not pieces")
     split_touching: bool = Field(True, description="part blobs of touching pieces (every `neck_*`/`cut_*` setting)")
