@@ -490,6 +490,24 @@ def _floats(text: str) -> list[float]:
 
 
 @sim_app.command()
+def touching(
+    seeds: Annotated[str, typer.Option(help="feed seeds, comma-separated")] = "3,5,11,12",
+    share: Annotated[float, typer.Option(help="share of pieces placed against another")] = 0.15,
+    vision: Annotated[str, typer.Option(help="vision settings over the defaults, JSON: '{\"downscale\": 1}'")] = "{}",
+) -> None:
+    """How segmentation parts the feed's touching pieces, frame by frame: pieces lost, centroids off, fragments
+    (one JSON line per seed, then the totals as seed -1)."""
+    import json
+
+    from sim.touching import report
+    from sorter.config import VisionConfig
+
+    cfg = VisionConfig(**json.loads(vision))
+    for row in report([int(s) for s in seeds.split(",")], cfg, touching=share):
+        typer.echo(json.dumps(row))
+
+
+@sim_app.command()
 def envelope(
     config: SimConfigOpt = DEFAULT_CONFIG,
     speeds: Annotated[str, typer.Option(help="belt speeds, mm/s, comma-separated")] = "2000,2750,3500",

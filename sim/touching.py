@@ -1,4 +1,4 @@
-"""How segmentation parts touching pieces, frame by frame: `python -m sim.touching --seeds 3,5,11,12`.
+"""How segmentation parts touching pieces, frame by frame: `sorter sim touching --seeds 3,5,11,12`.
 
 The simulated feed's pieces are grouped into clusters of pieces that touch (single pieces are clusters of
 one); each cluster is rendered alone, in the middle of one wide frame, and segmented. A piece is found if a
@@ -15,8 +15,6 @@ tracking, the edges of the field). The line's own figures come from `sorter sim 
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
 from collections import Counter
@@ -114,22 +112,13 @@ def measure(
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--seeds", default="3,5,11,12", help="feed seeds, comma-separated")
-    ap.add_argument("--touching", type=float, default=0.15, help="share of pieces placed against another")
-    ap.add_argument("--vision", default="{}", help="vision settings over the defaults, JSON: '{\"downscale\": 2}'")
-    args = ap.parse_args(argv)
-    vision = VisionConfig(**json.loads(args.vision))
+def report(seeds: Sequence[int], vision: VisionConfig, touching: float = 0.15) -> list[dict[str, float]]:
+    """One row per seed, then their totals (`seed` -1)."""
+    rows: list[dict[str, float]] = []
     total: Counter[str] = Counter()
-    for seed in (int(s) for s in args.seeds.split(",")):
-        row = measure(seed, vision, touching=args.touching)
-        print(json.dumps({"seed": seed, **row}))
-        total.update({k: v for k, v in row.items() if k.startswith(("touching_", "single_"))})
-    print(json.dumps({"total": dict(sorted(total.items()))}))
-
-
-if __name__ == "__main__":
-    main()
+    for seed in seeds:
+        row = {"seed": seed, **measure(seed, vision, touching=touching)}
+        rows.append(row)
+        total.update({k: int(v) for k, v in row.items() if k.startswith(("touching_", "single_"))})
+    rows.append({"seed": -1, **dict(sorted(total.items()))})
+    return rows

@@ -227,7 +227,7 @@ def test_segment_separates_the_feeds_touching_pieces() -> None:
 
 
 def test_the_touching_report_finds_the_feeds_clusters_and_counts_every_piece() -> None:
-    """`python -m sim.touching`: clusters are pieces that touch, and every piece is counted once."""
+    """`sorter sim touching`: clusters are pieces that touch, and every piece is counted once."""
     from sim.touching import clusters, measure
 
     pieces = FeedGenerator(SimFeedConfig(touching_share=0.5, rate_per_s=60), 600, 2000, seed=5).pieces_until(3000)

@@ -180,7 +180,7 @@ class VisionConfig(Strict):
         ge=1,
         le=8,
         description="segment on an image this many times smaller. 1 (full resolution) parts small touching "
-        "pieces far better (`python -m sim.touching`: 23 of 1,965 touching pieces lost in a merged blob "
+        "pieces far better (`sorter sim touching`: 23 of 1,965 touching pieces lost in a merged blob "
         "against 62 at 2, centroids over 1 mm off 51 against 98) and meets eject error p99 <= 0.48 mm over "
         "the whole envelope in lockstep, but costs the vision threads about 75 % more CPU per frame: on the "
         "2-core demo machine, simulator included, compute latency p99 rose from 18 to 30 ms and the densest "
