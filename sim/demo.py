@@ -39,17 +39,30 @@ class DemoError(Exception):
     pass
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports on loopback. The sockets are held open together while the kernel picks, so no
+    port is handed out twice (one at a time, a port just closed can come back: a CI run once had the virtual
+    PLC's OPC UA server find its port taken)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def demo_config(cfg: SimLineConfig, run_dir: Path, seed: int) -> SimLineConfig:
     """The config both sides use for this run: free ports, this run's records and bar link, this seed."""
     run_dir = run_dir.resolve()  # the written config resolves paths against its own folder, not the cwd
+    ports = iter(free_ports(len(cfg.cameras) + 3))
     cams = [
-        c.model_copy(update={"source": c.source.model_copy(update={"address": f"127.0.0.1:{free_port()}"})})
+        c.model_copy(update={"source": c.source.model_copy(update={"address": f"127.0.0.1:{next(ports)}"})})
         if c.source.type == "sim"
         else c
         for c in cfg.cameras
@@ -61,8 +74,8 @@ def demo_config(cfg: SimLineConfig, run_dir: Path, seed: int) -> SimLineConfig:
             "plc": cfg.plc.model_copy(
                 update={
                     "host": "127.0.0.1",
-                    "port": free_port(),
-                    "opcua": cfg.plc.opcua.model_copy(update={"endpoint": f"opc.tcp://127.0.0.1:{free_port()}"}),
+                    "port": next(ports),
+                    "opcua": cfg.plc.opcua.model_copy(update={"endpoint": f"opc.tcp://127.0.0.1:{next(ports)}"}),
                 }
             ),
             "records": cfg.records.model_copy(update={"path": run_dir / "records.sqlite"}),
@@ -72,7 +85,7 @@ def demo_config(cfg: SimLineConfig, run_dir: Path, seed: int) -> SimLineConfig:
             "simulator": cfg.simulator.model_copy(update={"seed": seed}),
             "opcua_server": cfg.opcua_server.model_copy(
                 update={
-                    "endpoint": f"opc.tcp://127.0.0.1:{free_port()}",
+                    "endpoint": f"opc.tcp://127.0.0.1:{next(ports)}",
                     "certificate": run_dir / "pki" / "line-server-cert.der",
                     "private_key": run_dir / "pki" / "line-server-key.pem",
                     "trust_dir": run_dir / "pki" / "trusted",
