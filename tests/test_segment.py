@@ -155,7 +155,8 @@ def _screw() -> np.ndarray:  # one piece of one grey whose wide head looks like 
         (_two_discs, {"split_touching": False}, 2, 1),
         (_two_discs, {"neck_sure": 0.05, "cut_levels": 0}, 2, 1),  # the neck no longer counts as narrow
         # (at full resolution the blob's hole parts it by colour alone whatever the neck; 2x smaller, it does not)
-        (_arc_on_bar, {"neck_colour": 0.45, "downscale": 2}, 2, 1),
+        (_arc_on_bar, {"neck_colour": 0.45, "split_full_res": False}, 2, 1),
+        (_small_block_on_a_side, {"split_full_res": False}, 2, 1),
         (_arc_on_bar, {"colour_step": 200.0}, 2, 1),
         (_arc_on_bar, {"hole_min_share": 0.5}, 2, 1),
         (_arc_on_bar, {"hole_colour_step": 200.0}, 2, 1),
@@ -174,13 +175,14 @@ def test_each_vision_setting_reaches_segmentation(picture, setting, pieces_by_de
     assert len(segment(img, VisionConfig(**setting), 0.25, crop_size=None)) == pieces_with_setting
 
 
-def test_a_small_block_pressed_on_a_bigger_ones_side_is_parted_along_its_sharp_notches():
+@pytest.mark.parametrize("cfg", [VisionConfig(downscale=1), CFG], ids=["full resolution", "parted at full resolution"])
+def test_a_small_block_pressed_on_a_bigger_ones_side_is_parted_along_its_sharp_notches(cfg):
     """At full resolution its two right-angled notches are crevices (`vision.cut_sharp_deg`): one grey, cut
-    without asking the colour. Asked the colour, it stays one blob."""
-    full = VisionConfig(downscale=1)
-    got = sorted(b.area_px for b in segment(_small_block_on_a_side(), full, 0.25, crop_size=None))
+    without asking the colour. Asked the colour, it stays one blob. Found on the downscaled image, the blob is
+    parted on the frame itself, with the same outcome."""
+    got = sorted(b.area_px for b in segment(_small_block_on_a_side(), cfg, 0.25, crop_size=None))
     assert np.allclose(got, [25 * 25, 101 * 101], rtol=0.05)
-    asked = full.model_copy(update={"cut_sharp_deg": 0.0})
+    asked = cfg.model_copy(update={"cut_sharp_deg": 0.0})
     assert len(segment(_small_block_on_a_side(), asked, 0.25, crop_size=None)) == 1
 
 
@@ -210,11 +212,11 @@ def test_vision_thresholds_must_be_ordered():
 def test_a_crop_leaves_out_the_seam_along_a_touching_neighbour():
     # a dark ferrite block pressed against a bright magnet disc: segmented on a 2x smaller image, the border
     # lands on the chord between the notches, not on the disc's arc, so without a seam the block's crop
-    # shows a rim of the disc
+    # shows a rim of the disc (parted on the full-resolution frame, the border lands closer)
     img = frame()
     cv2.circle(img, (300, 300), 40, (220, 220, 220), -1)
     cv2.rectangle(img, (336, 270), (398, 330), (70, 70, 70), -1)
-    cfg = VisionConfig(downscale=2)
+    cfg = VisionConfig(downscale=2, split_full_res=False)
     blobs = segment(img, cfg, 0.25, crop_size=64)
     assert len(blobs) == 2
     block = max(blobs, key=lambda b: b.cu)
@@ -225,3 +227,21 @@ def test_a_crop_leaves_out_the_seam_along_a_touching_neighbour():
     assert abs(block.area_px - 63 * 61) < 0.1 * 63 * 61
     seamless = segment(img, cfg.model_copy(update={"crop_seam_mm": 0.0}), 0.25, crop_size=64)
     assert int(max(seamless, key=lambda b: b.cu).crop.max()) >= 150
+
+
+def test_a_blob_parted_at_full_resolution_keeps_its_pieces_outlines():
+    """Found on the 2x smaller image, the disc-and-block blob is parted on the frame: areas and centroids as
+    at full resolution, the box's margin and a neighbour just beside it left out (the bar, convex, stays as
+    found on the smaller image)."""
+    img = frame()
+    cv2.circle(img, (300, 300), 40, (220, 220, 220), -1)
+    cv2.rectangle(img, (336, 270), (398, 330), (70, 70, 70), -1)
+    cv2.rectangle(img, (402, 280), (420, 320), (200, 200, 200), -1)  # 3 px away: a blob of its own
+    full = sorted(segment(img, VisionConfig(downscale=1), 0.25, crop_size=64), key=lambda b: b.cu)
+    got = sorted(segment(img, CFG, 0.25, crop_size=64), key=lambda b: b.cu)
+    assert len(got) == len(full) == 3
+    for a, b in zip(got[:2], full[:2], strict=True):
+        assert abs(a.cu - b.cu) < 0.1 and abs(a.cv - b.cv) < 0.1
+        assert abs(a.area_px - b.area_px) < 0.01 * b.area_px
+    assert abs(got[2].area_px - 19 * 41) < 0.1 * 19 * 41
+    assert int(got[1].crop.max()) < 150  # the block's crop shows neither the disc nor the bar

@@ -186,6 +186,11 @@ class VisionConfig(Strict):
         "2-core demo machine, simulator included, compute latency p99 rose from 18 to 30 ms and the densest "
         "feed dropped frames (docs/results.md). Use 1 where the PC has the headroom",
     )
+    split_full_res: bool = Field(
+        True,
+        description="part a blob that may hold touching pieces (not convex) on the frame itself, not on the "
+        "image `downscale` times smaller it was found on. Only such blobs pay for full resolution",
+    )
     min_area_mm2: float = Field(10.0, gt=0, description="blobs smaller than this (mm²) are dirt or noise, not pieces")
     split_touching: bool = Field(True, description="part blobs of touching pieces (every `neck_*`/`cut_*` setting)")
     edge_margin_px: int = Field(2, ge=0, description="blobs this close to the top/bottom edge are partial views")

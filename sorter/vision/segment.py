@@ -136,6 +136,22 @@ def _connect_peaks(dist: np.ndarray, seeds: list[tuple[int, int, float]], neck: 
     return groups
 
 
+def _filled(comp: np.ndarray) -> tuple[np.ndarray, bool]:
+    """A blob's mask with its holes filled, and whether that covers nearly all of its convex hull (one
+    piece: nothing to part)."""
+    filled = comp.copy()
+    contours, _ = cv2.findContours(comp, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(filled, contours, -1, 255, thickness=cv2.FILLED)
+    hull_area = cv2.contourArea(cv2.convexHull(np.vstack(contours)))
+    return filled, hull_area <= 0 or cv2.countNonZero(filled) / hull_area > 0.97
+
+
+def _may_be_parted(comp: np.ndarray) -> bool:
+    """Whether `_split_touching` has anything to look at: a blob that is not convex, or has a hole."""
+    filled, convex = _filled(comp)
+    return not convex or cv2.countNonZero(filled) > cv2.countNonZero(comp)
+
+
 def _split_touching(comp: np.ndarray, colour: np.ndarray, cfg: VisionConfig) -> list[np.ndarray]:
     """Split one component mask where pieces touch; one mask per piece.
 
@@ -144,14 +160,10 @@ def _split_touching(comp: np.ndarray, colour: np.ndarray, cfg: VisionConfig) -> 
     gets a second look with its hole open: pieces touching at both ends (an arc leaning on a screw)
     enclose a hole too, and are parted there by colour alone, under the strict terms of `_encloses_between`.
     """
-    filled = comp.copy()
-    contours, _ = cv2.findContours(comp, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(filled, contours, -1, 255, thickness=cv2.FILLED)
-    hull_area = cv2.contourArea(cv2.convexHull(np.vstack(contours)))
-    n_filled = cv2.countNonZero(filled)
-    convex = hull_area <= 0 or n_filled / hull_area > 0.97
+    filled, convex = _filled(comp)
     parts = [comp] if convex else _split_at_necks(comp, filled, colour, cfg, colour_only=False)
-    if len(parts) == 1 and n_filled > cv2.countNonZero(comp) and _may_hold_two_colours(comp, colour, cfg):
+    holed = cv2.countNonZero(filled) > cv2.countNonZero(comp)
+    if len(parts) == 1 and holed and _may_hold_two_colours(comp, colour, cfg):
         opened = _split_at_necks(comp, comp, colour, cfg, colour_only=True)
         if len(opened) > 1 and _encloses_between(opened, filled & ~comp, colour, cfg):
             parts = opened
@@ -451,10 +463,72 @@ def materialise(crop: Crop) -> np.ndarray:
     return crop() if callable(crop) else crop
 
 
+def _piece_mask(image: np.ndarray, threshold: int) -> np.ndarray:
+    """255 where any channel is above `threshold` (the max-channel image thresholded, in one pass), opened
+    to drop noise specks."""
+    mask = cv2.bitwise_not(cv2.inRange(image, (0, 0, 0), (threshold, threshold, threshold)))
+    return cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+
+
+@dataclass(frozen=True, slots=True)
+class _Region:
+    """Masks of pieces in one patch of a segmentation image `scale` times smaller than the frame, the
+    patch's corner at (x, y) of that image."""
+
+    parts: list[np.ndarray]
+    x: int
+    y: int
+    scale: int
+
+
+def _parted(comp: np.ndarray, colour: np.ndarray, depth_px: float, cfg: VisionConfig) -> list[np.ndarray]:
+    return [
+        cut
+        for part in _split_touching(comp, colour, cfg)
+        for cut in _cut_concavities(part, colour, depth_px, cfg, cfg.cut_levels)
+    ]
+
+
+def _full_res_regions(
+    image: np.ndarray, comp: np.ndarray, x: int, y: int, ds: int, mm_per_px: float, cfg: VisionConfig
+) -> list[_Region]:
+    """A blob found on the downscaled image that may hold touching pieces (`_may_be_parted`), segmented
+    and parted again on the frame itself.
+
+    Its box is cut from the frame with a pixel to spare, thresholded there, and kept to the pixels under
+    the blob (a neighbour's edge in the margin is left out); at full resolution a narrow contact may
+    already leave two components.
+    """
+    h, w = image.shape[:2]
+    x0, y0 = max(x * ds - 1, 0), max(y * ds - 1, 0)
+    x1, y1 = min((x + comp.shape[1]) * ds + 1, w), min((y + comp.shape[0]) * ds + 1, h)
+    patch = image[y0:y1, x0:x1]
+    under = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    big = cv2.resize(comp, (comp.shape[1] * ds, comp.shape[0] * ds), interpolation=cv2.INTER_NEAREST)
+    under[y * ds - y0 : y * ds - y0 + big.shape[0], x * ds - x0 : x * ds - x0 + big.shape[1]] = big
+    # holes of the downscaled blob stay holes; its outline may sit a pixel in or out at full resolution
+    under = cv2.dilate(under, np.ones((3, 3), np.uint8))
+    mask = cv2.bitwise_and(_piece_mask(patch, cfg.threshold), under)
+    depth_px = cfg.cut_depth_mm / mm_per_px
+    regions = []
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    for contour in contours:
+        cx, cy, cw, ch = cv2.boundingRect(contour)
+        sub = np.zeros((ch, cw), np.uint8)
+        cv2.drawContours(sub, [contour], -1, 255, thickness=cv2.FILLED, offset=(-cx, -cy))
+        sub = cv2.bitwise_and(sub, mask[cy : cy + ch, cx : cx + cw])
+        colour = patch[cy : cy + ch, cx : cx + cw]
+        regions.append(_Region(_parted(sub, colour, depth_px, cfg), x0 + cx, y0 + cy, 1))
+    return regions
+
+
 def segment(
     image: np.ndarray, cfg: VisionConfig, mm_per_px: float, crop_size: int | None = 64, lazy: bool = False
 ) -> list[Blob]:
     """Find the pieces in one BGR frame; crops are cut when `crop_size` is given.
+
+    Pieces are found on an image `vision.downscale` times smaller; a blob that may hold touching pieces
+    (not convex, or with a hole) is parted on the frame itself when `vision.split_full_res` is set.
 
     With `lazy`, a blob's crop is a function that cuts it later: the line classifies only a few
     views per piece, so most crops would be cut for nothing (the frame stays alive until then).
@@ -462,14 +536,10 @@ def segment(
     ds = cfg.downscale
     h, w = image.shape[:2]
     small = cv2.resize(image, (w // ds, h // ds), interpolation=cv2.INTER_AREA) if ds > 1 else image
-    _, mask = cv2.threshold(_max_channel(small), cfg.threshold, 255, cv2.THRESH_BINARY)
-    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    mask = _piece_mask(small, cfg.threshold)
     # outer contours are an order of magnitude cheaper than labelling the whole image
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    px_area = (mm_per_px * ds) ** 2
-    min_px = cfg.min_area_mm2 / px_area
-    edge = cfg.edge_margin_px
-    sh, sw = mask.shape
+    min_px = cfg.min_area_mm2 / (mm_per_px * ds) ** 2
     blobs: list[Blob] = []
     for contour in contours:
         x, y, bw, bh = cv2.boundingRect(contour)
@@ -478,59 +548,72 @@ def segment(
         comp: np.ndarray = np.zeros((bh, bw), np.uint8)
         cv2.drawContours(comp, [contour], -1, 255, thickness=cv2.FILLED, offset=(-x, -y))
         comp = cv2.bitwise_and(comp, mask[y : y + bh, x : x + bw])  # keep holes (rings, washers) as holes
-        parts = [comp]
-        if cfg.split_touching:
-            depth_px = cfg.cut_depth_mm / (mm_per_px * ds)
+        if not cfg.split_touching:
+            regions = [_Region([comp], x, y, ds)]
+        elif ds > 1 and cfg.split_full_res and _may_be_parted(comp):
+            regions = _full_res_regions(image, comp, x, y, ds, mm_per_px, cfg)
+        else:
             colour = small[y : y + bh, x : x + bw]
-            parts = [
-                cut
-                for part in _split_touching(comp, colour, cfg)
-                for cut in _cut_concavities(part, colour, depth_px, cfg, cfg.cut_levels)
-            ]
-        # a part's crop leaves out a seam along its touching neighbours (`vision.crop_seam_mm`); its area
-        # and centroid keep every pixel
-        seam_px = int(np.ceil(cfg.crop_seam_mm / (mm_per_px * ds))) if len(parts) > 1 else 0
-        for i, part in enumerate(parts):
-            m = cv2.moments(part, binaryImage=True)
-            if m["m00"] < min_px:
-                continue
-            ys, xs = np.nonzero(part)
-            px0, px1, py0, py1 = x + xs.min(), x + xs.max() + 1, y + ys.min(), y + ys.max() + 1
-            top_bottom = py0 <= edge or py1 >= sh - edge
-            crop: Crop | None = None
-            if crop_size and not top_bottom:  # partial views along the belt are never classified
-                shown = part
-                if seam_px:
-                    others = np.zeros_like(part)
-                    for j, other in enumerate(parts):
-                        if j != i:
-                            others = cv2.bitwise_or(others, other)
-                    near = cv2.dilate(others, np.ones((2 * seam_px + 1, 2 * seam_px + 1), np.uint8))
-                    kept = cv2.bitwise_and(part, cv2.bitwise_not(near))
-                    # a thin piece along its neighbour would lose most of itself to the seam: it keeps its mask
-                    shown = kept if cv2.countNonZero(kept) >= m["m00"] / 2 else part
-                cut = LazyCrop(
-                    image,
-                    shown[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1],
-                    (px0 * ds, py0 * ds, px1 * ds, py1 * ds),
-                    mm_per_px,
-                    cfg,
-                    crop_size,
-                )
-                crop = cut if lazy else cut()
-            # pixel centres: downscaled pixel k covers full-res [k*ds, (k+1)*ds)
-            blobs.append(
-                Blob(
-                    cu=(x + m["m10"] / m["m00"] + 0.5) * ds - 0.5,
-                    cv=(y + m["m01"] / m["m00"] + 0.5) * ds - 0.5,
-                    u0=px0 * ds - 0.5,
-                    u1=px1 * ds - 0.5,
-                    v0=py0 * ds - 0.5,
-                    v1=py1 * ds - 0.5,
-                    area_px=m["m00"] * ds * ds,
-                    touches_top_bottom=top_bottom,
-                    touches_left_right=px0 <= edge or px1 >= sw - edge,
-                    crop=crop,
-                )
+            regions = [_Region(_parted(comp, colour, cfg.cut_depth_mm / (mm_per_px * ds), cfg), x, y, ds)]
+        for region in regions:
+            blobs += _blobs(image, region, mm_per_px, cfg, crop_size, lazy)
+    return blobs
+
+
+def _blobs(
+    image: np.ndarray, region: _Region, mm_per_px: float, cfg: VisionConfig, crop_size: int | None, lazy: bool
+) -> list[Blob]:
+    """One blob per part of `region` big enough to be a piece, in full-resolution pixels."""
+    s, parts = region.scale, region.parts
+    h, w = image.shape[:2]
+    min_px = cfg.min_area_mm2 / (mm_per_px * s) ** 2
+    edge = cfg.edge_margin_px * cfg.downscale  # in full-resolution pixels
+    # a part's crop leaves out a seam along its touching neighbours (`vision.crop_seam_mm`); its area
+    # and centroid keep every pixel
+    seam_px = int(np.ceil(cfg.crop_seam_mm / (mm_per_px * s))) if len(parts) > 1 else 0
+    blobs = []
+    for i, part in enumerate(parts):
+        m = cv2.moments(part, binaryImage=True)
+        if m["m00"] < min_px:
+            continue
+        ys, xs = np.nonzero(part)
+        px0, px1 = (region.x + xs.min()) * s, (region.x + xs.max() + 1) * s
+        py0, py1 = (region.y + ys.min()) * s, (region.y + ys.max() + 1) * s
+        top_bottom = py0 <= edge or py1 >= h - edge
+        crop: Crop | None = None
+        if crop_size and not top_bottom:  # partial views along the belt are never classified
+            shown = part
+            if seam_px:
+                others = np.zeros_like(part)
+                for j, other in enumerate(parts):
+                    if j != i:
+                        others = cv2.bitwise_or(others, other)
+                near = cv2.dilate(others, np.ones((2 * seam_px + 1, 2 * seam_px + 1), np.uint8))
+                kept = cv2.bitwise_and(part, cv2.bitwise_not(near))
+                # a thin piece along its neighbour would lose most of itself to the seam: it keeps its mask
+                shown = kept if cv2.countNonZero(kept) >= m["m00"] / 2 else part
+            cut = LazyCrop(
+                image,
+                shown[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1],
+                (px0, py0, px1, py1),
+                mm_per_px,
+                cfg,
+                crop_size,
             )
+            crop = cut if lazy else cut()
+        # pixel centres: segmentation pixel k covers full-res [k*s, (k+1)*s)
+        blobs.append(
+            Blob(
+                cu=(region.x + m["m10"] / m["m00"] + 0.5) * s - 0.5,
+                cv=(region.y + m["m01"] / m["m00"] + 0.5) * s - 0.5,
+                u0=px0 - 0.5,
+                u1=px1 - 0.5,
+                v0=py0 - 0.5,
+                v1=py1 - 0.5,
+                area_px=m["m00"] * s * s,
+                touches_top_bottom=top_bottom,
+                touches_left_right=px0 <= edge or px1 >= w - edge,
+                crop=crop,
+            )
+        )
     return blobs
