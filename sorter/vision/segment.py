@@ -14,6 +14,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from skimage.segmentation import watershed
 
 from sorter.config import VisionConfig
 
@@ -51,57 +52,24 @@ def _max_channel(img: np.ndarray) -> np.ndarray:
 
 def _peaks(dist: np.ndarray) -> list[tuple[int, int, float]]:
     """Local peaks of the distance map, found as the components that appear while lowering a threshold."""
-    peak = float(dist.max())
     seeds: list[tuple[int, int, float]] = []
-    covered = np.zeros(dist.shape, dtype=bool)
-    level = peak
+    covered = np.zeros(dist.shape, dtype=np.uint8)
+    level = float(dist.max())
     while level >= 2.0:
-        above = dist >= level
-        n, lab = cv2.connectedComponents(above.astype(np.uint8), connectivity=8)
+        above = (dist >= level).astype(np.uint8)
+        # only the box around what is above the level is labelled: small near the top
+        x, y, w, h = cv2.boundingRect(above)
+        win = (slice(y, y + h), slice(x, x + w))
+        n, lab = cv2.connectedComponents(above[win], connectivity=8)
         for k in range(1, n):
             comp = lab == k
-            if not (comp & covered).any():
-                flat = np.where(comp, dist, -1.0)
-                y, x = np.unravel_index(int(flat.argmax()), dist.shape)
-                seeds.append((int(y), int(x), float(dist[y, x])))
+            if not covered[win][comp].any():
+                flat = np.where(comp, dist[win], -1.0)
+                dy, dx = np.unravel_index(int(flat.argmax()), comp.shape)
+                seeds.append((y + int(dy), x + int(dx), float(dist[y + dy, x + dx])))
         covered = above
         level *= 0.8
     return seeds
-
-
-def _flood(dist: np.ndarray, labels: np.ndarray, n: int, steps: int = 16) -> np.ndarray:
-    """Watershed by flooding: lower the level step by step; each region grows only into pixels above
-    the level that touch it, so the regions meet at the necks (where the distance map is low).
-
-    Per level, a connected patch that touches a single region joins it whole (one labelling pass);
-    only patches where regions meet grow pixel ring by pixel ring.
-    """
-    kernel = np.ones((3, 3), np.uint8)
-    for level in np.linspace(float(dist.max()), 0.0, steps)[1:]:
-        free = (dist >= level - 1e-6) & (dist > 0)
-        count, patch = cv2.connectedComponents((free | (labels > 0)).astype(np.uint8), connectivity=8)
-        touches = np.stack([np.bincount(patch[labels == k], minlength=count) > 0 for k in range(1, n + 1)])
-        owners = touches.sum(axis=0)
-        owner = touches.argmax(axis=0) + 1
-        open_px = free & (labels == 0)
-        ys, xs = np.nonzero(open_px)
-        where = patch[ys, xs]
-        one = owners[where] == 1
-        labels[ys[one], xs[one]] = owner[where[one]]
-        contested = np.zeros_like(free)
-        many = owners[where] > 1
-        contested[ys[many], xs[many]] = True
-        while contested.any():
-            grew = False
-            for k in range(1, n + 1):
-                reach = cv2.dilate((labels == k).astype(np.uint8), kernel).astype(bool) & contested & (labels == 0)
-                if reach.any():
-                    labels[reach] = k
-                    grew = True
-            contested &= labels == 0
-            if not grew:
-                break
-    return labels
 
 
 class _Groups:
@@ -254,12 +222,11 @@ def _split_at_necks(
     groups = sorted({final.root(k) for k in range(len(roots))})
     if len(groups) < 2:
         return [comp]
-    # flood from one marker per piece over the distance map: borders settle on the necks
+    # flood the distance map from one marker per piece (a watershed): borders settle on the necks
     markers = np.zeros(dist.shape, dtype=np.int32)
     for k in range(len(roots)):
         markers[cores == k + 1] = groups.index(final.root(k)) + 1
-    markers[shape == 0] = -1
-    labels = _flood(dist, markers, len(groups))
+    labels = watershed(-dist, markers=markers, mask=shape > 0, connectivity=2)
     parts = []
     for g in range(1, len(groups) + 1):
         part = ((labels == g) & inside).astype(np.uint8) * 255
@@ -482,6 +449,7 @@ class _Region:
 
 
 def _parted(comp: np.ndarray, colour: np.ndarray, depth_px: float, cfg: VisionConfig) -> list[np.ndarray]:
+    """`_split_touching`, then `_cut_concavities` on each part."""
     return [
         cut
         for part in _split_touching(comp, colour, cfg)
@@ -576,9 +544,9 @@ def _blobs(
         m = cv2.moments(part, binaryImage=True)
         if m["m00"] < min_px:
             continue
-        ys, xs = np.nonzero(part)
-        px0, px1 = (region.x + xs.min()) * s, (region.x + xs.max() + 1) * s
-        py0, py1 = (region.y + ys.min()) * s, (region.y + ys.max() + 1) * s
+        bx, by, bw, bh = cv2.boundingRect(part)
+        px0, px1 = (region.x + bx) * s, (region.x + bx + bw) * s
+        py0, py1 = (region.y + by) * s, (region.y + by + bh) * s
         top_bottom = py0 <= edge or py1 >= h - edge
         crop: Crop | None = None
         if crop_size and not top_bottom:  # partial views along the belt are never classified
@@ -594,7 +562,7 @@ def _blobs(
                 shown = kept if cv2.countNonZero(kept) >= m["m00"] / 2 else part
             cut = LazyCrop(
                 image,
-                shown[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1],
+                shown[by : by + bh, bx : bx + bw],
                 (px0, py0, px1, py1),
                 mm_per_px,
                 cfg,
