@@ -482,7 +482,7 @@ def _full_res_regions(
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     for contour in contours:
         cx, cy, cw, ch = cv2.boundingRect(contour)
-        sub = np.zeros((ch, cw), np.uint8)
+        sub: np.ndarray = np.zeros((ch, cw), np.uint8)
         cv2.drawContours(sub, [contour], -1, 255, thickness=cv2.FILLED, offset=(-cx, -cy))
         sub = cv2.bitwise_and(sub, mask[cy : cy + ch, cx : cx + cw])
         colour = patch[cy : cy + ch, cx : cx + cw]
