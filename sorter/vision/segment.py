@@ -51,23 +51,27 @@ def _max_channel(img: np.ndarray) -> np.ndarray:
 
 
 def _peaks(dist: np.ndarray) -> list[tuple[int, int, float]]:
-    """Local peaks of the distance map, found as the components that appear while lowering a threshold."""
+    """Local peaks of the distance map, found as the components that appear while lowering a threshold
+    step by step (x 0.8).
+
+    A component that appears at a level has its maximum between that level and the one before, and that
+    maximum is a local maximum of the map: levels without such a local maximum are not labelled."""
     seeds: list[tuple[int, int, float]] = []
-    covered = np.zeros(dist.shape, dtype=np.uint8)
-    level = float(dist.max())
+    local = dist[(dist >= cv2.dilate(dist, np.ones((3, 3), np.uint8))) & (dist >= 2.0)]
+    level, prev = float(dist.max()), np.inf
     while level >= 2.0:
-        above = (dist >= level).astype(np.uint8)
-        # only the box around what is above the level is labelled: small near the top
-        x, y, w, h = cv2.boundingRect(above)
-        win = (slice(y, y + h), slice(x, x + w))
-        n, lab = cv2.connectedComponents(above[win], connectivity=8)
-        for k in range(1, n):
-            comp = lab == k
-            if not covered[win][comp].any():
-                flat = np.where(comp, dist[win], -1.0)
-                dy, dx = np.unravel_index(int(flat.argmax()), comp.shape)
-                seeds.append((y + int(dy), x + int(dx), float(dist[y + dy, x + dx])))
-        covered = above
+        if np.any((local >= level) & (local < prev)):
+            above = (dist >= level).astype(np.uint8)
+            x, y, w, h = cv2.boundingRect(above)  # label only the box around what is above the level
+            lab = cv2.connectedComponents(above[y : y + h, x : x + w], connectivity=8)[1]
+            win = dist[y : y + h, x : x + w]
+            for k in range(1, int(lab.max()) + 1):
+                flat = np.where(lab == k, win, -1.0)
+                i = int(flat.argmax())
+                if flat.flat[i] < prev:  # nothing of it was above the level before: a new peak
+                    dy, dx = divmod(i, w)
+                    seeds.append((y + dy, x + dx, float(win[dy, dx])))
+        prev = level
         level *= 0.8
     return seeds
 
