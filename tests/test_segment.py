@@ -5,10 +5,12 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from sorter.config import VisionConfig
-from sorter.vision.segment import segment
+from sorter.vision.segment import _peaks, segment
 
 pytestmark = pytest.mark.fast
 
@@ -245,3 +247,32 @@ def test_a_blob_parted_at_full_resolution_keeps_its_pieces_outlines():
         assert abs(a.area_px - b.area_px) < 0.01 * b.area_px
     assert abs(got[2].area_px - 19 * 41) < 0.1 * 19 * 41
     assert int(got[1].crop.max()) < 150  # the block's crop shows neither the disc nor the bar
+
+
+def _peaks_by_every_level(dist: np.ndarray) -> list[tuple[int, int, float]]:
+    """The definition `_peaks` implements: label every level, keep the components that hold nothing of
+    the level before."""
+    seeds, covered, level = [], np.zeros(dist.shape, bool), float(dist.max())
+    while level >= 2.0:
+        above = dist >= level
+        n, lab = cv2.connectedComponents(above.astype(np.uint8), connectivity=8)
+        for k in range(1, n):
+            comp = lab == k
+            if not (comp & covered).any():
+                y, x = np.unravel_index(int(np.where(comp, dist, -1.0).argmax()), dist.shape)
+                seeds.append((int(y), int(x), float(dist[y, x])))
+        covered, level = above, level * 0.8
+    return sorted(seeds)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(10, 150), st.integers(10, 110), st.integers(3, 40)), min_size=1, max_size=6))
+def test_peaks_skip_only_levels_where_no_new_component_can_appear(discs):
+    """`_peaks` labels only the levels where a local maximum of the map could start a component, and only
+    the box above the level: the same seeds as labelling every level whole."""
+    mask = np.zeros((120, 160), np.uint8)
+    for x, y, r in discs:
+        cv2.circle(mask, (x, y), r, 255, -1)
+    dist = cv2.distanceTransform(cv2.copyMakeBorder(mask, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0), cv2.DIST_L2, 5)
+    dist = dist[1:-1, 1:-1]
+    assert sorted(_peaks(dist)) == _peaks_by_every_level(dist)
