@@ -377,6 +377,7 @@ def demo_report(
             "partial_views": service.tracker.partial_views if service else 0,
             "cameras": summary.get("cameras", {}),
             "frames_failed": service.counters.frames_failed if service else 0,
+            "frames_parted_coarse": service.counters.frames_parted_coarse if service else 0,
             "batches_failed": service.counters.batches_failed if service else 0,
             "field_wait_timeouts": service.counters.field_wait_timeouts if service else 0,
             "magnetometer": summary.get("magnetometer"),

@@ -191,6 +191,13 @@ class VisionConfig(Strict):
         description="part a blob that may hold touching pieces (not convex) on the frame itself, not on the "
         "image `downscale` times smaller it was found on. Only such blobs pay for full resolution",
     )
+    full_res_max_lag_ms: float = Field(
+        25.0,
+        gt=0,
+        description="a frame that waited longer than this for its vision thread has its touching pieces parted "
+        "on the downscaled image only (counted as `frames_parted_coarse`): a thread that falls behind sheds "
+        "the full-resolution work before it would drop frames. 25 ms: 1.5 frame intervals at 60 fps",
+    )
     min_area_mm2: float = Field(10.0, gt=0, description="blobs smaller than this (mm²) are dirt or noise, not pieces")
     split_touching: bool = Field(True, description="part blobs of touching pieces (every `neck_*`/`cut_*` setting)")
     edge_margin_px: int = Field(2, ge=0, description="blobs this close to the top/bottom edge are partial views")

@@ -85,6 +85,7 @@ class LineCounters:
     frames_processed: int = 0  # segmented and tracked
     frames_unplaced: int = 0  # no latched count and no clock model yet
     frames_failed: int = 0  # processing raised
+    frames_parted_coarse: int = 0  # touching pieces parted on the downscaled image: the vision thread was behind
     batches_failed: int = 0  # a decision batch raised
     records_flush_failed: int = 0  # a commit of the records database failed (retried)
     field_wait_timeouts: int = 0  # a decision stopped waiting for the Hall bar
@@ -99,6 +100,7 @@ class LineCounters:
             self.frames_processed,
             self.frames_unplaced,
             self.frames_failed,
+            self.frames_parted_coarse,
             self.batches_failed,
             self.records_flush_failed,
             self.field_wait_timeouts,
@@ -117,6 +119,7 @@ class LineCounters:
                 "frames_processed",
                 "frames_unplaced",
                 "frames_failed",
+                "frames_parted_coarse",
                 "batches_failed",
                 "records_flush_failed",
                 "field_wait_timeouts",

@@ -284,13 +284,18 @@ class LineService:
                 frames=step // spacing - 1,
             )
 
-    def _segment(self, frame: Frame) -> list[Any]:
+    def _segment(self, frame: Frame) -> tuple[list[Any], bool]:
+        """The frame's blobs, and whether its touching pieces were parted on the downscaled image only: a
+        frame that waited longer than `vision.full_res_max_lag_ms` for its vision thread is (the thread is
+        behind; parting on the frame itself would cost it frames)."""
         t0 = time.perf_counter()
-        blobs = segment(
-            frame.image, self.cfg.vision, self.geoms[frame.camera].mm_per_px, self.classifier.input_size, lazy=True
-        )
+        vision = self.cfg.vision
+        coarse = vision.split_full_res and self._now() - frame.t_received > vision.full_res_max_lag_ms / 1000
+        if coarse:
+            vision = vision.model_copy(update={"split_full_res": False})
+        blobs = segment(frame.image, vision, self.geoms[frame.camera].mm_per_px, self.classifier.input_size, lazy=True)
         self.times.add("segment", time.perf_counter() - t0)
-        return blobs
+        return blobs, coarse
 
     async def _camera_loop(self, name: str) -> None:
         cap, loop = self.captures[name], asyncio.get_running_loop()
@@ -344,7 +349,8 @@ class LineService:
                     raise
                 pieces = [cut.get(p.id, p) for p in pieces]
             self._pieces.put_nowait(pieces)
-        blobs = await loop.run_in_executor(self._vision[name], self._segment, frame)
+        blobs, coarse = await loop.run_in_executor(self._vision[name], self._segment, frame)
+        self.counters.frames_parted_coarse += coarse
         for tap in self.parts.frame_taps:
             tap(name, frame, count, blobs)  # a reference (the HMI's live view), no copy
         t0 = time.perf_counter()

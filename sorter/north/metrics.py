@@ -213,6 +213,11 @@ def _cameras(s: LineStats) -> Iterator[Metric]:
         ("frames_processed", n.frames_processed, "Frames segmented and tracked"),
         ("frames_unplaced", n.frames_unplaced, "Frames without a belt position (no latched count, no clock model yet)"),
         ("frames_failed", n.frames_failed, "Frames whose processing raised"),
+        (
+            "frames_parted_coarse",
+            n.frames_parted_coarse,
+            "Frames whose touching pieces were parted on the downscaled image: the vision thread was behind",
+        ),
         ("batches_failed", n.batches_failed, "Decision batches that raised"),
         ("records_flush_failed", n.records_flush_failed, "Failed commits of the records database"),
         ("field_wait_timeouts", n.field_wait_timeouts, "Decisions that stopped waiting for the Hall bar"),
