@@ -181,8 +181,8 @@ class VisionConfig(Strict):
         le=8,
         description="find the pieces on an image this many times smaller (blobs that may hold touching pieces "
         "are parted on the frame itself: `split_full_res`). 1 finds them on the frame too: `sorter sim touching` "
-        "23 touching pieces of 1,965 lost against 27 with `split_full_res`, for about 40 % more CPU a frame "
-        "(docs/results.md)",
+        "23 touching pieces of 1,965 lost against 27, for about 10 % more segmentation CPU, and a vision thread "
+        "that falls behind then has no lighter way to part them (`full_res_max_lag_ms`) (docs/results.md)",
     )
     split_full_res: bool = Field(
         True,
