@@ -1,8 +1,9 @@
 """Segmentation of pieces against the dark belt.
 
-Works on the max-channel image (coloured pieces such as PCB green or copper stay
-bright there; `vision.downscale` may shrink it first), splits touching pieces at
-narrow necks and between notches of the outline, and cuts a classifier crop for
+Finds pieces where any colour channel is bright (coloured pieces such as PCB green
+or copper stay bright there) on an image `vision.downscale` times smaller, parts
+touching pieces at narrow necks and between notches of the outline on the
+full-resolution frame (`vision.split_full_res`), and cuts a classifier crop for
 each blob from the full-resolution frame.
 """
 
