@@ -88,6 +88,8 @@ def point_row(point: Point, rep: dict[str, Any], *, seed: int, cpu_s: float) -> 
         "ferrite_smco_purity": fr["ferrite_smco"]["purity"],
         "ferrite_smco_recovery": fr["ferrite_smco"]["recovery"],
         "frames_dropped": rep["frames_dropped"],
+        # frames whose touching pieces were parted on the half-size image: the vision thread was behind
+        "frames_parted_coarse": rep.get("frames_parted_coarse", 0),
         "eject_error_p99_mm": rep["eject_error_mm"]["p99"],
         "ejects_late": rep["ejects_late"],
         "conflicts": rep["eject_outcomes"].get("conflict", 0),
@@ -114,8 +116,8 @@ def misses(row: dict[str, Any]) -> list[str]:
 
 COLUMNS = (
     "speed_mm_s", "rate_per_s", "touching", "pieces_fed", "accounted", "ndfeb_purity", "ndfeb_recovery",
-    "ferrite_smco_purity", "ferrite_smco_recovery", "frames_dropped", "eject_error_p99_mm", "ejects_late",
-    "conflicts", "latency_p99_ms", "cpu_ms_per_piece", "service_rss_mb",
+    "ferrite_smco_purity", "ferrite_smco_recovery", "frames_dropped", "frames_parted_coarse",
+    "eject_error_p99_mm", "ejects_late", "conflicts", "latency_p99_ms", "cpu_ms_per_piece", "service_rss_mb",
 )  # fmt: skip
 
 

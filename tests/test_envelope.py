@@ -24,6 +24,7 @@ def report(**changes: Any) -> dict[str, Any]:
             "ferrite_smco": {"purity": 0.995, "recovery": 0.97},
         },
         "frames_dropped": 0,
+        "frames_parted_coarse": 7,
         "eject_error_mm": {"p99": 0.4},
         "ejects_late": 0,
         "eject_outcomes": {"accepted": 700, "conflict": 2},
@@ -38,6 +39,7 @@ def test_a_row_has_the_services_own_memory_and_the_cpu_per_piece() -> None:
     row = point_row(Point(3500, 60, 0.15), report(), seed=101, cpu_s=25.0)
     assert row["service_rss_mb"] == 262.5  # the service's peak, not the largest child's (the simulator)
     assert row["cpu_ms_per_piece"] == 25.0 and row["accounted"] == 1.0 and row["conflicts"] == 2
+    assert row["frames_parted_coarse"] == 7  # shedding is shown, not judged: no bar of its own
     assert misses(row) == []
     assert point_row(Point(2000, 20, 0), report(service_rss_mb=None), seed=1, cpu_s=1.0)["service_rss_mb"] is None
 
