@@ -276,3 +276,12 @@ def test_peaks_skip_only_levels_where_no_new_component_can_appear(discs):
     dist = cv2.distanceTransform(cv2.copyMakeBorder(mask, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0), cv2.DIST_L2, 5)
     dist = dist[1:-1, 1:-1]
     assert sorted(_peaks(dist)) == _peaks_by_every_level(dist)
+
+
+def test_a_frame_marked_coarse_is_parted_on_the_downscaled_image():
+    """`full_res=False` (a vision thread that is behind) parts as `vision.split_full_res` false would."""
+    img = _small_block_on_a_side()
+    coarse = sorted(b.area_px for b in segment(img, CFG, 0.25, crop_size=None, full_res=False))
+    half = sorted(b.area_px for b in segment(img, VisionConfig(split_full_res=False), 0.25, crop_size=None))
+    assert coarse == half and len(coarse) == 1
+    assert len(segment(img, CFG, 0.25, crop_size=None)) == 2

@@ -24,7 +24,7 @@ async def test_a_frame_that_waited_past_the_lag_limit_is_parted_on_the_downscale
     real = service_module.segment
 
     def recorded(image: Any, vision: Any, *args: Any, **kwargs: Any) -> Any:
-        seen.append(vision.split_full_res)
+        seen.append(vision.split_full_res and kwargs.get("full_res", True))  # parted on the frame itself?
         return real(image, vision, *args, **kwargs)
 
     monkeypatch.setattr(service_module, "segment", recorded)

@@ -291,9 +291,8 @@ class LineService:
         t0 = time.perf_counter()
         vision = self.cfg.vision
         coarse = vision.split_full_res and self._now() - frame.t_received > vision.full_res_max_lag_ms / 1000
-        if coarse:
-            vision = vision.model_copy(update={"split_full_res": False})
-        blobs = segment(frame.image, vision, self.geoms[frame.camera].mm_per_px, self.classifier.input_size, lazy=True)
+        mm_per_px = self.geoms[frame.camera].mm_per_px
+        blobs = segment(frame.image, vision, mm_per_px, self.classifier.input_size, lazy=True, full_res=not coarse)
         self.times.add("segment", time.perf_counter() - t0)
         return blobs, coarse
 

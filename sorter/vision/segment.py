@@ -496,12 +496,18 @@ def _full_res_regions(
 
 
 def segment(
-    image: np.ndarray, cfg: VisionConfig, mm_per_px: float, crop_size: int | None = 64, lazy: bool = False
+    image: np.ndarray,
+    cfg: VisionConfig,
+    mm_per_px: float,
+    crop_size: int | None = 64,
+    lazy: bool = False,
+    full_res: bool = True,
 ) -> list[Blob]:
     """Find the pieces in one BGR frame; crops are cut when `crop_size` is given.
 
     Pieces are found on an image `vision.downscale` times smaller; a blob that may hold touching pieces
-    (not convex, or with a hole) is parted on the frame itself when `vision.split_full_res` is set.
+    (not convex, or with a hole) is parted on the frame itself when `vision.split_full_res` is set and
+    `full_res` (False: this frame is parted on the smaller image, as by a vision thread that is behind).
 
     With `lazy`, a blob's crop is a function that cuts it later: the line classifies only a few
     views per piece, so most crops would be cut for nothing (the frame stays alive until then).
@@ -523,7 +529,7 @@ def segment(
         comp = cv2.bitwise_and(comp, mask[y : y + bh, x : x + bw])  # keep holes (rings, washers) as holes
         if not cfg.split_touching:
             regions = [_Region([comp], x, y, ds)]
-        elif ds > 1 and cfg.split_full_res and _may_be_parted(comp):
+        elif ds > 1 and cfg.split_full_res and full_res and _may_be_parted(comp):
             regions = _full_res_regions(image, comp, x, y, ds, mm_per_px, cfg)
         else:
             colour = small[y : y + bh, x : x + bw]
