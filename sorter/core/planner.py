@@ -127,7 +127,9 @@ class EjectPlanner:
         others = [
             n
             for n in self._recent
-            if n.piece.id != p.id
+            if n.piece.u_trail > full_open  # along first: most of the recent pieces are far from this one
+            and n.piece.u_lead < full_close
+            and n.piece.id != p.id
             and n.fraction != d.fraction
             and self._stays_to(n, bank)
             and self._hits(n.piece, full_open, full_close, full_valves)

@@ -25,6 +25,7 @@ AREA_SLACK = 1.3  # views of one piece differ in area by segmentation noise (a f
 # an overlap, cut off in a frame or two, make up far less of either piece
 MERGED_COVER = 0.8
 MERGED_SLACK_MM = 2.0  # a merged view's extent is its pieces' union, give or take segmentation noise (~1 px)
+MATCH_MARGIN_MM = 2.0  # across the belt, a partial view may reach this far past its track's extent
 
 
 class _Box(NamedTuple):
@@ -227,11 +228,19 @@ class Tracker:
                 self.late_views += 1
             else:
                 fresh.append(d)
+        # a track's box widened by the gates holds every view it can match (a centre lies in its extent):
+        # tested first, it spares the medians of `matches` for the tracks far away
+        boxes = [t.box() for t in self._tracks]
+        reach_mm = max(self._gate_mm, MATCH_MARGIN_MM)
         pairs = sorted(
             (abs(t.u - d.u), i, k)
             for i, d in enumerate(fresh)
-            for k, t in enumerate(self._tracks)
-            if t.matches(d, self._gate, self._gate_mm, 2.0)
+            for k, (t, b) in enumerate(zip(self._tracks, boxes, strict=True))
+            if d.u_trail >= b.u_lead - self._gate
+            and d.u_lead <= b.u_trail + self._gate
+            and d.x1 >= b.x0 - reach_mm
+            and d.x0 <= b.x1 + reach_mm
+            and t.matches(d, self._gate, self._gate_mm, MATCH_MARGIN_MM)
         )
         assigned: dict[int, _Track] = {}
         taken: set[int] = set()

@@ -125,7 +125,7 @@ def _may_be_parted(comp: np.ndarray) -> bool:
     return not convex or cv2.countNonZero(filled) > cv2.countNonZero(comp)
 
 
-def _split_touching(comp: np.ndarray, colour: np.ndarray, cfg: VisionConfig) -> list[np.ndarray]:
+def _split_touching(comp: np.ndarray, colour: np.ndarray, cfg: VisionConfig, flood_scale: int = 1) -> list[np.ndarray]:
     """Split one component mask where pieces touch; one mask per piece.
 
     `colour` is the BGR image under `comp` (same shape), used to tell materials apart at moderate necks.
@@ -134,10 +134,10 @@ def _split_touching(comp: np.ndarray, colour: np.ndarray, cfg: VisionConfig) -> 
     enclose a hole too, and are parted there by colour alone, under the strict terms of `_encloses_between`.
     """
     filled, convex = _filled(comp)
-    parts = [comp] if convex else _split_at_necks(comp, filled, colour, cfg, colour_only=False)
+    parts = [comp] if convex else _split_at_necks(comp, filled, colour, cfg, False, flood_scale)
     holed = cv2.countNonZero(filled) > cv2.countNonZero(comp)
     if len(parts) == 1 and holed and _may_hold_two_colours(comp, colour, cfg):
-        opened = _split_at_necks(comp, comp, colour, cfg, colour_only=True)
+        opened = _split_at_necks(comp, comp, colour, cfg, True, flood_scale)
         if len(opened) > 1 and _encloses_between(opened, filled & ~comp, colour, cfg):
             parts = opened
     return parts
@@ -187,11 +187,40 @@ def _encloses_between(parts: list[np.ndarray], hole: np.ndarray, colour: np.ndar
     return True
 
 
+_CELL = np.ones((2, 2), np.uint8)
+
+
+def _flood(height: np.ndarray, markers: np.ndarray, shape: np.ndarray, scale: int) -> np.ndarray:
+    """A watershed of `height` from `markers` (int32 labels) over `shape`'s pixels; with `scale` 2, on a
+    grid twice coarser (each cell: its pixels' mean height, any marker, in the shape where any pixel is)
+    and taken back to every pixel of `shape`. The flood is most of the cost of parting a big blob at full
+    resolution, and the border it draws moves by at most a pixel at half the resolution: a third of the
+    cost (`sorter sim touching`: docs/results.md)."""
+    if scale == 1:
+        return np.asarray(watershed(height, markers=markers, mask=shape > 0, connectivity=2))
+    if scale != 2:
+        raise ValueError(f"flood scale {scale}: only 1 and 2")
+    h, w = shape.shape
+    eh, ew = h & 1, w & 1  # an odd side is padded to whole cells
+    if eh or ew:
+        height = cv2.copyMakeBorder(height, 0, eh, 0, ew, cv2.BORDER_REPLICATE)
+        markers = cv2.copyMakeBorder(markers, 0, eh, 0, ew, cv2.BORDER_CONSTANT, value=0)
+        shape = cv2.copyMakeBorder(shape, 0, eh, 0, ew, cv2.BORDER_CONSTANT, value=0)
+    cells = cv2.resize(height, ((w + ew) // 2, (h + eh) // 2), interpolation=cv2.INTER_AREA)
+    # a cell's maximum: dilated by a 2 x 2 window anchored at its corner, then every other pixel
+    cell_markers = cv2.dilate(markers.astype(np.float32), _CELL, anchor=(0, 0))[::2, ::2].astype(np.int32)
+    cell_shape = cv2.dilate(shape, _CELL, anchor=(0, 0))[::2, ::2] > 0
+    labels = watershed(cells, markers=cell_markers, mask=cell_shape, connectivity=2)
+    full = cv2.resize(labels.astype(np.int32), (w + ew, h + eh), interpolation=cv2.INTER_NEAREST)[:h, :w]
+    return np.where(shape[:h, :w] > 0, full, 0)
+
+
 def _split_at_necks(
-    comp: np.ndarray, shape: np.ndarray, colour: np.ndarray, cfg: VisionConfig, colour_only: bool
+    comp: np.ndarray, shape: np.ndarray, colour: np.ndarray, cfg: VisionConfig, colour_only: bool, flood_scale: int
 ) -> list[np.ndarray]:
     """`_split_touching` on the distance map of `shape` (comp, or comp with its holes filled); with
-    `colour_only`, peaks part only where their colours differ, however narrow the neck."""
+    `colour_only`, peaks part only where their colours differ, however narrow the neck. The border
+    between pieces is flooded on a grid `flood_scale` times coarser (`_flood`)."""
     # a blob's mask is cut to its bounding box: pad it, or the box's edge would count as inside and put
     # peaks on the outline (an L-shaped bracket then had a "neck" at its corner)
     padded = cv2.copyMakeBorder(shape, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
@@ -231,7 +260,7 @@ def _split_at_necks(
     markers = np.zeros(dist.shape, dtype=np.int32)
     for k in range(len(roots)):
         markers[cores == k + 1] = groups.index(final.root(k)) + 1
-    labels = watershed(-dist, markers=markers, mask=shape > 0, connectivity=2)
+    labels = _flood(-dist, markers, shape, flood_scale)
     parts = []
     for g in range(1, len(groups) + 1):
         part = ((labels == g) & inside).astype(np.uint8) * 255
@@ -453,11 +482,13 @@ class _Region:
     scale: int
 
 
-def _parted(comp: np.ndarray, colour: np.ndarray, depth_px: float, cfg: VisionConfig) -> list[np.ndarray]:
+def _parted(
+    comp: np.ndarray, colour: np.ndarray, depth_px: float, cfg: VisionConfig, flood_scale: int = 1
+) -> list[np.ndarray]:
     """`_split_touching`, then `_cut_concavities` on each part."""
     return [
         cut
-        for part in _split_touching(comp, colour, cfg)
+        for part in _split_touching(comp, colour, cfg, flood_scale)
         for cut in _cut_concavities(part, colour, depth_px, cfg, cfg.cut_levels)
     ]
 
@@ -491,7 +522,7 @@ def _full_res_regions(
         cv2.drawContours(sub, [contour], -1, 255, thickness=cv2.FILLED, offset=(-cx, -cy))
         sub = cv2.bitwise_and(sub, mask[cy : cy + ch, cx : cx + cw])
         colour = patch[cy : cy + ch, cx : cx + cw]
-        regions.append(_Region(_parted(sub, colour, depth_px, cfg), x0 + cx, y0 + cy, 1))
+        regions.append(_Region(_parted(sub, colour, depth_px, cfg, ds), x0 + cx, y0 + cy, 1))
     return regions
 
 
