@@ -39,6 +39,18 @@ class DemoError(Exception):
     pass
 
 
+RUN_FILES = ("records.sqlite", "truth.sqlite", "report.json")  # what a run leaves in its folder
+
+
+def new_run_folder(run_dir: Path) -> None:
+    """Create the run's folder; one that holds a run already is refused before anything starts (its records,
+    truth and report would be mixed with this run's, and its server certificate is not replaced)."""
+    held = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if held:
+        raise DemoError(f"{run_dir} holds a run already ({', '.join(held)}): give another --out, or remove it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
 def free_ports(n: int) -> list[int]:
     """`n` distinct free ports on loopback. The sockets are held open together while the kernel picks, so no
     port is handed out twice (one at a time, a port just closed can come back: a CI run once had the virtual
@@ -206,7 +218,7 @@ async def run_demo(
     The line is built by the product's wiring (sorter/app.py), as `sorter run` builds it.
     """
     log = structlog.get_logger("demo")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    new_run_folder(run_dir)
     cfg = demo_config(cfg, run_dir, seed)
     if cfg.opcua_server is not None and cfg.opcua_server.enabled:
         make_server_certificate(cfg.opcua_server)

@@ -39,7 +39,7 @@ import yaml
 
 from sim.camera import SimCameraServer
 from sim.config import SimLineConfig
-from sim.demo import demo_report, keep_truth
+from sim.demo import demo_report, keep_truth, new_run_folder
 from sim.hallbar import INFO_PERIOD_S, SimHallBar
 from sim.line import SimLine
 from sim.plc import VALVES_PER_BANK, VirtualPlc
@@ -308,7 +308,7 @@ def run_lockstep(
 ) -> dict[str, Any]:
     """Run the simulated line sorted by the service in virtual time; returns the demo's report. `capture`: save
     each decided piece's crop as a labelled data set there (sorter/line/crop_capture.py), as `sorter run --capture`."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    new_run_folder(run_dir)
     cfg = lockstep_config(cfg, run_dir, seed)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     clock = VirtualClock(VT0, WALL0)

@@ -193,9 +193,11 @@ _CELL = np.ones((2, 2), np.uint8)
 def _flood(height: np.ndarray, markers: np.ndarray, shape: np.ndarray, scale: int) -> np.ndarray:
     """A watershed of `height` from `markers` (int32 labels) over `shape`'s pixels; with `scale` 2, on a
     grid twice coarser (each cell: its pixels' mean height, any marker, in the shape where any pixel is)
-    and taken back to every pixel of `shape`. The flood is most of the cost of parting a big blob at full
-    resolution, and the border it draws moves by at most a pixel at half the resolution: a third of the
-    cost (`sorter sim touching`: docs/results.md)."""
+    and taken back to every pixel of `shape`. The flood was most of the cost of parting a big blob at full
+    resolution: this is a third of it. Where two pieces meet at a neck their border moves by a few pixels at
+    most; where three meet, the ridge between them is flat and the border there is arbitrary in either flood.
+    `sorter sim touching` counts the same pieces lost, off and fragmented as with the full-resolution flood
+    (docs/results.md)."""
     if scale == 1:
         return np.asarray(watershed(height, markers=markers, mask=shape > 0, connectivity=2))
     if scale != 2:
