@@ -111,6 +111,10 @@ def _two_discs() -> np.ndarray:  # one grey, a narrow neck
     return img
 
 
+# the block on the disc also narrows the blob to a neck: with necks never narrow enough, the notch rules alone
+NOTCHES_ONLY = {"neck_sure": 0.05, "neck_colour": 0.05}
+
+
 def _block_on_disc() -> np.ndarray:  # two colours, parted between two notches of the outline
     img = frame()
     cv2.circle(img, (400, 300), 90, (170, 170, 170), -1)
@@ -163,11 +167,12 @@ def _screw() -> np.ndarray:  # one piece of one grey whose wide head looks like 
         (_arc_on_bar, {"hole_min_share": 0.5}, 2, 1),
         (_arc_on_bar, {"hole_colour_step": 200.0}, 2, 1),
         (_arc_on_bar, {"hole_rim_max_share": 0.5}, 2, 1),
-        (_block_on_disc, {"cut_depth_mm": 5.0}, 2, 1),  # its notches are now roughness
-        (_block_on_disc, {"cut_sure": 0.5, "cut_ratio": 0.5, "cut_far_ratio": 0.5}, 2, 1),
-        (_block_on_disc, {"cut_sure": 0.5, "cut_ratio": 0.5, "cut_far_colour_step": 400.0}, 2, 1),
-        (_block_on_disc, {"cut_min_px": 5000}, 2, 1),
-        (_block_on_disc, {"cut_levels": 0}, 2, 1),
+        (_block_on_disc, NOTCHES_ONLY, 2, 2),  # parted by its notches alone
+        (_block_on_disc, {**NOTCHES_ONLY, "cut_depth_mm": 5.0}, 2, 1),  # its notches are now roughness
+        (_block_on_disc, {**NOTCHES_ONLY, "cut_sure": 0.5, "cut_ratio": 0.5, "cut_far_ratio": 0.5}, 2, 1),
+        (_block_on_disc, {**NOTCHES_ONLY, "cut_sure": 0.5, "cut_ratio": 0.5, "cut_far_colour_step": 400.0}, 2, 1),
+        (_block_on_disc, {**NOTCHES_ONLY, "cut_min_px": 5000}, 2, 1),
+        (_block_on_disc, {**NOTCHES_ONLY, "cut_levels": 0}, 2, 1),
         (_screw, {"cut_sure": 1.3}, 1, 2),  # cut without asking the colour
     ],
 )
@@ -287,39 +292,40 @@ def test_a_frame_marked_coarse_is_parted_on_the_downscaled_image():
     assert len(segment(img, CFG, 0.25, crop_size=None)) == 2
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
-    st.lists(st.tuples(st.integers(8, 30), st.floats(0, 2 * np.pi), st.floats(0.8, 0.98)), min_size=2, max_size=4),
+    st.lists(st.tuples(st.integers(8, 30), st.floats(0, 2 * np.pi), st.floats(0.88, 0.99)), min_size=2, max_size=4),
     st.integers(0, 1),
     st.integers(0, 1),
 )
 def test_a_flood_on_the_coarser_grid_labels_every_pixel_and_keeps_the_pieces(chain, odd_h, odd_w):
-    """`_flood` at scale 2 on a chain of touching discs (odd sides too): every pixel of the shape labelled, by
-    the same markers as at scale 1; each piece's centroid within 1.5 px; between two discs, the border within
-    4 px of the fine one. (Where three meet, the ridge between them is flat and either flood's border there
-    is arbitrary to several pixels: the centroids bound it.)"""
-    shape = np.zeros((120 + odd_h, 160 + odd_w), np.uint8)
+    """`_flood` at scale 2 on a blob of discs touching at necks, as `_split_at_necks` floods it (its box, the
+    distance map padded; odd sides too): every pixel labelled, by the same markers as at scale 1; each piece's
+    centroid within a pixel; between two discs, the border within 4 px of the fine one. (Discs pressed
+    deeper into each other leave flat ridges where either flood's border is arbitrary.)"""
+    h, w = 120 + odd_h, 160 + odd_w
     discs = [(80.0, 60.0, chain[0][0])]
     for r, angle, gap in chain[1:]:
         x, y, r0 = discs[-1]
         d = gap * (r0 + r)
         discs.append((x + d * np.cos(angle), y + d * np.sin(angle), r))
-    apart = (np.hypot(a[0] - b[0], a[1] - b[1]) >= 0.8 * (a[2] + b[2]) for i, a in enumerate(discs) for b in discs[:i])
+    assume(all(r <= x < w - r and r <= y < h - r for x, y, r in discs))
+    apart = (np.hypot(a[0] - b[0], a[1] - b[1]) >= 0.88 * (a[2] + b[2]) for i, a in enumerate(discs) for b in discs[:i])
     assume(all(apart))
-    for x, y, r in discs:
-        cv2.circle(shape, (round(x), round(y)), r, 255, -1)
-    assume(cv2.connectedComponents(shape)[0] == 2)  # one blob, as segmentation hands it over
+    shape = np.zeros((h, w), np.uint8)
     markers = np.zeros(shape.shape, np.int32)
     for k, (x, y, r) in enumerate(discs, start=1):
+        cv2.circle(shape, (round(x), round(y)), r, 255, -1)
         cv2.circle(markers, (round(x), round(y)), max(1, r // 3), k, -1)
     markers[shape == 0] = 0
-    dist = cv2.distanceTransform(shape, cv2.DIST_L2, 5)
+    dist = cv2.distanceTransform(cv2.copyMakeBorder(shape, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0), cv2.DIST_L2, 5)
+    dist = dist[1:-1, 1:-1]
     fine, coarse = _flood(-dist, markers, shape, 1), _flood(-dist, markers, shape, 2)
     assert coarse.shape == fine.shape and coarse.dtype.kind == "i"
     assert ((coarse > 0) == (shape > 0)).all() and ((fine > 0) == (shape > 0)).all()
     for k in np.unique(fine[fine > 0]):
         (yf, xf), (yc, xc) = np.nonzero(fine == k), np.nonzero(coarse == k)
-        assert len(yc) and np.hypot(yf.mean() - yc.mean(), xf.mean() - xc.mean()) < 1.5
+        assert len(yc) and np.hypot(yf.mean() - yc.mean(), xf.mean() - xc.mean()) < 1.0
     if len(discs) == 2:
         near = cv2.dilate((fine == 1).astype(np.uint8), np.ones((9, 9), np.uint8)) & (fine == 2)
         near = cv2.dilate(near, np.ones((9, 9), np.uint8)) > 0  # within 4 px of the fine border

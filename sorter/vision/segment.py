@@ -116,7 +116,10 @@ def _filled(comp: np.ndarray) -> tuple[np.ndarray, bool]:
     contours, _ = cv2.findContours(comp, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(filled, contours, -1, 255, thickness=cv2.FILLED)
     hull_area = cv2.contourArea(cv2.convexHull(np.vstack(contours)))
-    return filled, hull_area <= 0 or cv2.countNonZero(filled) / hull_area > 0.97
+    # both areas of polygons through the outline's pixel centres: a pixel count would add half the outline
+    # (a tenth or more of the area of a piece under 10 mm, at half resolution) and hide its notches
+    area = sum(cv2.contourArea(c) for c in contours)
+    return filled, hull_area <= 0 or area / hull_area > 0.97
 
 
 def _may_be_parted(comp: np.ndarray) -> bool:
@@ -194,10 +197,10 @@ def _flood(height: np.ndarray, markers: np.ndarray, shape: np.ndarray, scale: in
     """A watershed of `height` from `markers` (int32 labels) over `shape`'s pixels; with `scale` 2, on a
     grid twice coarser (each cell: its pixels' mean height, any marker, in the shape where any pixel is)
     and taken back to every pixel of `shape`. The flood was most of the cost of parting a big blob at full
-    resolution: this is a third of it. Where two pieces meet at a neck their border moves by a few pixels at
-    most; where three meet, the ridge between them is flat and the border there is arbitrary in either flood.
-    `sorter sim touching` counts the same pieces lost, off and fragmented as with the full-resolution flood
-    (docs/results.md)."""
+    resolution: this is a third of it. Where pieces meet at necks, each piece's centroid stays within a pixel
+    and a border between two within a few (tests/test_segment.py); where blobs bulge into each other the ridge
+    between them is flat and either flood's border there is arbitrary. `sorter sim touching` counts the same
+    pieces lost, off and fragmented as with the full-resolution flood (docs/results.md)."""
     if scale == 1:
         return np.asarray(watershed(height, markers=markers, mask=shape > 0, connectivity=2))
     if scale != 2:
