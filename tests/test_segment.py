@@ -330,3 +330,14 @@ def test_a_flood_on_the_coarser_grid_labels_every_pixel_and_keeps_the_pieces(cha
         near = cv2.dilate((fine == 1).astype(np.uint8), np.ones((9, 9), np.uint8)) & (fine == 2)
         near = cv2.dilate(near, np.ones((9, 9), np.uint8)) > 0  # within 4 px of the fine border
         assert not ((coarse != fine) & ~near).any()
+
+
+@pytest.mark.parametrize("downscale", [3, 4])
+def test_touching_pieces_found_on_a_smaller_image_are_parted_at_full_resolution(downscale):
+    """Any `vision.downscale`: the flood between the pieces runs on the grid they were found on."""
+    img = frame()
+    cv2.circle(img, (300, 300), 40, (200, 200, 200), -1)
+    cv2.circle(img, (379, 300), 40, (200, 200, 200), -1)
+    got = sorted(segment(img, VisionConfig(downscale=downscale), 0.25, crop_size=None), key=lambda b: b.cu)
+    assert len(got) == 2
+    assert abs(got[0].cu - 300) < 1.5 and abs(got[1].cu - 379) < 1.5

@@ -190,31 +190,27 @@ def _encloses_between(parts: list[np.ndarray], hole: np.ndarray, colour: np.ndar
     return True
 
 
-_CELL = np.ones((2, 2), np.uint8)
-
-
 def _flood(height: np.ndarray, markers: np.ndarray, shape: np.ndarray, scale: int) -> np.ndarray:
-    """A watershed of `height` from `markers` (int32 labels) over `shape`'s pixels; with `scale` 2, on a
-    grid twice coarser (each cell: its pixels' mean height, any marker, in the shape where any pixel is)
+    """A watershed of `height` from `markers` (int32 labels) over `shape`'s pixels; with `scale` k > 1, on a
+    grid k times coarser (each cell: its pixels' mean height, any marker, in the shape where any pixel is)
     and taken back to every pixel of `shape`. The flood was most of the cost of parting a big blob at full
-    resolution: this is a third of it. Where pieces meet at necks, each piece's centroid stays within a pixel
+    resolution: at k = 2, a third of it. Where pieces meet at necks, each piece's centroid stays within a pixel
     and a border between two within a few (tests/test_segment.py); where blobs bulge into each other the ridge
     between them is flat and either flood's border there is arbitrary. `sorter sim touching` counts the same
     pieces lost, off and fragmented as with the full-resolution flood (docs/results.md)."""
     if scale == 1:
         return np.asarray(watershed(height, markers=markers, mask=shape > 0, connectivity=2))
-    if scale != 2:
-        raise ValueError(f"flood scale {scale}: only 1 and 2")
     h, w = shape.shape
-    eh, ew = h & 1, w & 1  # an odd side is padded to whole cells
+    eh, ew = -h % scale, -w % scale  # sides padded to whole cells
     if eh or ew:
         height = cv2.copyMakeBorder(height, 0, eh, 0, ew, cv2.BORDER_REPLICATE)
         markers = cv2.copyMakeBorder(markers, 0, eh, 0, ew, cv2.BORDER_CONSTANT, value=0)
         shape = cv2.copyMakeBorder(shape, 0, eh, 0, ew, cv2.BORDER_CONSTANT, value=0)
-    cells = cv2.resize(height, ((w + ew) // 2, (h + eh) // 2), interpolation=cv2.INTER_AREA)
-    # a cell's maximum: dilated by a 2 x 2 window anchored at its corner, then every other pixel
-    cell_markers = cv2.dilate(markers.astype(np.float32), _CELL, anchor=(0, 0))[::2, ::2].astype(np.int32)
-    cell_shape = cv2.dilate(shape, _CELL, anchor=(0, 0))[::2, ::2] > 0
+    cells = cv2.resize(height, ((w + ew) // scale, (h + eh) // scale), interpolation=cv2.INTER_AREA)
+    # a cell's maximum: dilated by a k x k window anchored at its corner, then every k-th pixel
+    cell = np.ones((scale, scale), np.uint8)
+    cell_markers = cv2.dilate(markers.astype(np.float32), cell, anchor=(0, 0))[::scale, ::scale].astype(np.int32)
+    cell_shape = cv2.dilate(shape, cell, anchor=(0, 0))[::scale, ::scale] > 0
     labels = watershed(cells, markers=cell_markers, mask=cell_shape, connectivity=2)
     full = cv2.resize(labels.astype(np.int32), (w + ew, h + eh), interpolation=cv2.INTER_NEAREST)[:h, :w]
     return np.where(shape[:h, :w] > 0, full, 0)
