@@ -109,22 +109,28 @@ def _connect_peaks(dist: np.ndarray, seeds: list[tuple[int, int, float]], neck: 
     return groups
 
 
-def _filled(comp: np.ndarray) -> tuple[np.ndarray, bool]:
+def _filled(comp: np.ndarray, by_outline: bool = False) -> tuple[np.ndarray, bool]:
     """A blob's mask with its holes filled, and whether that covers nearly all of its convex hull (one
-    piece: nothing to part)."""
+    piece: nothing to part), its area counted in pixels or, `by_outline`, as its outline's polygon.
+
+    The hull is a polygon through the outline's pixel centres: a pixel count adds half the outline to the
+    blob (a tenth or more of the area of a piece under 10 mm at half resolution) and hides the notches of a
+    small piece pressed on another, so whether a blob is looked at on the frame is judged by its outline
+    (`_may_be_parted`). Whether its necks are flooded keeps the pixel count: on the half-size image the
+    outline's measure sends small single pieces' waists to the flood too (`sorter sim touching` with
+    `vision.split_full_res` false: 9 single pieces cut against 4), and on the frame both part the same pieces.
+    """
     filled = comp.copy()
     contours, _ = cv2.findContours(comp, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(filled, contours, -1, 255, thickness=cv2.FILLED)
     hull_area = cv2.contourArea(cv2.convexHull(np.vstack(contours)))
-    # both areas of polygons through the outline's pixel centres: a pixel count would add half the outline
-    # (a tenth or more of the area of a piece under 10 mm, at half resolution) and hide its notches
-    area = sum(cv2.contourArea(c) for c in contours)
+    area = sum(cv2.contourArea(c) for c in contours) if by_outline else cv2.countNonZero(filled)
     return filled, hull_area <= 0 or area / hull_area > 0.97
 
 
 def _may_be_parted(comp: np.ndarray) -> bool:
     """Whether `_split_touching` has anything to look at: a blob that is not convex, or has a hole."""
-    filled, convex = _filled(comp)
+    filled, convex = _filled(comp, by_outline=True)
     return not convex or cv2.countNonZero(filled) > cv2.countNonZero(comp)
 
 
