@@ -181,15 +181,16 @@ class VisionConfig(Strict):
         le=8,
         description="find the pieces on an image this many times smaller (blobs that may hold touching pieces "
         "are parted on the frame itself: `split_full_res`). 1 finds them on the frame too: `sorter sim touching` "
-        "23 touching pieces of 1,965 lost against 27, for about 10 % more segmentation CPU, and a vision thread "
-        "that falls behind then has no lighter way to part them (`full_res_max_lag_ms`) (docs/results.md)",
+        "loses as many touching pieces (23 of 1,965; 48 centroids over 1 mm off against 47) for more segmentation "
+        "CPU, and a vision thread that falls behind then has no lighter way to part them (`full_res_max_lag_ms`) "
+        "(docs/results.md)",
     )
     split_full_res: bool = Field(
         True,
         description="part a blob that may hold touching pieces (not convex, or with a hole) on the frame itself, "
         "not on the image `downscale` times smaller it was found on; only such blobs pay for full resolution. "
-        "`sorter sim touching`: 27 of 1,965 touching pieces lost against 61 without, centroids over 1 mm off 51 "
-        "against 90; segmentation CPU 1.5x (docs/results.md)",
+        "`sorter sim touching`: 23 of 1,965 touching pieces lost against 61 without, centroids over 1 mm off 47 "
+        "against 90 (docs/results.md)",
     )
     full_res_max_lag_ms: float = Field(
         25.0,
