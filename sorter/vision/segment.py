@@ -109,29 +109,43 @@ def _connect_peaks(dist: np.ndarray, seeds: list[tuple[int, int, float]], neck: 
     return groups
 
 
-def _filled(comp: np.ndarray, by_outline: bool = False) -> tuple[np.ndarray, bool]:
+def _filled(comp: np.ndarray) -> tuple[np.ndarray, bool]:
     """A blob's mask with its holes filled, and whether that covers nearly all of its convex hull (one
-    piece: nothing to part), its area counted in pixels or, `by_outline`, as its outline's polygon.
-
-    The hull is a polygon through the outline's pixel centres: a pixel count adds half the outline to the
-    blob (a tenth or more of the area of a piece under 10 mm at half resolution) and hides the notches of a
-    small piece pressed on another, so whether a blob is looked at on the frame is judged by its outline
-    (`_may_be_parted`). Whether its necks are flooded keeps the pixel count: on the half-size image the
-    outline's measure sends small single pieces' waists to the flood too (`sorter sim touching` with
-    `vision.split_full_res` false: 9 single pieces cut against 4), and on the frame both part the same pieces.
-    """
+    piece: nothing to part)."""
     filled = comp.copy()
     contours, _ = cv2.findContours(comp, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(filled, contours, -1, 255, thickness=cv2.FILLED)
     hull_area = cv2.contourArea(cv2.convexHull(np.vstack(contours)))
-    area = sum(cv2.contourArea(c) for c in contours) if by_outline else cv2.countNonZero(filled)
-    return filled, hull_area <= 0 or area / hull_area > 0.97
+    return filled, hull_area <= 0 or cv2.countNonZero(filled) / hull_area > 0.97
 
 
-def _may_be_parted(comp: np.ndarray) -> bool:
-    """Whether `_split_touching` has anything to look at: a blob that is not convex, or has a hole."""
-    filled, convex = _filled(comp, by_outline=True)
-    return not convex or cv2.countNonZero(filled) > cv2.countNonZero(comp)
+def _may_be_parted(comp: np.ndarray, notch_px: float) -> bool:
+    """Whether `_split_touching` or `_cut_concavities` has anything to look at: a blob that is not convex,
+    has a hole, or has a notch `notch_px` deep (`vision.cut_depth_mm`, the shallowest a cut is made at).
+
+    The notch is asked for apart: a small piece pressed on another hardly dents the blob's share of its
+    hull (and the pixel count adds half the outline to the blob, a tenth or more of a piece under 10 mm at
+    half resolution), so such blobs were never parted (`sorter sim touching`: 27 touching pieces lost
+    against 23, for one blob in ten more looked at on the frame; docs/results.md)."""
+    filled, convex = _filled(comp)
+    if not convex or cv2.countNonZero(filled) > cv2.countNonZero(comp):
+        return True
+    outline = _outline_defects(comp)
+    return outline is not None and len(outline[1]) > 0 and int(outline[1][:, 3].max()) >= notch_px * 256
+
+
+def _outline_defects(part: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """A one-piece mask's outline and its convexity defects (start, end, deepest point, depth x 256); None
+    for a mask of several outlines, a tiny one, or one whose outline touches itself."""
+    contours, _ = cv2.findContours(part, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if len(contours) != 1 or len(contours[0]) < 8:
+        return None
+    c = contours[0]
+    try:
+        defects = cv2.convexityDefects(c, cv2.convexHull(c, returnPoints=False))
+    except cv2.error:  # a self-touching outline ("hull indices are not monotonous"): leave it whole
+        return None
+    return c, np.zeros((0, 4), np.int32) if defects is None else defects.reshape(-1, 4)
 
 
 def _split_touching(comp: np.ndarray, colour: np.ndarray, cfg: VisionConfig, flood_scale: int = 1) -> list[np.ndarray]:
@@ -306,17 +320,10 @@ def _concavity_cuts(part: np.ndarray, min_depth_px: float, max_ratio: float) -> 
     """(gap / depth, angle, end, end) of every cut between two deep concavities of the outline, gap relative
     to the deeper one's depth, below `max_ratio`, shortest first; angle: the wider of the outline's inside
     angles at the two ends, measured over 1.5 x the least depth."""
-    contours, _ = cv2.findContours(part, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    if len(contours) != 1 or len(contours[0]) < 8:
+    outline = _outline_defects(part)
+    if outline is None:
         return []
-    c = contours[0]
-    try:
-        defects = cv2.convexityDefects(c, cv2.convexHull(c, returnPoints=False))
-    except cv2.error:  # a self-touching outline ("hull indices are not monotonous"): leave it whole
-        return []
-    if defects is None:
-        return []
-    d = defects.reshape(-1, 4)
+    c, d = outline
     deep = d[d[:, 3] >= min_depth_px * 256]  # fixed point: 8 fractional bits
     k = max(2, round(1.5 * min_depth_px))
     angles = [_notch_angle(c, int(i), k) for i in deep[:, 2]]
@@ -567,7 +574,7 @@ def segment(
         comp = cv2.bitwise_and(comp, mask[y : y + bh, x : x + bw])  # keep holes (rings, washers) as holes
         if not cfg.split_touching:
             regions = [_Region([comp], x, y, ds)]
-        elif ds > 1 and cfg.split_full_res and full_res and _may_be_parted(comp):
+        elif ds > 1 and cfg.split_full_res and full_res and _may_be_parted(comp, cfg.cut_depth_mm / (mm_per_px * ds)):
             regions = _full_res_regions(image, comp, x, y, ds, mm_per_px, cfg)
         else:
             colour = small[y : y + bh, x : x + bw]
