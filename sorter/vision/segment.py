@@ -382,8 +382,14 @@ def _cut_concavities(
     if levels <= 0:
         return [part]
     best: tuple[float, list[np.ndarray]] | None = None
-    for ratio, angle, end_a, end_b in _concavity_cuts(part, min_depth_px, max(cfg.cut_ratio, cfg.cut_far_ratio)):
+    cuts = _concavity_cuts(part, min_depth_px, max(cfg.cut_ratio, cfg.cut_far_ratio))
+    # a notch with a sure partner is one end of that contact: a cut from it to another contact's notch would
+    # cross the piece between them (a shard touched by a block at one corner and a screw at another)
+    sure_ends = {end for ratio, _, a, b in cuts if ratio < cfg.cut_sure for end in (a, b)}
+    for ratio, angle, end_a, end_b in cuts:
         if best is not None and angle >= best[0]:
+            continue
+        if ratio >= cfg.cut_sure and end_a in sure_ends and end_b in sure_ends:
             continue
         sides = _cut_sides(part, end_a, end_b, cfg.cut_min_px)
         if sides is None:
