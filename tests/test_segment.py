@@ -341,3 +341,28 @@ def test_touching_pieces_found_on_a_smaller_image_are_parted_at_full_resolution(
     got = sorted(segment(img, VisionConfig(downscale=downscale), 0.25, crop_size=None), key=lambda b: b.cu)
     assert len(got) == 2
     assert abs(got[0].cu - 300) < 1.5 and abs(got[1].cu - 379) < 1.5
+
+
+def test_a_notch_with_a_sure_partner_is_not_cut_to_another_contacts_notch():
+    """The simulator's feed (seed 42): a dusty ferrite shard touched by a block at one corner and a screw at
+    another. The sharpest pair of notches ran from the block's contact to the screw's, across the shard,
+    and left the block on one half of it; each contact is now cut on its own."""
+    from sim.config import SimFeedConfig
+    from sim.feed import FeedGenerator
+    from sim.render import FrameRenderer, render_sprite
+    from sim.touching import BELT_MM, FRAME, MM_PER_PX, clusters
+    from sorter.core.geometry import CameraGeometry
+
+    feed = SimFeedConfig(touching_share=0.15, rate_per_s=60)
+    pieces = FeedGenerator(feed, BELT_MM, 2000, seed=42).pieces_until(22_000)
+    group = next(g for g in clusters(pieces) if sorted(p.shape for p in g) == ["block", "screw", "shard"])
+    assert any(p.variant == "dusty" for p in group)
+    pos = float(np.mean([p.s_mm for p in group]))
+    geom = CameraGeometry(FRAME[1], FRAME[0], (BELT_MM / 2, 0.0), MM_PER_PX)
+    img = np.empty((*FRAME, 3), np.uint8)
+    FrameRenderer(geom, noise_sigma=3.0, seed=42).render([(p, render_sprite(p, MM_PER_PX)) for p in group], pos, img)
+    found = sorted(geom.px_to_mm(b.cu, b.cv) for b in segment(img, CFG, MM_PER_PX, crop_size=None))
+    truth = sorted((p.x_mm, pos - p.s_mm) for p in group)
+    assert len(found) == 3
+    for (fx, fy), (tx, ty) in zip(found, truth, strict=True):
+        assert abs(fx - tx) < 1.0 and abs(fy - ty) < 1.0
