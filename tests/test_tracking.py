@@ -199,6 +199,29 @@ def test_a_small_piece_beside_a_big_one_cut_by_both_cameras_is_a_piece_of_its_ow
     assert abs(small.x - 278.0) < 0.5 and abs(small.u - (20000.0 + 18 * CPM)) / CPM < 0.5
 
 
+def test_a_piece_no_camera_sees_whole_is_kept_beside_a_track_a_merged_edge_view_stretched():
+    """Seed 42's feed at 2 m/s: a 55 mm brass plate across the cameras' 40 mm overlap (cut by both edges) and
+    a block behind it that cam0 sees whole. In cam1 the block's edge view came merged with a blob reaching
+    over the plate, joined the block's track and stretched its box over the plate's centre; the plate's
+    track, never seen whole, was then dropped as a sliver of the block. A sliver lies where the other piece
+    was seen whole."""
+    u0 = 20000.0
+    plate, block = (u0, 296.5, 46.0, 55.0), (u0 + 31 * CPM, 275.5, 32.0, 49.0)
+    stretched = (u0 + 15 * CPM, 295.0, 45.0, 30.0, 0.3)  # cam1: the block's edge view merged with a neighbour
+    tracker = Tracker({n: g.field_mm()[3] for n, g in CAMS.items()}, TrackingConfig(), CPM, max_views=4)
+    decided = []
+    for k in range(60):
+        c = STEP * k
+        edge_view = [stretched] if k >= 24 else []  # while the block is well inside cam1's view
+        for name, shown in (("cam0", [plate, block]), ("cam1", [plate, *edge_view])):
+            tracker.add(name, c, to_detections(blobs_in_view(CAMS[name], shown, c), CAMS[name], name, c, CPM, k, 0))
+        decided += tracker.finalise(list(CAMS))
+    decided += tracker.flush()
+    assert len(decided) == 2
+    assert any(abs(p.u - plate[0]) < CPM and abs(p.x - plate[1]) < 1 and p.x1 - p.x0 > 54 for p in decided)
+    assert any(abs(p.u - block[0]) < CPM and abs(p.x - block[1]) < 1 for p in decided)
+
+
 def test_a_fragment_cut_off_in_one_frame_does_not_make_its_piece_a_merged_view():
     # a diagonal screw (a diamond in its box) with a small ring in a corner of its box; in one frame segmentation
     # cuts a fragment off the screw. The screw, seen whole in the other frames, keeps its own record.

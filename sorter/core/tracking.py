@@ -99,8 +99,11 @@ class _Track:
     def box(self) -> _Box:
         return _Box(self.u_lead, self.u_trail, self.x0, self.x1)
 
-    def contains(self, u: float, x: float) -> bool:
-        return self.u_lead < u < self.u_trail and self.x0 < x < self.x1
+    def seen_whole_at(self, u: float, x: float) -> bool:
+        """Whether (u, x) lies within the extent of a view that shows the whole piece. Not the track's box:
+        a partial view that joined it (a neighbour's, merged by a camera's edge) may stretch that over the
+        piece beside it."""
+        return any(d.u_lead < u < d.u_trail and d.x0 < x < d.x1 for d in self.views if _whole(d))
 
     def _full(self) -> list[Detection]:
         full = [d for d in self.views if not d.cut_along]
@@ -346,7 +349,7 @@ class Tracker:
                 # of that piece that did not join its track, not a piece of its own
                 u = float(median([d.u for d in t.views]))
                 x = float(median([d.x for d in t.views]))
-                if any(o is not None and o.id not in dropped and o.contains(u, x) for o, _, _ in standing) or any(
+                if any(o is not None and o.id not in dropped and o.seen_whole_at(u, x) for o, _, _ in standing) or any(
                     d.u_lead < u < d.u_trail and d.x0 < x < d.x1 for d in self._done
                 ):
                     self.partial_views += len(t.views)
