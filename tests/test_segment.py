@@ -343,26 +343,52 @@ def test_touching_pieces_found_on_a_smaller_image_are_parted_at_full_resolution(
     assert abs(got[0].cu - 300) < 1.5 and abs(got[1].cu - 379) < 1.5
 
 
-def test_a_notch_with_a_sure_partner_is_not_cut_to_another_contacts_notch():
-    """The simulator's feed (seed 42): a dusty ferrite shard touched by a block at one corner and a screw at
-    another. The sharpest pair of notches ran from the block's contact to the screw's, across the shard,
-    and left the block on one half of it; each contact is now cut on its own."""
+def _feed_group(seed: int, rate: float, until_mm: float, kinds: list[tuple[str, str]]):
+    """The first group of touching pieces of these kinds, (shape, variant) sorted, in the simulator's feed (15 %
+    touching, 2 m/s),
+    rendered on a frame as wide as the belt: (frame, geometry, (x, y) of each piece, sorted)."""
     from sim.config import SimFeedConfig
     from sim.feed import FeedGenerator
     from sim.render import FrameRenderer, render_sprite
     from sim.touching import BELT_MM, FRAME, MM_PER_PX, clusters
     from sorter.core.geometry import CameraGeometry
 
-    feed = SimFeedConfig(touching_share=0.15, rate_per_s=60)
-    pieces = FeedGenerator(feed, BELT_MM, 2000, seed=42).pieces_until(22_000)
-    group = next(g for g in clusters(pieces) if sorted(p.shape for p in g) == ["block", "screw", "shard"])
-    assert any(p.variant == "dusty" for p in group)
+    feed = SimFeedConfig(touching_share=0.15, rate_per_s=rate)
+    pieces = FeedGenerator(feed, BELT_MM, 2000, seed=seed).pieces_until(until_mm)
+    group = next(g for g in clusters(pieces) if sorted((p.shape, p.variant) for p in g) == kinds)
     pos = float(np.mean([p.s_mm for p in group]))
     geom = CameraGeometry(FRAME[1], FRAME[0], (BELT_MM / 2, 0.0), MM_PER_PX)
     img = np.empty((*FRAME, 3), np.uint8)
-    FrameRenderer(geom, noise_sigma=3.0, seed=42).render([(p, render_sprite(p, MM_PER_PX)) for p in group], pos, img)
-    found = sorted(geom.px_to_mm(b.cu, b.cv) for b in segment(img, CFG, MM_PER_PX, crop_size=None))
-    truth = sorted((p.x_mm, pos - p.s_mm) for p in group)
-    assert len(found) == 3
-    for (fx, fy), (tx, ty) in zip(found, truth, strict=True):
-        assert abs(fx - tx) < 1.0 and abs(fy - ty) < 1.0
+    FrameRenderer(geom, noise_sigma=3.0, seed=seed).render([(p, render_sprite(p, MM_PER_PX)) for p in group], pos, img)
+    return img, geom, sorted((p.x_mm, pos - p.s_mm) for p in group)
+
+
+def _errors(img: np.ndarray, geom, truth: list[tuple[float, float]]) -> list[float]:
+    """Each piece's distance (mm) to the nearest blob found (as many blobs as pieces)."""
+    found = [geom.px_to_mm(b.cu, b.cv) for b in segment(img, CFG, 0.25, crop_size=None)]
+    assert len(found) == len(truth)
+    return [min(float(np.hypot(fx - tx, fy - ty)) for fx, fy in found) for tx, ty in truth]
+
+
+def test_a_notch_with_a_sure_partner_is_not_cut_to_another_contacts_notch():
+    """The simulator's feed (seed 42): a dusty ferrite shard touched by a block at one corner and a screw at
+    another. The sharpest pair of notches ran from the block's contact to the screw's, across the shard,
+    and left the block on one half of it; each contact is now cut on its own."""
+    img, geom, truth = _feed_group(42, 60, 22_000, [("block", "ni"), ("screw", "screw"), ("shard", "dusty")])
+    assert max(_errors(img, geom, truth)) < 1.0
+
+
+def test_a_cut_between_two_materials_follows_the_edge_between_their_colours():
+    """The simulator's feed (seed 42, 40 pieces/s): a plated NdFeB block lying on a ferrite arc. The straight
+    cut between the contact's notches gave the block a third of the arc (centroids 3.4 and 1.8 mm off); the
+    border moved onto the edge between their colours puts both within 0.5 mm."""
+    img, geom, truth = _feed_group(42, 40, 12_000, [("arc", "matte"), ("block", "ni")])
+    assert max(_errors(img, geom, truth)) < 0.5
+
+
+def test_a_colour_border_that_breaks_a_side_up_is_refused():
+    """The simulator's feed (seed 12): a plated arc on an L-shaped steel bracket with rust spots, a small
+    bracket beside it. The colour flood ran along the bracket's shading and spots and left the arc's side in
+    nine pieces (its largest 56 %); the straight cuts stand, and all three pieces are found."""
+    img, geom, truth = _feed_group(12, 60, 60_000, [("arc", "ni"), ("bracket", "bracket"), ("bracket", "bracket")])
+    assert max(_errors(img, geom, truth)) < 3.0
