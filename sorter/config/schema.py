@@ -240,8 +240,10 @@ class VisionConfig(Strict):
         gt=0,
         le=442,
         description='colour distance (grey levels, mean B, G, R) that says "another material" at a moderate '
-        "neck (`neck_colour`) or a doubtful notch cut (`cut_sure`). Lower it if touching pieces of similar "
-        "colour stay together; raise it if single pieces with a highlight or a coating edge are split",
+        "neck (`neck_colour`) or a doubtful notch cut (`cut_sure`); the sides of any notch cut this far apart "
+        "have their border moved from the straight cut onto the edge between their colours. Lower it if touching "
+        "pieces of similar colour stay together; raise it if single pieces with a highlight or a coating edge "
+        "are split",
     )
     hole_min_share: float = Field(
         0.15,
