@@ -302,7 +302,8 @@ def test_a_flood_on_the_coarser_grid_labels_every_pixel_and_keeps_the_pieces(cha
     """`_flood` at scale 2 on a blob of discs touching at necks, as `_split_at_necks` floods it (its box, the
     distance map padded; odd sides too): every pixel labelled, by the same markers as at scale 1; each piece's
     centroid within a pixel; between two discs, the border within 4 px of the fine one. (Discs pressed
-    deeper into each other leave flat ridges where either flood's border is arbitrary.)"""
+    deeper into each other, centres under 0.88 x their radii apart, leave flat ridges where either flood's
+    border is arbitrary: this test found centroids 6-18 px apart there.)"""
     h, w = 120 + odd_h, 160 + odd_w
     discs = [(80.0, 60.0, chain[0][0])]
     for r, angle, gap in chain[1:]:
@@ -345,8 +346,7 @@ def test_touching_pieces_found_on_a_smaller_image_are_parted_at_full_resolution(
 
 def _feed_group(seed: int, rate: float, until_mm: float, kinds: list[tuple[str, str]]):
     """The first group of touching pieces of these kinds, (shape, variant) sorted, in the simulator's feed (15 %
-    touching, 2 m/s),
-    rendered on a frame as wide as the belt: (frame, geometry, (x, y) of each piece, sorted)."""
+    touching, 2 m/s), rendered on a frame as wide as the belt: (frame, geometry, (x, y) of each piece, sorted)."""
     from sim.config import SimFeedConfig
     from sim.feed import FeedGenerator
     from sim.render import FrameRenderer, render_sprite
@@ -389,6 +389,8 @@ def test_a_cut_between_two_materials_follows_the_edge_between_their_colours():
 def test_a_colour_border_that_breaks_a_side_up_is_refused():
     """The simulator's feed (seed 12): a plated arc on an L-shaped steel bracket with rust spots, a small
     bracket beside it. The colour flood ran along the bracket's shading and spots and left the arc's side in
-    nine pieces (its largest 56 %); the straight cuts stand, and all three pieces are found."""
+    nine pieces (its largest 56 %); that cut stays straight, and all three pieces are found."""
     img, geom, truth = _feed_group(12, 60, 60_000, [("arc", "ni"), ("bracket", "bracket"), ("bracket", "bracket")])
+    # found 0.4, 1.7 and 2.5 mm off (straight cuts alone: 2.3, 1.7, 1.3): the bound asks that each piece is
+    # found, not where the borders of an arc over two brackets run
     assert max(_errors(img, geom, truth)) < 3.0

@@ -373,10 +373,11 @@ class LineService:
     def _classify(self, pieces: list[Piece]) -> tuple[list[np.ndarray | None], Classifier, list[Piece]]:
         """Each piece's view probabilities, the model that gave them, and the pieces with their crops cut.
 
-        A piece's crops are cut when it is finalised (`_cut_crops`); a piece finalised otherwise (at shutdown)
-        may still hold cutters (segment(lazy=True)) that hold their whole camera frames (2.7 MB): the pieces
-        handed back hold the cut crops (a few kB each), so that nothing downstream (the decision, the
-        planner's neighbours, a command waiting for the PLC, the recorder) keeps a frame alive.
+        Pieces classified ahead (`_classify_ahead`) arrive holding cutters (segment(lazy=True)) that hold their
+        whole camera frames (2.7 MB) and are cut here; a piece finalised before that is cut then
+        (`_cut_crops`), and one finalised at shutdown may still hold cutters. The pieces handed back hold the
+        cut crops (a few kB each), so that nothing downstream (the decision, the planner's neighbours, a
+        command waiting for the PLC, the recorder) keeps a frame alive.
         """
         t0 = time.perf_counter()
         clf = self.classifier  # one model per batch, even if a swap lands meanwhile

@@ -416,10 +416,10 @@ def _along_colour_edge(
     part: np.ndarray, sides: list[np.ndarray], colour: np.ndarray, cfg: VisionConfig
 ) -> list[np.ndarray]:
     """Sides of a straight cut between pieces of two materials, their border moved onto the edge between
-    their colours: a watershed of the colour gradient from each side's core. A cut joins two notches, but
+    their colours: a watershed on the colour image from each side's core. A cut joins two notches, but
     where a small piece lies over a bigger one (a plated block on a ferrite arc) the pieces' real border
     bends away from that line, and the straight cut gave the block a third of the arc. Sides of one colour
-    (under `vision.colour_step` apart) keep the straight cut: their gradient has no edge to settle on."""
+    (under `vision.colour_step` apart) keep the straight cut: there is no colour edge to settle on."""
     means = [_mean_colour(colour, side) for side in sides]
     if max(float(np.linalg.norm(m - means[0])) for m in means[1:]) < cfg.colour_step:
         return sides
