@@ -23,9 +23,9 @@ from sorter.core.decide import decide
 from sorter.core.geometry import camera_geometries
 from sorter.core.planner import EjectPlanner
 from sorter.core.tracking import Tracker
-from sorter.vision.classify import Classifier
+from sorter.vision.classify import Classifier, classify_views
 from sorter.vision.detections import to_detections
-from sorter.vision.segment import materialise, segment
+from sorter.vision.segment import segment
 
 FRAMES_PER_S = 120  # two cameras at 60 fps
 
@@ -82,15 +82,9 @@ class _Pipeline:
         self.t["segment"] += t1 - t0
         self.t["track"] += t2 - t1
         if pieces:
-            crops = [materialise(c) for p in pieces for c in p.crops]
-            probs = self.clf.predict(crops) if crops else np.zeros((0, len(self.clf.labels)))
+            probs, _ = classify_views(self.clf, [p.crops for p in pieces], self.cfg.classifier.sure_confidence)
             t3 = time.perf_counter()
-            decisions, i = [], 0
-            for p in pieces:
-                decisions.append(
-                    decide(p, probs[i : i + len(p.crops)] if p.crops else None, self.clf.labels, self.cfg.routing)
-                )
-                i += len(p.crops)
+            decisions = [decide(p, pr, self.clf.labels, self.cfg.routing) for p, pr in zip(pieces, probs, strict=True)]
             plans = self.planner.plan(decisions, self.cfg.belt.nominal_speed_mm_s)
             self.commands += sum(1 for p in plans if p.command is not None)
             self.t["infer"] += t3 - t2

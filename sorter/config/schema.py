@@ -355,6 +355,14 @@ class ClassifierConfig(Strict):
     max_views: int = Field(
         4, ge=1, description="views classified per piece (whole views first, the largest of them are kept)"
     )
+    sure_confidence: float = Field(
+        0.99,
+        gt=0.0,
+        le=1.0,
+        description="a piece's largest view is classified first, and its other views only when that view's top "
+        "class is below this probability; the piece is then judged on all of them (1: every view, always; "
+        "sorter/vision/classify.py, docs/results.md)",
+    )
     threads: int = Field(1, ge=1, description="CPU threads the model's inference may use")
     shadow_model: Path | None = Field(
         None,

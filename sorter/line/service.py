@@ -68,7 +68,7 @@ from sorter.line.memory import RssWatch, glibc_trim
 from sorter.line.recording import ClipError, Clips, Recorder
 from sorter.line.records import RecordStore, piece_row
 from sorter.line.shadow import ShadowRunner, check_labels, shadow_thread
-from sorter.vision.classify import Classifier, ModelError
+from sorter.vision.classify import Classifier, ModelError, classify_views
 from sorter.vision.detections import to_detections
 from sorter.vision.segment import materialise, segment
 
@@ -371,7 +371,8 @@ class LineService:
 
     # --- pieces -> decisions -> commands ---
     def _classify(self, pieces: list[Piece]) -> tuple[list[np.ndarray | None], Classifier, list[Piece]]:
-        """Each piece's view probabilities, the model that gave them, and the pieces with their crops cut.
+        """Each piece's view probabilities, the model that gave them, and the pieces holding the crops they were
+        classified on (`classify_views`: the first view alone where it is sure).
 
         Pieces classified ahead (`_classify_ahead`) arrive holding cutters (segment(lazy=True)) that hold their
         whole camera frames (2.7 MB) and are cut here; a piece finalised before that is cut then
@@ -379,22 +380,12 @@ class LineService:
         cut crops (a few kB each), so that nothing downstream (the decision, the planner's neighbours, a
         command waiting for the PLC, the recorder) keeps a frame alive.
         """
-        t0 = time.perf_counter()
         clf = self.classifier  # one model per batch, even if a swap lands meanwhile
-        crops = [materialise(c) for p in pieces for c in p.crops]
-        t1 = time.perf_counter()
-        self.times.add("cut", t1 - t0)
-        probs = clf.predict(crops) if crops else np.zeros((0, len(clf.labels)))
-        out: list[np.ndarray | None] = []
-        cut: list[Piece] = []
-        i = 0
-        for p in pieces:
-            n = len(p.crops)
-            out.append(probs[i : i + n] if n else None)
-            cut.append(replace(p, crops=list(crops[i : i + n])) if n else p)
-            i += n
-        self.times.add("infer", time.perf_counter() - t1)
-        return out, clf, cut
+        sure = self.cfg.classifier.sure_confidence
+        probs, crops = classify_views(clf, [p.crops for p in pieces], sure, self.times.add)
+        # only the crops classified: the views left uncut go with their cutters, and their frames with them
+        cut = [replace(p, crops=list(cs)) if p.crops else p for p, cs in zip(pieces, crops, strict=True)]
+        return probs, clf, cut
 
     def _classify_ahead(self, pieces: list[Piece], loop: asyncio.AbstractEventLoop) -> None:
         """Cut and classify pieces whose views are all in while the tracker waits for their neighbours
