@@ -14,7 +14,7 @@ from sim.dataset import CropRenderer, write_dataset
 from sim.feed import VARIANTS, make_piece
 from sorter.cli import app
 from sorter.config import CLASSES
-from sorter.vision.classify import Classifier, ModelError
+from sorter.vision.classify import Classifier, ModelError, classify_views
 from sorter.vision.modelcheck import check_model
 from tests.conftest import binomial_floor
 
@@ -162,3 +162,60 @@ def test_train_smoke(tmp_path: Path) -> None:
     probs = clf.predict([np.full((64, 64, 3), 20, np.uint8)] * 3)
     assert probs.shape == (3, 5)
     assert check_model(out).ok  # what the service and `sorter model check` accept
+
+
+class _ByFirstPixel:
+    """Probabilities looked up by a crop's first pixel: the rounds' logic without a model."""
+
+    labels = ("a", "b")
+
+    def __init__(self, table: dict[int, list[float]]) -> None:
+        self.table, self.batches = table, []  # type: list[int]
+
+    def predict(self, crops: list[np.ndarray]) -> np.ndarray:
+        self.batches.append(len(crops))
+        return np.array([self.table[int(c[0, 0, 0])] for c in crops], np.float32)
+
+
+def _view(value: int, cut: list[int]) -> Any:
+    """A cutter, as segment(lazy=True) leaves, that notes it was cut."""
+
+    def cutter() -> np.ndarray:
+        cut.append(value)
+        return np.full((4, 4, 3), value, np.uint8)
+
+    return cutter
+
+
+def test_views_past_a_sure_first_view_are_neither_cut_nor_classified() -> None:
+    """classify_views: every piece's first view in one batch, then the other views of the pieces whose first
+    view is below `sure`, in one more; a piece then is judged on all its views; a piece without a view on none."""
+    clf = _ByFirstPixel({1: [0.995, 0.005], 2: [0.9, 0.1], 3: [0.2, 0.8], 4: [0.98, 0.02]})
+    cut: list[int] = []
+    views = [[_view(1, cut), _view(3, cut)], [], [_view(2, cut), _view(3, cut), _view(4, cut)], [_view(4, cut)]]
+    probs, crops = classify_views(clf, views, sure=0.99)  # type: ignore[arg-type]
+    assert clf.batches == [3, 2]
+    assert sorted(cut) == [1, 2, 3, 4, 4]  # the first piece's second view is never cut
+    p0, p1, p2, p3 = probs
+    assert p0 is not None and p0.shape == (1, 2) and p1 is None and crops[1] == []
+    assert p2 is not None and np.allclose(p2, [[0.9, 0.1], [0.2, 0.8], [0.98, 0.02]])
+    assert [int(c[0, 0, 0]) for c in crops[2]] == [2, 3, 4]  # the crops the probabilities came from, in order
+    assert p3 is not None and p3.shape == (1, 2)  # one view, not sure: nothing more to look at
+
+
+def test_sure_one_classifies_every_view_in_one_batch() -> None:
+    clf = _ByFirstPixel({1: [0.995, 0.005], 3: [0.2, 0.8]})
+    cut: list[int] = []
+    probs, _ = classify_views(clf, [[_view(1, cut), _view(3, cut)], [_view(3, cut)]], sure=1.0)  # type: ignore[arg-type]
+    assert clf.batches == [3] and sorted(cut) == [1, 3, 3]
+    assert probs[0] is not None and probs[0].shape == (2, 2)
+
+
+def test_two_rounds_give_the_model_s_own_probabilities(shipped: Classifier) -> None:
+    crops, _ = _fresh_crops(per_variant=1, seed=7)
+    views = [crops[i : i + 3] for i in range(0, len(crops) - 2, 3)]
+    probs, cut = classify_views(shipped, views, sure=0.99)
+    for v, p, c in zip(views, probs, cut, strict=True):
+        assert p is not None and len(p) in (1, 3) and len(c) == len(p)
+        assert np.allclose(p, shipped.predict(v[: len(p)]), atol=1e-5)
+        assert (len(p) == 1) == (shipped.predict(v[:1]).max() >= 0.99)
