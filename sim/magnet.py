@@ -18,6 +18,7 @@ small piece between two sensors reads less than one right over a sensor.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 
@@ -37,14 +38,21 @@ _SALT = 0x6D61676E  # keeps the field's random stream apart from the appearance'
 
 def remanence_t(piece: SimPiece) -> float:
     """Signed effective remanence (T) of a piece: polarity times what is left of its Br."""
-    rng = np.random.default_rng([piece.seed, _SALT])
+    return _remanence_t(piece.seed, piece.cls)
+
+
+@lru_cache(maxsize=4096)
+def _remanence_t(seed: int, cls: str) -> float:
+    # drawn once a piece: the bar asks for each channel it passes over every scan, and a generator costs
+    # more to seed than the rest of a reading (17 % of the simulator's busy time, py-spy, the default demo)
+    rng = np.random.default_rng([seed, _SALT])
     sign = 1.0 if rng.random() < 0.5 else -1.0
-    if piece.cls in REMANENCE_T:
-        br = rng.uniform(*REMANENCE_T[piece.cls])
-        if rng.random() < DEMAGNETISED_SHARE.get(piece.cls, 0.0):
+    if cls in REMANENCE_T:
+        br = rng.uniform(*REMANENCE_T[cls])
+        if rng.random() < DEMAGNETISED_SHARE.get(cls, 0.0):
             return sign * br * rng.uniform(0.0, 0.01)
         return sign * br * rng.uniform(*PARTIAL_REMANENCE)
-    if piece.cls == "steel":
+    if cls == "steel":
         return sign * rng.exponential(STEEL_RESIDUAL_T)
     return 0.0
 
