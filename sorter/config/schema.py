@@ -353,7 +353,10 @@ class ClassifierConfig(Strict):
         "135 MB of RSS for good, 16 about 13 MB; docs/memory.md)",
     )
     max_views: int = Field(
-        4, ge=1, description="views classified per piece (whole views first, the largest of them are kept)"
+        4,
+        ge=1,
+        description="the most views classified per piece (whole views first, the largest of them are kept; "
+        "past the first only where it is not sure: sure_confidence)",
     )
     sure_confidence: float = Field(
         0.99,
