@@ -64,9 +64,13 @@ def _peaks(dist: np.ndarray) -> list[tuple[int, int, float]]:
         if np.any((local >= level) & (local < prev)):
             above = (dist >= level).astype(np.uint8)
             x, y, w, h = cv2.boundingRect(above)  # label only the box around what is above the level
-            lab = cv2.connectedComponents(above[y : y + h, x : x + w], connectivity=8)[1]
+            n, lab = cv2.connectedComponents(above[y : y + h, x : x + w], connectivity=8)
             win = dist[y : y + h, x : x + w]
-            for k in range(1, int(lab.max()) + 1):
+            # a component holding a peak already found rose above the last level: it is no new peak
+            old = {int(lab[sy - y, sx - x]) for sy, sx, _ in seeds if y <= sy < y + h and x <= sx < x + w}
+            for k in range(1, n):
+                if k in old:
+                    continue
                 flat = np.where(lab == k, win, -1.0)
                 i = int(flat.argmax())
                 if flat.flat[i] < prev:  # nothing of it was above the level before: a new peak
