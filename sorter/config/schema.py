@@ -307,6 +307,15 @@ class VisionConfig(Strict):
         "stricter than `colour_step`, since single pieces with a coating edge or rust patch have far notches "
         "too. Raise it if such pieces are cut; lower it if small pieces pressed on others stay one blob",
     )
+    crevice_deg: float = Field(
+        60.0,
+        ge=0,
+        le=180,
+        description="a notch at least 2 × `cut_depth_mm` deep whose outline turns sharper than this (inside angle, "
+        "as for `cut_sharp_deg`) is where a piece is pressed into another, even with no notch at the contact's "
+        "other end: it is cut from its tip to the nearest outline across, if that is no farther than 1.5 × its "
+        "depth. Single pieces' notches that deep measured 84° and wider: keep it below that. 0 switches it off",
+    )
     cut_depth_mm: float = Field(
         1.0,
         gt=0,
