@@ -313,8 +313,8 @@ class VisionConfig(Strict):
         le=180,
         description="a notch at least 2 × `cut_depth_mm` deep whose outline turns sharper than this (inside angle, "
         "as for `cut_sharp_deg`) is where a piece is pressed into another, even with no notch at the contact's "
-        "other end: it is cut from its tip to the nearest outline across, if that is no farther than 1.5 × its "
-        "depth. Single pieces' notches that deep measured 84° and wider: keep it below that. 0 switches it off",
+        "other end: it is cut on from its tip along its own line to the outline, if that is no farther than 1.5 × "
+        "its depth. Single pieces' notches that deep measured 84° and wider: keep it below that. 0 switches it off",
     )
     cut_depth_mm: float = Field(
         1.0,
