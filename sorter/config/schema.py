@@ -169,9 +169,10 @@ class CameraConfig(Strict):
 class VisionConfig(Strict):
     """Segmentation of the camera images (sorter/vision/segment.py).
 
-    Touching pieces are parted two ways: at a narrow neck of the blob (`neck_*`, `colour_step`, `hole_*`) and
-    between two notches of its outline (`cut_*`). Colour distances are in grey levels: the distance between the
-    mean (B, G, R) of two sides of a blob, 0 .. 441. The defaults were measured on the simulated feed.
+    Touching pieces are parted three ways: at a narrow neck of the blob (`neck_*`, `colour_step`, `hole_*`),
+    between two notches of its outline (`cut_*`), and on from one sharp crevice (`crevice_deg`). Colour distances
+    are in grey levels: the distance between the mean (B, G, R) of two sides of a blob, 0 .. 441. The defaults
+    were measured on the simulated feed.
     """
 
     threshold: int = Field(34, ge=1, le=254, description="grey level separating pieces from the dark belt")

@@ -2,8 +2,8 @@
 
 Finds pieces where any colour channel is bright (coloured pieces such as PCB green
 or copper stay bright there) on an image `vision.downscale` times smaller, parts
-touching pieces at narrow necks and between notches of the outline on the
-full-resolution frame (`vision.split_full_res`), and cuts a classifier crop for
+touching pieces at narrow necks, between notches of the outline and on from a
+sharp crevice on the full-resolution frame (`vision.split_full_res`), and cuts a classifier crop for
 each blob from the full-resolution frame.
 """
 
