@@ -364,10 +364,12 @@ def _feed_group(seed: int, rate: float, until_mm: float, kinds: list[tuple[str, 
 
 
 def _errors(img: np.ndarray, geom, truth: list[tuple[float, float]]) -> list[float]:
-    """Each piece's distance (mm) to the nearest blob found (as many blobs as pieces)."""
+    """Each piece's distance (mm) to the nearest blob found (as many blobs as pieces, each the nearest of one)."""
     found = [geom.px_to_mm(b.cu, b.cv) for b in segment(img, CFG, 0.25, crop_size=None)]
     assert len(found) == len(truth)
-    return [min(float(np.hypot(fx - tx, fy - ty)) for fx, fy in found) for tx, ty in truth]
+    dist = [[float(np.hypot(fx - tx, fy - ty)) for fx, fy in found] for tx, ty in truth]
+    assert len({int(np.argmin(row)) for row in dist}) == len(truth)  # no blob stands for two pieces
+    return [min(row) for row in dist]
 
 
 def test_a_notch_with_a_sure_partner_is_not_cut_to_another_contacts_notch():

@@ -3,8 +3,8 @@
 Finds pieces where any colour channel is bright (coloured pieces such as PCB green
 or copper stay bright there) on an image `vision.downscale` times smaller, parts
 touching pieces at narrow necks, between notches of the outline and on from a
-sharp crevice on the full-resolution frame (`vision.split_full_res`), and cuts a classifier crop for
-each blob from the full-resolution frame.
+sharp crevice on the full-resolution frame (`vision.split_full_res`), and cuts a
+classifier crop for each blob from the full-resolution frame.
 """
 
 from __future__ import annotations
@@ -320,13 +320,12 @@ def _notch_angle(c: np.ndarray, i: int, k: int) -> float:
     return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
 
 
-def _concavity_cuts(part: np.ndarray, min_depth_px: float, max_ratio: float) -> list[tuple[float, float, Point, Point]]:
-    """(gap / depth, angle, end, end) of every cut between two deep concavities of the outline, gap relative
-    to the deeper one's depth, below `max_ratio`, shortest first; angle: the wider of the outline's inside
-    angles at the two ends, measured over 1.5 x the least depth."""
-    outline = _outline_defects(part)
-    if outline is None:
-        return []
+def _concavity_cuts(
+    outline: tuple[np.ndarray, np.ndarray], min_depth_px: float, max_ratio: float
+) -> list[tuple[float, float, Point, Point]]:
+    """(gap / depth, angle, end, end) of every cut between two deep concavities of a part's outline
+    (`_outline_defects`), gap relative to the deeper one's depth, below `max_ratio`, shortest first; angle: the
+    wider of the outline's inside angles at the two ends, measured over 1.5 x the least depth."""
     c, d = outline
     deep = d[d[:, 3] >= min_depth_px * 256]  # fixed point: 8 fractional bits
     k = max(2, round(1.5 * min_depth_px))
@@ -353,15 +352,16 @@ CREVICE_REACH = 1.5  # x the crevice's depth: the longest cut on from its tip
 
 
 def _crevice_cut(
-    part: np.ndarray, min_depth_px: float, cfg: VisionConfig, paired: set[Point]
+    part: np.ndarray,
+    outline: tuple[np.ndarray, np.ndarray],
+    min_depth_px: float,
+    cfg: VisionConfig,
+    paired: set[Point],
 ) -> list[np.ndarray] | None:
-    """The sides of `part` cut from the tip of its sharpest deep crevice (`vision.crevice_deg`) that is no end of
-    a notch pair (`paired`) straight on, along the crevice's own line, to where that line leaves the mask; None
-    where there is no such cut."""
+    """The sides of `part` cut from the tip of the sharpest deep crevice of its outline (`_outline_defects`,
+    `vision.crevice_deg`) that is no end of a notch pair (`paired`) straight on, along the crevice's own line,
+    to where that line leaves the mask; None where there is no such cut."""
     if cfg.crevice_deg <= 0:
-        return None
-    outline = _outline_defects(part)
-    if outline is None:
         return None
     c, d = outline
     deep = d[d[:, 3] >= CREVICE_DEPTHS * min_depth_px * 256]
@@ -449,8 +449,11 @@ def _cut_concavities(
     """
     if levels <= 0:
         return [part]
+    outline = _outline_defects(part)
+    if outline is None:
+        return [part]
     best: tuple[float, list[np.ndarray]] | None = None
-    cuts = _concavity_cuts(part, min_depth_px, max(cfg.cut_ratio, cfg.cut_far_ratio))
+    cuts = _concavity_cuts(outline, min_depth_px, max(cfg.cut_ratio, cfg.cut_far_ratio))
     # a notch with a sure partner is one end of that contact: a cut from it to another contact's notch would
     # cross the piece between them (a shard touched by a block at one corner and a screw at another)
     sure_ends = {end for ratio, _, a, b in cuts if ratio < cfg.cut_sure for end in (a, b)}
@@ -471,7 +474,7 @@ def _cut_concavities(
     if best is None:
         # a crevice with a partner notch was judged with it above (a pair that failed its colour test stays)
         paired = {end for _, _, a, b in cuts for end in (a, b)}
-        crevice = _crevice_cut(part, min_depth_px, cfg, paired)
+        crevice = _crevice_cut(part, outline, min_depth_px, cfg, paired)
         if crevice is None:
             return [part]
         best = (0.0, crevice)
