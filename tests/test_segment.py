@@ -113,6 +113,7 @@ def _two_discs() -> np.ndarray:  # one grey, a narrow neck
 
 # the block on the disc also narrows the blob to a neck: with necks never narrow enough, the notch rules alone
 NOTCHES_ONLY = {"neck_sure": 0.05, "neck_colour": 0.05}
+FAR_ONLY = {**NOTCHES_ONLY, "cut_sure": 0.5, "cut_ratio": 0.5}  # notch pairs are cut by the far rule alone
 
 
 def _block_on_disc() -> np.ndarray:  # two colours, parted between two notches of the outline
@@ -170,7 +171,9 @@ def _screw() -> np.ndarray:  # one piece of one grey whose wide head looks like 
         (_block_on_disc, NOTCHES_ONLY, 2, 2),  # parted by its notches alone
         (_block_on_disc, {**NOTCHES_ONLY, "cut_depth_mm": 5.0}, 2, 1),  # its notches are now roughness
         (_block_on_disc, {**NOTCHES_ONLY, "cut_sure": 0.5, "cut_ratio": 0.5, "cut_far_ratio": 0.5}, 2, 1),
-        (_block_on_disc, {**NOTCHES_ONLY, "cut_sure": 0.5, "cut_ratio": 0.5, "cut_far_colour_step": 400.0}, 2, 1),
+        # a far pair one of whose notches is a crevice asks the ordinary colour step, not the far one
+        (_block_on_disc, {**FAR_ONLY, "cut_far_colour_step": 400.0}, 2, 2),
+        (_block_on_disc, {**FAR_ONLY, "cut_far_colour_step": 400.0, "crevice_deg": 0.0}, 2, 1),
         (_block_on_disc, {**NOTCHES_ONLY, "cut_min_px": 5000}, 2, 1),
         (_block_on_disc, {**NOTCHES_ONLY, "cut_levels": 0}, 2, 1),
         (_screw, {"cut_sure": 1.3}, 1, 2),  # cut without asking the colour
@@ -405,6 +408,23 @@ def test_a_small_piece_pressed_into_a_crevice_is_cut_off_without_a_second_notch(
     speed on the line). The crevice alone is cut now; without it (`crevice_deg` 0) they stay one blob."""
     img, geom, truth = _feed_group(42, 40, 12_000, [("arc", "zn"), ("block", "zn")])
     # found 0.24 and 0.09 mm off (cut to the nearest outline point instead of on along the crevice: 1.7 and 0.7)
+    assert max(_errors(img, geom, truth)) < 0.5
+    whole = segment(img, CFG.model_copy(update={"crevice_deg": 0.0}), 0.25, crop_size=None)
+    assert len(whole) == 1
+
+
+@pytest.mark.parametrize(
+    ("seed", "until_mm", "kinds"),
+    [(5, 16_000, [("disc", "ni"), ("plate", "aluminium")]), (43, 6_000, [("plate", "plate"), ("washer", "washer")])],
+    ids=["aluminium plate on a plated disc", "steel plate on a washer"],
+)
+def test_a_far_notch_pair_from_a_crevice_asks_only_the_ordinary_colour_step(seed, until_mm, kinds):
+    """The simulator's feed (60 pieces/s): a plate pressed on a rounder piece leaves a sharp crevice at one end
+    of the contact and a shallow notch far away at the other. Such a far pair was cut only for sides
+    `cut_far_colour_step` apart, though the crevice alone (no partner) is cut with no colour test at all; it now
+    asks `colour_step`. Before, one blob stood for both (2.3 and 0.8 mm from the nearer piece); without
+    crevices (`crevice_deg` 0) it still does."""
+    img, geom, truth = _feed_group(seed, 60, until_mm, kinds)
     assert max(_errors(img, geom, truth)) < 0.5
     whole = segment(img, CFG.model_copy(update={"crevice_deg": 0.0}), 0.25, crop_size=None)
     assert len(whole) == 1

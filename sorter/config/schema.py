@@ -306,7 +306,8 @@ class VisionConfig(Strict):
         le=442,
         description="colour distance (grey levels) between the sides of a far notch cut (`cut_far_ratio`): "
         "stricter than `colour_step`, since single pieces with a coating edge or rust patch have far notches "
-        "too. Raise it if such pieces are cut; lower it if small pieces pressed on others stay one blob",
+        "too. A far pair one of whose notches is a crevice (`crevice_deg`) asks only `colour_step`. Raise it if "
+        "such pieces are cut; lower it if small pieces pressed on others stay one blob",
     )
     crevice_deg: float = Field(
         60.0,
@@ -315,7 +316,8 @@ class VisionConfig(Strict):
         description="a notch at least 2 × `cut_depth_mm` deep whose outline turns sharper than this (inside angle, "
         "as for `cut_sharp_deg`) is where a piece is pressed into another, even with no notch at the contact's "
         "other end: it is cut on from its tip along its own line to the outline, if that is no farther than 1.5 × "
-        "its depth. Single pieces' notches that deep measured 84° and wider: keep it below that. 0 switches it off",
+        "its depth; paired with a far notch (`cut_far_ratio`), the pair is cut if its sides differ by `colour_step`. "
+        "Single pieces' notches that deep measured 84° and wider: keep it below that. 0 switches it off",
     )
     cut_depth_mm: float = Field(
         1.0,
