@@ -25,6 +25,7 @@ import structlog
 import yaml
 
 from sim.config import SimLineConfig
+from sim.hostcpu import cpu_shares, cpu_ticks
 from sim.report import build_report, shadow_section
 from sim.truth import load_truth
 from sorter.app import Line, build_line
@@ -238,6 +239,7 @@ async def run_demo(
     stop = asyncio.Event()
     svc_task: asyncio.Task[None] | None = None
     t_feed = t_end = None
+    cpu_at_feed = cpu_at_end = None
     try:
         ready = await sim.wait_for("ready", 30)
         bar_simulated = bool(ready.get("hallbar"))  # simulator.hallbar.enabled: false leaves the port dead
@@ -271,7 +273,7 @@ async def run_demo(
         # feed (`during`), the feed lasts until the action is over too, so the action acts on a fed line
         timed = {} if during else {"for_s": duration}
         await sim.send(cmd="feed", on=True, **timed)
-        t_feed = time.monotonic()
+        t_feed, cpu_at_feed = time.monotonic(), cpu_ticks()
         acting = asyncio.create_task(during(line, sim)) if during else None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(_progress(interrupted, duration, progress, service), duration)
@@ -283,7 +285,7 @@ async def run_demo(
             else:
                 await acting  # its failure is the caller's to see
         await sim.send(cmd="feed", on=False)
-        t_end = time.monotonic()
+        t_end, cpu_at_end = time.monotonic(), cpu_ticks()
         log.info("feed stopped, draining the belt", interrupted=interrupted.is_set())
 
         async def drained() -> bool:
@@ -313,6 +315,7 @@ async def run_demo(
         run_dir=run_dir,
         duration_s=(t_end or time.monotonic()) - (t_feed or time.monotonic()),
         interrupted=interrupted.is_set(),
+        host_cpu=cpu_shares(cpu_at_feed, cpu_at_end),
     )
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     if record is not None:
@@ -365,8 +368,10 @@ def demo_report(
     run_dir: Path,
     duration_s: float,
     interrupted: bool,
+    host_cpu: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """A demo run's report: the simulator's truth against the service's records and summary."""
+    """A demo run's report: the simulator's truth against the service's records and summary. `host_cpu`: the
+    machine's CPU time while it fed (sim/hostcpu.py), in real time; a lockstep run's figures do not depend on it."""
     service = line.service if line is not None else None
     truth, windows, meta = load_truth(truth_path)
     records = load_pieces(cfg.records.path, service.run_id) if service else []
@@ -384,6 +389,8 @@ def demo_report(
             # the service's process (the demo's own: the service runs in it, the simulator in its own; in
             # lockstep both are in it): RSS in MB at start, peak, end, and the parts of the peak
             "service_rss_mb": service.memory.summary() if service else None,
+            # what else the machine did meanwhile (its host's steal too): latencies depend on it
+            "host_cpu": host_cpu,
             "late_views": service.tracker.late_views if service else 0,
             "merged_views": service.tracker.merged_views if service else 0,
             "partial_views": service.tracker.partial_views if service else 0,
