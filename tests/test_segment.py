@@ -415,15 +415,19 @@ def test_a_small_piece_pressed_into_a_crevice_is_cut_off_without_a_second_notch(
 
 @pytest.mark.parametrize(
     ("seed", "until_mm", "kinds"),
-    [(5, 16_000, [("disc", "ni"), ("plate", "aluminium")]), (43, 6_000, [("plate", "plate"), ("washer", "washer")])],
-    ids=["aluminium plate on a plated disc", "steel plate on a washer"],
+    [
+        (5, 16_000, [("disc", "ni"), ("plate", "aluminium")]),
+        (43, 6_000, [("plate", "plate"), ("washer", "washer")]),
+        (12, 36_000, [("cylinder", "grey"), ("disc", "brown")]),
+    ],
+    ids=["aluminium plate on a plated disc", "steel plate on a washer", "cylinder on a disc of one grey"],
 )
-def test_a_far_notch_pair_from_a_crevice_asks_only_the_ordinary_colour_step(seed, until_mm, kinds):
-    """The simulator's feed (60 pieces/s): a plate pressed on a rounder piece leaves a sharp crevice at one end
-    of the contact and a shallow notch far away at the other. Such a far pair was cut only for sides
-    `cut_far_colour_step` apart, though the crevice alone (no partner) is cut with no colour test at all; it now
-    asks `colour_step`. Before, one blob stood for both (2.3 and 0.8 mm from the nearer piece); without
-    crevices (`crevice_deg` 0) it still does."""
+def test_a_notch_pair_from_a_crevice_is_cut_without_asking_the_colour(seed, until_mm, kinds):
+    """The simulator's feed (60 pieces/s): a piece pressed on a rounder one leaves a sharp crevice at one end of
+    the contact and a notch farther away at the other. Such a pair was cut only for sides `colour_step` or
+    `cut_far_colour_step` apart, though the crevice alone (no partner) is cut with no colour test at all; now it
+    is cut as the crevice would be. Before, one blob stood for both pieces (up to 2.3 mm from the nearer one,
+    the other lost); without crevices (`crevice_deg` 0) it still does."""
     img, geom, truth = _feed_group(seed, 60, until_mm, kinds)
     assert max(_errors(img, geom, truth)) < 0.5
     whole = segment(img, CFG.model_copy(update={"crevice_deg": 0.0}), 0.25, crop_size=None)

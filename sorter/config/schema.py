@@ -306,7 +306,7 @@ class VisionConfig(Strict):
         le=442,
         description="colour distance (grey levels) between the sides of a far notch cut (`cut_far_ratio`): "
         "stricter than `colour_step`, since single pieces with a coating edge or rust patch have far notches "
-        "too. A far pair one of whose notches is a crevice (`crevice_deg`) asks only `colour_step`. Raise it if "
+        "too. A pair one of whose notches is a crevice (`crevice_deg`) is cut with no colour test. Raise it if "
         "such pieces are cut; lower it if small pieces pressed on others stay one blob",
     )
     crevice_deg: float = Field(
@@ -316,7 +316,7 @@ class VisionConfig(Strict):
         description="a notch at least 2 × `cut_depth_mm` deep whose outline turns sharper than this (inside angle, "
         "as for `cut_sharp_deg`) is where a piece is pressed into another, even with no notch at the contact's "
         "other end: it is cut on from its tip along its own line to the outline, if that is no farther than 1.5 × "
-        "its depth; paired with a far notch (`cut_far_ratio`), the pair is cut if its sides differ by `colour_step`. "
+        "its depth; paired with another notch (closer than `cut_far_ratio`), the pair is cut with no colour test. "
         "Single pieces' notches that deep measured 84° and wider: keep it below that. 0 switches it off",
     )
     cut_depth_mm: float = Field(

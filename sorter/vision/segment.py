@@ -303,10 +303,11 @@ def _split_at_necks(
 # `cut_sure` and `cut_ratio` the two sides must also differ in colour, unless both notches are crevices
 # sharper than `vision.cut_sharp_deg` (a screw's head meets its shank at ~115°; two outlines meeting leave
 # less). A small piece pressed on a bigger one leaves shallow notches far apart for their depth: up to
-# `vision.cut_far_ratio` such a pair is cut if the sides differ by the strict `vision.cut_far_colour_step`, or by
-# `vision.colour_step` where one of its notches is a crevice (`_crevices`), which alone would be cut with no
-# colour test: touching pieces lost 21 -> 19 on seeds 3, 5, 11, 12 and 18 -> 17 on seeds 21, 42, 43, single
-# pieces unchanged (a plate pressed on a disc or washer, a zinc arc on a zinc block).
+# `vision.cut_far_ratio` such a pair is cut if the sides differ by the strict `vision.cut_far_colour_step`.
+# A pair one of whose notches is a crevice (`_crevices`: deeper and sharper than any single piece's notch) is cut
+# with no colour test, as the crevice alone would be: touching pieces lost 21 -> 16 on seeds 3, 5, 11, 12,
+# 18 -> 15 on 21, 42, 43 and 27 -> 23 on 7, 8, 31, 57, single pieces unchanged on all eleven (a plate pressed on
+# a disc or washer, a cylinder on a washer, a block on a disc of the same plating).
 # Measured with `sorter sim touching` (seeds 3, 5, 11, 12; 1,965 touching and 5,164 single pieces): those two
 # rules take the touching pieces lost in a merged blob from 104 to 62 at `vision.downscale` 2 (46 to 23 at 1),
 # for 9 more fragments of touching pieces and none of single ones.
@@ -442,10 +443,10 @@ def _cut_sides(part: np.ndarray, end_a: Point, end_b: Point, min_px: int) -> lis
     return [((lab16 == k) & (part > 0)).astype(np.uint8) * 255 for k in keep]
 
 
-def _colour_step_needed(ratio: float, angle: float, cfg: VisionConfig) -> float:
-    """How far apart in colour the sides of a notch cut must be (0: none asked), by its gap / depth `ratio`
-    and the wider inside `angle` of its two notches."""
-    if ratio < cfg.cut_sure or (ratio < cfg.cut_ratio and angle <= cfg.cut_sharp_deg):
+def _colour_step_needed(ratio: float, angle: float, from_crevice: bool, cfg: VisionConfig) -> float:
+    """How far apart in colour the sides of a notch cut must be (0: none asked), by its gap / depth `ratio`,
+    the wider inside `angle` of its two notches, and whether one of them is a crevice (`_crevices`)."""
+    if from_crevice or ratio < cfg.cut_sure or (ratio < cfg.cut_ratio and angle <= cfg.cut_sharp_deg):
         return 0.0
     return cfg.colour_step if ratio < cfg.cut_ratio else cfg.cut_far_colour_step
 
@@ -481,17 +482,14 @@ def _cut_concavities(
         sides = _cut_sides(part, end_a, end_b, cfg.cut_min_px)
         if sides is None:
             continue
-        step = _colour_step_needed(ratio, angle, cfg)
-        if step > cfg.colour_step and (end_a in crevice_tips or end_b in crevice_tips):
-            # a far pair from a crevice: the crevice alone, with no partner, would be cut with no colour test
-            step = cfg.colour_step
+        step = _colour_step_needed(ratio, angle, end_a in crevice_tips or end_b in crevice_tips, cfg)
         if step:
             means = [_mean_colour(colour, side) for side in sides]
             if max(float(np.linalg.norm(m - means[0])) for m in means[1:]) < step:
                 continue
         best = (angle, sides)
     if best is None:
-        # a crevice with a partner notch was judged with it above (a pair that failed its colour test stays)
+        # a crevice with a partner notch was judged with it above
         paired = {end for _, _, a, b in cuts for end in (a, b)}
         crevice = _crevice_cut(part, outline, crevices, min_depth_px, cfg, paired)
         if crevice is None:
