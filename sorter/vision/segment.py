@@ -315,6 +315,12 @@ def _split_at_necks(
 # `vision.cut_min_px` (segmentation) pixels; cuts nest at most `vision.cut_levels` deep.
 
 
+def _angle_span(min_depth_px: float) -> int:
+    """How many outline points either side of a notch its inside angle is measured over: 1.5 x the least depth
+    a notch is cut at (`_notch_angle`)."""
+    return max(2, round(1.5 * min_depth_px))
+
+
 def _notch_angle(c: np.ndarray, i: int, k: int) -> float:
     """The outline's inside angle at contour point i, between the points k before and k after (degrees)."""
     n = len(c)
@@ -332,7 +338,7 @@ def _concavity_cuts(
     wider of the outline's inside angles at the two ends, measured over 1.5 x the least depth."""
     c, d = outline
     deep = d[d[:, 3] >= min_depth_px * 256]  # fixed point: 8 fractional bits
-    k = max(2, round(1.5 * min_depth_px))
+    k = _angle_span(min_depth_px)
     angles = [_notch_angle(c, int(i), k) for i in deep[:, 2]]
     cuts = []
     for i in range(len(deep)):
@@ -368,7 +374,7 @@ def _crevices(outline: tuple[np.ndarray, np.ndarray], min_depth_px: float, cfg: 
     if cfg.crevice_deg <= 0:
         return []
     c, d = outline
-    k = max(2, round(1.5 * min_depth_px))
+    k = _angle_span(min_depth_px)
     found = []
     for _, _, tip, depth in d[d[:, 3] >= CREVICE_DEPTHS * min_depth_px * 256]:
         angle = _notch_angle(c, int(tip), k)
@@ -388,7 +394,7 @@ def _crevice_cut(
     """The sides of `part` cut from the tip of the sharpest of its outline's `crevices` that is no end of a
     notch pair (`paired`) straight on, along the crevice's own line, to where that line leaves the mask; None
     where there is no such cut."""
-    k = max(2, round(1.5 * min_depth_px))
+    k = _angle_span(min_depth_px)
     for crevice in crevices:
         if crevice.at in paired:
             continue
